@@ -1,0 +1,463 @@
+//! Length-prefixed framing of [`Frame`]s.
+//!
+//! A frame on the wire is `prefix ‖ protobuf(Frame)`, where the prefix is the
+//! byte length of the protobuf body as either
+//! - [`Framing::Varint`]: a protobuf base-128 varint (what Java's
+//!   `writeDelimitedTo` / `parseDelimitedFrom` use), 1 to 10 bytes; or
+//! - [`Framing::U32Be`]: 4 bytes, unsigned big-endian.
+//!
+//! The decoder checks the announced length against the maximum frame size
+//! before it reserves any memory, so a hostile or broken peer cannot make it
+//! allocate more than `max_frame + 10` bytes per link.
+
+use bytes::{Buf, BufMut, BytesMut};
+use prost::Message;
+
+use crate::{Body, Frame};
+
+/// Longest valid varint for a 64-bit value.
+const MAX_VARINT_LEN: usize = 10;
+
+/// Which length prefix a link uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// Protobuf varint prefix (`writeDelimitedTo`).
+    Varint,
+    /// 4-byte big-endian unsigned length.
+    U32Be,
+}
+
+impl std::str::FromStr for Framing {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "varint" => Ok(Self::Varint),
+            "u32be" => Ok(Self::U32Be),
+            other => Err(format!(
+                "unknown framing {other:?}: expected \"varint\" or \"u32be\""
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for Framing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Varint => "varint",
+            Self::U32Be => "u32be",
+        })
+    }
+}
+
+/// Why bytes from a peer could not be decoded into a [`Frame`].
+///
+/// Every variant is fatal for the link: framing cannot be recovered once it
+/// is lost.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    /// The length prefix announces more than the configured maximum.
+    #[error("frame of {len} bytes exceeds the maximum of {max} bytes")]
+    FrameTooLarge {
+        /// Announced body length.
+        len: u64,
+        /// Configured maximum.
+        max: usize,
+    },
+    /// A varint prefix longer than 10 bytes, or one that overflows 64 bits.
+    #[error("malformed varint length prefix")]
+    BadLengthPrefix,
+    /// The body is not a valid protobuf `Frame`.
+    #[error("malformed protobuf frame: {0}")]
+    Protobuf(#[from] prost::DecodeError),
+    /// The body decoded, but sets none of the `body` oneof.
+    #[error("frame for session {session_id} has no body")]
+    MissingBody {
+        /// Session id found in the frame.
+        session_id: u64,
+    },
+}
+
+/// Why a [`Frame`] could not be encoded.
+#[derive(Debug, thiserror::Error)]
+pub enum EncodeError {
+    /// The encoded frame would exceed the configured maximum; the peer would
+    /// reject it.
+    #[error("frame of {len} bytes exceeds the maximum of {max} bytes")]
+    FrameTooLarge {
+        /// Encoded body length.
+        len: usize,
+        /// Configured maximum.
+        max: usize,
+    },
+}
+
+/// Encoder and decoder for one link's framing.
+#[derive(Debug, Clone, Copy)]
+pub struct FrameCodec {
+    framing: Framing,
+    max_frame: usize,
+}
+
+impl FrameCodec {
+    /// A codec for `framing` that accepts frame bodies of at most
+    /// `max_frame` bytes (the prefix is not counted).
+    pub fn new(framing: Framing, max_frame: usize) -> Self {
+        let max_frame = match framing {
+            Framing::U32Be => max_frame.min(u32::MAX as usize),
+            Framing::Varint => max_frame,
+        };
+        Self { framing, max_frame }
+    }
+
+    /// The framing this codec uses.
+    pub fn framing(&self) -> Framing {
+        self.framing
+    }
+
+    /// The largest frame body this codec accepts or produces.
+    pub fn max_frame(&self) -> usize {
+        self.max_frame
+    }
+
+    /// Bytes a frame occupies on the wire, prefix included.
+    pub fn wire_len(&self, frame: &Frame) -> usize {
+        let len = frame.encoded_len();
+        self.prefix_len(len) + len
+    }
+
+    fn prefix_len(&self, len: usize) -> usize {
+        match self.framing {
+            Framing::Varint => prost::length_delimiter_len(len),
+            Framing::U32Be => 4,
+        }
+    }
+
+    /// Appends `frame`, prefixed, to `dst`.
+    pub fn encode(&self, frame: &Frame, dst: &mut BytesMut) -> Result<(), EncodeError> {
+        let len = frame.encoded_len();
+        if len > self.max_frame {
+            return Err(EncodeError::FrameTooLarge {
+                len,
+                max: self.max_frame,
+            });
+        }
+        dst.reserve(self.prefix_len(len) + len);
+        match self.framing {
+            Framing::Varint => prost::encode_length_delimiter(len, dst).map_err(|_| {
+                EncodeError::FrameTooLarge {
+                    len,
+                    max: self.max_frame,
+                }
+            })?,
+            // Cannot truncate: max_frame <= u32::MAX for this framing.
+            Framing::U32Be => dst.put_u32(len as u32),
+        }
+        // Cannot fail: capacity was reserved above.
+        frame.encode(dst).map_err(|_| EncodeError::FrameTooLarge {
+            len,
+            max: self.max_frame,
+        })?;
+        Ok(())
+    }
+
+    /// Takes one complete frame from the front of `src`.
+    ///
+    /// Returns `Ok(None)` when `src` holds only part of a frame (after
+    /// reserving room for the rest, bounded by the maximum frame size), and
+    /// leaves `src` untouched in that case.
+    pub fn decode(&self, src: &mut BytesMut) -> Result<Option<Frame>, DecodeError> {
+        let Some((prefix, len)) = self.peek_len(src)? else {
+            return Ok(None);
+        };
+        let total = prefix + len;
+        if src.len() < total {
+            src.reserve(total - src.len());
+            return Ok(None);
+        }
+        src.advance(prefix);
+        let body = src.split_to(len).freeze();
+        let frame = Frame::decode(body)?;
+        if frame.body.is_none() {
+            return Err(DecodeError::MissingBody {
+                session_id: frame.session_id,
+            });
+        }
+        Ok(Some(frame))
+    }
+
+    /// Reads the prefix: `(prefix_len, body_len)`, or `None` if incomplete.
+    fn peek_len(&self, src: &[u8]) -> Result<Option<(usize, usize)>, DecodeError> {
+        let len = match self.framing {
+            Framing::U32Be => match src.get(..4) {
+                None => return Ok(None),
+                Some(b) => (4, u64::from(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))),
+            },
+            Framing::Varint => match read_varint(src)? {
+                None => return Ok(None),
+                Some(v) => v,
+            },
+        };
+        let (prefix, body) = len;
+        match usize::try_from(body) {
+            Ok(body) if body <= self.max_frame => Ok(Some((prefix, body))),
+            _ => Err(DecodeError::FrameTooLarge {
+                len: body,
+                max: self.max_frame,
+            }),
+        }
+    }
+}
+
+/// Parses a base-128 varint: `(bytes used, value)`, `None` if incomplete.
+fn read_varint(src: &[u8]) -> Result<Option<(usize, u64)>, DecodeError> {
+    let mut value: u64 = 0;
+    for (i, &byte) in src.iter().take(MAX_VARINT_LEN).enumerate() {
+        let bits = u64::from(byte & 0x7f);
+        // The 10th byte may only contribute the single top bit of a u64.
+        if i == MAX_VARINT_LEN - 1 && byte > 1 {
+            return Err(DecodeError::BadLengthPrefix);
+        }
+        value |= bits << (7 * i);
+        if byte & 0x80 == 0 {
+            return Ok(Some((i + 1, value)));
+        }
+    }
+    if src.len() >= MAX_VARINT_LEN {
+        Err(DecodeError::BadLengthPrefix)
+    } else {
+        Ok(None)
+    }
+}
+
+impl Body {
+    /// A short name for logs and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Body::Hello(_) => "hello",
+            Body::HelloAck(_) => "hello_ack",
+            Body::Open(_) => "open",
+            Body::Data(_) => "data",
+            Body::Close(_) => "close",
+            Body::Heartbeat(_) => "heartbeat",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use bytes::Bytes;
+
+    fn sample_frames() -> Vec<Frame> {
+        vec![
+            Frame::hello("gw-1", 3),
+            Frame::data(42, Bytes::from_static(b"hello"), true),
+            Frame::data(7, Bytes::from(vec![0u8; 300]), false),
+            Frame::close(42, 1000, "bye"),
+            Frame::heartbeat(9, true),
+        ]
+    }
+
+    fn encode_all(codec: &FrameCodec, frames: &[Frame]) -> BytesMut {
+        let mut buf = BytesMut::new();
+        for f in frames {
+            codec.encode(f, &mut buf).unwrap();
+        }
+        buf
+    }
+
+    #[test]
+    fn round_trip_both_framings() {
+        for framing in [Framing::Varint, Framing::U32Be] {
+            let codec = FrameCodec::new(framing, 1 << 20);
+            let frames = sample_frames();
+            let mut buf = encode_all(&codec, &frames);
+            let mut out = Vec::new();
+            while let Some(f) = codec.decode(&mut buf).unwrap() {
+                out.push(f);
+            }
+            assert_eq!(out, frames, "{framing}");
+            assert!(buf.is_empty());
+        }
+    }
+
+    /// Feeding the stream split at every byte position yields the same frames.
+    #[test]
+    fn input_split_at_every_byte() {
+        for framing in [Framing::Varint, Framing::U32Be] {
+            let codec = FrameCodec::new(framing, 1 << 20);
+            let frames = sample_frames();
+            let wire = encode_all(&codec, &frames).freeze();
+            for cut in 0..=wire.len() {
+                let mut buf = BytesMut::new();
+                let mut out = Vec::new();
+                for part in [&wire[..cut], &wire[cut..]] {
+                    buf.extend_from_slice(part);
+                    while let Some(f) = codec.decode(&mut buf).unwrap() {
+                        out.push(f);
+                    }
+                }
+                assert_eq!(out, frames, "{framing} cut at {cut}");
+            }
+        }
+    }
+
+    /// One byte at a time: partial frames never produce a frame or an error.
+    #[test]
+    fn byte_at_a_time() {
+        for framing in [Framing::Varint, Framing::U32Be] {
+            let codec = FrameCodec::new(framing, 1 << 20);
+            let frames = sample_frames();
+            let wire = encode_all(&codec, &frames);
+            let mut buf = BytesMut::new();
+            let mut out = Vec::new();
+            for b in wire.iter() {
+                buf.extend_from_slice(&[*b]);
+                while let Some(f) = codec.decode(&mut buf).unwrap() {
+                    out.push(f);
+                }
+            }
+            assert_eq!(out, frames);
+        }
+    }
+
+    #[test]
+    fn oversize_is_rejected_before_buffering() {
+        let codec = FrameCodec::new(Framing::U32Be, 1024);
+        let mut buf = BytesMut::from(&[0x00, 0x00, 0x04, 0x01][..]); // 1025
+        let err = codec.decode(&mut buf).unwrap_err();
+        assert!(matches!(
+            err,
+            DecodeError::FrameTooLarge {
+                len: 1025,
+                max: 1024
+            }
+        ));
+        // Nothing was reserved for the announced body.
+        assert!(buf.capacity() < 1024);
+
+        let codec = FrameCodec::new(Framing::Varint, 1024);
+        let mut buf = BytesMut::new();
+        prost::encode_length_delimiter(4 << 30, &mut buf).unwrap();
+        let err = codec.decode(&mut buf).unwrap_err();
+        assert!(matches!(err, DecodeError::FrameTooLarge { .. }));
+        assert!(buf.capacity() < 1024);
+    }
+
+    #[test]
+    fn oversize_is_refused_on_encode() {
+        let codec = FrameCodec::new(Framing::Varint, 100);
+        let frame = Frame::data(1, Bytes::from(vec![1u8; 200]), false);
+        let mut buf = BytesMut::new();
+        assert!(matches!(
+            codec.encode(&frame, &mut buf),
+            Err(EncodeError::FrameTooLarge { .. })
+        ));
+        assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn exactly_max_is_accepted() {
+        let frame = Frame::data(1, Bytes::from(vec![1u8; 100]), false);
+        let len = prost::Message::encoded_len(&frame);
+        for framing in [Framing::Varint, Framing::U32Be] {
+            let codec = FrameCodec::new(framing, len);
+            let mut buf = BytesMut::new();
+            codec.encode(&frame, &mut buf).unwrap();
+            assert_eq!(codec.decode(&mut buf).unwrap(), Some(frame.clone()));
+        }
+    }
+
+    #[test]
+    fn overlong_varint_is_an_error() {
+        let codec = FrameCodec::new(Framing::Varint, 1024);
+        let mut buf = BytesMut::from(&[0xff; 11][..]);
+        assert!(matches!(
+            codec.decode(&mut buf),
+            Err(DecodeError::BadLengthPrefix)
+        ));
+        // A 10-byte varint whose last byte overflows 64 bits.
+        let mut buf =
+            BytesMut::from(&[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x02][..]);
+        assert!(matches!(
+            codec.decode(&mut buf),
+            Err(DecodeError::BadLengthPrefix)
+        ));
+        // Nine continuation bytes is still just incomplete.
+        let mut buf = BytesMut::from(&[0x80; 9][..]);
+        assert!(codec.decode(&mut buf).unwrap().is_none());
+    }
+
+    #[test]
+    fn garbage_is_a_typed_error_never_a_panic() {
+        // Deterministic pseudo-random garbage (xorshift), many lengths.
+        let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+        for framing in [Framing::Varint, Framing::U32Be] {
+            let codec = FrameCodec::new(framing, 4096);
+            for round in 0..2000 {
+                let len = round % 64;
+                let mut bytes = Vec::with_capacity(len);
+                for _ in 0..len {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    bytes.push(state as u8);
+                }
+                let mut buf = BytesMut::from(&bytes[..]);
+                // Any outcome is fine except a panic; errors must be typed.
+                loop {
+                    match codec.decode(&mut buf) {
+                        Ok(Some(_)) => continue,
+                        Ok(None) | Err(_) => break,
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn empty_body_is_missing_body() {
+        let codec = FrameCodec::new(Framing::Varint, 1024);
+        let mut buf = BytesMut::from(&[0x00][..]);
+        assert!(matches!(
+            codec.decode(&mut buf),
+            Err(DecodeError::MissingBody { session_id: 0 })
+        ));
+    }
+
+    #[test]
+    fn invalid_protobuf_is_an_error() {
+        let codec = FrameCodec::new(Framing::U32Be, 1024);
+        // Field 1 with wire type 7 (invalid).
+        let mut buf = BytesMut::from(&[0, 0, 0, 2, 0x0f, 0x01][..]);
+        assert!(matches!(
+            codec.decode(&mut buf),
+            Err(DecodeError::Protobuf(_))
+        ));
+    }
+
+    /// The worked example in protocol/README.md, byte for byte.
+    #[test]
+    fn readme_worked_example() {
+        let frame = Frame::data(5, Bytes::from_static(b"hi"), true);
+        let mut varint = BytesMut::new();
+        FrameCodec::new(Framing::Varint, 1024)
+            .encode(&frame, &mut varint)
+            .unwrap();
+        assert_eq!(hex(&varint), "0a 08 05 2a 06 0a 02 68 69 10 01");
+        let mut u32be = BytesMut::new();
+        FrameCodec::new(Framing::U32Be, 1024)
+            .encode(&frame, &mut u32be)
+            .unwrap();
+        assert_eq!(hex(&u32be), "00 00 00 0a 08 05 2a 06 0a 02 68 69 10 01");
+    }
+
+    fn hex(b: &[u8]) -> String {
+        b.iter()
+            .map(|x| format!("{x:02x}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+}
