@@ -1,1 +1,162 @@
-fn main() {}
+//! The `gateway` binary: parse flags, load and validate configuration,
+//! start logging and the runtime, run until SIGTERM/SIGINT.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use gateway::config::{FramingName, LogFormat, Overrides};
+use gateway::{Config, Gateway};
+
+/// Secure WebSocket gateway in front of a length-delimited protobuf TCP backend.
+///
+/// Configuration comes from built-in defaults, then the TOML file, then
+/// GATEWAY_<SECTION>__<KEY> environment variables, then these flags.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// TOML configuration file (see deploy/gateway.example.toml).
+    #[arg(long, short = 'c', env = "GATEWAY_CONFIG")]
+    config: Option<PathBuf>,
+    /// Validate the configuration, print it, and exit (0 if valid).
+    #[arg(long)]
+    check_config: bool,
+    /// Plain ws listener address (repeatable); overrides listen.ws.
+    #[arg(long = "listen", value_name = "ADDR")]
+    listen: Vec<SocketAddr>,
+    /// wss listener address (repeatable); overrides listen.wss.
+    #[arg(long = "listen-tls", value_name = "ADDR")]
+    listen_tls: Vec<SocketAddr>,
+    /// PEM certificate chain for wss; overrides tls.cert.
+    #[arg(long, value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key for wss; overrides tls.key.
+    #[arg(long, value_name = "FILE")]
+    tls_key: Option<PathBuf>,
+    /// Backend endpoint host:port (repeatable); overrides backend.endpoints.
+    #[arg(long = "backend", value_name = "ADDR")]
+    backend: Vec<String>,
+    /// Links per backend endpoint; overrides backend.links_per_endpoint.
+    #[arg(long, value_name = "N")]
+    links: Option<usize>,
+    /// Backend framing, varint or u32be; overrides backend.framing.
+    #[arg(long, value_name = "STYLE", value_parser = parse_framing)]
+    framing: Option<FramingName>,
+    /// Admin listener address (/healthz, /readyz, /metrics); overrides admin.listen.
+    #[arg(long, value_name = "ADDR")]
+    admin: Option<SocketAddr>,
+    /// Set any key, e.g. --set session.max_message_size='"2MiB"' (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE", value_parser = parse_set)]
+    set: Vec<(String, String)>,
+}
+
+fn parse_framing(s: &str) -> Result<FramingName, String> {
+    match s {
+        "varint" => Ok(FramingName::Varint),
+        "u32be" => Ok(FramingName::U32be),
+        other => Err(format!("{other:?}: expected varint or u32be")),
+    }
+}
+
+fn parse_set(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        .ok_or_else(|| format!("{s:?}: expected KEY=VALUE"))
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let overrides = Overrides {
+        listen_ws: args.listen,
+        listen_wss: args.listen_tls,
+        tls_cert: args.tls_cert,
+        tls_key: args.tls_key,
+        backends: args.backend,
+        links: args.links,
+        framing: args.framing,
+        admin: args.admin,
+        set: args.set,
+    };
+    let config = match Config::load(args.config.as_deref(), &overrides) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("gateway: configuration error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if args.check_config {
+        println!("{config:#?}");
+        eprintln!("gateway: configuration OK");
+        return ExitCode::SUCCESS;
+    }
+    init_logging(&config);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("gateway: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let gw = match Gateway::start(config).await {
+            Ok(gw) => gw,
+            Err(e) => {
+                eprintln!("gateway: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        // One line per listener on stdout, for people and for scripts that
+        // bind port 0.
+        let a = gw.addrs().clone();
+        for addr in &a.ws {
+            println!("listening ws {addr}");
+        }
+        for addr in &a.wss {
+            println!("listening wss {addr}");
+        }
+        if let Some(addr) = a.admin {
+            println!("listening admin {addr}");
+        }
+        gw.run_until(shutdown_signal()).await;
+        ExitCode::SUCCESS
+    })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}
+
+fn init_logging(config: &Config) {
+    use tracing_subscriber::EnvFilter;
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.log.level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    match config.log.format {
+        LogFormat::Json => builder.json().with_current_span(true).init(),
+        LogFormat::Text => builder.init(),
+    }
+}

@@ -1,1 +1,92 @@
-fn main() {}
+//! `loadtest`: the gateway's reference backend and development tools.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+use loadtest::backend::{self, Mode};
+use protocol::Framing;
+
+/// Load generator and reference backend for the wss gateway.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the reference backend (strict, echo or push).
+    Backend {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:9000")]
+        listen: SocketAddr,
+        /// echo: send every data frame back to its session; push: also push
+        /// --push-rate messages per second to every session.
+        #[arg(long, value_enum, default_value = "echo")]
+        mode: Mode,
+        /// Length prefix: varint or u32be (must match the gateway).
+        #[arg(long, default_value = "varint")]
+        framing: Framing,
+        /// Largest frame body accepted or sent, in bytes.
+        #[arg(long, default_value_t = (1 << 20) + 4096)]
+        max_frame: usize,
+        /// Push mode: messages per second to each session.
+        #[arg(long, default_value_t = 10)]
+        push_rate: u32,
+        /// Push mode: payload bytes per message (min 16: sequence, timestamp).
+        #[arg(long, default_value_t = 64)]
+        push_size: usize,
+    },
+    /// Write a development CA and a localhost certificate signed by it
+    /// (ca.pem, cert.pem, key.pem).
+    Devcert {
+        /// Output directory.
+        #[arg(long, default_value = "target/devcert")]
+        out: PathBuf,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    match args.command {
+        Command::Devcert { out } => {
+            loadtest::devcert::generate(&["localhost", "127.0.0.1", "::1"])?.write_to(&out)?;
+            println!(
+                "wrote {}/{{ca,cert,key}}.pem (trust ca.pem in clients)",
+                out.display()
+            );
+            Ok(())
+        }
+        Command::Backend {
+            listen,
+            mode,
+            framing,
+            max_frame,
+            push_rate,
+            push_size,
+        } => {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::bind(listen).await?;
+                println!("listening {}", listener.local_addr()?);
+                let opts = backend::Options {
+                    mode,
+                    framing,
+                    max_frame,
+                    push_rate,
+                    push_size,
+                };
+                let stats = Arc::new(backend::Stats::default());
+                tokio::select! {
+                    r = backend::serve(listener, opts, stats.clone()) => r,
+                    _ = tokio::signal::ctrl_c() => Ok(()),
+                }
+            })
+        }
+    }
+}

@@ -23,6 +23,9 @@ pub use pb::Frame;
 
 use bytes::Bytes;
 
+/// Re-exported so users can call `Message` methods (`encoded_len`).
+pub use prost;
+
 /// The protocol version this build speaks (negotiated in the link handshake).
 pub const PROTOCOL_VERSION: u32 = 1;
 

@@ -1,0 +1,246 @@
+//! Every way a session ends, and the one table that maps it to a WebSocket
+//! close code for the client, a `SessionClose` for the backend, a metric
+//! label and a log level. `protocol/README.md` documents the same table.
+
+use std::borrow::Cow;
+
+/// Close codes used by the gateway itself (RFC 6455 section 7.4.1).
+pub mod code {
+    /// Normal closure.
+    pub const NORMAL: u16 = 1000;
+    /// Going away: the gateway is shutting down; reconnect at once.
+    pub const GOING_AWAY: u16 = 1001;
+    /// The client broke the WebSocket protocol.
+    pub const PROTOCOL_ERROR: u16 = 1002;
+    /// Never on the wire: the peer closed without a code.
+    pub const NO_STATUS: u16 = 1005;
+    /// Never on the wire: the connection was lost without a close frame.
+    pub const ABNORMAL: u16 = 1006;
+    /// Invalid UTF-8 in a text message.
+    pub const INVALID_PAYLOAD: u16 = 1007;
+    /// Policy violation; the gateway uses it for slow consumers.
+    pub const POLICY: u16 = 1008;
+    /// Message larger than `session.max_message_size`.
+    pub const TOO_BIG: u16 = 1009;
+    /// Internal error: the backend sent something invalid for the session.
+    pub const INTERNAL: u16 = 1011;
+    /// Service restart: the backend link was lost; reconnect with backoff.
+    pub const RECONNECT: u16 = 1012;
+}
+
+/// Why a session ended. Exhaustive: every path that ends a session picks one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The client sent a close frame (`code` is 1005 if it gave none).
+    ClientClosed {
+        /// The client's code.
+        code: u16,
+        /// The client's reason.
+        reason: String,
+    },
+    /// The client's connection ended without a close frame (EOF, reset).
+    ClientLost,
+    /// The client did not answer pings in time.
+    ClientTimeout,
+    /// The client broke the WebSocket protocol.
+    ClientProtocolError(Cow<'static, str>),
+    /// A text message from the client was not valid UTF-8.
+    ClientInvalidUtf8,
+    /// A client message exceeded `session.max_message_size`.
+    ClientMessageTooBig,
+    /// The client did not read fast enough; its queue overflowed.
+    SlowConsumer,
+    /// The backend closed the session.
+    BackendClosed {
+        /// The backend's code, as sent.
+        code: u32,
+        /// The backend's reason.
+        reason: String,
+    },
+    /// The backend sent data that cannot be delivered (invalid UTF-8 in
+    /// text, payload over the size limit).
+    BackendInvalid(Cow<'static, str>),
+    /// The session's link to the backend was lost.
+    LinkLost,
+    /// The gateway is shutting down.
+    Shutdown,
+}
+
+/// What the client is sent, if anything.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientClose {
+    /// WebSocket close code.
+    pub code: u16,
+    /// Reason, at most 123 bytes.
+    pub reason: String,
+}
+
+impl CloseReason {
+    /// The close frame for the client; `None` when the client is gone or
+    /// closed first (its close is echoed by the session, not decided here).
+    pub fn to_client(&self) -> Option<ClientClose> {
+        let (code, reason): (u16, Cow<'_, str>) = match self {
+            Self::ClientClosed { .. } | Self::ClientLost | Self::ClientTimeout => return None,
+            Self::ClientProtocolError(why) => (code::PROTOCOL_ERROR, Cow::Borrowed(why.as_ref())),
+            Self::ClientInvalidUtf8 => (
+                code::INVALID_PAYLOAD,
+                "invalid UTF-8 in text message".into(),
+            ),
+            Self::ClientMessageTooBig => (code::TOO_BIG, "message too big".into()),
+            Self::SlowConsumer => (code::POLICY, "slow consumer".into()),
+            Self::BackendClosed { code, reason } => match u16::try_from(*code) {
+                Ok(c) if backend_code_allowed(c) => (c, Cow::Borrowed(reason.as_str())),
+                _ => (
+                    code::INTERNAL,
+                    format!("backend sent invalid close code {code}").into(),
+                ),
+            },
+            Self::BackendInvalid(why) => (code::INTERNAL, Cow::Borrowed(why.as_ref())),
+            Self::LinkLost => (code::RECONNECT, "backend link lost, reconnect".into()),
+            Self::Shutdown => (code::GOING_AWAY, "gateway shutting down".into()),
+        };
+        Some(ClientClose {
+            code,
+            reason: truncate_reason(&reason).to_owned(),
+        })
+    }
+
+    /// The `SessionClose` for the backend; `None` when the backend closed
+    /// first or the link is gone.
+    pub fn to_backend(&self) -> Option<(u16, String)> {
+        match self {
+            Self::BackendClosed { .. } | Self::LinkLost => None,
+            Self::ClientClosed { code, reason } => Some((*code, reason.clone())),
+            Self::ClientLost => Some((code::ABNORMAL, "client connection lost".into())),
+            Self::ClientTimeout => Some((code::ABNORMAL, "client ping timeout".into())),
+            Self::Shutdown => Some((code::GOING_AWAY, "gateway shutting down".into())),
+            other => other.to_client().map(|c| (c.code, c.reason)),
+        }
+    }
+
+    /// Label for the `sessions_closed` metric.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::ClientClosed { .. } => "client_closed",
+            Self::ClientLost => "client_lost",
+            Self::ClientTimeout => "client_timeout",
+            Self::ClientProtocolError(_) => "client_protocol_error",
+            Self::ClientInvalidUtf8 => "client_invalid_utf8",
+            Self::ClientMessageTooBig => "client_message_too_big",
+            Self::SlowConsumer => "slow_consumer",
+            Self::BackendClosed { .. } => "backend_closed",
+            Self::BackendInvalid(_) => "backend_invalid",
+            Self::LinkLost => "link_lost",
+            Self::Shutdown => "shutdown",
+        }
+    }
+
+    /// Whether this end deserves operator attention (logged at warn) or is
+    /// ordinary client churn (logged at debug).
+    pub fn is_notable(&self) -> bool {
+        matches!(
+            self,
+            Self::SlowConsumer | Self::BackendInvalid(_) | Self::LinkLost
+        )
+    }
+}
+
+/// Codes a backend may send that are valid on the WebSocket wire.
+fn backend_code_allowed(code: u16) -> bool {
+    matches!(code, 1000..=1003 | 1007..=1009 | 1011..=1014 | 3000..=4999)
+}
+
+/// Codes a client may send (RFC 6455 7.4.1 and the IANA registry).
+pub fn client_code_allowed(code: u16) -> bool {
+    matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
+}
+
+/// Cuts a close reason to the 123 bytes a control frame allows, at a
+/// character boundary.
+pub fn truncate_reason(reason: &str) -> &str {
+    const MAX: usize = 123;
+    if reason.len() <= MAX {
+        return reason;
+    }
+    let mut end = MAX;
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    &reason[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn backend_codes_map_through_one_table() {
+        for (sent, expected) in [
+            (1000, 1000),
+            (1001, 1001),
+            (1008, 1008),
+            (1011, 1011),
+            (1012, 1012),
+            (1013, 1013),
+            (3000, 3000),
+            (4321, 4321),
+            (4999, 4999),
+            (1005, 1011),
+            (1006, 1011),
+            (1015, 1011),
+            (1010, 1011),
+            (0, 1011),
+            (2500, 1011),
+            (5000, 1011),
+            (70_000, 1011),
+        ] {
+            let r = CloseReason::BackendClosed {
+                code: sent,
+                reason: "x".into(),
+            };
+            assert_eq!(r.to_client().unwrap().code, expected, "backend code {sent}");
+            assert_eq!(r.to_backend(), None);
+        }
+    }
+
+    #[test]
+    fn gateway_decisions_have_codes() {
+        assert_eq!(
+            CloseReason::ClientMessageTooBig.to_client().unwrap().code,
+            1009
+        );
+        assert_eq!(
+            CloseReason::ClientInvalidUtf8.to_client().unwrap().code,
+            1007
+        );
+        assert_eq!(
+            CloseReason::ClientProtocolError("x".into())
+                .to_client()
+                .unwrap()
+                .code,
+            1002
+        );
+        assert_eq!(CloseReason::SlowConsumer.to_client().unwrap().code, 1008);
+        assert_eq!(CloseReason::LinkLost.to_client().unwrap().code, 1012);
+        assert_eq!(CloseReason::Shutdown.to_client().unwrap().code, 1001);
+        assert_eq!(CloseReason::SlowConsumer.to_backend().unwrap().0, 1008);
+        assert_eq!(CloseReason::ClientLost.to_backend().unwrap().0, 1006);
+        assert_eq!(CloseReason::ClientTimeout.to_backend().unwrap().0, 1006);
+        assert_eq!(CloseReason::LinkLost.to_backend(), None);
+        assert_eq!(CloseReason::ClientLost.to_client(), None);
+    }
+
+    #[test]
+    fn reasons_are_cut_at_char_boundary() {
+        let long = "é".repeat(100);
+        let cut = truncate_reason(&long);
+        assert!(cut.len() <= 123);
+        assert_eq!(cut.len(), 122);
+        let r = CloseReason::BackendClosed {
+            code: 4000,
+            reason: long,
+        };
+        assert!(r.to_client().unwrap().reason.len() <= 123);
+    }
+}

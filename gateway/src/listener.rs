@@ -1,0 +1,108 @@
+//! Stages 1 and 2: accept TCP connections, then (in the connection's own
+//! task) the TLS handshake and the HTTP/1.1 exchange that leads to the
+//! upgrade.
+//!
+//! Both pre-upgrade phases run under deadlines (`listen.tls_handshake_timeout`
+//! and `listen.http_header_timeout`), so a client that opens TCP and sends
+//! nothing, or half a handshake, is cut. The accept loop itself does nothing
+//! that can wait on a client.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+use tracing::{debug, warn};
+
+use crate::{upgrade, Shared};
+
+/// Accepts connections until shutdown; each gets its own task.
+pub(crate) async fn accept_loop(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    shared: Arc<Shared>,
+) {
+    loop {
+        let accepted = tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            r = listener.accept() => r,
+        };
+        match accepted {
+            Ok((tcp, peer)) => {
+                shared
+                    .tracker
+                    .spawn(connection(tcp, peer, tls.clone(), shared.clone()));
+            }
+            Err(e) => {
+                // Usually EMFILE: out of file descriptors. Back off briefly
+                // instead of spinning; existing sessions keep running.
+                warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn connection(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    tls: Option<TlsAcceptor>,
+    shared: Arc<Shared>,
+) {
+    // Small WebSocket frames must not wait for Nagle.
+    let _ = tcp.set_nodelay(true);
+    let listen = &shared.config.listen;
+    match tls {
+        None => serve_http(tcp, peer, shared.clone()).await,
+        Some(acceptor) => {
+            match tokio::time::timeout(listen.tls_handshake_timeout, acceptor.accept(tcp)).await {
+                Ok(Ok(stream)) => serve_http(stream, peer, shared.clone()).await,
+                Ok(Err(e)) => {
+                    shared.metrics.session_refused("tls_error");
+                    debug!(%peer, error = %e, "TLS handshake failed");
+                }
+                Err(_) => {
+                    shared.metrics.session_refused("tls_timeout");
+                    debug!(%peer, "TLS handshake timed out");
+                }
+            }
+        }
+    }
+}
+
+/// Serves HTTP/1.1 on one connection until it upgrades or ends. The whole
+/// exchange before the upgrade is bounded by `http_header_timeout`: the
+/// gateway answers every request at once, so only a slow client can use up
+/// that time. Keep-alive is off: a connection carries one request, or one
+/// WebSocket.
+async fn serve_http<S>(stream: S, peer: SocketAddr, shared: Arc<Shared>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let timeout = shared.config.listen.http_header_timeout;
+    let svc_shared = shared.clone();
+    let service = service_fn(move |req| {
+        let resp = upgrade::handle(req, peer, &svc_shared);
+        async move { Ok::<_, std::convert::Infallible>(resp) }
+    });
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(timeout)
+        .keep_alive(false)
+        .max_buf_size(64 * 1024)
+        .serve_connection(TokioIo::new(stream), service)
+        .with_upgrades();
+    match tokio::time::timeout(timeout, conn).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => debug!(%peer, error = %e, "HTTP connection error"),
+        Err(_) => {
+            shared.metrics.session_refused("http_timeout");
+            debug!(%peer, "HTTP request timed out");
+        }
+    }
+}

@@ -1,0 +1,154 @@
+//! Instruments, created through the OpenTelemetry metrics API and exported
+//! in Prometheus text format on the admin listener.
+//!
+//! Per-message counts are added once per link read or write batch, not per
+//! message, to keep the data path cheap.
+
+use opentelemetry::metrics::{Counter, MeterProvider, UpDownCounter};
+use opentelemetry::KeyValue;
+use opentelemetry_sdk::metrics::SdkMeterProvider;
+use prometheus::{Encoder, TextEncoder};
+
+/// The gateway's instruments and the registry they are exported through.
+pub struct Metrics {
+    registry: prometheus::Registry,
+    _provider: SdkMeterProvider,
+    sessions_open: UpDownCounter<i64>,
+    sessions_closed: Counter<u64>,
+    sessions_refused: Counter<u64>,
+    slow_consumer_closes: Counter<u64>,
+    messages: Counter<u64>,
+    bytes: Counter<u64>,
+    links_up: UpDownCounter<i64>,
+    link_connects: Counter<u64>,
+    link_writes: Counter<u64>,
+    link_frames_written: Counter<u64>,
+    late_frames: Counter<u64>,
+    to_backend: [KeyValue; 1],
+    to_client: [KeyValue; 1],
+}
+
+impl Metrics {
+    /// Creates the instruments and their Prometheus exporter.
+    pub fn new() -> Result<Self, opentelemetry_sdk::error::OTelSdkError> {
+        let registry = prometheus::Registry::new();
+        let exporter = opentelemetry_prometheus::exporter()
+            .with_registry(registry.clone())
+            .build()?;
+        let provider = SdkMeterProvider::builder().with_reader(exporter).build();
+        let meter = provider.meter("gateway");
+        Ok(Self {
+            sessions_open: meter
+                .i64_up_down_counter("gateway.sessions.open")
+                .with_description("Sessions currently open")
+                .build(),
+            sessions_closed: meter
+                .u64_counter("gateway.sessions.closed")
+                .with_description("Sessions ended, by reason")
+                .build(),
+            sessions_refused: meter
+                .u64_counter("gateway.sessions.refused")
+                .with_description("Upgrade requests refused before a session began, by reason")
+                .build(),
+            slow_consumer_closes: meter
+                .u64_counter("gateway.slow_consumer.closes")
+                .with_description("Clients closed because their outbound queue overflowed")
+                .build(),
+            messages: meter
+                .u64_counter("gateway.messages")
+                .with_description("WebSocket messages relayed, by direction")
+                .build(),
+            bytes: meter
+                .u64_counter("gateway.message.bytes")
+                .with_description("Payload bytes relayed, by direction")
+                .build(),
+            links_up: meter
+                .i64_up_down_counter("gateway.links.up")
+                .with_description("Backend links currently up, by endpoint")
+                .build(),
+            link_connects: meter
+                .u64_counter("gateway.link.connects")
+                .with_description("Backend link connection attempts, by endpoint and result")
+                .build(),
+            link_writes: meter
+                .u64_counter("gateway.link.writes")
+                .with_description(
+                    "Write calls on backend links (frames_written / writes = batching)",
+                )
+                .build(),
+            link_frames_written: meter
+                .u64_counter("gateway.link.frames_written")
+                .with_description("Data frames written to backend links")
+                .build(),
+            late_frames: meter
+                .u64_counter("gateway.link.late_frames")
+                .with_description("Backend frames for sessions no longer on the link (dropped)")
+                .build(),
+            to_backend: [KeyValue::new("direction", "client_to_backend")],
+            to_client: [KeyValue::new("direction", "backend_to_client")],
+            registry,
+            _provider: provider,
+        })
+    }
+
+    /// The current values in Prometheus text format.
+    pub fn render(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        // Encoding into a Vec cannot fail for well-formed families.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        out
+    }
+
+    pub(crate) fn session_opened(&self) {
+        self.sessions_open.add(1, &[]);
+    }
+
+    pub(crate) fn session_closed(&self, reason: &'static str) {
+        self.sessions_open.add(-1, &[]);
+        self.sessions_closed
+            .add(1, &[KeyValue::new("reason", reason)]);
+        if reason == "slow_consumer" {
+            self.slow_consumer_closes.add(1, &[]);
+        }
+    }
+
+    pub(crate) fn session_refused(&self, reason: &'static str) {
+        self.sessions_refused
+            .add(1, &[KeyValue::new("reason", reason)]);
+    }
+
+    pub(crate) fn link_batch_written(&self, messages: u64, bytes: u64) {
+        self.link_writes.add(1, &[]);
+        if messages > 0 {
+            self.link_frames_written.add(messages, &[]);
+            self.messages.add(messages, &self.to_backend);
+            self.bytes.add(bytes, &self.to_backend);
+        }
+    }
+
+    pub(crate) fn link_batch_read(&self, messages: u64, bytes: u64) {
+        if messages > 0 {
+            self.messages.add(messages, &self.to_client);
+            self.bytes.add(bytes, &self.to_client);
+        }
+    }
+
+    pub(crate) fn link_up(&self, endpoint: &str, delta: i64) {
+        self.links_up
+            .add(delta, &[KeyValue::new("endpoint", endpoint.to_owned())]);
+    }
+
+    pub(crate) fn link_connect(&self, endpoint: &str, result: &'static str) {
+        self.link_connects.add(
+            1,
+            &[
+                KeyValue::new("endpoint", endpoint.to_owned()),
+                KeyValue::new("result", result),
+            ],
+        );
+    }
+
+    pub(crate) fn late_frame(&self) {
+        self.late_frames.add(1, &[]);
+    }
+}

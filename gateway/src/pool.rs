@@ -1,0 +1,263 @@
+//! The backend link pool: `links_per_endpoint` links to each endpoint, each
+//! kept up by its own supervisor task (connect, handshake, run, reconnect
+//! with exponential backoff and jitter), and placement of new sessions on
+//! the least-loaded link that is up.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rand::Rng;
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn, Instrument};
+
+use crate::link::{self, LinkError, LinkHandle, LinkSettings};
+use crate::metrics::Metrics;
+use crate::SessionId;
+
+/// All links to the backend.
+///
+/// # Concurrency
+/// Each slot's `current` is written only by that slot's supervisor (when a
+/// link comes up or goes down) and read by upgrades choosing a link: one
+/// short lock per new session, never per message.
+pub struct Pool {
+    slots: Vec<Arc<Slot>>,
+    next_session: AtomicU64,
+}
+
+struct Slot {
+    endpoint: String,
+    index: u32,
+    current: Mutex<Option<LinkHandle>>,
+}
+
+/// A session's claim on a link; counts towards the link's load until dropped.
+pub struct Lease {
+    handle: LinkHandle,
+}
+
+impl Lease {
+    /// The link.
+    pub fn link(&self) -> &LinkHandle {
+        &self.handle
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.handle.remove_load();
+    }
+}
+
+/// Pool-wide settings.
+pub(crate) struct PoolSettings {
+    pub(crate) endpoints: Vec<String>,
+    pub(crate) links_per_endpoint: usize,
+    pub(crate) gateway_id: String,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) handshake_timeout: Duration,
+    pub(crate) reconnect_min: Duration,
+    pub(crate) reconnect_max: Duration,
+    pub(crate) link: LinkSettings,
+}
+
+impl Pool {
+    /// Starts one supervisor per link on `tracker`; they stop when `shutdown`
+    /// fires.
+    pub(crate) fn start(
+        settings: PoolSettings,
+        metrics: Arc<Metrics>,
+        tracker: &TaskTracker,
+        shutdown: CancellationToken,
+    ) -> Arc<Self> {
+        let mut slots = Vec::new();
+        for endpoint in &settings.endpoints {
+            for _ in 0..settings.links_per_endpoint {
+                let index = u32::try_from(slots.len()).unwrap_or(u32::MAX);
+                slots.push(Arc::new(Slot {
+                    endpoint: endpoint.clone(),
+                    index,
+                    current: Mutex::new(None),
+                }));
+            }
+        }
+        let settings = Arc::new(settings);
+        for slot in &slots {
+            let span = tracing::info_span!("link", endpoint = %slot.endpoint, index = slot.index);
+            tracker.spawn(
+                supervise(
+                    slot.clone(),
+                    settings.clone(),
+                    metrics.clone(),
+                    shutdown.clone(),
+                )
+                .instrument(span),
+            );
+        }
+        Arc::new(Self {
+            slots,
+            next_session: AtomicU64::new(1),
+        })
+    }
+
+    /// Places a new session on the least-loaded link that is up.
+    pub fn lease(&self) -> Option<Lease> {
+        let best = self
+            .slots
+            .iter()
+            .filter_map(|s| s.current.lock().ok().and_then(|c| c.clone()))
+            .filter(LinkHandle::is_up)
+            .min_by_key(LinkHandle::load)?;
+        best.add_load();
+        Some(Lease { handle: best })
+    }
+
+    /// A fresh session id, never reused in this process.
+    pub fn next_session_id(&self) -> SessionId {
+        SessionId(self.next_session.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// Links currently up.
+    pub fn links_up(&self) -> usize {
+        self.slots
+            .iter()
+            .filter(|s| {
+                s.current
+                    .lock()
+                    .ok()
+                    .is_some_and(|c| c.as_ref().is_some_and(LinkHandle::is_up))
+            })
+            .count()
+    }
+
+    /// Links configured.
+    pub fn links_total(&self) -> usize {
+        self.slots.len()
+    }
+}
+
+async fn supervise(
+    slot: Arc<Slot>,
+    s: Arc<PoolSettings>,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) {
+    let mut failures: u32 = 0;
+    loop {
+        let attempt = connect(&slot, &s);
+        let result = tokio::select! {
+            r = attempt => r,
+            _ = shutdown.cancelled() => return,
+        };
+        match result {
+            Ok((stream, leftover, backend_id)) => {
+                failures = 0;
+                metrics.link_connect(&slot.endpoint, "ok");
+                let (handle, parts) = link::channel(&slot.endpoint, slot.index, &s.link);
+                set_current(&slot, Some(handle.clone()));
+                metrics.link_up(&slot.endpoint, 1);
+                info!(backend_id, "link up");
+                let end = link::run(
+                    stream,
+                    leftover,
+                    parts,
+                    s.link.clone(),
+                    metrics.clone(),
+                    handle,
+                    shutdown.clone(),
+                )
+                .await;
+                set_current(&slot, None);
+                metrics.link_up(&slot.endpoint, -1);
+                if matches!(end, LinkError::Shutdown) {
+                    info!("link closed for shutdown");
+                    return;
+                }
+                warn!(error = %end, "link down; sessions on it are closed with 1012");
+            }
+            Err(e) => {
+                metrics.link_connect(&slot.endpoint, "failed");
+                // The first failure after a good run is worth a warning;
+                // repeated ones during an outage are not news.
+                if failures == 0 {
+                    warn!(error = %e, "link connect failed; retrying with backoff");
+                } else {
+                    tracing::debug!(error = %e, failures, "link connect failed again");
+                }
+                failures = failures.saturating_add(1);
+            }
+        }
+        let delay = backoff(failures, s.reconnect_min, s.reconnect_max);
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = shutdown.cancelled() => return,
+        }
+    }
+}
+
+async fn connect(
+    slot: &Slot,
+    s: &PoolSettings,
+) -> Result<(TcpStream, bytes::BytesMut, String), LinkError> {
+    let mut stream = tokio::time::timeout(s.connect_timeout, TcpStream::connect(&slot.endpoint))
+        .await
+        .map_err(|_| {
+            LinkError::Connect(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no answer within {:?}", s.connect_timeout),
+            ))
+        })?
+        .map_err(LinkError::Connect)?;
+    let (leftover, backend_id) = link::handshake(
+        &mut stream,
+        &s.link.codec,
+        &s.gateway_id,
+        slot.index,
+        s.handshake_timeout,
+    )
+    .await?;
+    Ok((stream, leftover, backend_id))
+}
+
+fn set_current(slot: &Slot, handle: Option<LinkHandle>) {
+    if let Ok(mut c) = slot.current.lock() {
+        *c = handle;
+    }
+}
+
+/// Delay before reconnect attempt number `failures` (0 = right after a link
+/// that was up went down): doubling from `min`, capped at `max`, with "equal
+/// jitter" (between half and all of it) so that many gateways restarting
+/// together do not reconnect in lockstep.
+pub(crate) fn backoff(failures: u32, min: Duration, max: Duration) -> Duration {
+    let exp = min.saturating_mul(1u32 << failures.min(20));
+    let capped = exp.min(max);
+    let half = capped / 2;
+    let jitter = rand::rng().random_range(0.0..=1.0);
+    half + half.mul_f64(jitter)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_with_jitter_and_caps() {
+        let min = Duration::from_millis(100);
+        let max = Duration::from_secs(10);
+        for _ in 0..100 {
+            let d0 = backoff(0, min, max);
+            assert!(d0 >= Duration::from_millis(50) && d0 <= min, "{d0:?}");
+            let d3 = backoff(3, min, max);
+            assert!(
+                d3 >= Duration::from_millis(400) && d3 <= Duration::from_millis(800),
+                "{d3:?}"
+            );
+            let d30 = backoff(30, min, max);
+            assert!(d30 >= max / 2 && d30 <= max, "{d30:?}");
+        }
+    }
+}

@@ -1,0 +1,196 @@
+//! Stage 3: the HTTP/1.1 request on a client connection, and the WebSocket
+//! upgrade.
+//!
+//! Everything that can refuse a client happens here, before the 101, where
+//! a proper HTTP status can still be sent: wrong path (404), not an upgrade
+//! (426), bad upgrade (400), at the session cap or no backend link up (503
+//! with `Retry-After`), no acceptable subprotocol when one is required (400).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::header::{self, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use protocol::pb;
+use tracing::{debug, Instrument};
+
+use crate::session::{self, SessionStart};
+use crate::Shared;
+
+/// Response body type for every answer the gateway gives.
+pub(crate) type Body = Full<Bytes>;
+
+/// Forwarded headers are capped so that a `SessionOpen` always fits in a
+/// backend frame (see `config::FRAME_OVERHEAD`).
+const MAX_FORWARDED_HEADER_BYTES: usize = 2048;
+
+/// Handles one HTTP request on a client connection.
+pub(crate) fn handle(
+    mut req: Request<hyper::body::Incoming>,
+    peer: SocketAddr,
+    shared: &Arc<Shared>,
+) -> Response<Body> {
+    let listen = &shared.config.listen;
+    if !listen.paths.iter().any(|p| p == req.uri().path()) {
+        return refuse(
+            shared,
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no WebSocket endpoint at this path\n",
+        );
+    }
+    if !fastwebsockets::upgrade::is_upgrade_request(&req) {
+        if req.method() != Method::GET {
+            return refuse(
+                shared,
+                StatusCode::METHOD_NOT_ALLOWED,
+                "bad_request",
+                "use GET with a WebSocket upgrade\n",
+            );
+        }
+        let mut resp = plain(
+            StatusCode::UPGRADE_REQUIRED,
+            "this endpoint speaks WebSocket only\n",
+        );
+        resp.headers_mut()
+            .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        shared.metrics.session_refused("not_upgrade");
+        return resp;
+    }
+    if shared.shutdown.is_cancelled() {
+        return unavailable(shared, "shutting_down", "gateway shutting down\n");
+    }
+    let subprotocol = match choose_subprotocol(&req, &listen.subprotocols) {
+        Some(p) => Some(p),
+        None if listen.require_subprotocol => {
+            return refuse(
+                shared,
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                "no acceptable subprotocol (Sec-WebSocket-Protocol)\n",
+            );
+        }
+        None => None,
+    };
+    let Ok(permit) = shared.admission.clone().try_acquire_owned() else {
+        return unavailable(shared, "at_capacity", "gateway at its session limit\n");
+    };
+    let Some(lease) = shared.pool.lease() else {
+        return unavailable(shared, "no_backend", "no backend link available\n");
+    };
+    let open = session_open(&req, peer, subprotocol.as_deref(), shared);
+    let (response, upgrade) = match fastwebsockets::upgrade::upgrade(&mut req) {
+        Ok(pair) => pair,
+        Err(e) => {
+            return refuse(
+                shared,
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                &format!("invalid WebSocket upgrade: {e}\n"),
+            );
+        }
+    };
+    let (mut parts, _) = response.into_parts();
+    if let Some(p) = &subprotocol {
+        if let Ok(v) = HeaderValue::from_str(p) {
+            parts.headers.insert(header::SEC_WEBSOCKET_PROTOCOL, v);
+        }
+    }
+
+    let id = shared.pool.next_session_id();
+    let span = tracing::info_span!("session", id = id.0, peer = %peer);
+    let start = SessionStart {
+        id,
+        lease,
+        open,
+        _permit: permit,
+    };
+    let task_shared = shared.clone();
+    shared.tracker.spawn(
+        async move {
+            match upgrade.await {
+                Ok(ws) => session::run(ws, start, task_shared).await,
+                Err(e) => debug!(error = %e, "upgrade did not complete"),
+            }
+        }
+        .instrument(span),
+    );
+    Response::from_parts(parts, Body::default())
+}
+
+/// The first subprotocol the client offers that the gateway accepts.
+fn choose_subprotocol<B>(req: &Request<B>, accepted: &[String]) -> Option<String> {
+    req.headers()
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .find(|offered| accepted.iter().any(|a| a == offered))
+        .map(str::to_owned)
+}
+
+fn session_open<B>(
+    req: &Request<B>,
+    peer: SocketAddr,
+    subprotocol: Option<&str>,
+    shared: &Shared,
+) -> pb::SessionOpen {
+    let mut headers = Vec::new();
+    let mut budget = MAX_FORWARDED_HEADER_BYTES;
+    for name in &shared.forward_headers {
+        for value in req.headers().get_all(name) {
+            let value = String::from_utf8_lossy(value.as_bytes()).into_owned();
+            let size = name.as_str().len() + value.len();
+            if size > budget {
+                debug!(header = %name, "forwarded headers over budget; dropping the rest");
+                break;
+            }
+            budget -= size;
+            headers.push(pb::Header {
+                name: name.as_str().to_owned(),
+                value,
+            });
+        }
+    }
+    pb::SessionOpen {
+        remote_addr: peer.to_string(),
+        path: req
+            .uri()
+            .path_and_query()
+            .map_or_else(|| req.uri().path().to_owned(), |pq| pq.as_str().to_owned()),
+        subprotocol: subprotocol.unwrap_or_default().to_owned(),
+        headers,
+        identity: String::new(),
+    }
+}
+
+fn plain(status: StatusCode, text: &str) -> Response<Body> {
+    let mut resp = Response::new(Body::new(Bytes::copy_from_slice(text.as_bytes())));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+fn refuse(shared: &Shared, status: StatusCode, reason: &'static str, text: &str) -> Response<Body> {
+    shared.metrics.session_refused(reason);
+    let mut resp = plain(status, text);
+    // A refused upgrade leaves the connection in an unknown state.
+    resp.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    resp
+}
+
+fn unavailable(shared: &Shared, reason: &'static str, text: &str) -> Response<Body> {
+    let mut resp = refuse(shared, StatusCode::SERVICE_UNAVAILABLE, reason, text);
+    resp.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    resp
+}
