@@ -78,8 +78,9 @@ async fn connection(
 /// Serves HTTP/1.1 on one connection until it upgrades or ends. The whole
 /// exchange before the upgrade is bounded by `http_header_timeout`: the
 /// gateway answers every request at once, so only a slow client can use up
-/// that time. Keep-alive is off: a connection carries one request, or one
-/// WebSocket.
+/// that time, and it also ends any keep-alive connection after a plain HTTP
+/// answer. (Keep-alive itself stays on: hyper would otherwise answer the
+/// upgrade with `Connection: close`, which clients reject.)
 async fn serve_http<S>(stream: S, peer: SocketAddr, shared: Arc<Shared>)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -93,7 +94,6 @@ where
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(timeout)
-        .keep_alive(false)
         .max_buf_size(64 * 1024)
         .serve_connection(TokioIo::new(stream), service)
         .with_upgrades();

@@ -1,1 +1,321 @@
+//! Harness for the end-to-end tests: the real `gateway` and `loadtest`
+//! binaries as child processes, an in-process [`TestBackend`] that records
+//! what the gateway sends and can push or close sessions, a WebSocket
+//! [`client`] over real TLS, and per-run certificates.
+//!
+//! Tests learn ports from the processes themselves (they bind port 0 and
+//! print `listening ...`), never from fixed ports or sleeps.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
+pub mod backend;
+pub mod client;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+pub use backend::{Event, TestBackend};
+
+/// Directory holding the workspace's release binaries (built by
+/// `tests/run.sh` before `cargo test`).
+pub fn bin_dir() -> PathBuf {
+    // target/release/deps/<test-binary> -> target/release
+    let exe = std::env::current_exe().expect("current_exe");
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .to_path_buf()
+}
+
+/// Path of a workspace binary; panics with the fix if it was not built.
+pub fn bin(name: &str) -> PathBuf {
+    let p = bin_dir().join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: run the tests with tests/run.sh, which builds the binaries first \
+         (cargo build --release --workspace --bins)",
+        p.display()
+    );
+    p
+}
+
+/// The workspace root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// The Python interpreter of the test virtualenv made by `tests/run.sh`.
+pub fn python() -> PathBuf {
+    let p = repo_root().join(".venv/bin/python");
+    assert!(
+        p.exists(),
+        "{} is missing: run the tests with tests/run.sh, which creates it from tests/requirements.txt",
+        p.display()
+    );
+    p
+}
+
+/// A fresh CA and `localhost` certificate in a temporary directory.
+pub struct Certs {
+    pub dir: tempfile::TempDir,
+}
+
+impl Certs {
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        loadtest::devcert::generate(&["localhost", "127.0.0.1"])
+            .unwrap()
+            .write_to(dir.path())
+            .unwrap();
+        Self { dir }
+    }
+    pub fn ca(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+    pub fn cert(&self) -> PathBuf {
+        self.dir.path().join("cert.pem")
+    }
+    pub fn key(&self) -> PathBuf {
+        self.dir.path().join("key.pem")
+    }
+}
+
+impl Default for Certs {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A child process killed when dropped, with the addresses it printed.
+pub struct Proc {
+    pub child: Child,
+    pub stderr_path: PathBuf,
+    _stderr_dir: tempfile::TempDir,
+}
+
+impl Proc {
+    /// Spawns `cmd`, then reads stdout lines until `expect` lines starting
+    /// with "listening" arrived; returns them.
+    pub fn spawn(mut cmd: Command, expect: usize) -> (Self, Vec<String>) {
+        let dir = tempfile::tempdir().unwrap();
+        let stderr_path = dir.path().join("stderr.log");
+        let stderr = std::fs::File::create(&stderr_path).unwrap();
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut lines = Vec::new();
+        while lines.len() < expect {
+            match rx.recv_timeout(Duration::from_secs(20)) {
+                Ok(l) if l.starts_with("listening") => lines.push(l),
+                Ok(_) => {}
+                Err(_) => {
+                    let _ = child.kill();
+                    let err = std::fs::read_to_string(&stderr_path).unwrap_or_default();
+                    panic!("process did not report {expect} listeners; stderr:\n{err}");
+                }
+            }
+        }
+        (
+            Self {
+                child,
+                stderr_path,
+                _stderr_dir: dir,
+            },
+            lines,
+        )
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends SIGTERM.
+    pub fn sigterm(&self) {
+        let ok = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.pid().to_string())
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -TERM failed");
+    }
+
+    /// Waits for exit up to `limit`; returns the exit code.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
+        let start = std::time::Instant::now();
+        while start.elapsed() < limit {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// Resident set size in KiB, from /proc.
+    pub fn rss_kib(&self) -> u64 {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A running gateway process.
+pub struct Gateway {
+    pub proc: Proc,
+    pub ws: Option<SocketAddr>,
+    pub wss: Option<SocketAddr>,
+    pub admin: Option<SocketAddr>,
+}
+
+/// How to start a gateway for a test.
+pub struct GatewayOpts<'a> {
+    pub backends: Vec<SocketAddr>,
+    pub links: usize,
+    pub ws: bool,
+    pub certs: Option<&'a Certs>,
+    pub admin: bool,
+    pub framing: &'a str,
+    /// `--set key=value` pairs.
+    pub set: Vec<(&'a str, String)>,
+}
+
+impl<'a> GatewayOpts<'a> {
+    pub fn new(backend: SocketAddr) -> Self {
+        Self {
+            backends: vec![backend],
+            links: 2,
+            ws: true,
+            certs: None,
+            admin: true,
+            framing: "varint",
+            set: Vec::new(),
+        }
+    }
+    pub fn tls(mut self, certs: &'a Certs) -> Self {
+        self.certs = Some(certs);
+        self
+    }
+    pub fn set(mut self, key: &'a str, value: impl Into<String>) -> Self {
+        self.set.push((key, value.into()));
+        self
+    }
+}
+
+impl Gateway {
+    pub fn start(o: GatewayOpts<'_>) -> Self {
+        let mut cmd = Command::new(bin("gateway"));
+        let mut expect = 0;
+        if o.ws {
+            cmd.args(["--listen", "127.0.0.1:0"]);
+            expect += 1;
+        }
+        if let Some(c) = o.certs {
+            cmd.args(["--listen-tls", "127.0.0.1:0"]);
+            cmd.arg("--tls-cert").arg(c.cert());
+            cmd.arg("--tls-key").arg(c.key());
+            expect += 1;
+        }
+        if o.admin {
+            cmd.args(["--admin", "127.0.0.1:0"]);
+            expect += 1;
+        }
+        for b in &o.backends {
+            cmd.arg("--backend").arg(b.to_string());
+        }
+        cmd.arg("--links").arg(o.links.to_string());
+        cmd.arg("--framing").arg(o.framing);
+        for (k, v) in &o.set {
+            cmd.arg("--set").arg(format!("{k}={v}"));
+        }
+        cmd.env("RUST_LOG", "info");
+        let (proc, lines) = Proc::spawn(cmd, expect);
+        let find = |kind: &str| {
+            lines
+                .iter()
+                .find_map(|l| l.strip_prefix(&format!("listening {kind} ")))
+                .map(|a| a.parse().unwrap())
+        };
+        Self {
+            ws: find("ws"),
+            wss: find("wss"),
+            admin: find("admin"),
+            proc,
+        }
+    }
+
+    pub fn ws_url(&self, path: &str) -> String {
+        format!("ws://{}{path}", self.ws.expect("ws listener"))
+    }
+
+    pub fn wss_url(&self, path: &str) -> String {
+        format!(
+            "wss://localhost:{}{path}",
+            self.wss.expect("wss listener").port()
+        )
+    }
+
+    /// GET on the admin listener: (status, body).
+    pub async fn admin_get(&self, path: &str) -> (u16, String) {
+        client::http_get(self.admin.expect("admin listener"), path).await
+    }
+
+    /// Waits until /readyz says ready (links up), up to `limit`.
+    pub async fn wait_ready(&self, limit: Duration) {
+        let start = std::time::Instant::now();
+        loop {
+            let (status, body) = self.admin_get("/readyz").await;
+            if status == 200 {
+                return;
+            }
+            assert!(
+                start.elapsed() < limit,
+                "gateway not ready after {limit:?}: {body}\nstderr:\n{}",
+                self.proc.stderr()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Value of a Prometheus sample whose line starts with `prefix`.
+    pub async fn metric(&self, prefix: &str) -> f64 {
+        let (_, body) = self.admin_get("/metrics").await;
+        body.lines()
+            .filter(|l| l.starts_with(prefix))
+            .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
+            .sum()
+    }
+}

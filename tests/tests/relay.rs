@@ -1,0 +1,357 @@
+//! The relay path, end to end: a real gateway process between real clients
+//! (Rust over TLS, and Python `websockets`) and a backend.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use gateway_tests::client::{self, Client, Connect, Msg};
+use gateway_tests::{Certs, Event, Gateway, GatewayOpts, TestBackend};
+use protocol::Framing;
+
+const T: Duration = Duration::from_secs(10);
+
+#[tokio::test(flavor = "multi_thread")]
+async fn wss_echo_keeps_message_types() {
+    let certs = Certs::new();
+    let backend = TestBackend::start(Framing::Varint, true).await;
+    let gw = Gateway::start(GatewayOpts::new(backend.addr).tls(&certs));
+    gw.wait_ready(T).await;
+    let tls = Connect {
+        tls: Some(client::tls_config(&certs.ca())),
+        ..Connect::default()
+    };
+    let mut c = Client::connect(gw.wss.unwrap(), "/ws", &tls).await;
+    c.send_text("héllo").await;
+    c.send_binary(&[0, 1, 2, 255]).await;
+    c.send_binary(&[]).await;
+    assert_eq!(c.recv_within(T).await, Some(Msg::Text("héllo".into())));
+    assert_eq!(
+        c.recv_within(T).await,
+        Some(Msg::Binary(vec![0, 1, 2, 255]))
+    );
+    assert_eq!(c.recv_within(T).await, Some(Msg::Binary(vec![])));
+}
+
+/// An independent client implementation (Python `websockets`) over wss.
+#[tokio::test(flavor = "multi_thread")]
+async fn python_websockets_client_over_wss() {
+    let certs = Certs::new();
+    let backend = TestBackend::start(Framing::Varint, true).await;
+    let gw = Gateway::start(GatewayOpts::new(backend.addr).tls(&certs));
+    gw.wait_ready(T).await;
+    let out = tokio::process::Command::new(gateway_tests::python())
+        .arg(gateway_tests::repo_root().join("tests/interop/ws_client.py"))
+        .arg(gw.wss_url("/ws"))
+        .arg("--ca")
+        .arg(certs.ca())
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "ws_client.py failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(v["ok"], true, "{v}");
+    assert_eq!(v["echoed"], 4, "{v}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn push_reaches_only_its_session_and_closes_map_both_ways() {
+    let mut backend = TestBackend::start(Framing::U32Be, false).await;
+    let gw = Gateway::start(GatewayOpts::new(backend.addr).set("backend.framing", "\"u32be\""));
+    gw.wait_ready(T).await;
+    let plain = Connect::default();
+    let mut a = Client::connect(gw.ws.unwrap(), "/ws?who=a", &plain).await;
+    let (sa, open_a) = backend.next_open().await;
+    let mut b = Client::connect(gw.ws.unwrap(), "/ws?who=b", &plain).await;
+    let (sb, open_b) = backend.next_open().await;
+    assert_eq!(open_a.path, "/ws?who=a");
+    assert_eq!(open_b.path, "/ws?who=b");
+    assert_ne!(sa, sb);
+
+    // A push to a reaches a, and b sees nothing of it.
+    backend.push(sa, b"for a only", false);
+    backend.push(sb, "for b only".as_bytes(), true);
+    assert_eq!(
+        a.recv_within(T).await,
+        Some(Msg::Binary(b"for a only".to_vec()))
+    );
+    assert_eq!(b.recv_within(T).await, Some(Msg::Text("for b only".into())));
+
+    // A backend close reaches the client with its application code.
+    backend.close(sa, 4001, "account suspended");
+    assert_eq!(a.expect_close(T).await, (4001, "account suspended".into()));
+
+    // A client close reaches the backend with the client's code and reason.
+    b.ws.write_frame(fastwebsockets::Frame::close(4100, b"user logged out"))
+        .await
+        .unwrap();
+    let (code, reason) = backend
+        .wait_for(|e| match e {
+            Event::Close {
+                session,
+                code,
+                reason,
+            } if *session == sb => Some((*code, reason.clone())),
+            _ => None,
+        })
+        .await;
+    assert_eq!((code, reason.as_str()), (4100, "user logged out"));
+    // ... and the gateway echoes the close to the client.
+    assert_eq!(b.expect_close(T).await.0, 4100);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn backend_close_codes_that_are_invalid_on_the_wire_become_1011() {
+    let mut backend = TestBackend::start(Framing::Varint, false).await;
+    let gw = Gateway::start(GatewayOpts::new(backend.addr));
+    gw.wait_ready(T).await;
+    let mut c = Client::connect(gw.ws.unwrap(), "/ws", &Connect::default()).await;
+    let (s, _) = backend.next_open().await;
+    backend.close(s, 1006, "nope");
+    let (code, reason) = c.expect_close(T).await;
+    assert_eq!(code, 1011);
+    assert!(reason.contains("1006"), "{reason}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn session_open_carries_client_metadata_and_subprotocol() {
+    let mut backend = TestBackend::start(Framing::Varint, true).await;
+    let gw = Gateway::start(
+        GatewayOpts::new(backend.addr)
+            .set("listen.subprotocols", "[\"chat.v2\", \"chat.v1\"]")
+            .set(
+                "session.forward_headers",
+                "[\"user-agent\", \"x-app-version\"]",
+            ),
+    );
+    gw.wait_ready(T).await;
+    let opts = Connect {
+        headers: vec![
+            ("Sec-WebSocket-Protocol", "chat.v1, other".into()),
+            ("User-Agent", "TestApp/1.0".into()),
+            ("X-App-Version", "42".into()),
+            ("X-Secret", "not forwarded".into()),
+        ],
+        ..Connect::default()
+    };
+    let (_ws, resp) = client::connect(gw.ws.unwrap(), "/ws?device=ios", &opts)
+        .await
+        .unwrap();
+    assert_eq!(
+        resp.headers().get("sec-websocket-protocol").unwrap(),
+        "chat.v1"
+    );
+    let (_, open) = backend.next_open().await;
+    assert_eq!(open.path, "/ws?device=ios");
+    assert_eq!(open.subprotocol, "chat.v1");
+    assert!(
+        open.remote_addr.starts_with("127.0.0.1:"),
+        "{}",
+        open.remote_addr
+    );
+    let headers: Vec<(String, String)> = open
+        .headers
+        .iter()
+        .map(|h| (h.name.clone(), h.value.clone()))
+        .collect();
+    assert_eq!(
+        headers,
+        vec![
+            ("user-agent".into(), "TestApp/1.0".into()),
+            ("x-app-version".into(), "42".into())
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn oversized_and_invalid_messages_get_their_close_codes() {
+    let mut backend = TestBackend::start(Framing::Varint, true).await;
+    let gw =
+        Gateway::start(GatewayOpts::new(backend.addr).set("session.max_message_size", "\"64KiB\""));
+    gw.wait_ready(T).await;
+    let plain = Connect::default();
+
+    // One frame over the limit.
+    let mut c = Client::connect(gw.ws.unwrap(), "/ws", &plain).await;
+    let (s1, _) = backend.next_open().await;
+    c.send_binary(&vec![7u8; 64 * 1024]).await; // exactly the limit: accepted
+    assert_eq!(
+        c.recv_within(T)
+            .await
+            .map(|m| matches!(m, Msg::Binary(b) if b.len() == 64 * 1024)),
+        Some(true)
+    );
+    c.send_binary(&vec![7u8; 64 * 1024 + 1]).await;
+    assert_eq!(c.expect_close(T).await.0, 1009);
+    let code = backend
+        .wait_for(|e| match e {
+            Event::Close { session, code, .. } if *session == s1 => Some(*code),
+            _ => None,
+        })
+        .await;
+    assert_eq!(code, 1009);
+
+    // Fragments that are small alone but too big together.
+    let mut c = Client::connect(gw.ws.unwrap(), "/ws", &plain).await;
+    for i in 0..3 {
+        let f = fastwebsockets::Frame::new(
+            false,
+            if i == 0 {
+                fastwebsockets::OpCode::Binary
+            } else {
+                fastwebsockets::OpCode::Continuation
+            },
+            None,
+            fastwebsockets::Payload::Owned(vec![1u8; 30 * 1024]),
+        );
+        c.ws.write_frame(f).await.unwrap();
+    }
+    assert_eq!(c.expect_close(T).await.0, 1009);
+
+    // Invalid UTF-8 in a text message, unfragmented and fragmented.
+    let mut c = Client::connect(gw.ws.unwrap(), "/ws", &plain).await;
+    c.ws.write_frame(fastwebsockets::Frame::text(fastwebsockets::Payload::Owned(
+        vec![b'o', 0xff, b'k'],
+    )))
+    .await
+    .unwrap();
+    assert_eq!(c.expect_close(T).await.0, 1007);
+    let mut c = Client::connect(gw.ws.unwrap(), "/ws", &plain).await;
+    c.ws.write_frame(fastwebsockets::Frame::new(
+        false,
+        fastwebsockets::OpCode::Text,
+        None,
+        fastwebsockets::Payload::Owned(b"ok".to_vec()),
+    ))
+    .await
+    .unwrap();
+    c.ws.write_frame(fastwebsockets::Frame::new(
+        true,
+        fastwebsockets::OpCode::Continuation,
+        None,
+        fastwebsockets::Payload::Owned(vec![0xc3, 0x28]),
+    ))
+    .await
+    .unwrap();
+    assert_eq!(c.expect_close(T).await.0, 1007);
+
+    // The gateway still serves everyone else.
+    let mut ok = Client::connect(gw.ws.unwrap(), "/ws", &plain).await;
+    ok.send_text("still here").await;
+    assert_eq!(
+        ok.recv_within(T).await,
+        Some(Msg::Text("still here".into()))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn invalid_text_from_the_backend_closes_only_that_session_with_1011() {
+    let mut backend = TestBackend::start(Framing::Varint, false).await;
+    let gw = Gateway::start(GatewayOpts::new(backend.addr).set("backend.links_per_endpoint", "1"));
+    gw.wait_ready(T).await;
+    let plain = Connect::default();
+    let mut bad = Client::connect(gw.ws.unwrap(), "/ws", &plain).await;
+    let (s_bad, _) = backend.next_open().await;
+    let mut good = Client::connect(gw.ws.unwrap(), "/ws", &plain).await;
+    let (s_good, _) = backend.next_open().await;
+    backend.push(s_bad, &[0xff, 0xfe], true);
+    assert_eq!(bad.expect_close(T).await.0, 1011);
+    let code = backend
+        .wait_for(|e| match e {
+            Event::Close { session, code, .. } if *session == s_bad => Some(*code),
+            _ => None,
+        })
+        .await;
+    assert_eq!(code, 1011);
+    // Same link, still fine.
+    backend.push(s_good, b"fine", true);
+    assert_eq!(good.recv_within(T).await, Some(Msg::Text("fine".into())));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn requests_that_are_not_upgrades_get_a_proper_http_answer() {
+    let backend = TestBackend::start(Framing::Varint, true).await;
+    let gw = Gateway::start(GatewayOpts::new(backend.addr));
+    gw.wait_ready(T).await;
+    let addr = gw.ws.unwrap();
+    assert_eq!(client::http_get(addr, "/ws").await.0, 426);
+    assert_eq!(client::http_get(addr, "/elsewhere").await.0, 404);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn admission_cap_and_missing_backend_refuse_with_503() {
+    let mut backend = TestBackend::start(Framing::Varint, true).await;
+    let gw = Gateway::start(GatewayOpts::new(backend.addr).set("listen.max_sessions", "2"));
+    gw.wait_ready(T).await;
+    let plain = Connect::default();
+    let _a = Client::connect(gw.ws.unwrap(), "/ws", &plain).await;
+    let _b = Client::connect(gw.ws.unwrap(), "/ws", &plain).await;
+    backend.next_open().await;
+    backend.next_open().await;
+    match client::connect(gw.ws.unwrap(), "/ws", &plain).await {
+        Err(fastwebsockets::WebSocketError::InvalidStatusCode(503)) => {}
+        Err(e) => panic!("expected 503, got {e}"),
+        Ok(_) => panic!("expected 503, got an upgrade"),
+    }
+
+    // A gateway whose backend is down refuses at once, and is not ready.
+    let dead: std::net::SocketAddr = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let gw2 = Gateway::start(GatewayOpts::new(dead));
+    let started = std::time::Instant::now();
+    match client::connect(gw2.ws.unwrap(), "/ws", &plain).await {
+        Err(fastwebsockets::WebSocketError::InvalidStatusCode(503)) => {}
+        Err(e) => panic!("expected 503, got {e}"),
+        Ok(_) => panic!("expected 503, got an upgrade"),
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "refusal must not hang"
+    );
+    assert_eq!(gw2.admin_get("/readyz").await.0, 503);
+    assert_eq!(gw2.admin_get("/healthz").await.0, 200);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_count_sessions_messages_and_links() {
+    let backend = TestBackend::start(Framing::Varint, true).await;
+    let gw = Gateway::start(GatewayOpts::new(backend.addr));
+    gw.wait_ready(T).await;
+    let mut c = Client::connect(gw.ws.unwrap(), "/ws", &Connect::default()).await;
+    for _ in 0..3 {
+        c.send_text("m").await;
+        c.recv_within(T).await;
+    }
+    assert_eq!(gw.metric("gateway_sessions_open").await, 1.0);
+    assert_eq!(gw.metric("gateway_links_up").await, 2.0);
+    assert_eq!(
+        gw.metric("gateway_messages_total{direction=\"client_to_backend\"")
+            .await,
+        3.0
+    );
+    assert_eq!(
+        gw.metric("gateway_messages_total{direction=\"backend_to_client\"")
+            .await,
+        3.0
+    );
+    c.ws.write_frame(fastwebsockets::Frame::close(1000, b""))
+        .await
+        .unwrap();
+    c.expect_close(T).await;
+    let start = std::time::Instant::now();
+    while gw
+        .metric("gateway_sessions_closed_total{reason=\"client_closed\"")
+        .await
+        < 1.0
+    {
+        assert!(start.elapsed() < T, "close not counted");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(gw.metric("gateway_sessions_open").await, 0.0);
+}
