@@ -86,6 +86,17 @@ fn main() -> ExitCode {
         }
     };
     if args.check_config {
+        // Certificates are part of the configuration: load them too.
+        if let (false, Some(cert), Some(key)) = (
+            config.listen.wss.is_empty(),
+            &config.tls.cert,
+            &config.tls.key,
+        ) {
+            if let Err(e) = gateway::tls::server_config(cert, key) {
+                eprintln!("gateway: configuration error: {e}");
+                return ExitCode::from(2);
+            }
+        }
         println!("{config:#?}");
         eprintln!("gateway: configuration OK");
         return ExitCode::SUCCESS;

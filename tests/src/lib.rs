@@ -310,6 +310,18 @@ impl Gateway {
         }
     }
 
+    /// Waits until the `gateway_links_up` metric reaches `n`, up to `limit`.
+    pub async fn wait_links_up(&self, n: usize, limit: Duration) {
+        let start = std::time::Instant::now();
+        while self.metric("gateway_links_up").await < n as f64 {
+            assert!(
+                start.elapsed() < limit,
+                "fewer than {n} links up after {limit:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Value of a Prometheus sample whose line starts with `prefix`.
     pub async fn metric(&self, prefix: &str) -> f64 {
         let (_, body) = self.admin_get("/metrics").await;

@@ -329,7 +329,7 @@ async fn metrics_count_sessions_messages_and_links() {
         c.recv_within(T).await;
     }
     assert_eq!(gw.metric("gateway_sessions_open").await, 1.0);
-    assert_eq!(gw.metric("gateway_links_up").await, 2.0);
+    gw.wait_links_up(2, T).await;
     assert_eq!(
         gw.metric("gateway_messages_total{direction=\"client_to_backend\"")
             .await,

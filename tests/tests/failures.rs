@@ -1,0 +1,361 @@
+//! Things going wrong: the backend dies and returns, a client stops reading,
+//! clients that never finish their handshakes or stop answering pings,
+//! shutdown, and bad configuration.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use gateway_tests::client::{self, Client, Connect, Msg};
+use gateway_tests::{bin, Certs, Event, Gateway, GatewayOpts, TestBackend};
+use protocol::Framing;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const T: Duration = Duration::from_secs(10);
+
+#[tokio::test(flavor = "multi_thread")]
+async fn backend_death_closes_clients_with_1012_and_links_come_back_by_themselves() {
+    let mut backend = TestBackend::start(Framing::Varint, true).await;
+    let addr = backend.addr;
+    let gw = Gateway::start(
+        GatewayOpts::new(addr)
+            .set("backend.reconnect_min", "\"50ms\"")
+            .set("backend.reconnect_max", "\"500ms\""),
+    );
+    gw.wait_ready(T).await;
+    let plain = Connect::default();
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        clients.push(Client::connect(gw.ws.unwrap(), "/ws", &plain).await);
+        backend.next_open().await;
+    }
+
+    let killed = Instant::now();
+    backend.kill();
+    for c in &mut clients {
+        let (code, _) = c.expect_close(Duration::from_secs(5)).await;
+        assert_eq!(code, 1012, "clients are told to reconnect");
+    }
+    assert!(killed.elapsed() < Duration::from_secs(5));
+    // While the backend is down: not ready, and new clients are refused.
+    assert_eq!(gw.admin_get("/readyz").await.0, 503);
+    assert!(matches!(
+        client::connect(gw.ws.unwrap(), "/ws", &plain).await,
+        Err(fastwebsockets::WebSocketError::InvalidStatusCode(503))
+    ));
+
+    // The backend returns on the same address; so do the links.
+    let backend = TestBackend::start_on(addr, Framing::Varint, true).await;
+    gw.wait_ready(T).await;
+    let mut c = Client::connect(gw.ws.unwrap(), "/ws", &plain).await;
+    c.send_text("back again").await;
+    assert_eq!(c.recv_within(T).await, Some(Msg::Text("back again".into())));
+    // Both links return, not just the first.
+    gw.wait_links_up(2, T).await;
+    drop(backend);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_stops_reading_is_closed_as_slow_consumer_without_hurting_others() {
+    let mut backend = TestBackend::start(Framing::Varint, true).await;
+    let gw = Gateway::start(
+        GatewayOpts::new(backend.addr)
+            .set("backend.links_per_endpoint", "1")
+            .set("session.client_queue_messages", "64")
+            .set("session.client_queue_bytes", "\"1MiB\""),
+    );
+    gw.wait_ready(T).await;
+    let plain = Connect::default();
+    let slow = Client::connect(gw.ws.unwrap(), "/ws", &plain).await;
+    let (s_slow, _) = backend.next_open().await;
+    let mut fast = Client::connect(gw.ws.unwrap(), "/ws", &plain).await;
+    backend.next_open().await;
+    let rss_before = gw.proc.rss_kib();
+
+    // Flood the slow client (which never reads) with 64 MiB; the other
+    // client on the same link keeps doing round trips meanwhile.
+    let chunk = vec![0xabu8; 16 * 1024];
+    for _ in 0..4096 {
+        backend.push(s_slow, &chunk, false);
+    }
+    let mut worst = Duration::ZERO;
+    for i in 0..200 {
+        let sent = Instant::now();
+        fast.send_text(&format!("ping {i}")).await;
+        assert_eq!(
+            fast.recv_within(T).await,
+            Some(Msg::Text(format!("ping {i}")))
+        );
+        worst = worst.max(sent.elapsed());
+    }
+    let code = backend
+        .wait_for(|e| match e {
+            Event::Close { session, code, .. } if *session == s_slow => Some(*code),
+            _ => None,
+        })
+        .await;
+    assert_eq!(code, 1008, "the backend is told: slow consumer");
+    assert_eq!(gw.metric("gateway_slow_consumer_closes_total").await, 1.0);
+    // Not a latency benchmark: only that the other client was never stuck
+    // behind the slow one (which would take until its write timeout).
+    assert!(
+        worst < Duration::from_secs(2),
+        "other client stalled for {worst:?}"
+    );
+    // 64 MiB were pushed at it; the gateway held at most its queue bound
+    // plus socket buffers.
+    let grew = gw.proc.rss_kib().saturating_sub(rss_before);
+    assert!(grew < 32 * 1024, "gateway RSS grew by {grew} KiB");
+    drop(slow);
+}
+
+async fn assert_cut_within(mut s: TcpStream, what: &str, min: Duration, max: Duration) {
+    let start = Instant::now();
+    let mut buf = [0u8; 1024];
+    loop {
+        match tokio::time::timeout(max + Duration::from_secs(2), s.read(&mut buf)).await {
+            Err(_) => panic!("{what}: still open after {:?}", start.elapsed()),
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(_)) => {} // e.g. a 408 or an alert before the close
+        }
+    }
+    let took = start.elapsed();
+    assert!(
+        took >= min && took <= max,
+        "{what}: cut after {took:?}, expected {min:?}..{max:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn silent_and_half_handshakes_are_cut_at_the_configured_timeout() {
+    let certs = Certs::new();
+    let backend = TestBackend::start(Framing::Varint, true).await;
+    let gw = Gateway::start(
+        GatewayOpts::new(backend.addr)
+            .tls(&certs)
+            .set("listen.tls_handshake_timeout", "\"1s\"")
+            .set("listen.http_header_timeout", "\"1s\""),
+    );
+    gw.wait_ready(T).await;
+    let (lo, hi) = (Duration::from_millis(900), Duration::from_secs(3));
+
+    // TCP only, nothing sent: on the wss port and on the ws port.
+    let s = TcpStream::connect(gw.wss.unwrap()).await.unwrap();
+    assert_cut_within(s, "silent TLS client", lo, hi).await;
+    let s = TcpStream::connect(gw.ws.unwrap()).await.unwrap();
+    assert_cut_within(s, "silent HTTP client", lo, hi).await;
+
+    // Half a TLS ClientHello (a record header announcing more than is sent).
+    let mut s = TcpStream::connect(gw.wss.unwrap()).await.unwrap();
+    s.write_all(&[
+        0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03,
+    ])
+    .await
+    .unwrap();
+    assert_cut_within(s, "half TLS handshake", lo, hi).await;
+
+    // Half an HTTP upgrade request (headers never finished).
+    let mut s = TcpStream::connect(gw.ws.unwrap()).await.unwrap();
+    s.write_all(b"GET /ws HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n")
+        .await
+        .unwrap();
+    assert_cut_within(s, "half HTTP request", lo, hi).await;
+
+    // TLS done, then silence.
+    let tcp = TcpStream::connect(gw.wss.unwrap()).await.unwrap();
+    let connector = tokio_rustls::TlsConnector::from(client::tls_config(&certs.ca()));
+    let mut tls = connector
+        .connect(
+            rustls::pki_types::ServerName::try_from("localhost").unwrap(),
+            tcp,
+        )
+        .await
+        .unwrap();
+    let start = Instant::now();
+    let mut buf = [0u8; 64];
+    let r = tokio::time::timeout(Duration::from_secs(5), tls.read(&mut buf)).await;
+    assert!(
+        matches!(r, Ok(Ok(0)) | Ok(Err(_))),
+        "TLS client that sends no request must be cut"
+    );
+    assert!(start.elapsed() <= hi, "cut after {:?}", start.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_stops_answering_pings_is_dropped_and_the_backend_told() {
+    let mut backend = TestBackend::start(Framing::Varint, true).await;
+    let gw = Gateway::start(
+        GatewayOpts::new(backend.addr)
+            .set("session.ping_interval", "\"500ms\"")
+            .set("session.ping_timeout", "\"500ms\""),
+    );
+    gw.wait_ready(T).await;
+    // A connected client that never reads again (so never answers a ping),
+    // like a phone that went into a tunnel.
+    let (_ws, _) = client::connect(gw.ws.unwrap(), "/ws", &Connect::default())
+        .await
+        .unwrap();
+    let (s, _) = backend.next_open().await;
+    // A client that reads (and so answers pings) stays.
+    let mut alive = Client::connect(gw.ws.unwrap(), "/ws", &Connect::default()).await;
+    let (s_alive, _) = backend.next_open().await;
+    let alive_task = tokio::spawn(async move {
+        // Reading answers pings; nothing else arrives.
+        let r = tokio::time::timeout(Duration::from_secs(3), alive.recv()).await;
+        (r.is_err(), alive)
+    });
+    let start = Instant::now();
+    let (code, reason) = backend
+        .wait_for(|e| match e {
+            Event::Close {
+                session,
+                code,
+                reason,
+            } if *session == s => Some((*code, reason.clone())),
+            Event::Close { session, .. } if *session == s_alive => panic!("live client dropped"),
+            _ => None,
+        })
+        .await;
+    assert_eq!(code, 1006);
+    assert!(reason.contains("ping"), "{reason}");
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        start.elapsed()
+    );
+    let (timed_out, mut alive) = alive_task.await.unwrap();
+    assert!(timed_out, "the live client received something unexpected");
+    alive.send_text("still here").await;
+    assert_eq!(
+        alive.recv_within(T).await,
+        Some(Msg::Text("still here".into()))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_closes_sessions_with_1001_tells_the_backend_and_exits() {
+    let mut backend = TestBackend::start(Framing::Varint, true).await;
+    let mut gw =
+        Gateway::start(GatewayOpts::new(backend.addr).set("shutdown.drain_timeout", "\"5s\""));
+    gw.wait_ready(T).await;
+    let mut clients = Vec::new();
+    let mut sessions = Vec::new();
+    for _ in 0..3 {
+        clients.push(Client::connect(gw.ws.unwrap(), "/ws", &Connect::default()).await);
+        sessions.push(backend.next_open().await.0);
+    }
+    gw.proc.sigterm();
+    for c in &mut clients {
+        assert_eq!(c.expect_close(T).await.0, 1001);
+    }
+    let mut closed = Vec::new();
+    while closed.len() < sessions.len() {
+        if let Event::Close { session, code, .. } = backend.next().await {
+            assert_eq!(code, 1001);
+            closed.push(session);
+        }
+    }
+    closed.sort_unstable();
+    sessions.sort_unstable();
+    assert_eq!(closed, sessions);
+    let code = tokio::task::spawn_blocking(move || gw.proc.wait_exit(Duration::from_secs(8)))
+        .await
+        .unwrap();
+    assert_eq!(
+        code,
+        Some(0),
+        "gateway must exit cleanly within the drain deadline"
+    );
+}
+
+fn run_gateway(args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
+    let out = Command::new(bin("gateway"))
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn bad_configuration_exits_non_zero_naming_the_key() {
+    let (code, err) = run_gateway(&["--backend", "127.0.0.1:1"], &[]);
+    assert_eq!(code, 2);
+    assert!(err.contains("listen"), "{err}");
+
+    let (code, err) = run_gateway(
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--backend",
+            "127.0.0.1:1",
+            "--set",
+            "session.max_message_size=\"lots\"",
+        ],
+        &[],
+    );
+    assert_eq!(code, 2);
+    assert!(err.contains("max_message_size"), "{err}");
+
+    let (code, err) = run_gateway(
+        &["--listen", "127.0.0.1:0", "--backend", "127.0.0.1:1"],
+        &[("GATEWAY_SESSION__PING_INTERVAL", "soon")],
+    );
+    assert_eq!(code, 2);
+    assert!(err.to_lowercase().contains("ping_interval"), "{err}");
+
+    let (code, err) = run_gateway(
+        &["--listen-tls", "127.0.0.1:0", "--backend", "127.0.0.1:1"],
+        &[],
+    );
+    assert_eq!(code, 2);
+    assert!(err.contains("tls.cert"), "{err}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bad.toml");
+    std::fs::write(
+        &file,
+        "[backend]\nendpoints = [\"127.0.0.1:1\"]\nlinks_per_endpont = 3\n",
+    )
+    .unwrap();
+    let (code, err) = run_gateway(
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--config",
+            file.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_eq!(code, 2);
+    assert!(err.contains("links_per_endpont"), "{err}");
+}
+
+#[test]
+fn example_configuration_checks_out() {
+    let example = gateway_tests::repo_root().join("deploy/gateway.example.toml");
+    let example = example.to_str().unwrap();
+    // As shipped, it names certificate files that do not exist here.
+    let (code, err) = run_gateway(&["--check-config", "--config", example], &[]);
+    assert_eq!(code, 2);
+    assert!(err.contains("tls.cert"), "{err}");
+    let certs = gateway_tests::Certs::new();
+    let (cert, key) = (certs.cert(), certs.key());
+    let (code, err) = run_gateway(
+        &[
+            "--check-config",
+            "--config",
+            example,
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
+}
