@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 pub const FRAME_OVERHEAD: usize = 4096;
 
 /// The whole configuration.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// Public listeners and the WebSocket upgrade.
@@ -268,20 +268,6 @@ impl Default for LogConfig {
         Self {
             format: LogFormat::Text,
             level: "info".to_owned(),
-        }
-    }
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Self {
-            listen: ListenConfig::default(),
-            tls: TlsConfig::default(),
-            session: SessionConfig::default(),
-            backend: BackendConfig::default(),
-            admin: AdminConfig::default(),
-            shutdown: ShutdownConfig::default(),
-            log: LogConfig::default(),
         }
     }
 }

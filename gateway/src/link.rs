@@ -139,6 +139,16 @@ pub(crate) struct MailboxLimits {
     pub(crate) bytes: usize,
 }
 
+/// Outcome of [`LinkHandle::try_send`].
+pub(crate) enum TrySend {
+    /// Queued.
+    Sent,
+    /// No room now; the frame is given back to wait for room.
+    Full(Box<Frame>),
+    /// The link is gone.
+    Gone,
+}
+
 /// The link is gone; the session must end with close code 1012.
 #[derive(Debug)]
 pub(crate) struct LinkGone;
@@ -250,23 +260,22 @@ impl LinkHandle {
     }
 
     /// Queues `frame` if there is room now; gives it back if not.
-    pub(crate) fn try_send(&self, frame: Frame) -> Result<(), (Frame, Result<(), LinkGone>)> {
+    pub(crate) fn try_send(&self, frame: Frame) -> TrySend {
         let cost = cost_of(&frame);
         let Ok(budget) = self.shared.budget.try_acquire_many(cost) else {
-            let gone = if self.shared.budget.is_closed() {
-                Err(LinkGone)
+            return if self.shared.budget.is_closed() {
+                TrySend::Gone
             } else {
-                Ok(())
+                TrySend::Full(Box::new(frame))
             };
-            return Err((frame, gone));
         };
         match self.shared.tx.try_reserve() {
             Ok(slot) => {
                 Reserved { budget, slot, cost }.send(frame);
-                Ok(())
+                TrySend::Sent
             }
-            Err(mpsc::error::TrySendError::Full(())) => Err((frame, Ok(()))),
-            Err(mpsc::error::TrySendError::Closed(())) => Err((frame, Err(LinkGone))),
+            Err(mpsc::error::TrySendError::Full(())) => TrySend::Full(Box::new(frame)),
+            Err(mpsc::error::TrySendError::Closed(())) => TrySend::Gone,
         }
     }
 

@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use fastwebsockets::{
-    Frame as WsFrame, OpCode, Payload, WebSocket, WebSocketError, WebSocketRead, WebSocketWrite,
+    Frame as WsFrame, OpCode, Payload, Role, WebSocket, WebSocketError, WebSocketRead, WebSocketWrite,
 };
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
@@ -32,12 +32,12 @@ use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use crate::close::{self, CloseReason};
-use crate::link::{cost_of, Evict, LinkHandle, Mailbox, ToClient};
+use crate::link::{cost_of, Evict, LinkHandle, Mailbox, ToClient, TrySend};
 use crate::pool::Lease;
 use crate::{SessionId, Shared};
 
 type Io = TokioIo<Upgraded>;
-type Reader = WebSocketRead<ReadHalf<Io>>;
+type Reader<'a> = WebSocketRead<&'a mut ReadHalf<Io>>;
 type Writer = WebSocketWrite<WriteHalf<Io>>;
 
 /// Backend messages written to the client before one flush.
@@ -58,6 +58,9 @@ struct End {
     /// False when the stream is broken (IO error, a write aborted midway) or
     /// the client already received its close.
     can_write: bool,
+    /// The client may still be sending: drain the raw connection briefly
+    /// before closing it.
+    linger: bool,
 }
 
 impl End {
@@ -65,6 +68,7 @@ impl End {
         Self {
             reason,
             can_write: true,
+            linger: false,
         }
     }
 
@@ -72,6 +76,7 @@ impl End {
         Self {
             reason,
             can_write: false,
+            linger: false,
         }
     }
 }
@@ -84,7 +89,11 @@ pub(crate) async fn run(ws: WebSocket<Io>, start: SessionStart, shared: Arc<Shar
     shared.metrics.session_opened();
     debug!(link = link.index(), "session open");
 
-    let (mut reader, mut writer) = ws.split(tokio::io::split);
+    // The read half stays ours (fastwebsockets only borrows it), so that
+    // after an error close the connection can be drained below.
+    let (mut raw_read, raw_write) = tokio::io::split(ws.into_inner());
+    let (mut reader, mut writer) =
+        fastwebsockets::after_handshake_split(&mut raw_read, raw_write, Role::Server);
     // The gateway answers pings and closes itself: it must see them to keep
     // liveness and to map closes through its table.
     reader.set_auto_close(false);
@@ -121,6 +130,9 @@ pub(crate) async fn run(ws: WebSocket<Io>, start: SessionStart, shared: Arc<Shar
     }
     link.unregister(id);
 
+    if end.linger {
+        linger(&mut raw_read, cfg.close_timeout).await;
+    }
     // The relay loop already sent the client its close frame; dropping
     // the write half (the read half is gone) closes the connection.
     drop(writer);
@@ -135,6 +147,21 @@ pub(crate) async fn run(ws: WebSocket<Io>, start: SessionStart, shared: Arc<Shar
     drop(start.lease);
 }
 
+/// Reads and discards what the client still sends, until it closes or
+/// `limit` passes; memory use is one small buffer.
+async fn linger(rd: &mut ReadHalf<Io>, limit: Duration) {
+    use tokio::io::AsyncReadExt;
+    let mut sink = [0u8; 4096];
+    let drain = async {
+        while let Ok(n) = rd.read(&mut sink).await {
+            if n == 0 {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(limit, drain).await;
+}
+
 /// One complete frame from the client, with its payload owned.
 struct ClientFrame {
     fin: bool,
@@ -142,7 +169,7 @@ struct ClientFrame {
     payload: BytesMut,
 }
 
-async fn read_frame(mut reader: Reader) -> (Reader, Result<ClientFrame, WebSocketError>) {
+async fn read_frame(mut reader: Reader<'_>) -> (Reader<'_>, Result<ClientFrame, WebSocketError>) {
     // With auto-close and auto-pong off, fastwebsockets never asks us to
     // send anything from inside `read_frame`.
     let res = reader
@@ -162,7 +189,7 @@ async fn read_frame(mut reader: Reader) -> (Reader, Result<ClientFrame, WebSocke
 /// The relay loop. Returns how the session ended, after the client was sent
 /// its close frame where one is due.
 async fn relay(
-    reader: Reader,
+    reader: Reader<'_>,
     writer: &mut Writer,
     mut mailbox: Mailbox,
     link: &LinkHandle,
@@ -228,14 +255,11 @@ async fn relay(
                 };
                 match on_client_frame(frame, &mut assembler, writer, id, max_message).await {
                     Ok(None) => {}
-                    Ok(Some(out)) => {
-                        if let Err((frame, gone)) = link.try_send(out) {
-                            if gone.is_err() {
-                                break End::clean(CloseReason::LinkLost);
-                            }
-                            pending = Some(frame);
-                        }
-                    }
+                    Ok(Some(out)) => match link.try_send(out) {
+                        TrySend::Sent => {}
+                        TrySend::Full(frame) => pending = Some(*frame),
+                        TrySend::Gone => break End::clean(CloseReason::LinkLost),
+                    },
                     Err(end) => {
                         // After the client's close there is nothing more to
                         // read; after a message-level error the stream is
@@ -301,6 +325,17 @@ async fn relay(
                     }
                 };
                 let _ = tokio::time::timeout(cfg.close_timeout, drain).await;
+            } else if sent {
+                // The frame stream is unusable (say, a frame over the size
+                // limit whose payload was never read), but the client must
+                // still get to read our close: closing a socket with unread
+                // input sends a reset, which can destroy the close frame in
+                // the client's buffers. Linger instead.
+                return End {
+                    reason: end.reason,
+                    can_write: false,
+                    linger: true,
+                };
             }
         }
     }
@@ -466,6 +501,13 @@ async fn on_client_frame(
     id: SessionId,
     max_message: usize,
 ) -> Result<Option<Frame>, End> {
+    // RFC 6455 5.5: control frames carry at most 125 bytes. fastwebsockets
+    // checks this for pings only.
+    if matches!(frame.opcode, OpCode::Close | OpCode::Pong) && frame.payload.len() > 125 {
+        return Err(End::clean(CloseReason::ClientProtocolError(
+            "control frame larger than 125 bytes".into(),
+        )));
+    }
     match frame.opcode {
         OpCode::Ping => {
             let pong = async {

@@ -407,12 +407,7 @@ mod tests {
                 }
                 let mut buf = BytesMut::from(&bytes[..]);
                 // Any outcome is fine except a panic; errors must be typed.
-                loop {
-                    match codec.decode(&mut buf) {
-                        Ok(Some(_)) => continue,
-                        Ok(None) | Err(_) => break,
-                    }
-                }
+                while let Ok(Some(_)) = codec.decode(&mut buf) {}
             }
         }
     }
