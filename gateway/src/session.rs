@@ -21,7 +21,8 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use fastwebsockets::{
-    Frame as WsFrame, OpCode, Payload, Role, WebSocket, WebSocketError, WebSocketRead, WebSocketWrite,
+    Frame as WsFrame, OpCode, Payload, Role, WebSocket, WebSocketError, WebSocketRead,
+    WebSocketWrite,
 };
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
