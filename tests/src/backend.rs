@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::{Bytes, BytesMut};
@@ -48,6 +48,7 @@ pub struct TestBackend {
     pub events: mpsc::UnboundedReceiver<Event>,
     routes: Routes,
     accepted: Arc<AtomicUsize>,
+    paused: Arc<AtomicBool>,
     tasks: JoinSet<()>,
 }
 
@@ -63,8 +64,9 @@ impl TestBackend {
         let (tx, events) = mpsc::unbounded_channel();
         let routes: Routes = Arc::default();
         let accepted = Arc::new(AtomicUsize::new(0));
+        let paused = Arc::new(AtomicBool::new(false));
         let mut tasks = JoinSet::new();
-        let (r, a) = (routes.clone(), accepted.clone());
+        let (r, a, p) = (routes.clone(), accepted.clone(), paused.clone());
         tasks.spawn(async move {
             let mut links = JoinSet::new();
             loop {
@@ -72,7 +74,15 @@ impl TestBackend {
                     continue;
                 };
                 let n = a.fetch_add(1, Ordering::SeqCst);
-                links.spawn(link(stream, n, framing, echo, tx.clone(), r.clone()));
+                links.spawn(link(
+                    stream,
+                    n,
+                    framing,
+                    echo,
+                    tx.clone(),
+                    r.clone(),
+                    p.clone(),
+                ));
             }
         });
         Self {
@@ -80,8 +90,15 @@ impl TestBackend {
             events,
             routes,
             accepted,
+            paused,
             tasks,
         }
+    }
+
+    /// Stops (true) or resumes (false) reading from every link, like a
+    /// backend that is stuck.
+    pub fn pause_reading(&self, paused: bool) {
+        self.paused.store(paused, Ordering::SeqCst);
     }
 
     /// TCP connections accepted so far.
@@ -156,6 +173,7 @@ async fn link(
     echo: bool,
     events: mpsc::UnboundedSender<Event>,
     routes: Routes,
+    paused: Arc<AtomicBool>,
 ) {
     let codec = FrameCodec::new(framing, 64 << 20);
     let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Frame>();
@@ -164,8 +182,10 @@ async fn link(
     let mut handshaken = false;
     let mut mine: Vec<u64> = Vec::new();
     loop {
+        let reading = !paused.load(Ordering::SeqCst);
         tokio::select! {
-            r = stream.read_buf(&mut inbuf) => {
+            _ = tokio::time::sleep(std::time::Duration::from_millis(10)), if !reading => {}
+            r = stream.read_buf(&mut inbuf), if reading => {
                 match r {
                     Ok(0) | Err(_) => break,
                     Ok(_) => {}
