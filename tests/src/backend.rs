@@ -153,6 +153,19 @@ impl TestBackend {
         .await
     }
 
+    /// Waits for the gateway's close of `session`: (code, reason).
+    pub async fn wait_close(&mut self, session: u64) -> (u32, String) {
+        self.wait_for(|e| match e {
+            Event::Close {
+                session: s,
+                code,
+                reason,
+            } if *s == session => Some((*code, reason.clone())),
+            _ => None,
+        })
+        .await
+    }
+
     /// Stops accepting and drops every link, as a crashed backend would.
     pub fn kill(mut self) {
         self.tasks.abort_all();

@@ -60,6 +60,26 @@ pub fn python() -> PathBuf {
     p
 }
 
+/// Runs the Python `websockets` client (tests/interop/ws_client.py) against
+/// `url`, trusting `ca`; asserts it succeeded and returns its JSON report.
+pub async fn python_ws_client(url: &str, ca: &Path) -> serde_json::Value {
+    let out = tokio::process::Command::new(python())
+        .arg(repo_root().join("tests/interop/ws_client.py"))
+        .arg(url)
+        .arg("--ca")
+        .arg(ca)
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "ws_client.py failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(stdout.trim()).unwrap()
+}
+
 /// A fresh CA and `localhost` certificate in a temporary directory.
 pub struct Certs {
     pub dir: tempfile::TempDir,

@@ -89,12 +89,7 @@ async fn a_client_that_stops_reading_is_closed_as_slow_consumer_without_hurting_
         );
         worst = worst.max(sent.elapsed());
     }
-    let code = backend
-        .wait_for(|e| match e {
-            Event::Close { session, code, .. } if *session == s_slow => Some(*code),
-            _ => None,
-        })
-        .await;
+    let (code, _) = backend.wait_close(s_slow).await;
     assert_eq!(code, 1008, "the backend is told: slow consumer");
     assert_eq!(gw.metric("gateway_slow_consumer_closes_total").await, 1.0);
     // Not a latency benchmark: only that the other client was never stuck

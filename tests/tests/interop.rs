@@ -40,20 +40,7 @@ async fn run(framing: &str) {
     gw.wait_links_up(2, T).await;
 
     // Python client -> Rust gateway -> Python backend.
-    let out = tokio::process::Command::new(python())
-        .arg(repo_root().join("tests/interop/ws_client.py"))
-        .arg(gw.wss_url("/ws?from=python"))
-        .arg("--ca")
-        .arg(certs.ca())
-        .output()
-        .await
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "ws_client.py: {stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    gateway_tests::python_ws_client(&gw.wss_url("/ws?from=python"), &certs.ca()).await;
 
     // Rust client: pushes, stats and a backend-initiated close.
     let tls = Connect {

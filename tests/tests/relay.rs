@@ -39,21 +39,7 @@ async fn python_websockets_client_over_wss() {
     let backend = TestBackend::start(Framing::Varint, true).await;
     let gw = Gateway::start(GatewayOpts::new(backend.addr).tls(&certs));
     gw.wait_ready(T).await;
-    let out = tokio::process::Command::new(gateway_tests::python())
-        .arg(gateway_tests::repo_root().join("tests/interop/ws_client.py"))
-        .arg(gw.wss_url("/ws"))
-        .arg("--ca")
-        .arg(certs.ca())
-        .output()
-        .await
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "ws_client.py failed: {stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    let v = gateway_tests::python_ws_client(&gw.wss_url("/ws"), &certs.ca()).await;
     assert_eq!(v["ok"], true, "{v}");
     assert_eq!(v["echoed"], 4, "{v}");
 }
@@ -187,12 +173,7 @@ async fn oversized_and_invalid_messages_get_their_close_codes() {
     );
     c.send_binary(&vec![7u8; 64 * 1024 + 1]).await;
     assert_eq!(c.expect_close(T).await.0, 1009);
-    let code = backend
-        .wait_for(|e| match e {
-            Event::Close { session, code, .. } if *session == s1 => Some(*code),
-            _ => None,
-        })
-        .await;
+    let (code, _) = backend.wait_close(s1).await;
     assert_eq!(code, 1009);
 
     // Fragments that are small alone but too big together.
@@ -260,12 +241,7 @@ async fn invalid_text_from_the_backend_closes_only_that_session_with_1011() {
     let (s_good, _) = backend.next_open().await;
     backend.push(s_bad, &[0xff, 0xfe], true);
     assert_eq!(bad.expect_close(T).await.0, 1011);
-    let code = backend
-        .wait_for(|e| match e {
-            Event::Close { session, code, .. } if *session == s_bad => Some(*code),
-            _ => None,
-        })
-        .await;
+    let (code, _) = backend.wait_close(s_bad).await;
     assert_eq!(code, 1011);
     // Same link, still fine.
     backend.push(s_good, b"fine", true);
