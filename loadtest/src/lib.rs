@@ -4,3 +4,5 @@
 
 pub mod backend;
 pub mod devcert;
+pub mod run;
+pub mod tcp_echo;

@@ -40,6 +40,15 @@ enum Command {
         #[arg(long, default_value_t = 64)]
         push_size: usize,
     },
+    /// Generate load against a gateway (or any WebSocket echo service).
+    Run(loadtest::run::RunArgs),
+    /// A raw TCP echo server (what bridges like websocat are measured
+    /// against).
+    TcpEcho {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:9100")]
+        listen: SocketAddr,
+    },
     /// Write a development CA and a localhost certificate signed by it
     /// (ca.pem, cert.pem, key.pem).
     Devcert {
@@ -52,6 +61,17 @@ enum Command {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     match args.command {
+        Command::Run(run) => loadtest::run::main(run),
+        Command::TcpEcho { listen } => {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::bind(listen).await?;
+                println!("listening {}", listener.local_addr()?);
+                loadtest::tcp_echo::serve(listener).await
+            })
+        }
         Command::Devcert { out } => {
             loadtest::devcert::generate(&["localhost", "127.0.0.1", "::1"])?.write_to(&out)?;
             println!(
