@@ -160,9 +160,13 @@ impl<'a> Link<'a> {
         out.clear();
 
         let push = self.opts.mode == Mode::Push && self.opts.push_rate > 0;
-        let period = Duration::from_secs(1) / self.opts.push_rate.max(1);
+        // Timers tick in whole milliseconds: above 1,000 msg/s each tick
+        // sends as many messages as the elapsed time calls for.
+        let period = (Duration::from_secs(1) / self.opts.push_rate.max(1)).max(Duration::from_millis(1));
         let mut tick = tokio::time::interval(period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let mut last_tick = tokio::time::Instant::now();
+        let mut owed = 0.0f64;
         loop {
             tokio::select! {
                 r = stream.read_buf(&mut inbuf) => {
@@ -173,7 +177,17 @@ impl<'a> Link<'a> {
                         self.on_frame(frame, &mut out)?;
                     }
                 }
-                _ = tick.tick(), if push => self.push_all(&mut out)?,
+                now = tick.tick(), if push => {
+                    owed += f64::from(self.opts.push_rate) * (now - last_tick).as_secs_f64();
+                    last_tick = now;
+                    // Never more than one second's worth at once.
+                    owed = owed.min(f64::from(self.opts.push_rate));
+                    let n = owed.floor();
+                    owed -= n;
+                    for _ in 0..n as u64 {
+                        self.push_all(&mut out)?;
+                    }
+                }
             }
             if !out.is_empty() {
                 stream.write_all(&out).await?;

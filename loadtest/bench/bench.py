@@ -1,0 +1,351 @@
+#!/usr/bin/env python3
+"""The benchmark: the gateway side by side with websocat and websockify, in one
+run, on this machine. Run it through loadtest/bench/run.sh, which builds the
+binaries and installs the peers first.
+
+Every load comes from the same `loadtest run` binary with the same settings.
+Each comparison is repeated (--rounds, interleaved round-robin so that the
+machine's noise hits every target alike) and the median is reported, with
+ratios against the peers.
+
+What runs:
+  throughput  1,000 connections, 64-byte binary messages, one in flight each:
+              gateway (wss, ws) in front of the reference echo backend;
+              websocat 1.14 and websockify 0.13 bridging ws to a raw TCP echo.
+              Gateway CPU per round trip from /proc/PID/stat; frames per
+              backend write from the gateway's own metrics.
+  latency     open loop, 10,000 msg/s over 1,000 wss sessions (intended-time
+              latency: stalls are not hidden).
+  large       16 KiB messages pushed one way (backend -> clients) over wss.
+  handshake   new wss sessions per second (connect, TLS, upgrade, one round
+              trip, close), 32 at a time.
+  idle        as many idle wss sessions as fit (18,000), 4 links, held 60 s
+              while the gateway pings them, then every one must answer;
+              gateway RSS per session.
+
+Output: a Markdown report on stdout and in OUT/results.md, raw JSON in
+OUT/results.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = ROOT / "target" / "release"
+TOOLS = ROOT / "target" / "bench-tools"
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+class Proc:
+    """A child process that prints `listening ... ADDR` lines."""
+
+    def __init__(self, args: list[str], expect: int, name: str, out: Path):
+        self.name = name
+        self.log = open(out / f"{name}.log", "w")
+        self.p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=self.log, text=True)
+        self.addrs: list[str] = []
+        deadline = time.time() + 30
+        while len(self.addrs) < expect:
+            line = self.p.stdout.readline()
+            if not line:
+                if time.time() > deadline or self.p.poll() is not None:
+                    raise SystemExit(f"{name} did not start; see {out / (name + '.log')}")
+                continue
+            if line.startswith("listening"):
+                self.addrs.append(line.split()[-1])
+
+    def cpu_s(self) -> float:
+        f = Path(f"/proc/{self.p.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(f[11]) + int(f[12])) / TICK
+
+    def rss_kib(self) -> int:
+        for line in Path(f"/proc/{self.p.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        return 0
+
+    def stop(self):
+        self.p.terminate()
+        try:
+            self.p.wait(10)
+        except subprocess.TimeoutExpired:
+            self.p.kill()
+
+
+class Bridge:
+    """A peer that prints nothing useful on stdout: wait for its port."""
+
+    def __init__(self, args: list[str], port: int, name: str, out: Path):
+        self.name = name
+        self.log = open(out / f"{name}.log", "w")
+        self.p = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT)
+        import socket
+        deadline = time.time() + 20
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                if time.time() > deadline:
+                    raise SystemExit(f"{name} did not start; see {out / (name + '.log')}")
+                time.sleep(0.1)
+
+    def stop(self):
+        self.p.terminate()
+        try:
+            self.p.wait(10)
+        except subprocess.TimeoutExpired:
+            self.p.kill()
+
+
+def free_port() -> int:
+    import socket
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def metrics(admin: str) -> dict[str, float]:
+    body = urllib.request.urlopen(f"http://{admin}/metrics", timeout=5).read().decode()
+    out: dict[str, float] = {}
+    for line in body.splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        name = line.split("{")[0].split(" ")[0]
+        out[name] = out.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def loadtest(args: list[str]) -> dict:
+    cmd = [str(BIN / "loadtest"), "run", "--json", *args]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        return {"error": r.stderr.strip()[-500:], "cmd": " ".join(cmd)}
+    d = json.loads(r.stdout.strip().splitlines()[-1])
+    d["cmd"] = "loadtest run --json " + " ".join(args)
+    return d
+
+
+def med(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def fmt(x, digits=0):
+    if x is None:
+        return "–"
+    return f"{x:,.{digits}f}"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default=str(ROOT / "target" / "bench"))
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--duration", default="10s")
+    ap.add_argument("--connections", type=int, default=1000)
+    ap.add_argument("--idle", type=int, default=18000, help="idle sessions (0 skips)")
+    ap.add_argument("--idle-hold", default="60s")
+    ap.add_argument("--quick", action="store_true", help="short runs, for a smoke test")
+    a = ap.parse_args()
+    if a.quick:
+        a.rounds, a.duration, a.connections, a.idle, a.idle_hold = 1, "3s", 200, 500, "3s"
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    certs = out / "certs"
+    subprocess.run([str(BIN / "loadtest"), "devcert", "--out", str(certs)], check=True, capture_output=True)
+    ca = ["--ca", str(certs / "ca.pem")]
+    tls = ["--tls-cert", str(certs / "cert.pem"), "--tls-key", str(certs / "key.pem")]
+    results: dict = {"machine": machine(), "settings": vars(a)}
+    procs: list = []
+    try:
+        backend = Proc([str(BIN / "loadtest"), "backend", "--listen", "127.0.0.1:0"], 1, "backend-echo", out)
+        procs.append(backend)
+        gw = Proc([str(BIN / "gateway"), "--listen", "127.0.0.1:0", "--listen-tls", "127.0.0.1:0", *tls,
+                   "--admin", "127.0.0.1:0", "--backend", backend.addrs[0], "--links", "2"], 3, "gateway", out)
+        procs.append(gw)
+        gw_ws, gw_wss, gw_admin = gw.addrs
+        echo = Proc([str(BIN / "loadtest"), "tcp-echo", "--listen", "127.0.0.1:0"], 1, "tcp-echo", out)
+        procs.append(echo)
+        ws_port, wsf_port = free_port(), free_port()
+        websocat = Bridge([str(TOOLS / "bin" / "websocat"), "--binary", f"ws-l:127.0.0.1:{ws_port}",
+                           f"tcp:{echo.addrs[0]}"], ws_port, "websocat", out)
+        procs.append(websocat)
+        websockify = Bridge([str(TOOLS / "venv" / "bin" / "websockify"), f"127.0.0.1:{wsf_port}", echo.addrs[0]],
+                            wsf_port, "websockify", out)
+        procs.append(websockify)
+        time.sleep(1)
+
+        targets = {
+            "gateway wss": ["--url", f"wss://localhost:{gw_wss.split(':')[1]}/ws", *ca],
+            "gateway ws": ["--url", f"ws://{gw_ws}/ws"],
+            "websocat ws": ["--url", f"ws://127.0.0.1:{ws_port}/"],
+            "websockify ws": ["--url", f"ws://127.0.0.1:{wsf_port}/"],
+        }
+        common = ["-c", str(a.connections), "--size", "64", "-d", a.duration, "--in-flight", "1"]
+        runs: dict[str, list] = {k: [] for k in targets}
+        for rnd in range(a.rounds):
+            for name, t in targets.items():
+                m0, c0 = (metrics(gw_admin), gw.cpu_s()) if name.startswith("gateway") else (None, None)
+                r = loadtest([*t, *common])
+                if m0 is not None and "messages" in r:
+                    m1, c1 = metrics(gw_admin), gw.cpu_s()
+                    relayed = m1.get("gateway_messages_total", 0) - m0.get("gateway_messages_total", 0)
+                    r["gateway_cpu_us_per_rt"] = (c1 - c0) * 1e6 / max(r["messages"], 1)
+                    writes = m1.get("gateway_link_writes_total", 0) - m0.get("gateway_link_writes_total", 0)
+                    frames = m1.get("gateway_link_frames_written_total", 0) - m0.get("gateway_link_frames_written_total", 0)
+                    r["frames_per_link_write"] = frames / max(writes, 1)
+                    r["gateway_relayed_both_ways"] = relayed
+                runs[name].append(r)
+                print(f"round {rnd + 1} {name}: {r.get('msgs_per_s', r.get('error'))}", file=sys.stderr)
+        results["throughput"] = runs
+
+        lat: list = []
+        for rnd in range(a.rounds):
+            lat.append(loadtest([*targets["gateway wss"], "-c", str(a.connections), "--size", "64",
+                                 "-d", "20s" if not a.quick else a.duration, "--rate", "10000"]))
+            print(f"round {rnd + 1} latency: p99 {lat[-1].get('p99_us')} us", file=sys.stderr)
+        results["latency"] = lat
+
+        hs: list = []
+        for rnd in range(a.rounds):
+            hs.append(loadtest([*targets["gateway wss"], "--scenario", "handshake", "-c", "32", "-d", a.duration]))
+            print(f"round {rnd + 1} handshakes: {hs[-1].get('connections_ok')}", file=sys.stderr)
+        results["handshake"] = hs
+
+        for p in procs:
+            p.stop()
+        procs.clear()
+
+        # Large messages, one way: the backend pushes 16 KiB messages.
+        pusher = Proc([str(BIN / "loadtest"), "backend", "--listen", "127.0.0.1:0", "--mode", "push",
+                       "--push-rate", "10000", "--push-size", "16384"], 1, "backend-push", out)
+        procs.append(pusher)
+        gw2 = Proc([str(BIN / "gateway"), "--listen-tls", "127.0.0.1:0", *tls, "--backend", pusher.addrs[0],
+                    "--links", "2"], 1, "gateway-push", out)
+        procs.append(gw2)
+        large: list = []
+        for rnd in range(a.rounds):
+            large.append(loadtest(["--url", f"wss://localhost:{gw2.addrs[0].split(':')[1]}/ws", *ca,
+                                   "--scenario", "push", "-c", "8", "-d", a.duration]))
+            print(f"round {rnd + 1} large: {large[-1].get('mb_per_s')} MB/s", file=sys.stderr)
+        results["large"] = large
+        for p in procs:
+            p.stop()
+        procs.clear()
+
+        if a.idle:
+            backend = Proc([str(BIN / "loadtest"), "backend", "--listen", "127.0.0.1:0"], 1, "backend-idle", out)
+            procs.append(backend)
+            gw3 = Proc([str(BIN / "gateway"), "--listen-tls", "127.0.0.1:0", *tls, "--backend", backend.addrs[0],
+                        "--links", "4", "--set", f"listen.max_sessions={a.idle + 100}"], 1, "gateway-idle", out)
+            procs.append(gw3)
+            time.sleep(1)
+            rss0 = gw3.rss_kib()
+            sources = max(1, (a.idle + 9999) // 10000)
+            cmd = [str(BIN / "loadtest"), "run", "--json", "--url", f"wss://localhost:{gw3.addrs[0].split(':')[1]}/ws",
+                   *ca, "--scenario", "idle", "-c", str(a.idle), "--sources", str(sources), "-d", a.idle_hold,
+                   "--ramp", "3000", "--timeout", "30s"]
+            p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            peak = rss0
+            while p.poll() is None:
+                peak = max(peak, gw3.rss_kib())
+                time.sleep(0.5)
+            stdout, stderr = p.communicate()
+            try:
+                idle = json.loads(stdout.strip().splitlines()[-1])
+            except (ValueError, IndexError):
+                idle = {"error": stderr[-500:]}
+            idle["cmd"] = " ".join(cmd[1:])
+            idle["rss_before_kib"] = rss0
+            idle["rss_peak_kib"] = peak
+            idle["rss_per_session_kib"] = (peak - rss0) / max(idle.get("connections_ok", 1), 1)
+            results["idle"] = idle
+            print(f"idle: {idle.get('connections_ok')} sessions, {idle['rss_per_session_kib']:.1f} KiB each",
+                  file=sys.stderr)
+    finally:
+        for p in procs:
+            p.stop()
+
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    report = render(results)
+    (out / "results.md").write_text(report)
+    print(report)
+    return 0
+
+
+def machine() -> dict:
+    cpu = "unknown"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    return {"cpu": cpu, "cores": os.cpu_count(), "kernel": platform.release(),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+
+def render(r: dict) -> str:
+    m = r["machine"]
+    s = r["settings"]
+    lines = [f"Machine: {m['cpu']}, {m['cores']} cores, Linux {m['kernel']}; {m['date']}.",
+             f"Client, server and backend share the machine. Medians of {s['rounds']} interleaved rounds.", ""]
+    tp = r["throughput"]
+    med_rate = {k: med([x.get("msgs_per_s") for x in v]) for k, v in tp.items()}
+    lines += [f"### Throughput: {s['connections']} connections, 64-byte binary, one in flight, {s['duration']} each",
+              "", "| target | round trips/s | p50 µs | p99 µs | errors | vs websocat | vs websockify |",
+              "|---|---:|---:|---:|---|---:|---:|"]
+    for k, v in tp.items():
+        errs = med([sum(x.get("errors", {}).values()) if "errors" in x else None for x in v])
+        rate = med_rate[k]
+        vs = lambda peer: fmt(rate / med_rate[peer], 2) + "x" if rate and med_rate.get(peer) else "–"
+        lines.append(f"| {k} | {fmt(rate)} | {fmt(med([x.get('p50_us') for x in v]))} | "
+                     f"{fmt(med([x.get('p99_us') for x in v]))} | {fmt(errs)} | {vs('websocat ws')} | {vs('websockify ws')} |")
+    g = tp["gateway wss"]
+    lines += ["", f"Gateway CPU per relayed round trip (wss): {fmt(med([x.get('gateway_cpu_us_per_rt') for x in g]), 2)} µs; "
+              f"(ws): {fmt(med([x.get('gateway_cpu_us_per_rt') for x in tp['gateway ws']]), 2)} µs. "
+              f"Frames per backend write (wss run): {fmt(med([x.get('frames_per_link_write') for x in g]), 1)}.", ""]
+    lat = r["latency"]
+    lines += ["### Latency: open loop, 10,000 msg/s over 1,000 wss sessions", "",
+              "| p50 µs | p90 µs | p99 µs | p99.9 µs | max µs | msg/s | errors |", "|---:|---:|---:|---:|---:|---:|---:|",
+              f"| {fmt(med([x.get('p50_us') for x in lat]))} | {fmt(med([x.get('p90_us') for x in lat]))} | "
+              f"{fmt(med([x.get('p99_us') for x in lat]))} | {fmt(med([x.get('p999_us') for x in lat]))} | "
+              f"{fmt(med([x.get('max_us') for x in lat]))} | {fmt(med([x.get('msgs_per_s') for x in lat]))} | "
+              f"{fmt(med([sum(x.get('errors', {}).values()) for x in lat if 'errors' in x]))} |", ""]
+    hs = r["handshake"]
+    lines += ["### Handshakes: new wss sessions (TCP + TLS 1.3 + upgrade + one round trip + close), 32 at a time", "",
+              f"{fmt(med([x.get('connections_ok', 0) / x['duration_s'] for x in hs if 'duration_s' in x]))} sessions/s, "
+              f"connect p50 {fmt(med([x.get('connect_p50_us') for x in hs]))} µs, p99 {fmt(med([x.get('connect_p99_us') for x in hs]))} µs, "
+              f"failures {fmt(med([x.get('connect_failed') for x in hs]))}.", ""]
+    lg = r["large"]
+    lines += ["### Large messages: 16 KiB pushed one way (backend -> 8 wss clients)", "",
+              f"{fmt(med([x.get('mb_per_s') for x in lg]))} MB/s ({fmt(med([x.get('msgs_per_s') for x in lg]))} msg/s), "
+              f"delivery p99 {fmt(med([x.get('p99_us') for x in lg]))} µs.", ""]
+    if "idle" in r:
+        i = r["idle"]
+        lines += ["### Idle capacity: wss sessions over 4 links, held while pinged, then one round trip each", "",
+                  f"{fmt(i.get('connections_ok'))} sessions connected, {fmt(i.get('messages'))} answered after the hold "
+                  f"({fmt(i.get('connect_failed'))} connect failures, errors {i.get('errors')}); "
+                  f"gateway RSS {fmt(i['rss_before_kib'] / 1024, 1)} MiB before, {fmt(i['rss_peak_kib'] / 1024, 1)} MiB peak: "
+                  f"**{fmt(i['rss_per_session_kib'], 1)} KiB per session**.", ""]
+    lines += ["Commands (as run):", "", "```"]
+    lines += sorted({x["cmd"] for v in tp.values() for x in v if "cmd" in x})
+    lines += sorted({x["cmd"] for x in lat + hs + lg if "cmd" in x})
+    if "idle" in r:
+        lines.append(r["idle"]["cmd"])
+    lines += ["```", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
