@@ -162,7 +162,8 @@ impl<'a> Link<'a> {
         let push = self.opts.mode == Mode::Push && self.opts.push_rate > 0;
         // Timers tick in whole milliseconds: above 1,000 msg/s each tick
         // sends as many messages as the elapsed time calls for.
-        let period = (Duration::from_secs(1) / self.opts.push_rate.max(1)).max(Duration::from_millis(1));
+        let period =
+            (Duration::from_secs(1) / self.opts.push_rate.max(1)).max(Duration::from_millis(1));
         let mut tick = tokio::time::interval(period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         let mut last_tick = tokio::time::Instant::now();

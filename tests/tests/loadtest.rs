@@ -1,0 +1,221 @@
+//! `loadtest run` end to end, and cross-checked against an independent
+//! client (Python `websockets`) on the same target.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::process::Command;
+use std::time::Duration;
+
+use gateway_tests::{bin, python, repo_root, Certs, Gateway, GatewayOpts, Proc};
+
+fn reference_backend(mode: &str) -> (Proc, std::net::SocketAddr) {
+    let mut cmd = Command::new(bin("loadtest"));
+    cmd.args([
+        "backend",
+        "--listen",
+        "127.0.0.1:0",
+        "--mode",
+        mode,
+        "--push-rate",
+        "50",
+    ]);
+    let (p, lines) = Proc::spawn(cmd, 1);
+    let addr = lines[0]
+        .strip_prefix("listening ")
+        .unwrap()
+        .parse()
+        .unwrap();
+    (p, addr)
+}
+
+fn loadtest(args: &[&str]) -> serde_json::Value {
+    let out = Command::new(bin("loadtest"))
+        .arg("run")
+        .arg("--json")
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "loadtest failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn loadtest_json_summary_over_wss_closed_and_open_loop_and_push() {
+    let certs = Certs::new();
+    let (_backend, addr) = reference_backend("push");
+    let gw = Gateway::start(GatewayOpts::new(addr).tls(&certs));
+    gw.wait_ready(Duration::from_secs(10)).await;
+    let url = gw.wss_url("/ws");
+    let ca = certs.ca();
+    let ca = ca.to_str().unwrap();
+
+    // Closed loop, text messages, 4 in flight, through an echo backend.
+    let (_echo, echo_addr) = reference_backend("echo");
+    let gw_echo = Gateway::start(GatewayOpts::new(echo_addr).tls(&certs));
+    gw_echo.wait_ready(Duration::from_secs(10)).await;
+    let echo_url = gw_echo.wss_url("/ws");
+    let s = loadtest(&[
+        "--url",
+        &echo_url,
+        "--ca",
+        ca,
+        "-c",
+        "20",
+        "-d",
+        "2s",
+        "--in-flight",
+        "4",
+        "--text",
+        "--size",
+        "100",
+    ]);
+    for key in [
+        "connections_ok",
+        "connect_failed",
+        "messages",
+        "msgs_per_s",
+        "p50_us",
+        "p90_us",
+        "p99_us",
+        "p999_us",
+        "max_us",
+        "connect_p50_us",
+        "connect_p99_us",
+        "errors",
+        "corrupt",
+    ] {
+        assert!(s.get(key).is_some(), "summary lacks {key}: {s}");
+    }
+    assert_eq!(s["connections_ok"], 20);
+    assert_eq!(s["corrupt"], 0);
+    assert!(
+        s["errors"].as_object().unwrap().values().all(|v| v == 0),
+        "{s}"
+    );
+    assert!(s["messages"].as_u64().unwrap() > 100, "{s}");
+
+    // Open loop at a fixed offered rate: the count follows the schedule.
+    let s = loadtest(&[
+        "--url", &echo_url, "--ca", ca, "-c", "10", "-d", "2s", "--rate", "400",
+    ]);
+    let rate = s["msgs_per_s"].as_f64().unwrap();
+    assert!(
+        (340.0..=460.0).contains(&rate),
+        "offered 400 msg/s, measured {rate}: {s}"
+    );
+
+    // Push: the backend pushes 50 msg/s to each of 5 sessions.
+    let s = loadtest(&[
+        "--url",
+        &url,
+        "--ca",
+        ca,
+        "--scenario",
+        "push",
+        "-c",
+        "5",
+        "-d",
+        "2s",
+    ]);
+    let rate = s["msgs_per_s"].as_f64().unwrap();
+    assert!(
+        (200.0..=300.0).contains(&rate),
+        "expected ~250 pushes/s, got {rate}: {s}"
+    );
+    assert_eq!(s["corrupt"], 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn loadtest_reports_connection_failures_by_kind() {
+    let certs = Certs::new();
+    let (_echo, addr) = reference_backend("echo");
+    let gw = Gateway::start(
+        GatewayOpts::new(addr)
+            .tls(&certs)
+            .set("listen.max_sessions", "5"),
+    );
+    gw.wait_ready(Duration::from_secs(10)).await;
+    // 10 connections against a cap of 5: 5 upgrades are refused (503).
+    let out = Command::new(bin("loadtest"))
+        .args([
+            "run",
+            "--json",
+            "--url",
+            &gw.wss_url("/ws"),
+            "--ca",
+            certs.ca().to_str().unwrap(),
+            "-c",
+            "10",
+            "-d",
+            "1s",
+        ])
+        .output()
+        .unwrap();
+    let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(s["connections_ok"], 5, "{s}");
+    assert_eq!(s["errors"]["handshake"], 5, "{s}");
+    // A CA that did not sign the gateway's certificate: TLS errors.
+    let other = Certs::new();
+    let out = Command::new(bin("loadtest"))
+        .args([
+            "run",
+            "--json",
+            "--url",
+            &gw.wss_url("/ws"),
+            "--ca",
+            other.ca().to_str().unwrap(),
+            "-c",
+            "3",
+            "-d",
+            "1s",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "no connection can succeed");
+}
+
+/// The same offered load measured by loadtest and by an independent Python
+/// client agrees on what a user would compare: messages and rate.
+#[tokio::test(flavor = "multi_thread")]
+async fn loadtest_agrees_with_an_independent_client() {
+    let (_echo, addr) = reference_backend("echo");
+    let gw = Gateway::start(GatewayOpts::new(addr));
+    gw.wait_ready(Duration::from_secs(10)).await;
+    let url = gw.ws_url("/ws");
+    let ours = loadtest(&["--url", &url, "-c", "10", "-d", "3s", "--rate", "500"]);
+    let out = tokio::process::Command::new(python())
+        .arg(repo_root().join("tests/interop/load_client.py"))
+        .args([
+            &url,
+            "--connections",
+            "10",
+            "--rate",
+            "500",
+            "--duration",
+            "3",
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let theirs: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(theirs["errors"].as_array().unwrap().len(), 0, "{theirs}");
+    let (a, b) = (
+        ours["msgs_per_s"].as_f64().unwrap(),
+        theirs["msgs_per_s"].as_f64().unwrap(),
+    );
+    assert!(
+        (a - b).abs() / b < 0.1,
+        "loadtest {a} msg/s vs independent client {b} msg/s"
+    );
+    // Both see an unloaded gateway answer within milliseconds at the median.
+    assert!(ours["p50_us"].as_u64().unwrap() < 5_000, "{ours}");
+    assert!(theirs["p50_us"].as_u64().unwrap() < 5_000, "{theirs}");
+}
