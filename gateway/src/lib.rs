@@ -67,8 +67,11 @@ pub struct Shared {
     metrics: Arc<metrics::Metrics>,
     pool: Arc<pool::Pool>,
     admission: Arc<Semaphore>,
-    /// Fires on shutdown: listeners stop, sessions close with 1001.
+    /// Fires on shutdown: listeners stop, upgrades are refused.
     shutdown: CancellationToken,
+    /// Wakes every session on shutdown, to close with 1001. (Sessions wait
+    /// on this rather than on `shutdown`, whose every poll takes a lock.)
+    drain: tokio::sync::Notify,
     /// Every connection and session task.
     tracker: TaskTracker,
     forward_headers: Vec<HeaderName>,
@@ -174,6 +177,7 @@ impl Gateway {
             metrics,
             pool,
             shutdown: CancellationToken::new(),
+            drain: tokio::sync::Notify::new(),
             tracker: TaskTracker::new(),
             forward_headers,
             config,
@@ -257,6 +261,7 @@ impl Gateway {
         let drain = self.shared.config.shutdown.drain_timeout;
         info!(?drain, "shutting down: closing sessions");
         self.shared.shutdown.cancel();
+        self.shared.drain.notify_waiters();
         self.shared.tracker.close();
         if tokio::time::timeout(drain, self.shared.tracker.wait())
             .await

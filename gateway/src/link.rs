@@ -15,7 +15,6 @@
 //! which wakes every session on the link with a receive error on its
 //! eviction channel: the link is lost.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -131,6 +130,10 @@ enum Control {
     Register(SessionId, Route),
     Unregister(SessionId),
 }
+
+/// The reader's session map. Session ids are small sequential integers
+/// chosen by the gateway, so a fast non-cryptographic hash is safe here.
+type Routes = rustc_hash::FxHashMap<SessionId, Route>;
 
 /// Limits for a session's mailbox.
 #[derive(Debug, Clone, Copy)]
@@ -448,6 +451,18 @@ async fn write_loop(
                 if n == 0 {
                     return LinkError::Shutdown;
                 }
+                // Under load, let the sessions that are ready to run queue
+                // their frames too, so that one write carries many. When
+                // nothing else is runnable this returns at once.
+                if n < MAX_BATCH {
+                    tokio::task::yield_now().await;
+                    while batch.len() < MAX_BATCH {
+                        match rx.try_recv() {
+                            Ok(o) => batch.push(o),
+                            Err(_) => break,
+                        }
+                    }
+                }
             }
         }
         let (mut messages, mut bytes) = (0u64, 0u64);
@@ -488,7 +503,7 @@ async fn read_loop(
     s: &LinkSettings,
     metrics: &Metrics,
 ) -> LinkError {
-    let mut routes: HashMap<SessionId, Route> = HashMap::new();
+    let mut routes: Routes = Routes::default();
     let mut deadline = Instant::now() + s.heartbeat_timeout;
     loop {
         let (mut messages, mut bytes) = (0u64, 0u64);
@@ -532,7 +547,7 @@ async fn read_loop(
     }
 }
 
-fn apply(c: Control, routes: &mut HashMap<SessionId, Route>) {
+fn apply(c: Control, routes: &mut Routes) {
     match c {
         Control::Register(id, route) => {
             routes.insert(id, route);
@@ -545,7 +560,7 @@ fn apply(c: Control, routes: &mut HashMap<SessionId, Route>) {
 
 fn dispatch(
     frame: Frame,
-    routes: &mut HashMap<SessionId, Route>,
+    routes: &mut Routes,
     control: &mut mpsc::UnboundedReceiver<Control>,
     hb_tx: &mpsc::Sender<Frame>,
     byte_limit: usize,

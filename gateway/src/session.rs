@@ -109,7 +109,7 @@ pub(crate) async fn run(ws: WebSocket<Io>, start: SessionStart, shared: Arc<Shar
                 session_id: id.0,
                 body: Some(Body::Open(start.open)),
             };
-            match link.reserve(cost_of(&open)).await {
+            match Box::pin(link.reserve(cost_of(&open))).await {
                 Ok(slot) => {
                     slot.send(open);
                     relay(reader, &mut writer, mailbox, &link, id, &shared).await
@@ -125,14 +125,16 @@ pub(crate) async fn run(ws: WebSocket<Io>, start: SessionStart, shared: Arc<Shar
         // wait, and the backend learns of lost links by itself.
         let frame = Frame::close(id.0, code, reason);
         let wait = Duration::from_secs(1);
-        if let Ok(Ok(slot)) = tokio::time::timeout(wait, link.reserve(cost_of(&frame))).await {
+        if let Ok(Ok(slot)) =
+            Box::pin(tokio::time::timeout(wait, link.reserve(cost_of(&frame)))).await
+        {
             slot.send(frame);
         }
     }
     link.unregister(id);
 
     if end.linger {
-        linger(&mut raw_read, cfg.close_timeout).await;
+        Box::pin(linger(&mut raw_read, cfg.close_timeout)).await;
     }
     // The relay loop already sent the client its close frame; dropping
     // the write half (the read half is gone) closes the connection.
@@ -141,7 +143,7 @@ pub(crate) async fn run(ws: WebSocket<Io>, start: SessionStart, shared: Arc<Shar
     let label = end.reason.label();
     shared.metrics.session_closed(label);
     if end.reason.is_notable() {
-        warn!(reason = label, detail = ?end.reason, "session closed");
+        warn!(session = id.0, reason = label, detail = ?end.reason, "session closed");
     } else {
         debug!(reason = label, detail = ?end.reason, "session closed");
     }
@@ -205,14 +207,18 @@ async fn relay(
     let mut pending: Option<Frame> = None;
     let mut last_heard = Instant::now();
     let mut ping_sent = false;
-    let shutdown = shared.shutdown.clone();
+    // Both are created once and kept across iterations: re-creating them
+    // per message would re-register a timer and a waiter every time.
+    let mut draining = pin!(shared.drain.notified());
+    let mut ping_timer = pin!(tokio::time::sleep(cfg.ping_interval));
+    // `notify_waiters` only reaches futures that existed when it was
+    // called; a session that starts during shutdown sees the token instead.
+    let already_draining = shared.shutdown.is_cancelled();
 
     let end = loop {
-        let next_check = if ping_sent {
-            last_heard + cfg.ping_interval + cfg.ping_timeout
-        } else {
-            last_heard + cfg.ping_interval
-        };
+        if already_draining {
+            break End::clean(CloseReason::Shutdown);
+        }
         tokio::select! {
             biased;
             ev = &mut mailbox.evict => {
@@ -220,21 +226,21 @@ async fn relay(
                     Ok(Evict::SlowConsumer) => break End::clean(CloseReason::SlowConsumer),
                     // The link is gone: deliver what it had already queued,
                     // then close with "reconnect".
-                    Err(_) => break drain_after_link_loss(writer, &mut mailbox, max_message, cfg.ping_timeout).await,
+                    Err(_) => break Box::pin(drain_after_link_loss(writer, &mut mailbox, max_message, cfg.ping_timeout)).await,
                 }
             }
-            _ = shutdown.cancelled() => break End::clean(CloseReason::Shutdown),
+            _ = &mut draining => break End::clean(CloseReason::Shutdown),
             msg = mailbox.rx.recv() => {
                 let Some(msg) = msg else {
                     // Sender dropped: eviction is reported just above.
                     continue;
                 };
-                let mut res = deliver_first(writer, msg, &mut mailbox.rx, &mailbox.queued_bytes, &mut mailbox.evict, max_message, cfg.ping_timeout).await;
+                let mut res = Box::pin(deliver_first(writer, msg, &mut mailbox.rx, &mailbox.queued_bytes, &mut mailbox.evict, max_message, cfg.ping_timeout)).await;
                 if let Err(e) = res.take_end() {
                     break e;
                 }
                 if res.link_lost {
-                    break drain_after_link_loss(writer, &mut mailbox, max_message, cfg.ping_timeout).await;
+                    break Box::pin(drain_after_link_loss(writer, &mut mailbox, max_message, cfg.ping_timeout)).await;
                 }
             }
             slot = link.reserve(pending.as_ref().map_or(0, cost_of)), if pending.is_some() => {
@@ -272,16 +278,24 @@ async fn relay(
                     }
                 }
             }
-            _ = tokio::time::sleep_until(next_check) => {
+            // The timer is re-armed only when it fires, not per message:
+            // it then looks at when the client was last heard from.
+            _ = &mut ping_timer => {
+                let now = Instant::now();
+                if now < last_heard + cfg.ping_interval {
+                    ping_timer.as_mut().reset(last_heard + cfg.ping_interval);
+                    continue;
+                }
                 if ping_sent {
                     break End::broken(CloseReason::ClientTimeout);
                 }
                 ping_sent = true;
+                ping_timer.as_mut().reset(now + cfg.ping_timeout);
                 let ping = async {
                     writer.write_frame(WsFrame::new(true, OpCode::Ping, None, Payload::Borrowed(b"gw"))).await?;
                     writer.flush().await
                 };
-                if tokio::time::timeout(cfg.ping_timeout, ping).await.map_or(true, |r| r.is_err()) {
+                if Box::pin(tokio::time::timeout(cfg.ping_timeout, ping)).await.map_or(true, |r| r.is_err()) {
                     break End::broken(CloseReason::ClientTimeout);
                 }
             }
@@ -292,8 +306,11 @@ async fn relay(
     // is sent now if the link has room within a short wait: it was accepted,
     // so the backend should see it before the close.
     if let Some(frame) = pending.take() {
-        if let Ok(Ok(slot)) =
-            tokio::time::timeout(Duration::from_secs(1), link.reserve(cost_of(&frame))).await
+        if let Ok(Ok(slot)) = Box::pin(tokio::time::timeout(
+            Duration::from_secs(1),
+            link.reserve(cost_of(&frame)),
+        ))
+        .await
         {
             slot.send(frame);
         }
@@ -311,7 +328,7 @@ async fn relay(
                 writer.flush().await
             };
             let sent = matches!(
-                tokio::time::timeout(cfg.close_timeout, write).await,
+                Box::pin(tokio::time::timeout(cfg.close_timeout, write)).await,
                 Ok(Ok(()))
             );
             if sent && reading {
@@ -325,7 +342,7 @@ async fn relay(
                         }
                     }
                 };
-                let _ = tokio::time::timeout(cfg.close_timeout, drain).await;
+                let _ = Box::pin(tokio::time::timeout(cfg.close_timeout, drain)).await;
             } else if sent {
                 // The frame stream is unusable (say, a frame over the size
                 // limit whose payload was never read), but the client must
@@ -522,7 +539,7 @@ async fn on_client_frame(
             Ok(None)
         }
         OpCode::Pong => Ok(None),
-        OpCode::Close => Err(on_client_close(&frame.payload, writer).await),
+        OpCode::Close => Err(Box::pin(on_client_close(&frame.payload, writer)).await),
         OpCode::Text | OpCode::Binary | OpCode::Continuation => {
             let message = assembler
                 .push(frame.opcode, frame.fin, frame.payload, max_message)

@@ -102,7 +102,10 @@ pub(crate) fn handle(
     }
 
     let id = shared.pool.next_session_id();
-    let span = tracing::info_span!("session", id = id.0, peer = %peer);
+    // A debug-level span: entering it on every poll costs time on the data
+    // path, so at the default info level it is disabled, and the few
+    // session logs above debug carry the id themselves.
+    let span = tracing::debug_span!("session", id = id.0, peer = %peer);
     let start = SessionStart {
         id,
         lease,
@@ -110,15 +113,14 @@ pub(crate) fn handle(
         _permit: permit,
     };
     let task_shared = shared.clone();
-    shared.tracker.spawn(
-        async move {
-            match upgrade.await {
-                Ok(ws) => session::run(ws, start, task_shared).await,
-                Err(e) => debug!(error = %e, "upgrade did not complete"),
-            }
+    let fut = async move {
+        match upgrade.await {
+            Ok(ws) => session::run(ws, start, task_shared).await,
+            Err(e) => debug!(error = %e, "upgrade did not complete"),
         }
-        .instrument(span),
-    );
+    }
+    .instrument(span);
+    shared.tracker.spawn(fut);
     Response::from_parts(parts, Body::default())
 }
 
