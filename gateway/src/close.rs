@@ -64,6 +64,13 @@ pub enum CloseReason {
     LinkLost,
     /// The gateway is shutting down.
     Shutdown,
+    /// A resume on another connection took the session over (this
+    /// connection ends; the session goes on).
+    TakenOver,
+    /// A detached session ended: its client did not come back in time, its
+    /// replay buffer overflowed, the gateway-wide cap on detached sessions
+    /// was reached, or the client resumed from a position no longer held.
+    ResumeLost(&'static str),
 }
 
 /// What the client is sent, if anything.
@@ -80,7 +87,11 @@ impl CloseReason {
     /// closed first (its close is echoed by the session, not decided here).
     pub fn to_client(&self) -> Option<ClientClose> {
         let (code, reason): (u16, Cow<'_, str>) = match self {
-            Self::ClientClosed { .. } | Self::ClientLost | Self::ClientTimeout => return None,
+            Self::ClientClosed { .. }
+            | Self::ClientLost
+            | Self::ClientTimeout
+            | Self::ResumeLost(_) => return None,
+            Self::TakenOver => (code::POLICY, "session resumed on another connection".into()),
             Self::ClientProtocolError(why) => (code::PROTOCOL_ERROR, Cow::Borrowed(why.as_ref())),
             Self::ClientInvalidUtf8 => (
                 code::INVALID_PAYLOAD,
@@ -109,7 +120,8 @@ impl CloseReason {
     /// first or the link is gone.
     pub fn to_backend(&self) -> Option<(u16, String)> {
         match self {
-            Self::BackendClosed { .. } | Self::LinkLost => None,
+            Self::BackendClosed { .. } | Self::LinkLost | Self::TakenOver => None,
+            Self::ResumeLost(why) => Some((code::ABNORMAL, format!("session expired: {why}"))),
             Self::ClientClosed { code, reason } => Some((*code, reason.clone())),
             Self::ClientLost => Some((code::ABNORMAL, "client connection lost".into())),
             Self::ClientTimeout => Some((code::ABNORMAL, "client ping timeout".into())),
@@ -132,6 +144,8 @@ impl CloseReason {
             Self::BackendInvalid(_) => "backend_invalid",
             Self::LinkLost => "link_lost",
             Self::Shutdown => "shutdown",
+            Self::TakenOver => "taken_over",
+            Self::ResumeLost(_) => "resume_lost",
         }
     }
 
@@ -140,7 +154,7 @@ impl CloseReason {
     pub fn is_notable(&self) -> bool {
         matches!(
             self,
-            Self::SlowConsumer | Self::BackendInvalid(_) | Self::LinkLost
+            Self::SlowConsumer | Self::BackendInvalid(_) | Self::LinkLost | Self::ResumeLost(_)
         )
     }
 }

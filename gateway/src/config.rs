@@ -34,10 +34,49 @@ pub struct Config {
     pub backend: BackendConfig,
     /// The admin listener (health, readiness, metrics).
     pub admin: AdminConfig,
+    /// Session resume after a lost connection.
+    pub resume: ResumeConfig,
     /// Graceful shutdown.
     pub shutdown: ShutdownConfig,
     /// Logging.
     pub log: LogConfig,
+}
+
+/// Session resume: a client whose connection is lost without a close can
+/// come back within `grace` and continue with nothing lost or duplicated.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ResumeConfig {
+    /// Whether clients may ask for resumable sessions.
+    pub enabled: bool,
+    /// How long a detached session waits for its client.
+    #[serde(with = "humantime_serde")]
+    pub grace: Duration,
+    /// Backend messages kept per session for replay (the most recent ones).
+    pub buffer_messages: usize,
+    /// Bytes of backend messages kept per session for replay.
+    pub buffer_bytes: ByteSize,
+    /// Most sessions detached at once; beyond it a lost connection ends
+    /// its session.
+    pub max_detached: usize,
+    /// Most bytes held for all detached sessions together; a detached
+    /// session that would exceed it is lost.
+    pub max_detached_bytes: ByteSize,
+}
+
+impl Default for ResumeConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            // Long enough for a tunnel, an elevator or a network handover;
+            // short enough that abandoned sessions do not pile up.
+            grace: Duration::from_secs(60),
+            buffer_messages: 256,
+            buffer_bytes: ByteSize(256 << 10),
+            max_detached: 20_000,
+            max_detached_bytes: ByteSize(512 << 20),
+        }
+    }
 }
 
 /// Public listeners and the WebSocket upgrade.
@@ -475,6 +514,14 @@ impl Config {
         }
         if u32::try_from(self.backend.max_frame_size.0).is_err() {
             return Err(invalid("backend.max_frame_size", "must be below 4 GiB"));
+        }
+        if self.resume.enabled {
+            if self.resume.grace.is_zero() {
+                return Err(invalid("resume.grace", "must be greater than zero"));
+            }
+            if self.resume.buffer_messages == 0 {
+                return Err(invalid("resume.buffer_messages", "must be at least 1"));
+            }
         }
         if self.session.client_queue_messages == 0 {
             return Err(invalid(

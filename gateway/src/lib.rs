@@ -32,6 +32,7 @@ pub mod link;
 pub mod listener;
 pub mod metrics;
 pub mod pool;
+pub mod resume;
 pub mod session;
 pub mod tls;
 pub mod upgrade;
@@ -75,6 +76,10 @@ pub struct Shared {
     /// Every connection and session task.
     tracker: TaskTracker,
     forward_headers: Vec<HeaderName>,
+    /// Resumable sessions by credential.
+    resume: resume::Registry,
+    /// Gateway-wide accounting of detached sessions.
+    detached: resume::DetachedBudget,
 }
 
 /// Addresses the gateway actually bound (useful with port 0).
@@ -180,6 +185,8 @@ impl Gateway {
             drain: tokio::sync::Notify::new(),
             tracker: TaskTracker::new(),
             forward_headers,
+            resume: resume::Registry::default(),
+            detached: resume::DetachedBudget::default(),
             config,
         });
 

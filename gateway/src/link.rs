@@ -174,6 +174,7 @@ pub struct LinkHandle {
 struct Shared {
     endpoint: String,
     index: u32,
+    version: u32,
     tx: mpsc::Sender<Outbound>,
     control: mpsc::UnboundedSender<Control>,
     budget: Semaphore,
@@ -214,6 +215,11 @@ impl LinkHandle {
     /// Index of the link in the pool, for logs.
     pub fn index(&self) -> u32 {
         self.shared.index
+    }
+
+    /// The protocol version negotiated on this link.
+    pub fn version(&self) -> u32 {
+        self.shared.version
     }
 
     /// Sessions placed on this link (estimate).
@@ -314,13 +320,19 @@ pub(crate) struct DriverParts {
 }
 
 /// Creates a handle and the queues its driver will own.
-pub(crate) fn channel(endpoint: &str, index: u32, s: &LinkSettings) -> (LinkHandle, DriverParts) {
+pub(crate) fn channel(
+    endpoint: &str,
+    index: u32,
+    version: u32,
+    s: &LinkSettings,
+) -> (LinkHandle, DriverParts) {
     let (tx, rx) = mpsc::channel(s.queue_frames);
     let (control_tx, control_rx) = mpsc::unbounded_channel();
     let handle = LinkHandle {
         shared: Arc::new(Shared {
             endpoint: endpoint.to_owned(),
             index,
+            version,
             tx,
             control: control_tx,
             budget: Semaphore::new(s.queue_bytes),
@@ -345,7 +357,7 @@ pub(crate) async fn handshake(
     gateway_id: &str,
     index: u32,
     timeout: Duration,
-) -> Result<(BytesMut, String), LinkError> {
+) -> Result<(BytesMut, String, u32), LinkError> {
     let mut out = BytesMut::new();
     codec
         .encode(&Frame::hello(gateway_id, index), &mut out)
@@ -366,17 +378,22 @@ pub(crate) async fn handshake(
         .await
         .map_err(|_| LinkError::Handshake(format!("no HelloAck within {timeout:?}")))??;
     match frame.body {
-        Some(Body::HelloAck(ack)) if ack.version == protocol::PROTOCOL_VERSION => {
-            Ok((rest, ack.backend_id))
+        Some(Body::HelloAck(ack))
+            if (protocol::MIN_PROTOCOL_VERSION..=protocol::PROTOCOL_VERSION)
+                .contains(&ack.version) =>
+        {
+            Ok((rest, ack.backend_id, ack.version))
         }
         Some(Body::HelloAck(ack)) if ack.version == 0 => Err(LinkError::Handshake(format!(
-            "backend refused every protocol version we offer ({}): {}",
+            "backend refused every protocol version we offer ({}..={}): {}",
+            protocol::MIN_PROTOCOL_VERSION,
             protocol::PROTOCOL_VERSION,
             ack.error
         ))),
         Some(Body::HelloAck(ack)) => Err(LinkError::Handshake(format!(
-            "backend chose protocol version {}, we offered only {}",
+            "backend chose protocol version {}, we offered {}..={}",
             ack.version,
+            protocol::MIN_PROTOCOL_VERSION,
             protocol::PROTOCOL_VERSION
         ))),
         Some(other) => Err(LinkError::Handshake(format!(

@@ -88,8 +88,8 @@ where
     let timeout = shared.config.listen.http_header_timeout;
     let svc_shared = shared.clone();
     let service = service_fn(move |req| {
-        let resp = upgrade::handle(req, peer, &svc_shared);
-        async move { Ok::<_, std::convert::Infallible>(resp) }
+        let shared = svc_shared.clone();
+        async move { Ok::<_, std::convert::Infallible>(upgrade::handle(req, peer, &shared).await) }
     });
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())

@@ -24,6 +24,10 @@ pub struct Metrics {
     link_writes: Counter<u64>,
     link_frames_written: Counter<u64>,
     late_frames: Counter<u64>,
+    resumes: Counter<u64>,
+    resumes_refused: Counter<u64>,
+    replayed: Counter<u64>,
+    detached: UpDownCounter<i64>,
     to_backend: [KeyValue; 1],
     to_client: [KeyValue; 1],
 }
@@ -83,6 +87,22 @@ impl Metrics {
             late_frames: meter
                 .u64_counter("gateway.link.late_frames")
                 .with_description("Backend frames for sessions no longer on the link (dropped)")
+                .build(),
+            resumes: meter
+                .u64_counter("gateway.resumes")
+                .with_description("Resume attempts, by result (attempted, succeeded)")
+                .build(),
+            resumes_refused: meter
+                .u64_counter("gateway.resumes.refused")
+                .with_description("Resume attempts refused with HTTP 410, by reason")
+                .build(),
+            replayed: meter
+                .u64_counter("gateway.resume.replayed")
+                .with_description("Backend messages replayed to resumed clients")
+                .build(),
+            detached: meter
+                .i64_up_down_counter("gateway.sessions.detached")
+                .with_description("Sessions waiting for their client to resume")
                 .build(),
             to_backend: [KeyValue::new("direction", "client_to_backend")],
             to_client: [KeyValue::new("direction", "backend_to_client")],
@@ -146,6 +166,24 @@ impl Metrics {
                 KeyValue::new("result", result),
             ],
         );
+    }
+
+    pub(crate) fn resume_attempt(&self) {
+        self.resumes.add(1, &[KeyValue::new("result", "attempted")]);
+    }
+
+    pub(crate) fn resume_succeeded(&self, replayed: u64) {
+        self.resumes.add(1, &[KeyValue::new("result", "succeeded")]);
+        self.replayed.add(replayed, &[]);
+    }
+
+    pub(crate) fn resume_refused(&self, reason: &'static str) {
+        self.resumes_refused
+            .add(1, &[KeyValue::new("reason", reason)]);
+    }
+
+    pub(crate) fn detached(&self, delta: i64) {
+        self.detached.add(delta, &[]);
     }
 
     pub(crate) fn late_frame(&self) {

@@ -153,13 +153,13 @@ async fn supervise(
             _ = shutdown.cancelled() => return,
         };
         match result {
-            Ok((stream, leftover, backend_id)) => {
+            Ok((stream, leftover, backend_id, version)) => {
                 failures = 0;
                 metrics.link_connect(&slot.endpoint, "ok");
-                let (handle, parts) = link::channel(&slot.endpoint, slot.index, &s.link);
+                let (handle, parts) = link::channel(&slot.endpoint, slot.index, version, &s.link);
                 set_current(&slot, Some(handle.clone()));
                 metrics.link_up(&slot.endpoint, 1);
-                info!(backend_id, "link up");
+                info!(backend_id, version, "link up");
                 let end = link::run(
                     stream,
                     leftover,
@@ -201,7 +201,7 @@ async fn supervise(
 async fn connect(
     slot: &Slot,
     s: &PoolSettings,
-) -> Result<(TcpStream, bytes::BytesMut, String), LinkError> {
+) -> Result<(TcpStream, bytes::BytesMut, String, u32), LinkError> {
     let mut stream = tokio::time::timeout(s.connect_timeout, TcpStream::connect(&slot.endpoint))
         .await
         .map_err(|_| {
@@ -211,7 +211,7 @@ async fn connect(
             ))
         })?
         .map_err(LinkError::Connect)?;
-    let (leftover, backend_id) = link::handshake(
+    let (leftover, backend_id, version) = link::handshake(
         &mut stream,
         &s.link.codec,
         &s.gateway_id,
@@ -219,7 +219,7 @@ async fn connect(
         s.handshake_timeout,
     )
     .await?;
-    Ok((stream, leftover, backend_id))
+    Ok((stream, leftover, backend_id, version))
 }
 
 fn set_current(slot: &Slot, handle: Option<LinkHandle>) {

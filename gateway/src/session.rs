@@ -28,13 +28,14 @@ use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use protocol::{pb, Body, Frame};
 use tokio::io::{ReadHalf, WriteHalf};
-use tokio::sync::OwnedSemaphorePermit;
+use tokio::sync::{mpsc, OwnedSemaphorePermit};
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use crate::close::{self, CloseReason};
 use crate::link::{cost_of, Evict, LinkHandle, Mailbox, ToClient, TrySend};
 use crate::pool::Lease;
+use crate::resume::{AttachRequest, Attached, Refused, Ring, Token};
 use crate::{SessionId, Shared};
 
 type Io = TokioIo<Upgraded>;
@@ -51,6 +52,20 @@ pub(crate) struct SessionStart {
     pub(crate) open: pb::SessionOpen,
     /// Admission permit, held for the session's whole life.
     pub(crate) _permit: OwnedSemaphorePermit,
+    /// For a resumable session: its credential and its resume requests.
+    pub(crate) resume: Option<(Token, mpsc::Receiver<AttachRequest>)>,
+}
+
+/// What a session carries from one client connection to the next.
+struct Carry {
+    /// A client message accepted but still waiting for room on the link.
+    pending: Option<Frame>,
+    /// Resumable sessions: the most recent backend messages, for replay.
+    ring: Option<Ring>,
+    /// Client messages accepted in the session (told to a resuming client).
+    received: u64,
+    /// Messages to write first on a resumed connection.
+    replay: Vec<(Bytes, bool)>,
 }
 
 /// How a session ended, and whether a close frame can still be written.
@@ -62,6 +77,8 @@ struct End {
     /// The client may still be sending: drain the raw connection briefly
     /// before closing it.
     linger: bool,
+    /// A resume on a new connection is taking the session over.
+    takeover: Option<AttachRequest>,
 }
 
 impl End {
@@ -70,6 +87,7 @@ impl End {
             reason,
             can_write: true,
             linger: false,
+            takeover: None,
         }
     }
 
@@ -78,18 +96,129 @@ impl End {
             reason,
             can_write: false,
             linger: false,
+            takeover: None,
         }
     }
 }
 
-/// Runs one session to its end.
+/// Runs one session to its end, across client connections when it is
+/// resumable.
 pub(crate) async fn run(ws: WebSocket<Io>, start: SessionStart, shared: Arc<Shared>) {
     let id = start.id;
     let link = start.lease.link().clone();
-    let cfg = &shared.config.session;
     shared.metrics.session_opened();
     debug!(link = link.index(), "session open");
+    let (mut token, mut attach_rx) = match start.resume {
+        Some((t, rx)) => (Some(t), Some(rx)),
+        None => (None, None),
+    };
+    let rc = &shared.config.resume;
+    let mut carry = Carry {
+        pending: None,
+        ring: token
+            .as_ref()
+            .map(|_| Ring::new(rc.buffer_messages, rc.buffer_bytes.bytes())),
+        received: 0,
+        replay: Vec::new(),
+    };
 
+    let reason = match link.register(id) {
+        Err(_) => CloseReason::LinkLost,
+        Ok(mut mailbox) => {
+            let open = Frame {
+                session_id: id.0,
+                body: Some(Body::Open(start.open)),
+            };
+            match Box::pin(link.reserve(cost_of(&open))).await {
+                Err(_) => CloseReason::LinkLost,
+                Ok(slot) => {
+                    slot.send(open);
+                    let mut ws = ws;
+                    loop {
+                        let end = serve_connection(
+                            ws,
+                            &mut carry,
+                            &mut mailbox,
+                            &link,
+                            id,
+                            &shared,
+                            attach_rx.as_mut(),
+                        )
+                        .await;
+                        // A resume taking over, or a lost connection of a
+                        // resumable session: wait for (or serve) the resume.
+                        let request = match (end.takeover, &end.reason) {
+                            (Some(req), _) => Ok(req),
+                            (None, CloseReason::ClientLost | CloseReason::ClientTimeout)
+                                if attach_rx.is_some() =>
+                            {
+                                Box::pin(detached(
+                                    &end.reason,
+                                    &mut carry,
+                                    &mut mailbox,
+                                    attach_rx.as_mut(),
+                                    &link,
+                                    id,
+                                    &shared,
+                                ))
+                                .await
+                            }
+                            (None, _) => Err(end.reason),
+                        };
+                        let attached = match (request, token.as_mut()) {
+                            (Ok(req), Some(t)) => {
+                                Box::pin(attach(req, t, &mut carry, &link, id, &shared)).await
+                            }
+                            (Ok(_), None) => Err(CloseReason::ResumeLost("not resumable")),
+                            (Err(reason), _) => Err(reason),
+                        };
+                        match attached {
+                            Ok(next) => ws = next,
+                            Err(reason) => break reason,
+                        }
+                    }
+                }
+            }
+        }
+    };
+
+    if let Some(t) = &token {
+        shared.resume.remove(t);
+    }
+    if let Some((code, why)) = reason.to_backend() {
+        // The link may be gone or full; a session's close is worth a short
+        // wait, and the backend learns of lost links by itself.
+        let frame = Frame::close(id.0, code, why);
+        let wait = Duration::from_secs(1);
+        if let Ok(Ok(slot)) =
+            Box::pin(tokio::time::timeout(wait, link.reserve(cost_of(&frame)))).await
+        {
+            slot.send(frame);
+        }
+    }
+    link.unregister(id);
+
+    let label = reason.label();
+    shared.metrics.session_closed(label);
+    if reason.is_notable() {
+        warn!(session = id.0, reason = label, detail = ?reason, "session closed");
+    } else {
+        debug!(reason = label, detail = ?reason, "session closed");
+    }
+    drop(start.lease);
+}
+
+/// Serves one client connection of the session, including its close.
+async fn serve_connection(
+    ws: WebSocket<Io>,
+    carry: &mut Carry,
+    mailbox: &mut Mailbox,
+    link: &LinkHandle,
+    id: SessionId,
+    shared: &Shared,
+    attach_rx: Option<&mut mpsc::Receiver<AttachRequest>>,
+) -> End {
+    let cfg = &shared.config.session;
     // The read half stays ours (fastwebsockets only borrows it), so that
     // after an error close the connection can be drained below.
     let (mut raw_read, raw_write) = tokio::io::split(ws.into_inner());
@@ -103,51 +232,171 @@ pub(crate) async fn run(ws: WebSocket<Io>, start: SessionStart, shared: Arc<Shar
     reader.set_max_message_size(cfg.max_message_size.bytes().saturating_add(1));
     writer.set_auto_apply_mask(false);
 
-    let end = match link.register(id) {
-        Ok(mailbox) => {
-            let open = Frame {
-                session_id: id.0,
-                body: Some(Body::Open(start.open)),
-            };
-            match Box::pin(link.reserve(cost_of(&open))).await {
-                Ok(slot) => {
-                    slot.send(open);
-                    relay(reader, &mut writer, mailbox, &link, id, &shared).await
-                }
-                Err(_) => End::clean(CloseReason::LinkLost),
-            }
-        }
-        Err(_) => End::clean(CloseReason::LinkLost),
-    };
-
-    if let Some((code, reason)) = end.reason.to_backend() {
-        // The link may be gone or full; a session's close is worth a short
-        // wait, and the backend learns of lost links by itself.
-        let frame = Frame::close(id.0, code, reason);
-        let wait = Duration::from_secs(1);
-        if let Ok(Ok(slot)) =
-            Box::pin(tokio::time::timeout(wait, link.reserve(cost_of(&frame)))).await
-        {
-            slot.send(frame);
-        }
-    }
-    link.unregister(id);
-
+    let end = relay(
+        reader,
+        &mut writer,
+        mailbox,
+        link,
+        id,
+        shared,
+        carry,
+        attach_rx,
+    )
+    .await;
     if end.linger {
         Box::pin(linger(&mut raw_read, cfg.close_timeout)).await;
     }
     // The relay loop already sent the client its close frame; dropping
-    // the write half (the read half is gone) closes the connection.
-    drop(writer);
+    // the halves closes the connection.
+    end
+}
 
-    let label = end.reason.label();
-    shared.metrics.session_closed(label);
-    if end.reason.is_notable() {
-        warn!(session = id.0, reason = label, detail = ?end.reason, "session closed");
-    } else {
-        debug!(reason = label, detail = ?end.reason, "session closed");
+/// The client's connection was lost: keep the session (and what the backend
+/// sends, bounded) for `resume.grace`, until a resume request arrives.
+async fn detached(
+    why: &CloseReason,
+    carry: &mut Carry,
+    mailbox: &mut Mailbox,
+    attach_rx: Option<&mut mpsc::Receiver<AttachRequest>>,
+    link: &LinkHandle,
+    id: SessionId,
+    shared: &Shared,
+) -> Result<AttachRequest, CloseReason> {
+    let rc = &shared.config.resume;
+    let Carry { ring, pending, .. } = carry;
+    let (Some(ring), Some(attach_rx)) = (ring.as_mut(), attach_rx) else {
+        return Err(why.clone());
+    };
+    let budget = &shared.detached;
+    if !budget.try_detach(ring.bytes(), rc.max_detached, rc.max_detached_bytes.bytes()) {
+        return Err(CloseReason::ResumeLost(
+            "gateway holds too many detached sessions",
+        ));
     }
-    drop(start.lease);
+    shared.metrics.detached(1);
+    if link.version() >= 2 {
+        let grace_ms = u64::try_from(rc.grace.as_millis()).unwrap_or(u64::MAX);
+        let why = match why {
+            CloseReason::ClientTimeout => "client ping timeout",
+            _ => "client connection lost",
+        };
+        let frame = Frame::detached(id.0, why, grace_ms);
+        if let Ok(slot) = link.reserve(cost_of(&frame)).await {
+            slot.send(frame);
+        }
+    }
+    let grace = tokio::time::sleep(rc.grace);
+    let mut grace = pin!(grace);
+    let mut draining = pin!(shared.drain.notified());
+    let outcome = loop {
+        if shared.shutdown.is_cancelled() {
+            break Err(CloseReason::Shutdown);
+        }
+        tokio::select! {
+            biased;
+            ev = &mut mailbox.evict => break Err(match ev {
+                Ok(Evict::SlowConsumer) => CloseReason::SlowConsumer,
+                Err(_) => CloseReason::LinkLost,
+            }),
+            _ = &mut draining => break Err(CloseReason::Shutdown),
+            // A client message accepted before the loss still goes out.
+            slot = link.reserve(pending.as_ref().map_or(0, cost_of)), if pending.is_some() => {
+                match (slot, pending.take()) {
+                    (Ok(slot), Some(frame)) => slot.send(frame),
+                    _ => break Err(CloseReason::LinkLost),
+                }
+            }
+            req = attach_rx.recv() => match req {
+                Some(req) => break Ok(req),
+                None => break Err(CloseReason::ResumeLost("resume channel closed")),
+            },
+            msg = mailbox.rx.recv() => match msg {
+                Some(ToClient::Data { payload, text }) => {
+                    mailbox.queued_bytes.fetch_sub(payload.len(), Ordering::Relaxed);
+                    if let Err(invalid) = check_backend_message(&payload, text, shared.config.session.max_message_size.bytes()) {
+                        break Err(invalid);
+                    }
+                    if !budget.try_grow(payload.len(), rc.max_detached_bytes.bytes()) {
+                        break Err(CloseReason::ResumeLost("gateway-wide buffer for detached sessions full"));
+                    }
+                    let (freed, evicted) = ring.push(&payload, text);
+                    budget.shrink(freed);
+                    if evicted {
+                        break Err(CloseReason::ResumeLost("replay buffer full while detached"));
+                    }
+                }
+                Some(ToClient::Close { code, reason }) => break Err(CloseReason::BackendClosed { code, reason }),
+                None => continue,
+            },
+            _ = &mut grace => break Err(CloseReason::ResumeLost("client did not resume within resume.grace")),
+        }
+    };
+    budget.release(ring.bytes());
+    shared.metrics.detached(-1);
+    outcome
+}
+
+/// Serves a resume request: checks the position, rotates the credential,
+/// answers the upgrade handler, and returns the new connection.
+async fn attach(
+    req: AttachRequest,
+    token: &mut Token,
+    carry: &mut Carry,
+    link: &LinkHandle,
+    id: SessionId,
+    shared: &Shared,
+) -> Result<WebSocket<Io>, CloseReason> {
+    shared.metrics.resume_attempt();
+    let Some(ring) = carry.ring.as_ref() else {
+        return Err(CloseReason::ResumeLost("not resumable"));
+    };
+    let missed = match ring.since(req.position) {
+        Ok(m) => m,
+        Err(refused) => {
+            let label = match refused {
+                Refused::Gap => "gap",
+                Refused::BadPosition => "bad_position",
+            };
+            shared.metrics.resume_refused(label);
+            let _ = req.reply.send(Err(refused));
+            return Err(CloseReason::ResumeLost(
+                "the client resumed from a position no longer held",
+            ));
+        }
+    };
+    let Some(next) = shared.resume.rotate(token) else {
+        let _ = req.reply.send(Err(Refused::Gap));
+        return Err(CloseReason::ResumeLost("credential vanished"));
+    };
+    *token = next.clone();
+    let answer = Attached {
+        token: next,
+        received: carry.received,
+    };
+    if req.reply.send(Ok(answer)).is_err() {
+        return Err(CloseReason::ResumeLost(
+            "the resuming client went away before the answer",
+        ));
+    }
+    let ws = match tokio::time::timeout(shared.config.listen.http_header_timeout, req.upgrade).await
+    {
+        Ok(Ok(ws)) => ws,
+        _ => {
+            return Err(CloseReason::ResumeLost(
+                "the resuming connection did not complete the upgrade",
+            ))
+        }
+    };
+    shared.metrics.resume_succeeded(missed.len() as u64);
+    if link.version() >= 2 {
+        let frame = Frame::attached(id.0, req.peer.to_string(), missed.len() as u64);
+        if let Ok(slot) = link.reserve(cost_of(&frame)).await {
+            slot.send(frame);
+        }
+    }
+    debug!(session = id.0, replayed = missed.len(), "session resumed");
+    carry.replay = missed;
+    Ok(ws)
 }
 
 /// Reads and discards what the client still sends, until it closes or
@@ -191,20 +440,22 @@ async fn read_frame(mut reader: Reader<'_>) -> (Reader<'_>, Result<ClientFrame, 
 
 /// The relay loop. Returns how the session ended, after the client was sent
 /// its close frame where one is due.
+#[allow(clippy::too_many_arguments)]
 async fn relay(
     reader: Reader<'_>,
     writer: &mut Writer,
-    mut mailbox: Mailbox,
+    mailbox: &mut Mailbox,
     link: &LinkHandle,
     id: SessionId,
     shared: &Shared,
+    carry: &mut Carry,
+    mut attach_rx: Option<&mut mpsc::Receiver<AttachRequest>>,
 ) -> End {
     let cfg = &shared.config.session;
     let max_message = cfg.max_message_size.bytes();
     let mut read = pin!(read_frame(reader));
     let mut reading = true;
     let mut assembler = Assembler::default();
-    let mut pending: Option<Frame> = None;
     let mut last_heard = Instant::now();
     let mut ping_sent = false;
     // Both are created once and kept across iterations: re-creating them
@@ -215,6 +466,25 @@ async fn relay(
     // called; a session that starts during shutdown sees the token instead.
     let already_draining = shared.shutdown.is_cancelled();
 
+    // A resumed connection first gets what the client missed.
+    if !carry.replay.is_empty() {
+        let replay = std::mem::take(&mut carry.replay);
+        let write = async {
+            for (payload, text) in &replay {
+                let opcode = if *text { OpCode::Text } else { OpCode::Binary };
+                writer
+                    .write_frame(WsFrame::new(true, opcode, None, Payload::Borrowed(payload)))
+                    .await?;
+            }
+            writer.flush().await
+        };
+        if !matches!(
+            Box::pin(tokio::time::timeout(cfg.ping_timeout, write)).await,
+            Ok(Ok(()))
+        ) {
+            return End::broken(CloseReason::ClientLost);
+        }
+    }
     let end = loop {
         if already_draining {
             break End::clean(CloseReason::Shutdown);
@@ -226,30 +496,44 @@ async fn relay(
                     Ok(Evict::SlowConsumer) => break End::clean(CloseReason::SlowConsumer),
                     // The link is gone: deliver what it had already queued,
                     // then close with "reconnect".
-                    Err(_) => break Box::pin(drain_after_link_loss(writer, &mut mailbox, max_message, cfg.ping_timeout)).await,
+                    Err(_) => break Box::pin(drain_after_link_loss(writer, mailbox, carry.ring.as_mut(), max_message, cfg.ping_timeout)).await,
                 }
             }
             _ = &mut draining => break End::clean(CloseReason::Shutdown),
+            req = recv_attach(&mut attach_rx), if attach_rx.is_some() => {
+                if let Some(req) = req {
+                    // Single use per attach: the newer connection wins.
+                    let mut end = End::clean(CloseReason::TakenOver);
+                    end.takeover = Some(req);
+                    break end;
+                }
+                attach_rx = None;
+            }
             msg = mailbox.rx.recv() => {
                 let Some(msg) = msg else {
                     // Sender dropped: eviction is reported just above.
                     continue;
                 };
-                let mut res = Box::pin(deliver_first(writer, msg, &mut mailbox.rx, &mailbox.queued_bytes, &mut mailbox.evict, max_message, cfg.ping_timeout)).await;
+                let mut res = Box::pin(deliver_first(writer, msg, mailbox, carry.ring.as_mut(), max_message, cfg.ping_timeout)).await;
+                // A lost link ends the session whatever else happened (and
+                // its eviction channel has then been used up).
+                if res.link_lost {
+                    if res.take_end().is_err() {
+                        break End::broken(CloseReason::LinkLost);
+                    }
+                    break Box::pin(drain_after_link_loss(writer, mailbox, carry.ring.as_mut(), max_message, cfg.ping_timeout)).await;
+                }
                 if let Err(e) = res.take_end() {
                     break e;
                 }
-                if res.link_lost {
-                    break Box::pin(drain_after_link_loss(writer, &mut mailbox, max_message, cfg.ping_timeout)).await;
-                }
             }
-            slot = link.reserve(pending.as_ref().map_or(0, cost_of)), if pending.is_some() => {
-                match (slot, pending.take()) {
+            slot = link.reserve(carry.pending.as_ref().map_or(0, cost_of)), if carry.pending.is_some() => {
+                match (slot, carry.pending.take()) {
                     (Ok(slot), Some(frame)) => slot.send(frame),
                     _ => break End::clean(CloseReason::LinkLost),
                 }
             }
-            (r, res) = &mut read, if reading && pending.is_none() => {
+            (r, res) = &mut read, if reading && carry.pending.is_none() => {
                 last_heard = Instant::now();
                 ping_sent = false;
                 read.set(read_frame(r));
@@ -262,11 +546,14 @@ async fn relay(
                 };
                 match on_client_frame(frame, &mut assembler, writer, id, max_message).await {
                     Ok(None) => {}
-                    Ok(Some(out)) => match link.try_send(out) {
-                        TrySend::Sent => {}
-                        TrySend::Full(frame) => pending = Some(*frame),
-                        TrySend::Gone => break End::clean(CloseReason::LinkLost),
-                    },
+                    Ok(Some(out)) => {
+                        carry.received += 1;
+                        match link.try_send(out) {
+                            TrySend::Sent => {}
+                            TrySend::Full(frame) => carry.pending = Some(*frame),
+                            TrySend::Gone => break End::clean(CloseReason::LinkLost),
+                        }
+                    }
                     Err(end) => {
                         // After the client's close there is nothing more to
                         // read; after a message-level error the stream is
@@ -305,7 +592,13 @@ async fn relay(
     // A client message accepted from the client but still waiting for room
     // is sent now if the link has room within a short wait: it was accepted,
     // so the backend should see it before the close.
-    if let Some(frame) = pending.take() {
+    let continues = end.takeover.is_some()
+        || (carry.ring.is_some()
+            && matches!(
+                end.reason,
+                CloseReason::ClientLost | CloseReason::ClientTimeout
+            ));
+    if let (false, Some(frame)) = (continues, carry.pending.take()) {
         if let Ok(Ok(slot)) = Box::pin(tokio::time::timeout(
             Duration::from_secs(1),
             link.reserve(cost_of(&frame)),
@@ -353,11 +646,24 @@ async fn relay(
                     reason: end.reason,
                     can_write: false,
                     linger: true,
+                    takeover: end.takeover,
                 };
             }
         }
     }
-    End::broken(end.reason)
+    End {
+        reason: end.reason,
+        can_write: false,
+        linger: false,
+        takeover: end.takeover,
+    }
+}
+
+async fn recv_attach(rx: &mut Option<&mut mpsc::Receiver<AttachRequest>>) -> Option<AttachRequest> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Result of writing a batch of backend messages to the client.
@@ -382,12 +688,16 @@ impl Delivered {
 async fn deliver_first(
     writer: &mut Writer,
     first: ToClient,
-    rx: &mut tokio::sync::mpsc::Receiver<ToClient>,
-    queued_bytes: &std::sync::atomic::AtomicUsize,
-    evict: &mut tokio::sync::oneshot::Receiver<Evict>,
+    mailbox: &mut Mailbox,
+    mut ring: Option<&mut Ring>,
     max_message: usize,
     write_timeout: Duration,
 ) -> Delivered {
+    let Mailbox {
+        rx,
+        queued_bytes,
+        evict,
+    } = mailbox;
     let write = async {
         let mut msg = Some(first);
         let mut written = 0;
@@ -396,7 +706,7 @@ async fn deliver_first(
                 ToClient::Data { payload, .. } => payload.len(),
                 ToClient::Close { .. } => 0,
             };
-            let res = write_one(writer, m, max_message).await;
+            let res = write_one(writer, m, ring.as_deref_mut(), max_message).await;
             queued_bytes.fetch_sub(len, Ordering::Relaxed);
             res?;
             written += 1;
@@ -442,11 +752,21 @@ async fn deliver_first(
 async fn drain_after_link_loss(
     writer: &mut Writer,
     mailbox: &mut Mailbox,
+    mut ring: Option<&mut Ring>,
     max_message: usize,
     write_timeout: Duration,
 ) -> End {
     while let Ok(msg) = mailbox.rx.try_recv() {
-        if let Err(e) = deliver(writer, msg, mailbox, max_message, write_timeout).await {
+        if let Err(e) = deliver(
+            writer,
+            msg,
+            mailbox,
+            ring.as_deref_mut(),
+            max_message,
+            write_timeout,
+        )
+        .await
+        {
             return e;
         }
     }
@@ -458,6 +778,7 @@ async fn deliver(
     writer: &mut Writer,
     msg: ToClient,
     mailbox: &mut Mailbox,
+    ring: Option<&mut Ring>,
     max_message: usize,
     write_timeout: Duration,
 ) -> Result<(), End> {
@@ -466,7 +787,7 @@ async fn deliver(
         ToClient::Close { .. } => 0,
     };
     let write = async {
-        write_one(writer, msg, max_message).await?;
+        write_one(writer, msg, ring, max_message).await?;
         writer
             .flush()
             .await
@@ -479,19 +800,20 @@ async fn deliver(
     res
 }
 
-/// Writes one backend message to the client (no flush).
-async fn write_one(writer: &mut Writer, msg: ToClient, max_message: usize) -> Result<(), End> {
+/// Writes one backend message to the client (no flush). A resumable
+/// session records it for replay first: once handed to the socket it may
+/// still be lost with the connection.
+async fn write_one(
+    writer: &mut Writer,
+    msg: ToClient,
+    ring: Option<&mut Ring>,
+    max_message: usize,
+) -> Result<(), End> {
     match msg {
         ToClient::Data { payload, text } => {
-            if payload.len() > max_message {
-                return Err(End::clean(CloseReason::BackendInvalid(
-                    "backend message larger than session.max_message_size".into(),
-                )));
-            }
-            if text && std::str::from_utf8(&payload).is_err() {
-                return Err(End::clean(CloseReason::BackendInvalid(
-                    "backend sent invalid UTF-8".into(),
-                )));
+            check_backend_message(&payload, text, max_message).map_err(End::clean)?;
+            if let Some(ring) = ring {
+                ring.push(&payload, text);
             }
             let opcode = if text { OpCode::Text } else { OpCode::Binary };
             writer
@@ -508,6 +830,25 @@ async fn write_one(writer: &mut Writer, msg: ToClient, max_message: usize) -> Re
             Err(End::clean(CloseReason::BackendClosed { code, reason }))
         }
     }
+}
+
+/// A backend message the gateway cannot deliver ends the session (1011).
+fn check_backend_message(
+    payload: &[u8],
+    text: bool,
+    max_message: usize,
+) -> Result<(), CloseReason> {
+    if payload.len() > max_message {
+        return Err(CloseReason::BackendInvalid(
+            "backend message larger than session.max_message_size".into(),
+        ));
+    }
+    if text && std::str::from_utf8(payload).is_err() {
+        return Err(CloseReason::BackendInvalid(
+            "backend sent invalid UTF-8".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// Handles one client frame: control frames are answered here; data frames

@@ -16,6 +16,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use protocol::pb;
 use tracing::{debug, Instrument};
 
+use crate::resume::{self, AttachRequest, Refused, Token};
 use crate::session::{self, SessionStart};
 use crate::Shared;
 
@@ -27,7 +28,7 @@ pub(crate) type Body = Full<Bytes>;
 const MAX_FORWARDED_HEADER_BYTES: usize = 2048;
 
 /// Handles one HTTP request on a client connection.
-pub(crate) fn handle(
+pub(crate) async fn handle(
     mut req: Request<hyper::body::Incoming>,
     peer: SocketAddr,
     shared: &Arc<Shared>,
@@ -64,6 +65,14 @@ pub(crate) fn handle(
     if shared.shutdown.is_cancelled() {
         return unavailable(shared, "shutting_down", "gateway shutting down\n");
     }
+    let resumable = match resume_ask(&req) {
+        Ok(Ask::None) => false,
+        Ok(Ask::New) => shared.config.resume.enabled,
+        Ok(Ask::Resume(token, position)) => {
+            return resume(req, peer, shared, token, position).await
+        }
+        Err(why) => return refuse(shared, StatusCode::BAD_REQUEST, "bad_request", why),
+    };
     let subprotocol = match choose_subprotocol(&req, &listen.subprotocols) {
         Some(p) => Some(p),
         None if listen.require_subprotocol => {
@@ -102,6 +111,10 @@ pub(crate) fn handle(
     }
 
     let id = shared.pool.next_session_id();
+    let resume = resumable.then(|| shared.resume.register(id));
+    if let Some((token, _)) = &resume {
+        add_resume_headers(&mut parts.headers, token, 0);
+    }
     // A debug-level span: entering it on every poll costs time on the data
     // path, so at the default info level it is disabled, and the few
     // session logs above debug carry the id themselves.
@@ -111,6 +124,7 @@ pub(crate) fn handle(
         lease,
         open,
         _permit: permit,
+        resume,
     };
     let task_shared = shared.clone();
     let fut = async move {
@@ -122,6 +136,101 @@ pub(crate) fn handle(
     .instrument(span);
     shared.tracker.spawn(fut);
     Response::from_parts(parts, Body::default())
+}
+
+/// What the client asked for about resume.
+enum Ask {
+    /// Nothing: a plain session.
+    None,
+    /// A new resumable session.
+    New,
+    /// Resume the session holding this credential, from this position.
+    Resume(Token, u64),
+}
+
+fn resume_ask<B>(req: &Request<B>) -> Result<Ask, &'static str> {
+    let Some(v) = req.headers().get(resume::RESUME_HEADER) else {
+        return Ok(Ask::None);
+    };
+    let v = v.to_str().map_err(|_| "invalid X-Wsgw-Resume\n")?.trim();
+    if v.eq_ignore_ascii_case("new") {
+        return Ok(Ask::New);
+    }
+    // A malformed credential is treated like an unknown one (410), so that
+    // probing learns nothing.
+    let token = Token::parse(v).unwrap_or_else(Token::generate);
+    let position = req
+        .headers()
+        .get(resume::RECEIVED_HEADER)
+        .and_then(|p| p.to_str().ok())
+        .and_then(|p| p.trim().parse::<u64>().ok())
+        .ok_or("a resume needs X-Wsgw-Received: <messages received>\n")?;
+    Ok(Ask::Resume(token, position))
+}
+
+fn add_resume_headers(headers: &mut hyper::HeaderMap, token: &Token, received: u64) {
+    if let Ok(v) = HeaderValue::from_str(token.as_str()) {
+        headers.insert(resume::RESUME_HEADER, v);
+    }
+    headers.insert(resume::RECEIVED_HEADER, HeaderValue::from(received));
+}
+
+/// A resume: hand the connection to the session holding the credential, or
+/// answer 410 Gone ("session lost: start a new one and resync").
+async fn resume(
+    mut req: Request<hyper::body::Incoming>,
+    peer: SocketAddr,
+    shared: &Arc<Shared>,
+    token: Token,
+    position: u64,
+) -> Response<Body> {
+    let lost = |reason: &'static str| {
+        shared.metrics.resume_refused(reason);
+        let mut r = plain(StatusCode::GONE, "session lost: start a new session\n");
+        r.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        r
+    };
+    if !shared.config.resume.enabled {
+        return lost("disabled");
+    }
+    let Some(session) = shared.resume.lookup(&token) else {
+        return lost("unknown");
+    };
+    let (response, upgrade) = match fastwebsockets::upgrade::upgrade(&mut req) {
+        Ok(pair) => pair,
+        Err(e) => {
+            return refuse(
+                shared,
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                &format!("invalid WebSocket upgrade: {e}\n"),
+            );
+        }
+    };
+    let (reply_tx, reply_rx) = tokio::sync::oneshot::channel();
+    let request = AttachRequest {
+        position,
+        upgrade,
+        peer,
+        reply: reply_tx,
+    };
+    // The session answers at once unless it is busy writing; bound the wait.
+    let wait = shared.config.listen.http_header_timeout;
+    let answer = async {
+        session.send(request).await.ok()?;
+        reply_rx.await.ok()
+    };
+    match tokio::time::timeout(wait, answer).await {
+        Ok(Some(Ok(attached))) => {
+            let (mut parts, _) = response.into_parts();
+            add_resume_headers(&mut parts.headers, &attached.token, attached.received);
+            Response::from_parts(parts, Body::default())
+        }
+        Ok(Some(Err(Refused::Gap))) => lost("gap"),
+        Ok(Some(Err(Refused::BadPosition))) => lost("bad_position"),
+        _ => lost("session_busy"),
+    }
 }
 
 /// The first subprotocol the client offers that the gateway accepts.

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{BufMut, Bytes, BytesMut};
-use protocol::{pb, Body, Frame, FrameCodec, Framing, PROTOCOL_VERSION};
+use protocol::{pb, Body, Frame, FrameCodec, Framing, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -126,14 +126,14 @@ impl<'a> Link<'a> {
         };
         match hello.body {
             Some(Body::Hello(h))
-                if h.min_version <= PROTOCOL_VERSION && PROTOCOL_VERSION <= h.max_version =>
+                if h.min_version <= PROTOCOL_VERSION && MIN_PROTOCOL_VERSION <= h.max_version =>
             {
                 eprintln!(
                     "backend: link from {peer} (gateway {:?}, link {})",
                     h.gateway_id, h.link_index
                 );
                 self.codec.encode(
-                    &Frame::hello_ack(PROTOCOL_VERSION, "loadtest-backend"),
+                    &Frame::hello_ack(h.max_version.min(PROTOCOL_VERSION), "loadtest-backend"),
                     &mut out,
                 )?;
             }
@@ -236,6 +236,12 @@ impl<'a> Link<'a> {
                     self.stats.sessions.fetch_sub(1, Ordering::Relaxed);
                 } else {
                     anyhow::bail!("close for session {id}, which was never opened");
+                }
+            }
+            // Version 2: the session stays open while its client is away.
+            Body::Detached(_) | Body::Attached(_) if id != 0 => {
+                if !self.sessions.contains(&id) {
+                    anyhow::bail!("detach/attach for session {id}, which is not open");
                 }
             }
             other => anyhow::bail!("unexpected {} frame for session id {id}", other.kind()),

@@ -240,6 +240,8 @@ impl Body {
             Body::Data(_) => "data",
             Body::Close(_) => "close",
             Body::Heartbeat(_) => "heartbeat",
+            Body::Detached(_) => "detached",
+            Body::Attached(_) => "attached",
         }
     }
 }

@@ -26,17 +26,22 @@ use bytes::Bytes;
 /// Re-exported so users can call `Message` methods (`encoded_len`).
 pub use prost;
 
-/// The protocol version this build speaks (negotiated in the link handshake).
-pub const PROTOCOL_VERSION: u32 = 1;
+/// The newest protocol version this build speaks (negotiated in the link
+/// handshake). Version 2 adds `SessionDetached` and `SessionAttached`.
+pub const PROTOCOL_VERSION: u32 = 2;
+
+/// The oldest protocol version this build still speaks.
+pub const MIN_PROTOCOL_VERSION: u32 = 1;
 
 /// Session id 0 is reserved for link-level frames.
 pub const LINK_SESSION_ID: u64 = 0;
 
 impl Frame {
-    /// A link-level `Hello` offering exactly [`PROTOCOL_VERSION`].
+    /// A link-level `Hello` offering [`MIN_PROTOCOL_VERSION`] to
+    /// [`PROTOCOL_VERSION`].
     pub fn hello(gateway_id: &str, link_index: u32) -> Self {
         Self::link(Body::Hello(pb::Hello {
-            min_version: PROTOCOL_VERSION,
+            min_version: MIN_PROTOCOL_VERSION,
             max_version: PROTOCOL_VERSION,
             gateway_id: gateway_id.to_owned(),
             link_index,
@@ -72,6 +77,28 @@ impl Frame {
             body: Some(Body::Close(pb::SessionClose {
                 code: u32::from(code),
                 reason: reason.into(),
+            })),
+        }
+    }
+
+    /// The session's client connection was lost; it may resume (v2).
+    pub fn detached(session_id: u64, reason: impl Into<String>, grace_ms: u64) -> Self {
+        Self {
+            session_id,
+            body: Some(Body::Detached(pb::SessionDetached {
+                reason: reason.into(),
+                grace_ms,
+            })),
+        }
+    }
+
+    /// The session's client resumed on a new connection (v2).
+    pub fn attached(session_id: u64, remote_addr: impl Into<String>, replayed: u64) -> Self {
+        Self {
+            session_id,
+            body: Some(Body::Attached(pb::SessionAttached {
+                remote_addr: remote_addr.into(),
+                replayed,
             })),
         }
     }

@@ -37,6 +37,10 @@ pub enum Event {
         code: u32,
         reason: String,
     },
+    /// A session's client connection was lost; it may resume.
+    Detached { session: u64, reason: String },
+    /// A session's client resumed.
+    Attached { session: u64, replayed: u64 },
     /// A link ended.
     LinkClosed(usize),
 }
@@ -213,9 +217,10 @@ async fn link(
                     match frame.body.expect("body") {
                         Body::Hello(h) => {
                             assert!(!handshaken, "second hello");
-                            assert!(h.min_version <= PROTOCOL_VERSION && PROTOCOL_VERSION <= h.max_version);
+                            assert!(h.min_version <= PROTOCOL_VERSION && h.max_version >= 1);
                             handshaken = true;
-                            codec.encode(&Frame::hello_ack(PROTOCOL_VERSION, "test-backend"), &mut out).unwrap();
+                            let version = h.max_version.min(PROTOCOL_VERSION);
+                            codec.encode(&Frame::hello_ack(version, "test-backend"), &mut out).unwrap();
                             let _ = events.send(Event::Link(n));
                         }
                         Body::Heartbeat(hb) => {
@@ -236,6 +241,12 @@ async fn link(
                         }
                         Body::Close(c) => {
                             let _ = events.send(Event::Close { session: id, code: c.code, reason: c.reason });
+                        }
+                        Body::Detached(d) => {
+                            let _ = events.send(Event::Detached { session: id, reason: d.reason });
+                        }
+                        Body::Attached(a) => {
+                            let _ = events.send(Event::Attached { session: id, replayed: a.replayed });
                         }
                         Body::HelloAck(_) => panic!("gateway sent hello_ack"),
                     }

@@ -1,0 +1,316 @@
+//! Session resume: the credential registry and the replay buffer.
+//!
+//! A client asks for a resumable session with the request header
+//! `X-Wsgw-Resume: new`. The 101 answer carries `X-Wsgw-Resume: <token>`
+//! (the credential for the next resume) and `X-Wsgw-Received: <n>` (client
+//! messages the gateway has received in this session). When the connection
+//! is lost without a close, the session *detaches*: it stays on its link,
+//! keeps the backend's messages (bounded), and waits `resume.grace` for the
+//! client. The client reconnects with `X-Wsgw-Resume: <token>` and
+//! `X-Wsgw-Received: <messages it has received>`; the gateway replays what
+//! the client missed, in order, and answers with a fresh token and its own
+//! count, so the client resends only what the gateway never got.
+//!
+//! Continuity that cannot be kept is said explicitly: HTTP 410 on resume.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+use bytes::Bytes;
+use fastwebsockets::upgrade::UpgradeFut;
+use rand::Rng;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::SessionId;
+
+/// Request and response header carrying the resume credential.
+pub const RESUME_HEADER: &str = "x-wsgw-resume";
+/// Request header: backend messages the client has received in the session.
+/// Response header: client messages the gateway has received.
+pub const RECEIVED_HEADER: &str = "x-wsgw-received";
+
+/// A resume credential: 128 random bits from the OS-seeded CSPRNG, hex.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Token(String);
+
+impl Token {
+    /// A fresh, unguessable token.
+    pub fn generate() -> Self {
+        let bytes: [u8; 16] = rand::rng().random();
+        Token(bytes.iter().map(|b| format!("{b:02x}")).collect())
+    }
+
+    /// Parses a token from a header value (exactly 32 lower-case hex digits).
+    pub fn parse(s: &str) -> Option<Self> {
+        (s.len() == 32
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
+        .then(|| Token(s.to_owned()))
+    }
+
+    /// The header value.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A resume attempt, handed from the upgrade handler to the session.
+pub(crate) struct AttachRequest {
+    /// Backend messages the client says it has received.
+    pub(crate) position: u64,
+    /// The upgrade, to complete once the session accepted the request.
+    pub(crate) upgrade: UpgradeFut,
+    /// The client's address.
+    pub(crate) peer: std::net::SocketAddr,
+    /// The session's answer.
+    pub(crate) reply: oneshot::Sender<Result<Attached, Refused>>,
+}
+
+/// The session accepted a resume.
+#[derive(Debug)]
+pub(crate) struct Attached {
+    /// Credential for the next resume.
+    pub(crate) token: Token,
+    /// Client messages the gateway has received in the session.
+    pub(crate) received: u64,
+}
+
+/// Why a resume was refused (all answered with HTTP 410).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Refused {
+    /// Messages the client missed are no longer buffered.
+    Gap,
+    /// The client claims more messages than were ever sent.
+    BadPosition,
+}
+
+/// Live resumable sessions by credential.
+///
+/// # Concurrency
+/// Locked only when a resumable session starts, resumes or ends, and when a
+/// resume request looks up its token; never per message.
+#[derive(Default)]
+pub(crate) struct Registry {
+    sessions: Mutex<HashMap<Token, (SessionId, mpsc::Sender<AttachRequest>)>>,
+}
+
+impl Registry {
+    /// Registers a new resumable session; returns its token and the
+    /// receiver of its resume requests.
+    pub(crate) fn register(&self, id: SessionId) -> (Token, mpsc::Receiver<AttachRequest>) {
+        // One request at a time is enough: a second waits or is refused.
+        let (tx, rx) = mpsc::channel(1);
+        let token = Token::generate();
+        if let Ok(mut m) = self.sessions.lock() {
+            m.insert(token.clone(), (id, tx));
+        }
+        (token, rx)
+    }
+
+    /// The resume channel of the session holding `token`.
+    pub(crate) fn lookup(&self, token: &Token) -> Option<mpsc::Sender<AttachRequest>> {
+        self.sessions
+            .lock()
+            .ok()?
+            .get(token)
+            .map(|(_, tx)| tx.clone())
+    }
+
+    /// Replaces `old` with a fresh token for the same session: a token is
+    /// good for one attach only.
+    pub(crate) fn rotate(&self, old: &Token) -> Option<Token> {
+        let mut m = self.sessions.lock().ok()?;
+        let entry = m.remove(old)?;
+        let token = Token::generate();
+        m.insert(token.clone(), entry);
+        Some(token)
+    }
+
+    /// Forgets a session's token (the session ended).
+    pub(crate) fn remove(&self, token: &Token) {
+        if let Ok(mut m) = self.sessions.lock() {
+            m.remove(token);
+        }
+    }
+}
+
+/// The most recent backend messages sent to the client, for replay.
+///
+/// Holds messages with sequence numbers `[delivered - len, delivered)`.
+/// Payloads are copied in (not shared with the link's read buffer) so that
+/// a buffered message holds only its own bytes.
+#[derive(Debug)]
+pub(crate) struct Ring {
+    items: VecDeque<(Bytes, bool)>,
+    bytes: usize,
+    /// Backend messages delivered (or, while detached, accepted) so far.
+    delivered: u64,
+    max_messages: usize,
+    max_bytes: usize,
+}
+
+impl Ring {
+    /// An empty ring holding at most `max_messages` and `max_bytes`.
+    pub(crate) fn new(max_messages: usize, max_bytes: usize) -> Self {
+        Self {
+            items: VecDeque::new(),
+            bytes: 0,
+            delivered: 0,
+            max_messages,
+            max_bytes,
+        }
+    }
+
+    /// Appends message number `delivered`; evicts the oldest beyond the
+    /// bounds. Returns the bytes evicted and whether anything was.
+    pub(crate) fn push(&mut self, payload: &Bytes, text: bool) -> (usize, bool) {
+        let (max_messages, max_bytes) = (self.max_messages, self.max_bytes);
+        self.items
+            .push_back((Bytes::copy_from_slice(payload), text));
+        self.bytes += payload.len();
+        self.delivered += 1;
+        let mut freed = 0;
+        let mut evicted = false;
+        while self.items.len() > max_messages || self.bytes > max_bytes {
+            match self.items.pop_front() {
+                Some((p, _)) => {
+                    self.bytes -= p.len();
+                    freed += p.len();
+                    evicted = true;
+                }
+                None => break,
+            }
+        }
+        (freed, evicted)
+    }
+
+    /// Bytes held.
+    pub(crate) fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// The messages from `position` on, if they are all still held.
+    pub(crate) fn since(&self, position: u64) -> Result<Vec<(Bytes, bool)>, Refused> {
+        if position > self.delivered {
+            return Err(Refused::BadPosition);
+        }
+        let oldest = self.delivered - self.items.len() as u64;
+        if position < oldest {
+            return Err(Refused::Gap);
+        }
+        let skip = usize::try_from(position - oldest).unwrap_or(usize::MAX);
+        Ok(self.items.iter().skip(skip).cloned().collect())
+    }
+}
+
+/// Gateway-wide accounting of detached sessions.
+#[derive(Default)]
+pub(crate) struct DetachedBudget {
+    sessions: AtomicUsize,
+    bytes: AtomicUsize,
+}
+
+impl DetachedBudget {
+    /// Takes a detached slot holding `bytes`, if both caps allow.
+    pub(crate) fn try_detach(&self, bytes: usize, max_sessions: usize, max_bytes: usize) -> bool {
+        if self.sessions.fetch_add(1, Ordering::AcqRel) >= max_sessions {
+            self.sessions.fetch_sub(1, Ordering::AcqRel);
+            return false;
+        }
+        if !self.try_grow(bytes, max_bytes) {
+            self.sessions.fetch_sub(1, Ordering::AcqRel);
+            return false;
+        }
+        true
+    }
+
+    /// Adds `bytes` for a detached session, if the cap allows.
+    pub(crate) fn try_grow(&self, bytes: usize, max_bytes: usize) -> bool {
+        let before = self.bytes.fetch_add(bytes, Ordering::AcqRel);
+        if before.saturating_add(bytes) > max_bytes {
+            self.bytes.fetch_sub(bytes, Ordering::AcqRel);
+            return false;
+        }
+        true
+    }
+
+    /// Releases `bytes` (evicted or freed).
+    pub(crate) fn shrink(&self, bytes: usize) {
+        self.bytes.fetch_sub(bytes, Ordering::AcqRel);
+    }
+
+    /// Gives back a detached slot and the bytes it held.
+    pub(crate) fn release(&self, bytes: usize) {
+        self.sessions.fetch_sub(1, Ordering::AcqRel);
+        self.shrink(bytes);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn ring_replays_from_a_held_position_and_refuses_gaps() {
+        let mut r = Ring::new(4, 1 << 20);
+        for i in 0..10u8 {
+            r.push(&Bytes::from(vec![i]), false);
+        }
+        assert_eq!(r.delivered, 10);
+        let since = r.since(7).unwrap();
+        assert_eq!(
+            since.iter().map(|(b, _)| b[0]).collect::<Vec<_>>(),
+            vec![7, 8, 9]
+        );
+        assert!(r.since(10).unwrap().is_empty());
+        assert_eq!(r.since(6).unwrap().len(), 4);
+        assert_eq!(r.since(5), Err(Refused::Gap));
+        assert_eq!(r.since(11), Err(Refused::BadPosition));
+    }
+
+    #[test]
+    fn ring_is_bounded_by_bytes() {
+        let mut r = Ring::new(100, 100);
+        let (freed, evicted) = r.push(&Bytes::from(vec![0; 60]), true);
+        assert_eq!((freed, evicted), (0, false));
+        let (freed, evicted) = r.push(&Bytes::from(vec![0; 60]), true);
+        assert_eq!((freed, evicted), (60, true));
+        assert_eq!(r.bytes(), 60);
+    }
+
+    #[test]
+    fn tokens_are_random_and_strictly_parsed() {
+        let a = Token::generate();
+        let b = Token::generate();
+        assert_ne!(a, b);
+        assert_eq!(Token::parse(a.as_str()), Some(a.clone()));
+        assert_eq!(Token::parse("new"), None);
+        assert_eq!(Token::parse(&"G".repeat(32)), None);
+    }
+
+    #[test]
+    fn budget_caps_sessions_and_bytes() {
+        let b = DetachedBudget::default();
+        assert!(b.try_detach(10, 2, 100));
+        assert!(b.try_detach(10, 2, 100));
+        assert!(!b.try_detach(10, 2, 100), "session cap");
+        assert!(!b.try_grow(81, 100), "byte cap");
+        assert!(b.try_grow(80, 100));
+        b.release(90);
+        assert_eq!(b.bytes.load(Ordering::Acquire), 10);
+    }
+
+    #[test]
+    fn registry_rotates_tokens_single_use() {
+        let reg = Registry::default();
+        let (t1, _rx) = reg.register(SessionId(1));
+        assert!(reg.lookup(&t1).is_some());
+        let t2 = reg.rotate(&t1).unwrap();
+        assert!(reg.lookup(&t1).is_none(), "a replaced token is refused");
+        assert!(reg.lookup(&t2).is_some());
+        reg.remove(&t2);
+        assert!(reg.lookup(&t2).is_none());
+    }
+}
