@@ -1,0 +1,175 @@
+//! Session resume: a client whose connection is lost comes back with its
+//! credential and position, and nothing is lost or duplicated.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use gateway_tests::client::{self, Client, Connect, Msg};
+use gateway_tests::{Event, Gateway, GatewayOpts, TestBackend};
+use protocol::Framing;
+
+const T: Duration = Duration::from_secs(10);
+
+/// Opens a resumable session, or resumes one: returns the client, the new
+/// credential and the gateway's count of client messages received.
+async fn connect(gw: &Gateway, resume: Option<(&str, u64)>) -> Result<(Client, String, u64), u16> {
+    let mut headers = vec![];
+    match resume {
+        None => headers.push(("X-Wsgw-Resume", "new".to_owned())),
+        Some((token, received)) => {
+            headers.push(("X-Wsgw-Resume", token.to_owned()));
+            headers.push(("X-Wsgw-Received", received.to_string()));
+        }
+    }
+    let opts = Connect { headers, ..Connect::default() };
+    match client::connect(gw.ws.unwrap(), "/ws", &opts).await {
+        Ok((ws, resp)) => {
+            let token = resp.headers()["x-wsgw-resume"].to_str().unwrap().to_owned();
+            let received = resp.headers()["x-wsgw-received"].to_str().unwrap().parse().unwrap();
+            Ok((Client::from_ws(ws), token, received))
+        }
+        Err(fastwebsockets::WebSocketError::InvalidStatusCode(code)) => Err(code),
+        Err(e) => panic!("connect: {e}"),
+    }
+}
+
+fn gateway(backend: &TestBackend, grace: &str) -> Gateway {
+    Gateway::start(
+        GatewayOpts::new(backend.addr)
+            .set("backend.links_per_endpoint", "1")
+            .set("resume.grace", format!("\"{grace}\"")),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lost_connection_resumes_with_nothing_lost_or_duplicated() {
+    let mut backend = TestBackend::start(Framing::Varint, false).await;
+    let gw = gateway(&backend, "30s");
+    gw.wait_ready(T).await;
+    let (mut c, token, received) = connect(&gw, None).await.unwrap();
+    assert_eq!(received, 0);
+    let (s, _) = backend.next_open().await;
+
+    // Both directions flow; the client counts what it received.
+    c.send_text("c0").await;
+    c.send_text("c1").await;
+    backend.push(s, b"b0", true);
+    backend.push(s, b"b1", true);
+    assert_eq!(c.recv_within(T).await, Some(Msg::Text("b0".into())));
+    assert_eq!(c.recv_within(T).await, Some(Msg::Text("b1".into())));
+    let mut got = 2u64;
+    for want in ["c0", "c1"] {
+        let p = backend.wait_for(|e| match e {
+            Event::Data { session, payload, .. } if *session == s => Some(payload.clone()),
+            _ => None,
+        }).await;
+        assert_eq!(&p[..], want.as_bytes());
+    }
+
+    // The connection drops without a close (a phone in a tunnel).
+    drop(c);
+    let reason = backend.wait_for(|e| match e {
+        Event::Detached { session, reason } if *session == s => Some(reason.clone()),
+        Event::Close { session, .. } if *session == s => panic!("the session must not close"),
+        _ => None,
+    }).await;
+    assert!(reason.contains("lost"), "{reason}");
+    // The backend keeps talking while the client is away.
+    backend.push(s, b"b2", true);
+    backend.push(s, &[3], false);
+
+    // The client comes back: it gets what it missed, in order, and learns
+    // that the gateway has both of its messages.
+    let (mut c, token2, received) = connect(&gw, Some((&token, got))).await.unwrap();
+    assert_ne!(token2, token, "credentials are single-use");
+    assert_eq!(received, 2);
+    assert_eq!(c.recv_within(T).await, Some(Msg::Text("b2".into())));
+    assert_eq!(c.recv_within(T).await, Some(Msg::Binary(vec![3])));
+    got += 2;
+    let replayed = backend.wait_for(|e| match e {
+        Event::Attached { session, replayed } if *session == s => Some(*replayed),
+        _ => None,
+    }).await;
+    assert_eq!(replayed, 2);
+
+    // Same session, same backend session id, still working both ways.
+    c.send_text("c2").await;
+    let p = backend.wait_for(|e| match e {
+        Event::Data { session, payload, .. } if *session == s => Some(payload.clone()),
+        _ => None,
+    }).await;
+    assert_eq!(&p[..], b"c2");
+
+    // The old credential is refused now: single use.
+    assert_eq!(connect(&gw, Some((&token, got))).await.err(), Some(410));
+    // A guessed one too.
+    assert_eq!(connect(&gw, Some(("0123456789abcdef0123456789abcdef", 0))).await.err(), Some(410));
+    assert_eq!(connect(&gw, Some(("not-a-token", 0))).await.err(), Some(410));
+    assert_eq!(gw.metric("gateway_resumes_total{result=\"succeeded\"").await, 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_resume_after_the_grace_period_is_told_the_session_is_lost() {
+    let mut backend = TestBackend::start(Framing::Varint, false).await;
+    let gw = gateway(&backend, "500ms");
+    gw.wait_ready(T).await;
+    let (c, token, _) = connect(&gw, None).await.unwrap();
+    let (s, _) = backend.next_open().await;
+    drop(c);
+    let (code, reason) = backend.wait_close(s).await;
+    assert_eq!(code, 1006);
+    assert!(reason.starts_with("session expired"), "{reason}");
+    assert_eq!(connect(&gw, Some((&token, 0))).await.err(), Some(410));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_resume_while_the_old_connection_lives_takes_over() {
+    let mut backend = TestBackend::start(Framing::Varint, false).await;
+    let gw = gateway(&backend, "30s");
+    gw.wait_ready(T).await;
+    let (mut old, token, _) = connect(&gw, None).await.unwrap();
+    let (s, _) = backend.next_open().await;
+    backend.push(s, b"one", true);
+    assert_eq!(old.recv_within(T).await, Some(Msg::Text("one".into())));
+    // The phone switched networks; the gateway has not noticed yet.
+    let (mut new, _, _) = connect(&gw, Some((&token, 1))).await.unwrap();
+    assert_eq!(old.expect_close(T).await.0, 1008, "the older connection is closed");
+    backend.push(s, b"two", true);
+    assert_eq!(new.recv_within(T).await, Some(Msg::Text("two".into())));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_resume_from_a_position_no_longer_buffered_is_refused() {
+    let mut backend = TestBackend::start(Framing::Varint, false).await;
+    let gw = Gateway::start(
+        GatewayOpts::new(backend.addr)
+            .set("resume.buffer_messages", "4")
+            .set("resume.grace", "\"30s\""),
+    );
+    gw.wait_ready(T).await;
+    let (c, token, _) = connect(&gw, None).await.unwrap();
+    let (s, _) = backend.next_open().await;
+    drop(c);
+    backend.wait_for(|e| matches!(e, Event::Detached { .. }).then_some(())).await;
+    // More than the buffer holds arrives while the client is away: the
+    // session cannot be resumed without a gap, so it ends at once.
+    for i in 0..5u8 {
+        backend.push(s, &[i], false);
+    }
+    let (code, reason) = backend.wait_close(s).await;
+    assert_eq!(code, 1006);
+    assert!(reason.contains("buffer"), "{reason}");
+    assert_eq!(connect(&gw, Some((&token, 0))).await.err(), Some(410));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn plain_sessions_still_end_when_the_connection_is_lost() {
+    let mut backend = TestBackend::start(Framing::Varint, false).await;
+    let gw = gateway(&backend, "30s");
+    gw.wait_ready(T).await;
+    let c = Client::connect(gw.ws.unwrap(), "/ws", &Connect::default()).await;
+    let (s, _) = backend.next_open().await;
+    drop(c);
+    let (code, _) = backend.wait_close(s).await;
+    assert_eq!(code, 1006);
+}
