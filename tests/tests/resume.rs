@@ -21,11 +21,18 @@ async fn connect(gw: &Gateway, resume: Option<(&str, u64)>) -> Result<(Client, S
             headers.push(("X-Wsgw-Received", received.to_string()));
         }
     }
-    let opts = Connect { headers, ..Connect::default() };
+    let opts = Connect {
+        headers,
+        ..Connect::default()
+    };
     match client::connect(gw.ws.unwrap(), "/ws", &opts).await {
         Ok((ws, resp)) => {
             let token = resp.headers()["x-wsgw-resume"].to_str().unwrap().to_owned();
-            let received = resp.headers()["x-wsgw-received"].to_str().unwrap().parse().unwrap();
+            let received = resp.headers()["x-wsgw-received"]
+                .to_str()
+                .unwrap()
+                .parse()
+                .unwrap();
             Ok((Client::from_ws(ws), token, received))
         }
         Err(fastwebsockets::WebSocketError::InvalidStatusCode(code)) => Err(code),
@@ -59,20 +66,26 @@ async fn a_lost_connection_resumes_with_nothing_lost_or_duplicated() {
     assert_eq!(c.recv_within(T).await, Some(Msg::Text("b1".into())));
     let mut got = 2u64;
     for want in ["c0", "c1"] {
-        let p = backend.wait_for(|e| match e {
-            Event::Data { session, payload, .. } if *session == s => Some(payload.clone()),
-            _ => None,
-        }).await;
+        let p = backend
+            .wait_for(|e| match e {
+                Event::Data {
+                    session, payload, ..
+                } if *session == s => Some(payload.clone()),
+                _ => None,
+            })
+            .await;
         assert_eq!(&p[..], want.as_bytes());
     }
 
     // The connection drops without a close (a phone in a tunnel).
     drop(c);
-    let reason = backend.wait_for(|e| match e {
-        Event::Detached { session, reason } if *session == s => Some(reason.clone()),
-        Event::Close { session, .. } if *session == s => panic!("the session must not close"),
-        _ => None,
-    }).await;
+    let reason = backend
+        .wait_for(|e| match e {
+            Event::Detached { session, reason } if *session == s => Some(reason.clone()),
+            Event::Close { session, .. } if *session == s => panic!("the session must not close"),
+            _ => None,
+        })
+        .await;
     assert!(reason.contains("lost"), "{reason}");
     // The backend keeps talking while the client is away.
     backend.push(s, b"b2", true);
@@ -86,26 +99,44 @@ async fn a_lost_connection_resumes_with_nothing_lost_or_duplicated() {
     assert_eq!(c.recv_within(T).await, Some(Msg::Text("b2".into())));
     assert_eq!(c.recv_within(T).await, Some(Msg::Binary(vec![3])));
     got += 2;
-    let replayed = backend.wait_for(|e| match e {
-        Event::Attached { session, replayed } if *session == s => Some(*replayed),
-        _ => None,
-    }).await;
+    let replayed = backend
+        .wait_for(|e| match e {
+            Event::Attached { session, replayed } if *session == s => Some(*replayed),
+            _ => None,
+        })
+        .await;
     assert_eq!(replayed, 2);
 
     // Same session, same backend session id, still working both ways.
     c.send_text("c2").await;
-    let p = backend.wait_for(|e| match e {
-        Event::Data { session, payload, .. } if *session == s => Some(payload.clone()),
-        _ => None,
-    }).await;
+    let p = backend
+        .wait_for(|e| match e {
+            Event::Data {
+                session, payload, ..
+            } if *session == s => Some(payload.clone()),
+            _ => None,
+        })
+        .await;
     assert_eq!(&p[..], b"c2");
 
     // The old credential is refused now: single use.
     assert_eq!(connect(&gw, Some((&token, got))).await.err(), Some(410));
     // A guessed one too.
-    assert_eq!(connect(&gw, Some(("0123456789abcdef0123456789abcdef", 0))).await.err(), Some(410));
-    assert_eq!(connect(&gw, Some(("not-a-token", 0))).await.err(), Some(410));
-    assert_eq!(gw.metric("gateway_resumes_total{result=\"succeeded\"").await, 1.0);
+    assert_eq!(
+        connect(&gw, Some(("0123456789abcdef0123456789abcdef", 0)))
+            .await
+            .err(),
+        Some(410)
+    );
+    assert_eq!(
+        connect(&gw, Some(("not-a-token", 0))).await.err(),
+        Some(410)
+    );
+    assert_eq!(
+        gw.metric("gateway_resumes_total{result=\"succeeded\"")
+            .await,
+        1.0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -133,7 +164,11 @@ async fn a_resume_while_the_old_connection_lives_takes_over() {
     assert_eq!(old.recv_within(T).await, Some(Msg::Text("one".into())));
     // The phone switched networks; the gateway has not noticed yet.
     let (mut new, _, _) = connect(&gw, Some((&token, 1))).await.unwrap();
-    assert_eq!(old.expect_close(T).await.0, 1008, "the older connection is closed");
+    assert_eq!(
+        old.expect_close(T).await.0,
+        1008,
+        "the older connection is closed"
+    );
     backend.push(s, b"two", true);
     assert_eq!(new.recv_within(T).await, Some(Msg::Text("two".into())));
 }
@@ -150,7 +185,9 @@ async fn a_resume_from_a_position_no_longer_buffered_is_refused() {
     let (c, token, _) = connect(&gw, None).await.unwrap();
     let (s, _) = backend.next_open().await;
     drop(c);
-    backend.wait_for(|e| matches!(e, Event::Detached { .. }).then_some(())).await;
+    backend
+        .wait_for(|e| matches!(e, Event::Detached { .. }).then_some(()))
+        .await;
     // More than the buffer holds arrives while the client is away: the
     // session cannot be resumed without a gap, so it ends at once.
     for i in 0..5u8 {
