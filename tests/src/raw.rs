@@ -30,9 +30,9 @@ impl Raw {
         headers: &[(&str, String)],
     ) -> Result<Self, u16> {
         let mut stream = TcpStream::connect(addr).await.map_err(|_| 0u16)?;
-        let mut req = format!(
+        let mut req = String::from(
             "GET /ws HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n",
         );
         for (k, v) in headers {
             req.push_str(&format!("{k}: {v}\r\n"));
