@@ -219,3 +219,43 @@ async fn loadtest_agrees_with_an_independent_client() {
     assert!(ours["p50_us"].as_u64().unwrap() < 5_000, "{ours}");
     assert!(theirs["p50_us"].as_u64().unwrap() < 5_000, "{theirs}");
 }
+
+/// Churn: clients vanish (RST) and resume; loadtest reports continuity.
+#[tokio::test(flavor = "multi_thread")]
+async fn loadtest_churn_resumes_with_nothing_lost_duplicated_or_reordered() {
+    let certs = Certs::new();
+    let (_echo, addr) = reference_backend("echo");
+    let gw = Gateway::start(GatewayOpts::new(addr).tls(&certs));
+    gw.wait_ready(Duration::from_secs(10)).await;
+    let s = loadtest(&[
+        "--url",
+        &gw.wss_url("/ws"),
+        "--ca",
+        certs.ca().to_str().unwrap(),
+        "--scenario",
+        "churn",
+        "-c",
+        "50",
+        "-d",
+        "4s",
+        "--in-flight",
+        "2",
+        "--churn-share",
+        "0.3",
+        "--churn-every",
+        "1s",
+        "--suspend-min",
+        "100ms",
+        "--suspend-max",
+        "300ms",
+    ]);
+    assert!(s["resumes"].as_u64().unwrap() >= 20, "{s}");
+    assert_eq!(s["reconnects"], s["resumes"], "{s}");
+    assert_eq!(s["lost"], 0, "{s}");
+    assert_eq!(s["duplicated"], 0, "{s}");
+    assert_eq!(s["reordered"], 0, "{s}");
+    assert!(
+        s["errors"].as_object().unwrap().values().all(|v| v == 0),
+        "{s}"
+    );
+}

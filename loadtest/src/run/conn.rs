@@ -182,9 +182,42 @@ pub async fn tcp(
     Ok(stream)
 }
 
+/// What to ask the gateway about session resume.
+#[derive(Debug, Clone)]
+pub enum ResumeAsk {
+    /// A plain session.
+    No,
+    /// A new resumable session.
+    New,
+    /// Resume with this credential, having received this many messages.
+    Resume(String, u64),
+}
+
+/// The gateway's resume answer: the next credential, and how many of our
+/// messages it has.
+#[derive(Debug, Clone)]
+pub struct ResumeAnswer {
+    /// Credential for the next resume.
+    pub token: String,
+    /// Client messages the gateway has received in the session.
+    pub received: u64,
+}
+
 /// TLS (for wss) and the WebSocket upgrade on `stream`.
 pub async fn upgrade(target: &Target, stream: TcpStream) -> Result<Ws, ErrorKind> {
-    let req = Request::builder()
+    upgrade_resumable(target, stream, &ResumeAsk::No)
+        .await
+        .map(|(ws, _)| ws)
+}
+
+/// Like [`upgrade`], asking for (or resuming) a resumable session. A
+/// refused resume (HTTP 410) is [`ErrorKind::ResumeRefused`].
+pub async fn upgrade_resumable(
+    target: &Target,
+    stream: TcpStream,
+    ask: &ResumeAsk,
+) -> Result<(Ws, Option<ResumeAnswer>), ErrorKind> {
+    let mut req = Request::builder()
         .method("GET")
         .uri(&target.path)
         .header("Host", format!("{}:{}", target.host, target.addr.port()))
@@ -194,7 +227,17 @@ pub async fn upgrade(target: &Target, stream: TcpStream) -> Result<Ws, ErrorKind
             "Sec-WebSocket-Key",
             fastwebsockets::handshake::generate_key(),
         )
-        .header("Sec-WebSocket-Version", "13")
+        .header("Sec-WebSocket-Version", "13");
+    match ask {
+        ResumeAsk::No => {}
+        ResumeAsk::New => req = req.header("X-Wsgw-Resume", "new"),
+        ResumeAsk::Resume(token, received) => {
+            req = req
+                .header("X-Wsgw-Resume", token.as_str())
+                .header("X-Wsgw-Received", received.to_string());
+        }
+    }
+    let req = req
         .body(Empty::<Bytes>::new())
         .map_err(|_| ErrorKind::Handshake)?;
     let ws = match &target.tls {
@@ -208,9 +251,25 @@ pub async fn upgrade(target: &Target, stream: TcpStream) -> Result<Ws, ErrorKind
             fastwebsockets::handshake::client(&SpawnExecutor, req, tls).await
         }
     };
-    let (mut ws, _) = ws.map_err(|_| ErrorKind::Handshake)?;
+    let (mut ws, resp) = ws.map_err(|e| match e {
+        fastwebsockets::WebSocketError::InvalidStatusCode(410) => ErrorKind::ResumeRefused,
+        _ => ErrorKind::Handshake,
+    })?;
     // Large messages are the point of some runs; the gateway enforces its
     // own limit.
     ws.set_max_message_size(64 << 20);
-    Ok(ws)
+    let header = |name: &str| {
+        resp.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let answer = match (
+        header("x-wsgw-resume"),
+        header("x-wsgw-received").and_then(|r| r.parse().ok()),
+    ) {
+        (Some(token), Some(received)) => Some(ResumeAnswer { token, received }),
+        _ => None,
+    };
+    Ok((ws, answer))
 }

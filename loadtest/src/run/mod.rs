@@ -24,7 +24,7 @@ use rand::Rng;
 use tokio::sync::{watch, Mutex};
 use tokio_util::sync::CancellationToken;
 
-use conn::{Target, Ws};
+use conn::{ResumeAnswer, ResumeAsk, Target, Ws};
 use payload::Stamp;
 use schedule::Pacer;
 use stats::{ErrorKind, Summary, Tally};
@@ -119,6 +119,9 @@ pub struct RunArgs {
     /// Churn: longest suspension before coming back.
     #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
     pub suspend_max: Duration,
+    /// Churn: reconnect as new sessions instead of resuming.
+    #[arg(long)]
+    pub no_resume: bool,
     /// Print the summary as JSON (stable keys) instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -341,27 +344,36 @@ fn source(sh: &Shared, i: u32) -> IpAddr {
 
 /// Opens a connection (recording its connect time), or records why not.
 async fn open(i: u32, sh: &Shared, tally: &mut Tally, zero_linger: bool) -> Option<Ws> {
+    open_resumable(i, sh, tally, zero_linger, &ResumeAsk::No)
+        .await
+        .ok()
+        .map(|(ws, _)| ws)
+}
+
+/// Like [`open`], asking for a resumable session or resuming one.
+async fn open_resumable(
+    i: u32,
+    sh: &Shared,
+    tally: &mut Tally,
+    zero_linger: bool,
+    ask: &ResumeAsk,
+) -> Result<(Ws, Option<ResumeAnswer>), ErrorKind> {
     let t0 = Instant::now();
-    let tcp = match conn::tcp(&sh.target, source(sh, i), zero_linger).await {
-        Ok(s) => s,
-        Err(k) => {
-            tally.error(k);
-            sh.live.errors.fetch_add(1, Ordering::Relaxed);
-            return None;
-        }
+    let result = match conn::tcp(&sh.target, source(sh, i), zero_linger).await {
+        Ok(tcp) => conn::upgrade_resumable(&sh.target, tcp, ask).await,
+        Err(k) => Err(k),
     };
-    match conn::upgrade(&sh.target, tcp).await {
-        Ok(ws) => {
+    match &result {
+        Ok(_) => {
             let _ = tally.connect.record(stats::micros(t0.elapsed()));
             tally.connections_ok += 1;
-            Some(ws)
         }
         Err(k) => {
-            tally.error(k);
+            tally.error(*k);
             sh.live.errors.fetch_add(1, Ordering::Relaxed);
-            None
         }
     }
+    result
 }
 
 async fn connection(i: u32, sh: Arc<Shared>, ready: tokio::sync::mpsc::Sender<()>) -> Tally {
@@ -372,7 +384,17 @@ async fn connection(i: u32, sh: Arc<Shared>, ready: tokio::sync::mpsc::Sender<()
         handshakes(i, &sh, &mut tally).await;
         return tally;
     }
-    let ws = open(i, &sh, &mut tally, sh.args.scenario == Scenario::Churn).await;
+    let churning = sh.args.scenario == Scenario::Churn;
+    let ask = if churning && !sh.args.no_resume {
+        ResumeAsk::New
+    } else {
+        ResumeAsk::No
+    };
+    let opened = open_resumable(i, &sh, &mut tally, churning, &ask)
+        .await
+        .ok();
+    let answer = opened.as_ref().and_then(|(_, a)| a.clone());
+    let ws = opened.map(|(ws, _)| ws);
     if ws.is_some() {
         sh.live.connected.fetch_add(1, Ordering::Relaxed);
     }
@@ -386,7 +408,7 @@ async fn connection(i: u32, sh: Arc<Shared>, ready: tokio::sync::mpsc::Sender<()
             echo_open(i, ws, &sh, &mut tally).await
         }
         Scenario::Echo => echo_closed(i, split(ws), &sh, &mut tally, None).await.0,
-        Scenario::Churn => churn(i, ws, &sh, &mut tally).await,
+        Scenario::Churn => churn(i, ws, answer, &sh, &mut tally).await,
         Scenario::Push => push(ws, &sh, &mut tally).await,
         Scenario::Idle => idle(i, ws, &sh, &mut tally).await,
         Scenario::Handshake => Ok(()),
@@ -775,22 +797,78 @@ async fn handshakes(i: u32, sh: &Shared, tally: &mut Tally) {
 }
 
 /// Churn: echo in a closed loop; when this client's number comes up in a
-/// wave, vanish, stay away for a random suspension, and reconnect.
-async fn churn(i: u32, ws: Ws, sh: &Shared, tally: &mut Tally) -> Result<(), End> {
+/// wave, vanish without a close, stay away for a random suspension, and
+/// come back: resuming the session (unless `--no-resume`), so that every
+/// message must still arrive exactly once and in order.
+async fn churn(
+    i: u32,
+    ws: Ws,
+    answer: Option<ResumeAnswer>,
+    sh: &Shared,
+    tally: &mut Tally,
+) -> Result<(), End> {
     let waves = sh.waves.subscribe();
-    let mut halves = split(ws);
+    let mut handled_wave = *waves.borrow();
+    let mut token = answer.map(|a| a.token);
+    let mut cont = payload::Continuity::default();
+    let mut next: u64 = 0;
+    let mut reconnect_started: Option<Instant> = None;
+    let mut buf = Vec::with_capacity(sh.args.size);
+    let (mut r, mut w) = split(ws);
     loop {
-        let (end, back) = echo_closed(i, halves, sh, tally, Some(&waves)).await;
-        end?;
-        let Some(back) = back else { return Ok(()) };
-        if sh.stop.is_cancelled() {
-            return Ok(());
-        }
-        // A wave started: does it pick this client?
-        if !picked(i, *waves.borrow(), sh.args.churn_share) {
-            halves = back;
-            continue;
-        }
+        // One connection's life.
+        let vanish = loop {
+            let stopping = sh.stop.is_cancelled();
+            if stopping && cont.expected >= next {
+                tally.lost += cont.lost();
+                // End the session cleanly, so the gateway does not keep it
+                // waiting for a resume.
+                let mut wl = w.lock().await;
+                let _ = wl.write_frame(Frame::close(1000, b"")).await;
+                let _ = wl.flush().await;
+                return Ok(());
+            }
+            let wave = *waves.borrow();
+            if !stopping && wave != handled_wave {
+                handled_wave = wave;
+                if picked(i, wave, sh.args.churn_share) {
+                    break true;
+                }
+            }
+            while !stopping && next - cont.expected.min(next) < u64::from(sh.args.in_flight) {
+                send(&w, i, next, sh.since_epoch(), sh, &mut buf).await?;
+                next += 1;
+            }
+            let (msg, text) = match recv(&mut r, &w, sh.args.timeout).await {
+                Ok(m) => m,
+                Err(End::Timeout) if stopping => {
+                    tally.lost += cont.lost() + next.saturating_sub(cont.expected);
+                    return Err(End::Timeout);
+                }
+                Err(e) => return Err(e),
+            };
+            let stamp = payload::decode(&msg, text).ok_or(End::Corrupt)?;
+            check(&msg, text, i, stamp.seq, sh)?;
+            match cont.observe(stamp.seq) {
+                payload::Seen::InOrder => {}
+                payload::Seen::Ahead(_) => {}
+                payload::Seen::Reordered => tally.reordered += 1,
+                payload::Seen::Duplicate => {
+                    tally.duplicated += 1;
+                    continue;
+                }
+            }
+            if let Some(t0) = reconnect_started.take() {
+                let _ = tally.reconnect.record(stats::micros(t0.elapsed()));
+            }
+            tally.message(
+                sh.since_epoch()
+                    .saturating_sub(Duration::from_nanos(stamp.t_ns)),
+                msg.len(),
+            );
+            sh.live.messages.fetch_add(1, Ordering::Relaxed);
+        };
+        debug_assert!(vanish);
         let suspend = {
             let (lo, hi) = (
                 sh.args.suspend_min,
@@ -801,52 +879,60 @@ async fn churn(i: u32, ws: Ws, sh: &Shared, tally: &mut Tally) -> Result<(), End
         match sh.args.vanish {
             // The socket has zero linger: dropping it sends RST.
             Vanish::Rst => {
-                drop(back);
+                drop((r, w));
                 tokio::time::sleep(suspend).await;
             }
             // Go quiet with the socket still open, then reset it.
             Vanish::Silence => {
                 tokio::time::sleep(suspend).await;
-                drop(back);
+                drop((r, w));
             }
         }
         if sh.stop.is_cancelled() {
+            tally.lost += cont.lost();
             return Ok(());
         }
-        let t0 = Instant::now();
-        let Some(fresh) = open(i, sh, tally, true).await else {
-            return Ok(());
+        reconnect_started = Some(Instant::now());
+        let ask = match &token {
+            Some(t) => ResumeAsk::Resume(t.clone(), cont.expected),
+            None => ResumeAsk::No,
         };
-        let (end, back) = echo_first(i, split(fresh), sh, tally).await;
-        end?;
-        let _ = tally.reconnect.record(stats::micros(t0.elapsed()));
-        match back {
-            Some(b) => halves = b,
-            None => return Ok(()),
+        let (ws, answer, resumed) = match open_resumable(i, sh, tally, true, &ask).await {
+            Ok((ws, answer)) => (ws, answer, matches!(ask, ResumeAsk::Resume(..))),
+            // Continuity lost (said explicitly): start over in a new session.
+            Err(ErrorKind::ResumeRefused) => {
+                tally.lost += cont.lost() + next.saturating_sub(cont.expected);
+                let ask = if sh.args.no_resume {
+                    ResumeAsk::No
+                } else {
+                    ResumeAsk::New
+                };
+                let (ws, answer) = open_resumable(i, sh, tally, true, &ask)
+                    .await
+                    .map_err(|_| End::Disconnected)?;
+                (ws, answer, false)
+            }
+            Err(_) => return Err(End::Disconnected),
+        };
+        match answer {
+            Some(a) => {
+                if resumed {
+                    tally.resumes += 1;
+                    // Resend only what the gateway never got.
+                    next = a.received;
+                } else {
+                    cont = payload::Continuity::default();
+                    next = 0;
+                }
+                token = Some(a.token);
+            }
+            // A plain session: nothing carries over.
+            None => {
+                cont = payload::Continuity::default();
+                next = 0;
+            }
         }
-    }
-}
-
-/// One round trip on a fresh connection (for reconnect time).
-async fn echo_first(
-    i: u32,
-    (mut r, w): (Reader, Writer),
-    sh: &Shared,
-    tally: &mut Tally,
-) -> (Result<(), End>, Option<(Reader, Writer)>) {
-    let mut buf = Vec::new();
-    let t = sh.since_epoch();
-    let res = async {
-        send(&w, i, 0, t, sh, &mut buf).await?;
-        let (msg, text) = recv(&mut r, &w, sh.args.timeout).await?;
-        check(&msg, text, i, 0, sh)?;
-        tally.message(sh.since_epoch().saturating_sub(t), msg.len());
-        Ok(())
-    }
-    .await;
-    match res {
-        Ok(()) => (Ok(()), Some((r, w))),
-        Err(e) => (Err(e), None),
+        (r, w) = split(ws);
     }
 }
 

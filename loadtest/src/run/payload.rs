@@ -176,3 +176,77 @@ mod tests {
         assert_eq!(verify(&m, 1, 2, HEADER, false), Ok(s));
     }
 }
+
+/// Continuity bookkeeping for one session's echoes: classifies every
+/// sequence number as in order, duplicated, reordered, or skipping ahead
+/// (the skipped ones count as lost unless they turn up later).
+#[derive(Debug, Default)]
+pub struct Continuity {
+    /// The next sequence number expected in order.
+    pub expected: u64,
+    missing: std::collections::BTreeSet<u64>,
+}
+
+/// How one received sequence number relates to the ones before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Seen {
+    /// The next one expected.
+    InOrder,
+    /// Later than expected: this many before it are missing (so far).
+    Ahead(u64),
+    /// Earlier than expected and never seen: it arrived out of order.
+    Reordered,
+    /// Seen before.
+    Duplicate,
+}
+
+/// Gaps larger than this are not tracked one by one (they count as lost).
+const MAX_TRACKED_GAP: u64 = 100_000;
+
+impl Continuity {
+    /// Records `seq`.
+    pub fn observe(&mut self, seq: u64) -> Seen {
+        if seq == self.expected {
+            self.expected += 1;
+            return Seen::InOrder;
+        }
+        if seq > self.expected {
+            let gap = seq - self.expected;
+            if gap <= MAX_TRACKED_GAP {
+                self.missing.extend(self.expected..seq);
+            }
+            self.expected = seq + 1;
+            return Seen::Ahead(gap);
+        }
+        if self.missing.remove(&seq) {
+            Seen::Reordered
+        } else {
+            Seen::Duplicate
+        }
+    }
+
+    /// Sequence numbers skipped and never received.
+    pub fn lost(&self) -> u64 {
+        self.missing.len() as u64
+    }
+}
+
+#[cfg(test)]
+mod continuity_tests {
+    use super::*;
+
+    #[test]
+    fn classifies_every_case() {
+        let mut c = Continuity::default();
+        assert_eq!(c.observe(0), Seen::InOrder);
+        assert_eq!(c.observe(1), Seen::InOrder);
+        assert_eq!(c.observe(1), Seen::Duplicate);
+        assert_eq!(c.observe(4), Seen::Ahead(2));
+        assert_eq!(c.lost(), 2);
+        assert_eq!(c.observe(2), Seen::Reordered);
+        assert_eq!(c.lost(), 1);
+        assert_eq!(c.observe(2), Seen::Duplicate);
+        assert_eq!(c.observe(5), Seen::InOrder);
+        assert_eq!(c.expected, 6);
+    }
+}

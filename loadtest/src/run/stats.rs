@@ -24,6 +24,8 @@ pub enum ErrorKind {
     Timeout,
     /// A message had the wrong session, order or bytes.
     Corrupt,
+    /// A resume was refused (HTTP 410): continuity was lost.
+    ResumeRefused,
 }
 
 /// One worker's (or the run's) counts.
@@ -45,6 +47,14 @@ pub struct Tally {
     pub close_codes: BTreeMap<u16, u64>,
     /// Churn: time from starting to reconnect to the first answered message.
     pub reconnect: Histogram<u64>,
+    /// Churn with resume: messages never received.
+    pub lost: u64,
+    /// Churn with resume: messages received twice.
+    pub duplicated: u64,
+    /// Churn with resume: messages received after a later one.
+    pub reordered: u64,
+    /// Churn with resume: successful resumes.
+    pub resumes: u64,
 }
 
 impl Default for Tally {
@@ -72,6 +82,10 @@ impl Tally {
             errors: BTreeMap::new(),
             close_codes: BTreeMap::new(),
             reconnect: histogram(),
+            lost: 0,
+            duplicated: 0,
+            reordered: 0,
+            resumes: 0,
         }
     }
 
@@ -95,6 +109,10 @@ impl Tally {
         self.messages += other.messages;
         self.bytes += other.bytes;
         self.connections_ok += other.connections_ok;
+        self.lost += other.lost;
+        self.duplicated += other.duplicated;
+        self.reordered += other.reordered;
+        self.resumes += other.resumes;
         for (k, v) in &other.errors {
             *self.errors.entry(*k).or_default() += v;
         }
@@ -156,6 +174,14 @@ pub struct Summary {
     pub reconnect_p50_us: u64,
     /// Churn: 99th percentile of the same, µs.
     pub reconnect_p99_us: u64,
+    /// Churn with resume: successful resumes.
+    pub resumes: u64,
+    /// Churn with resume: messages never received.
+    pub lost: u64,
+    /// Churn with resume: messages received twice.
+    pub duplicated: u64,
+    /// Churn with resume: messages received after a later one.
+    pub reordered: u64,
 }
 
 impl Summary {
@@ -171,6 +197,7 @@ impl Summary {
             ErrorKind::Disconnected,
             ErrorKind::Timeout,
             ErrorKind::Corrupt,
+            ErrorKind::ResumeRefused,
         ] {
             errors.insert(k, t.errors.get(&k).copied().unwrap_or(0));
         }
@@ -209,6 +236,10 @@ impl Summary {
             reconnects: t.reconnect.len(),
             reconnect_p50_us: q(&t.reconnect, 0.5),
             reconnect_p99_us: q(&t.reconnect, 0.99),
+            resumes: t.resumes,
+            lost: t.lost,
+            duplicated: t.duplicated,
+            reordered: t.reordered,
         }
     }
 
@@ -251,8 +282,12 @@ impl Summary {
         ));
         if self.reconnects > 0 {
             s.push_str(&format!(
-                "reconnect µs    p50 {}  p99 {}  ({} reconnections)\n",
-                self.reconnect_p50_us, self.reconnect_p99_us, self.reconnects
+                "reconnect µs    p50 {}  p99 {}  ({} reconnections, {} resumed)\n",
+                self.reconnect_p50_us, self.reconnect_p99_us, self.reconnects, self.resumes
+            ));
+            s.push_str(&format!(
+                "continuity      lost {}  duplicated {}  reordered {}\n",
+                self.lost, self.duplicated, self.reordered
             ));
         }
         s.push_str(&format!(
