@@ -92,16 +92,9 @@ pub(crate) async fn handle(
         return unavailable(shared, "no_backend", "no backend link available\n");
     };
     let open = session_open(&req, peer, subprotocol.as_deref(), shared);
-    let (response, upgrade) = match fastwebsockets::upgrade::upgrade(&mut req) {
+    let (response, upgrade) = match ws_upgrade(&mut req, shared) {
         Ok(pair) => pair,
-        Err(e) => {
-            return refuse(
-                shared,
-                StatusCode::BAD_REQUEST,
-                "bad_request",
-                &format!("invalid WebSocket upgrade: {e}\n"),
-            );
-        }
+        Err(refusal) => return *refusal,
     };
     let (mut parts, _) = response.into_parts();
     if let Some(p) = &subprotocol {
@@ -136,6 +129,28 @@ pub(crate) async fn handle(
     .instrument(span);
     shared.tracker.spawn(fut);
     Response::from_parts(parts, Body::default())
+}
+
+/// The 101 response to send, and the future of the upgraded connection.
+type Upgrading = (
+    Response<http_body_util::Empty<Bytes>>,
+    fastwebsockets::upgrade::UpgradeFut,
+);
+
+/// Validates the WebSocket handshake: the 101 response to send and the
+/// future of the upgraded connection, or a 400 answer.
+fn ws_upgrade(
+    req: &mut Request<hyper::body::Incoming>,
+    shared: &Shared,
+) -> Result<Upgrading, Box<Response<Body>>> {
+    fastwebsockets::upgrade::upgrade(req).map_err(|e| {
+        Box::new(refuse(
+            shared,
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            &format!("invalid WebSocket upgrade: {e}\n"),
+        ))
+    })
 }
 
 /// What the client asked for about resume.
@@ -197,16 +212,9 @@ async fn resume(
     let Some(session) = shared.resume.lookup(&token) else {
         return lost("unknown");
     };
-    let (response, upgrade) = match fastwebsockets::upgrade::upgrade(&mut req) {
+    let (response, upgrade) = match ws_upgrade(&mut req, shared) {
         Ok(pair) => pair,
-        Err(e) => {
-            return refuse(
-                shared,
-                StatusCode::BAD_REQUEST,
-                "bad_request",
-                &format!("invalid WebSocket upgrade: {e}\n"),
-            );
-        }
+        Err(refusal) => return *refusal,
     };
     let (reply_tx, reply_rx) = tokio::sync::oneshot::channel();
     let request = AttachRequest {

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Independent, strict backend for the gateway's link protocol (version 1).
+"""Independent, strict backend for the gateway's link protocol (versions 1 and 2).
 
 Written only from protocol/README.md and protocol/proto/wsgw/v1/link.proto,
 using nothing but the Python standard library: the protobuf wire format is
@@ -10,13 +10,24 @@ It implements the README's "Checklist for a backend implementation":
 
   1. listen on TCP, read length-prefixed frames (``--framing varint|u32be``),
      refuse bodies above ``--max-frame`` before reading them;
-  2. expect ``hello`` first, answer ``hello_ack{version: 1}`` (or
-     ``version: 0`` plus an error, then close, when 1 is not in the range);
+  2. expect ``hello`` first, answer ``hello_ack`` with the highest version it
+     speaks (2, else 1) within the gateway's ``[min_version, max_version]``
+     (or ``version: 0`` plus an error, then close, when neither is in it);
   3. answer every ``heartbeat{ack: false}`` with ``heartbeat{same nonce,
      ack: true}`` (and send its own heartbeat every ``--heartbeat`` seconds);
   4. keep a table of open sessions per link;
   5. send ``data`` only for open sessions;
   6. ignore frames for sessions it closed itself; skip unknown fields.
+
+Version 2 adds two gateway -> backend frame kinds, ``detached`` (the client's
+connection was lost and the session waits ``grace_ms`` for a resume) and
+``attached`` (the client resumed; ``replayed`` backend messages were sent
+again). Neither changes the session's state: it stays open, and the backend
+keeps echoing and pushing to it (the gateway buffers while it is detached).
+Both are recorded for ``cmd:stats``. On a link that negotiated version 1,
+receiving either one is a protocol violation; for an unknown session they
+are treated like any other session frame (ignored if they crossed our own
+``close``, a violation otherwise).
 
 It is *strict* about what the gateway sends: every protocol violation is
 printed to stderr as ``PROTOCOL VIOLATION: ...``, counted, and the link is
@@ -32,6 +43,8 @@ Behaviour per session:
   ``cmd:close:CODE[:REASON]``  send ``close{CODE, REASON}``, forget the session
   ``cmd:push:N``               send N binary messages ``push-0`` .. ``push-N-1``
   ``cmd:stats``                reply (text) with a JSON object, see ``stats()``
+                               (includes ``detaches``, ``attaches`` and the
+                               last 100 ``events``)
   ``cmd:big:N``                send one binary message of N bytes (``x`` * N)
   ``cmd:badutf8``              send a text ``data`` whose payload is not UTF-8
                                (the gateway must close the session with 1011
@@ -68,7 +81,11 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-PROTOCOL_VERSION = 1
+# Protocol versions this backend speaks; the handshake picks the highest one
+# the gateway offers. Version 2 adds the gateway -> backend frame kinds in
+# V2_KINDS; version 1 has only the original six.
+SUPPORTED_VERSIONS = (1, 2)
+V2_KINDS = frozenset({"detached", "attached"})
 DEFAULT_MAX_FRAME = 1_052_672  # 1 MiB + 4 KiB, the README's default
 BACKEND_ID = "tests/interop/backend.py"
 
@@ -393,7 +410,51 @@ class Heartbeat:
         return m
 
 
-# Frame.body oneof: field number -> (name, message class)
+@dataclass
+class SessionDetached:
+    """Gateway -> backend, version 2: the client's connection was lost and the
+    session (still open) waits up to ``grace_ms`` for the client to resume."""
+    reason: str = ""
+    grace_ms: int = 0
+
+    def encode(self) -> bytes:
+        return enc_str(1, self.reason) + enc_uint(2, self.grace_ms)
+
+    @classmethod
+    def decode(cls, buf: bytes) -> "SessionDetached":
+        m = cls()
+        for fno, wt, v in iter_fields(buf):
+            if fno == 1:
+                _want(fno, wt, WT_LEN, "SessionDetached"); m.reason = _utf8(v, "SessionDetached.reason")
+            elif fno == 2:
+                _want(fno, wt, WT_VARINT, "SessionDetached"); m.grace_ms = v
+        return m
+
+
+@dataclass
+class SessionAttached:
+    """Gateway -> backend, version 2: the client resumed the session from
+    ``remote_addr``; ``replayed`` backend messages were sent to it again."""
+    remote_addr: str = ""
+    replayed: int = 0
+
+    def encode(self) -> bytes:
+        return enc_str(1, self.remote_addr) + enc_uint(2, self.replayed)
+
+    @classmethod
+    def decode(cls, buf: bytes) -> "SessionAttached":
+        m = cls()
+        for fno, wt, v in iter_fields(buf):
+            if fno == 1:
+                _want(fno, wt, WT_LEN, "SessionAttached"); m.remote_addr = _utf8(v, "SessionAttached.remote_addr")
+            elif fno == 2:
+                _want(fno, wt, WT_VARINT, "SessionAttached"); m.replayed = v
+        return m
+
+
+# Frame.body oneof: field number -> (name, message class). Fields 8 and 9
+# exist only in version 2 (see V2_KINDS); a version-1 peer would see them as
+# a body-less frame.
 BODY_FIELDS = {
     2: ("hello", Hello),
     3: ("hello_ack", HelloAck),
@@ -401,6 +462,8 @@ BODY_FIELDS = {
     5: ("data", Data),
     6: ("close", SessionClose),
     7: ("heartbeat", Heartbeat),
+    8: ("detached", SessionDetached),
+    9: ("attached", SessionAttached),
 }
 BODY_NUMBERS = {name: (no, cls) for no, (name, cls) in BODY_FIELDS.items()}
 
@@ -489,6 +552,17 @@ async def read_prefix(reader: asyncio.StreamReader, framing: str) -> int | None:
 # ---------------------------------------------------------------------------
 
 
+def choose_version(min_version: int, max_version: int) -> tuple[int, str]:
+    """The version to answer a ``hello`` offering ``[min_version, max_version]``
+    with: the highest one we speak in that range, and "" -- or ``(0, error)``
+    when there is none (the caller then sends that and closes the link)."""
+    common = [v for v in SUPPORTED_VERSIONS if min_version <= v <= max_version]
+    if common:
+        return max(common), ""
+    return 0, (f"no common version: gateway speaks [{min_version}, {max_version}], "
+               f"backend speaks {', '.join(map(str, SUPPORTED_VERSIONS))}")
+
+
 class ProtocolViolation(Exception):
     """The gateway broke the link protocol; the link must be closed."""
 
@@ -512,6 +586,11 @@ class Backend:
         self.heartbeats_received = 0
         self.heartbeats_sent = 0
         self.heartbeat_acks = 0     # answers to our own heartbeats
+        self.detaches = 0           # `detached` frames received (version 2)
+        self.attaches = 0           # `attached` frames received (version 2)
+        # the last 100 [kind, session_id, detail] for detached/attached, where
+        # detail is the detach reason or the number of replayed messages
+        self.events: collections.deque = collections.deque(maxlen=100)
         self._link_ids = itertools.count(1)
         self.stopping = False
 
@@ -530,6 +609,11 @@ class Backend:
             "heartbeats_received": self.heartbeats_received,
             "heartbeats_sent": self.heartbeats_sent,
             "heartbeat_acks": self.heartbeat_acks,
+            "detaches": self.detaches,
+            "attaches": self.attaches,
+            # [kind, session_id, detail]: detail is the reason of a "detached",
+            # the replayed count of an "attached"
+            "events": [list(e) for e in self.events],
             "framing": self.framing,
         }
 
@@ -559,6 +643,7 @@ class Link:
         self.closed_by_us: set[int] = set()    # late frames for these: ignore
         self.closed_by_peer: set[int] = set()  # frames for these: violation
         self.hello: Hello | None = None
+        self.version = 0  # negotiated in the handshake (0 until then)
         self.pending_nonces: set[int] = set()
         self.nonces = itertools.count(1)
         self.task: asyncio.Task | None = None
@@ -667,12 +752,13 @@ class Link:
         self.hello = h
         self.log(f"hello from gateway {h.gateway_id!r} link_index={h.link_index} "
                  f"versions [{h.min_version}, {h.max_version}]")
-        if not h.min_version <= PROTOCOL_VERSION <= h.max_version:
-            err = (f"no common version: gateway speaks [{h.min_version}, {h.max_version}], "
-                   f"backend speaks {PROTOCOL_VERSION}")
+        version, err = choose_version(h.min_version, h.max_version)
+        if not version:
             await self.send(Frame(0, "hello_ack", HelloAck(0, BACKEND_ID, err)))
             raise self.violation(f"bad hello range: {err}")
-        await self.send(Frame(0, "hello_ack", HelloAck(PROTOCOL_VERSION, BACKEND_ID)))
+        self.version = version
+        await self.send(Frame(0, "hello_ack", HelloAck(version, BACKEND_ID)))
+        self.log(f"speaking version {version}")
 
     async def on_frame(self, frame: Frame) -> None:
         sid, kind, body = frame.session_id, frame.kind, frame.body
@@ -680,6 +766,8 @@ class Link:
             raise self.violation(f"body-less frame (session_id {sid})")
         if kind in ("hello", "hello_ack"):
             raise self.violation(f"unexpected {kind} after the handshake")
+        if kind in V2_KINDS and self.version < 2:
+            raise self.violation(f"{kind} frame (session_id {sid}) on a version-{self.version} link")
         if kind == "heartbeat":
             if sid != 0:
                 raise self.violation(f"heartbeat with session_id {sid}")
@@ -693,7 +781,7 @@ class Link:
                 self.b.heartbeats_received += 1
                 await self.send(Frame(0, "heartbeat", Heartbeat(body.nonce, True)))
             return
-        # open / data / close: session frames
+        # open / data / close / detached / attached: session frames
         if sid == 0:
             raise self.violation(f"{kind} with session_id 0")
         if sid in self.closed_by_peer:
@@ -725,6 +813,23 @@ class Link:
             self.b.closes.append((sid, body.code, body.reason))
             if self.b.verbose:
                 self.log(f"close session {sid}: {body.code} {body.reason!r}")
+            return
+        if kind == "detached":
+            # The session stays open: we keep echoing and pushing to it, and
+            # the gateway buffers that for the client's resume.
+            assert isinstance(body, SessionDetached)
+            self.b.detaches += 1
+            self.b.events.append(("detached", sid, body.reason))
+            if self.b.verbose:
+                self.log(f"session {sid} detached ({body.reason!r}, grace {body.grace_ms} ms)")
+            return
+        if kind == "attached":
+            assert isinstance(body, SessionAttached)
+            self.b.attaches += 1
+            self.b.events.append(("attached", sid, body.replayed))
+            if self.b.verbose:
+                self.log(f"session {sid} attached from {body.remote_addr}, "
+                         f"{body.replayed} message(s) replayed")
             return
         assert kind == "data" and isinstance(body, Data)
         if body.text:
@@ -869,9 +974,9 @@ def self_test() -> int:
     assert Frame.decode(h("08 07")).kind is None
 
     # Unknown fields of every wire type are skipped, in Frame and in Data:
-    # varint (f9), i64 (f10), len (f11), group (f12, containing a varint),
-    # i32 (f13).
-    unknown = h("48 96 01" "51 0102030405060708" "5a 03 616263" "63 08 01 64" "6d 01020304")
+    # varint (f10), i64 (f11), len (f12), group (f13, containing a varint),
+    # i32 (f14). (Fields 8 and 9 of Frame are known since version 2.)
+    unknown = h("50 96 01" "59 0102030405060708" "62 03 616263" "6b 08 01 6c" "75 01020304")
     f = Frame.decode(unknown + h("08 05") + unknown + h("2a 09") + unknown[:3] + h("0a 02 68 69 10 01"))
     assert f == frame, f
     f = Frame.decode(h("2a") + encode_varint(len(unknown) + 4) + unknown + h("0a 02 68 69"))
@@ -915,9 +1020,39 @@ def self_test() -> int:
         Frame((1 << 64) - 1, "close", SessionClose(4999, "bye ✓")),
         Frame(0, "heartbeat", Heartbeat((1 << 64) - 1, True)),
         Frame(0, "heartbeat", Heartbeat(0, False)),
+        Frame(42, "detached", SessionDetached("ping timeout", 30_000)),
+        Frame(42, "detached", SessionDetached("", 0)),  # empty body: `42 00`
+        Frame(42, "attached", SessionAttached("10.0.0.7:40000", 3)),
+        Frame(42, "attached", SessionAttached("", (1 << 64) - 1)),
     ]
     for s in samples:
         assert Frame.decode(s.encode()) == s, s
+
+    # The version-2 messages, byte for byte: field 8/9 of Frame, and their
+    # own fields (string 1, uint64 2).
+    f = Frame(5, "detached", SessionDetached("lost", 1000))
+    assert f.encode() == h("08 05 42 09 0a 04 6c 6f 73 74 10 e8 07"), f.encode().hex(" ")
+    f = Frame(5, "attached", SessionAttached("a:1", 2))
+    assert f.encode() == h("08 05 4a 07 0a 03 61 3a 31 10 02"), f.encode().hex(" ")
+    assert Frame.decode(h("08 05 42 00")) == Frame(5, "detached", SessionDetached())
+    assert Frame.decode(h("08 05 4a 00")) == Frame(5, "attached", SessionAttached())
+    # A wrong wire type for a known field is malformed.
+    for bad in ("40 01", "48 01", "42 02 08 00", "42 02 12 00", "4a 02 08 01", "4a 02 12 00"):
+        try:
+            Frame.decode(h(bad))
+        except DecodeError:
+            pass
+        else:
+            raise AssertionError(f"accepted malformed frame {bad}")
+
+    # Version choice: the highest version we speak within the offered range.
+    assert choose_version(1, 2) == (2, "")
+    assert choose_version(1, 1) == (1, "")
+    assert choose_version(2, 3) == (2, "")
+    assert choose_version(2, 2) == (2, "")
+    for lo, hi in ((3, 4), (0, 0), (2, 1)):
+        v, err = choose_version(lo, hi)
+        assert v == 0 and "no common version" in err, (lo, hi, v, err)
     print("self-test OK")
     return 0
 

@@ -157,6 +157,19 @@ impl TestBackend {
         .await
     }
 
+    /// Waits for the next data frame of `session`; returns its payload.
+    pub async fn next_data(&mut self, session: u64) -> Bytes {
+        self.wait_for(|e| match e {
+            Event::Data {
+                session: s,
+                payload,
+                ..
+            } if *s == session => Some(payload.clone()),
+            _ => None,
+        })
+        .await
+    }
+
     /// Waits for the gateway's close of `session`: (code, reason).
     pub async fn wait_close(&mut self, session: u64) -> (u32, String) {
         self.wait_for(|e| match e {

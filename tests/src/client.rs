@@ -19,17 +19,7 @@ use tokio::net::TcpStream;
 
 pub type Ws = WebSocket<TokioIo<Upgraded>>;
 
-struct SpawnExecutor;
-
-impl<Fut> hyper::rt::Executor<Fut> for SpawnExecutor
-where
-    Fut: std::future::Future + Send + 'static,
-    Fut::Output: Send + 'static,
-{
-    fn execute(&self, fut: Fut) {
-        tokio::spawn(fut);
-    }
-}
+use loadtest::run::conn::SpawnExecutor;
 
 /// TLS client configuration trusting exactly the CA in `ca`.
 pub fn tls_config(ca: &Path) -> Arc<rustls::ClientConfig> {

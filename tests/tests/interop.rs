@@ -97,3 +97,42 @@ async fn python_backend_varint_framing() {
 async fn python_backend_u32be_framing() {
     run("u32be").await;
 }
+
+/// Protocol version 2 with the independent backend: it sees a resumable
+/// session detach and attach, and nothing it considers a violation.
+#[tokio::test(flavor = "multi_thread")]
+async fn python_backend_sees_detach_and_attach() {
+    let (backend, addr) = python_backend("varint");
+    let gw = Gateway::start(GatewayOpts::new(addr));
+    gw.wait_ready(T).await;
+    let resume = |v: String| Connect {
+        headers: vec![("X-Wsgw-Resume", v)],
+        ..Connect::default()
+    };
+    let (ws, resp) = client::connect(gw.ws.unwrap(), "/ws", &resume("new".into()))
+        .await
+        .unwrap();
+    let token = resp.headers()["x-wsgw-resume"].to_str().unwrap().to_owned();
+    let mut c = Client::from_ws(ws);
+    c.send_text("before").await;
+    assert_eq!(c.recv_within(T).await, Some(Msg::Text("before".into())));
+    drop(c);
+    let start = std::time::Instant::now();
+    while gw.metric("gateway_sessions_detached").await < 1.0 {
+        assert!(start.elapsed() < T, "the session did not detach");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut opts = resume(token);
+    opts.headers.push(("X-Wsgw-Received", "1".into()));
+    let (ws, resp) = client::connect(gw.ws.unwrap(), "/ws", &opts).await.unwrap();
+    assert_eq!(resp.headers()["x-wsgw-received"], "1");
+    let mut c = Client::from_ws(ws);
+    c.send_text("cmd:stats").await;
+    let Some(Msg::Text(stats)) = c.recv_within(T).await else {
+        panic!("no stats")
+    };
+    let stats: serde_json::Value = serde_json::from_str(&stats).unwrap();
+    assert_eq!(stats["detaches"], 1, "{stats}");
+    assert_eq!(stats["attaches"], 1, "{stats}");
+    assert_eq!(stats["violations"], 0, "{stats}\n{}", backend.stderr());
+}

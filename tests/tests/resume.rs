@@ -66,14 +66,7 @@ async fn a_lost_connection_resumes_with_nothing_lost_or_duplicated() {
     assert_eq!(c.recv_within(T).await, Some(Msg::Text("b1".into())));
     let mut got = 2u64;
     for want in ["c0", "c1"] {
-        let p = backend
-            .wait_for(|e| match e {
-                Event::Data {
-                    session, payload, ..
-                } if *session == s => Some(payload.clone()),
-                _ => None,
-            })
-            .await;
+        let p = backend.next_data(s).await;
         assert_eq!(&p[..], want.as_bytes());
     }
 
@@ -109,14 +102,7 @@ async fn a_lost_connection_resumes_with_nothing_lost_or_duplicated() {
 
     // Same session, same backend session id, still working both ways.
     c.send_text("c2").await;
-    let p = backend
-        .wait_for(|e| match e {
-            Event::Data {
-                session, payload, ..
-            } if *session == s => Some(payload.clone()),
-            _ => None,
-        })
-        .await;
+    let p = backend.next_data(s).await;
     assert_eq!(&p[..], b"c2");
 
     // The old credential is refused now: single use.

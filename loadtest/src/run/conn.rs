@@ -148,7 +148,8 @@ impl ServerCertVerifier for NoVerify {
     }
 }
 
-struct SpawnExecutor;
+/// Runs hyper's client connection tasks on the current tokio runtime.
+pub struct SpawnExecutor;
 
 impl<Fut> hyper::rt::Executor<Fut> for SpawnExecutor
 where
