@@ -106,6 +106,50 @@ pub(crate) enum ToClient {
 pub(crate) enum Evict {
     /// The session's mailbox overflowed.
     SlowConsumer,
+    /// The backend closed the session; its close is in the mailbox, after
+    /// any data that preceded it.
+    BackendClosed,
+}
+
+/// Why a session's route on its link is gone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Gone {
+    /// The mailbox overflowed: the session must end as a slow consumer.
+    SlowConsumer,
+    /// The backend closed the session (the close is in the mailbox).
+    BackendClosed,
+    /// The link ended.
+    LinkLost,
+}
+
+/// Watches for the route going away. Unlike a bare oneshot receiver it can
+/// be waited on again after it fired (it then never resolves), and it
+/// remembers what happened.
+pub(crate) struct EvictWatch {
+    rx: Option<oneshot::Receiver<Evict>>,
+    fired: Option<Gone>,
+}
+
+impl EvictWatch {
+    /// Resolves once, when the route goes. Cancel-safe.
+    pub(crate) async fn wait(&mut self) -> Gone {
+        let Some(rx) = self.rx.as_mut() else {
+            return std::future::pending().await;
+        };
+        let gone = match rx.await {
+            Ok(Evict::SlowConsumer) => Gone::SlowConsumer,
+            Ok(Evict::BackendClosed) => Gone::BackendClosed,
+            Err(_) => Gone::LinkLost,
+        };
+        self.rx = None;
+        self.fired = Some(gone);
+        gone
+    }
+
+    /// What happened, if the route is already known to be gone.
+    pub(crate) fn fired(&self) -> Option<Gone> {
+        self.fired
+    }
 }
 
 /// A session's receiving end on its link.
@@ -114,9 +158,8 @@ pub(crate) struct Mailbox {
     pub(crate) rx: mpsc::Receiver<ToClient>,
     /// Payload bytes in `rx`; the session subtracts what it has written.
     pub(crate) queued_bytes: Arc<AtomicUsize>,
-    /// Fires when the reader takes the session off the link; errors when
-    /// the link ends.
-    pub(crate) evict: oneshot::Receiver<Evict>,
+    /// Fires when the reader takes the session off the link.
+    pub(crate) evict: EvictWatch,
 }
 
 /// The reader's entry for one session.
@@ -258,7 +301,10 @@ impl LinkHandle {
         Ok(Mailbox {
             rx,
             queued_bytes,
-            evict: evict_rx,
+            evict: EvictWatch {
+                rx: Some(evict_rx),
+                fired: None,
+            },
         })
     }
 
@@ -663,7 +709,9 @@ fn dispatch(
     };
     match outcome {
         Ok(()) if is_close => {
-            routes.remove(&id);
+            if let Some(route) = routes.remove(&id) {
+                let _ = route.evict.send(Evict::BackendClosed);
+            }
         }
         Ok(()) => {}
         Err(slow) => {

@@ -57,6 +57,9 @@ impl Token {
 
 /// A resume attempt, handed from the upgrade handler to the session.
 pub(crate) struct AttachRequest {
+    /// The credential the client presented (it may have been replaced
+    /// since the upgrade handler looked it up).
+    pub(crate) token: Token,
     /// Backend messages the client says it has received.
     pub(crate) position: u64,
     /// The upgrade, to complete once the session accepted the request.
@@ -83,6 +86,9 @@ pub(crate) enum Refused {
     Gap,
     /// The client claims more messages than were ever sent.
     BadPosition,
+    /// The credential was replaced by another resume meanwhile, or the
+    /// request was no longer awaited.
+    Stale,
 }
 
 /// Live resumable sessions by credential.

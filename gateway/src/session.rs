@@ -33,7 +33,7 @@ use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use crate::close::{self, CloseReason};
-use crate::link::{cost_of, Evict, LinkHandle, Mailbox, ToClient, TrySend};
+use crate::link::{cost_of, Gone, LinkHandle, Mailbox, ToClient, TrySend};
 use crate::pool::Lease;
 use crate::resume::{AttachRequest, Attached, Refused, Ring, Token};
 use crate::{SessionId, Shared};
@@ -66,6 +66,8 @@ struct Carry {
     received: u64,
     /// Messages to write first on a resumed connection.
     replay: Vec<(Bytes, bool)>,
+    /// Resumable sessions: the credential currently valid.
+    token: Option<Token>,
 }
 
 /// How a session ended, and whether a close frame can still be written.
@@ -108,7 +110,7 @@ pub(crate) async fn run(ws: WebSocket<Io>, start: SessionStart, shared: Arc<Shar
     let link = start.lease.link().clone();
     shared.metrics.session_opened();
     debug!(link = link.index(), "session open");
-    let (mut token, mut attach_rx) = match start.resume {
+    let (token, mut attach_rx) = match start.resume {
         Some((t, rx)) => (Some(t), Some(rx)),
         None => (None, None),
     };
@@ -120,6 +122,7 @@ pub(crate) async fn run(ws: WebSocket<Io>, start: SessionStart, shared: Arc<Shar
             .map(|_| Ring::new(rc.buffer_messages, rc.buffer_bytes.bytes())),
         received: 0,
         replay: Vec::new(),
+        token,
     };
 
     let reason = match link.register(id) {
@@ -147,13 +150,21 @@ pub(crate) async fn run(ws: WebSocket<Io>, start: SessionStart, shared: Arc<Shar
                         .await;
                         // A resume taking over, or a lost connection of a
                         // resumable session: wait for (or serve) the resume.
-                        let request = match (end.takeover, &end.reason) {
+                        // A connection lost after the route went away cannot
+                        // be resumed: say why the session really ended.
+                        let reason = match (end.reason, mailbox.evict.fired()) {
+                            (CloseReason::ClientLost | CloseReason::ClientTimeout, Some(gone)) => {
+                                after_gone(&mut mailbox, gone)
+                            }
+                            (reason, _) => reason,
+                        };
+                        let request = match (end.takeover, &reason) {
                             (Some(req), _) => Ok(req),
                             (None, CloseReason::ClientLost | CloseReason::ClientTimeout)
                                 if attach_rx.is_some() =>
                             {
                                 Box::pin(detached(
-                                    &end.reason,
+                                    &reason,
                                     &mut carry,
                                     &mut mailbox,
                                     attach_rx.as_mut(),
@@ -163,14 +174,11 @@ pub(crate) async fn run(ws: WebSocket<Io>, start: SessionStart, shared: Arc<Shar
                                 ))
                                 .await
                             }
-                            (None, _) => Err(end.reason),
+                            (None, _) => Err(reason),
                         };
-                        let attached = match (request, token.as_mut()) {
-                            (Ok(req), Some(t)) => {
-                                Box::pin(attach(req, t, &mut carry, &link, id, &shared)).await
-                            }
-                            (Ok(_), None) => Err(CloseReason::ResumeLost("not resumable")),
-                            (Err(reason), _) => Err(reason),
+                        let attached = match request {
+                            Ok(req) => Box::pin(attach(req, &mut carry, &link, id, &shared)).await,
+                            Err(reason) => Err(reason),
                         };
                         match attached {
                             Ok(next) => ws = next,
@@ -182,7 +190,7 @@ pub(crate) async fn run(ws: WebSocket<Io>, start: SessionStart, shared: Arc<Shar
         }
     };
 
-    if let Some(t) = &token {
+    if let Some(t) = &carry.token {
         shared.resume.remove(t);
     }
     if let Some((code, why)) = reason.to_backend() {
@@ -206,6 +214,35 @@ pub(crate) async fn run(ws: WebSocket<Io>, start: SessionStart, shared: Arc<Shar
         debug!(reason = label, detail = ?reason, "session closed");
     }
     drop(start.lease);
+}
+
+/// The session's final reason once its route on the link is gone and its
+/// client connection too: the backend's close if that is why (it waits in
+/// the mailbox), else the eviction's.
+fn after_gone(mailbox: &mut Mailbox, gone: Gone) -> CloseReason {
+    match gone {
+        Gone::SlowConsumer => CloseReason::SlowConsumer,
+        Gone::LinkLost => CloseReason::LinkLost,
+        Gone::BackendClosed => {
+            while let Ok(msg) = mailbox.rx.try_recv() {
+                if let ToClient::Close { code, reason } = msg {
+                    return CloseReason::BackendClosed { code, reason };
+                }
+            }
+            CloseReason::LinkLost
+        }
+    }
+}
+
+/// A resume request that must not touch the session: it presents a
+/// credential already replaced, or its requester stopped waiting. It is
+/// refused (410) and dropped.
+fn stale(req: AttachRequest, token: Option<&Token>) -> Option<AttachRequest> {
+    if req.reply.is_closed() || token != Some(&req.token) {
+        let _ = req.reply.send(Err(Refused::Stale));
+        return None;
+    }
+    Some(req)
 }
 
 /// Serves one client connection of the session, including its close.
@@ -263,12 +300,25 @@ async fn detached(
     shared: &Shared,
 ) -> Result<AttachRequest, CloseReason> {
     let rc = &shared.config.resume;
-    let Carry { ring, pending, .. } = carry;
+    let grace = tokio::time::sleep(rc.grace);
+    let mut grace = pin!(grace);
+    let Carry {
+        ring,
+        pending,
+        token,
+        ..
+    } = carry;
     let (Some(ring), Some(attach_rx)) = (ring.as_mut(), attach_rx) else {
         return Err(why.clone());
     };
     let budget = &shared.detached;
-    if !budget.try_detach(ring.bytes(), rc.max_detached, rc.max_detached_bytes.bytes()) {
+    // A pending client message is held too, until the link takes it.
+    let pending_bytes = pending.as_ref().map_or(0, |f| cost_of(f) as usize);
+    if !budget.try_detach(
+        ring.bytes() + pending_bytes,
+        rc.max_detached,
+        rc.max_detached_bytes.bytes(),
+    ) {
         return Err(CloseReason::ResumeLost(
             "gateway holds too many detached sessions",
         ));
@@ -281,12 +331,13 @@ async fn detached(
             _ => "client connection lost",
         };
         let frame = Frame::detached(id.0, why, grace_ms);
-        if let Ok(slot) = link.reserve(cost_of(&frame)).await {
+        // Advisory: not worth more than a short wait on a stuck link.
+        if let Ok(Ok(slot)) =
+            tokio::time::timeout(Duration::from_secs(1), link.reserve(cost_of(&frame))).await
+        {
             slot.send(frame);
         }
     }
-    let grace = tokio::time::sleep(rc.grace);
-    let mut grace = pin!(grace);
     let mut draining = pin!(shared.drain.notified());
     let outcome = loop {
         if shared.shutdown.is_cancelled() {
@@ -294,10 +345,12 @@ async fn detached(
         }
         tokio::select! {
             biased;
-            ev = &mut mailbox.evict => break Err(match ev {
-                Ok(Evict::SlowConsumer) => CloseReason::SlowConsumer,
-                Err(_) => CloseReason::LinkLost,
-            }),
+                        gone = mailbox.evict.wait() => match gone {
+                Gone::SlowConsumer => break Err(CloseReason::SlowConsumer),
+                Gone::LinkLost => break Err(CloseReason::LinkLost),
+                // Its close is in the mailbox, right behind its data.
+                Gone::BackendClosed => continue,
+            },
             _ = &mut draining => break Err(CloseReason::Shutdown),
             // A client message accepted before the loss still goes out.
             slot = link.reserve(pending.as_ref().map_or(0, cost_of)), if pending.is_some() => {
@@ -306,8 +359,12 @@ async fn detached(
                     _ => break Err(CloseReason::LinkLost),
                 }
             }
-            req = attach_rx.recv() => match req {
-                Some(req) => break Ok(req),
+                        req = attach_rx.recv() => match req {
+                Some(req) => {
+                    if let Some(req) = stale(req, token.as_ref()) {
+                        break Ok(req);
+                    }
+                }
                 None => break Err(CloseReason::ResumeLost("resume channel closed")),
             },
             msg = mailbox.rx.recv() => match msg {
@@ -331,7 +388,7 @@ async fn detached(
             _ = &mut grace => break Err(CloseReason::ResumeLost("client did not resume within resume.grace")),
         }
     };
-    budget.release(ring.bytes());
+    budget.release(ring.bytes() + pending_bytes);
     shared.metrics.detached(-1);
     outcome
 }
@@ -340,24 +397,23 @@ async fn detached(
 /// answers the upgrade handler, and returns the new connection.
 async fn attach(
     req: AttachRequest,
-    token: &mut Token,
     carry: &mut Carry,
     link: &LinkHandle,
     id: SessionId,
     shared: &Shared,
 ) -> Result<WebSocket<Io>, CloseReason> {
     shared.metrics.resume_attempt();
-    let Some(ring) = carry.ring.as_ref() else {
+    let Some(req) = stale(req, carry.token.as_ref()) else {
+        return Err(CloseReason::ResumeLost(
+            "a stale resume arrived while the connection was lost",
+        ));
+    };
+    let (Some(ring), Some(token)) = (carry.ring.as_ref(), carry.token.as_mut()) else {
         return Err(CloseReason::ResumeLost("not resumable"));
     };
     let missed = match ring.since(req.position) {
         Ok(m) => m,
         Err(refused) => {
-            let label = match refused {
-                Refused::Gap => "gap",
-                Refused::BadPosition => "bad_position",
-            };
-            shared.metrics.resume_refused(label);
             let _ = req.reply.send(Err(refused));
             return Err(CloseReason::ResumeLost(
                 "the client resumed from a position no longer held",
@@ -390,7 +446,9 @@ async fn attach(
     shared.metrics.resume_succeeded(missed.len() as u64);
     if link.version() >= 2 {
         let frame = Frame::attached(id.0, req.peer.to_string(), missed.len() as u64);
-        if let Ok(slot) = link.reserve(cost_of(&frame)).await {
+        if let Ok(Ok(slot)) =
+            tokio::time::timeout(Duration::from_secs(1), link.reserve(cost_of(&frame))).await
+        {
             slot.send(frame);
         }
     }
@@ -491,23 +549,28 @@ async fn relay(
         }
         tokio::select! {
             biased;
-            ev = &mut mailbox.evict => {
-                match ev {
-                    Ok(Evict::SlowConsumer) => break End::clean(CloseReason::SlowConsumer),
-                    // The link is gone: deliver what it had already queued,
-                    // then close with "reconnect".
-                    Err(_) => break Box::pin(drain_after_link_loss(writer, mailbox, carry.ring.as_mut(), max_message, cfg.ping_timeout)).await,
+                        gone = mailbox.evict.wait() => {
+                match gone {
+                    Gone::SlowConsumer => break End::clean(CloseReason::SlowConsumer),
+                                        // The route is gone: deliver what was already queued,
+                    // which ends with the backend's close if that is why;
+                    // else close with "reconnect".
+                    Gone::BackendClosed | Gone::LinkLost => break Box::pin(drain_after_link_loss(writer, mailbox, carry.ring.as_mut(), max_message, cfg.ping_timeout)).await,
                 }
             }
             _ = &mut draining => break End::clean(CloseReason::Shutdown),
             req = recv_attach(&mut attach_rx), if attach_rx.is_some() => {
-                if let Some(req) = req {
+                                match req {
                     // Single use per attach: the newer connection wins.
-                    let mut end = End::clean(CloseReason::TakenOver);
-                    end.takeover = Some(req);
-                    break end;
+                    Some(req) => {
+                        if let Some(req) = stale(req, carry.token.as_ref()) {
+                            let mut end = End::clean(CloseReason::TakenOver);
+                            end.takeover = Some(req);
+                            break end;
+                        }
+                    }
+                    None => attach_rx = None,
                 }
-                attach_rx = None;
             }
             msg = mailbox.rx.recv() => {
                 let Some(msg) = msg else {
@@ -515,11 +578,12 @@ async fn relay(
                     continue;
                 };
                 let mut res = Box::pin(deliver_first(writer, msg, mailbox, carry.ring.as_mut(), max_message, cfg.ping_timeout)).await;
-                // A lost link ends the session whatever else happened (and
-                // its eviction channel has then been used up).
-                if res.link_lost {
-                    if res.take_end().is_err() {
-                        break End::broken(CloseReason::LinkLost);
+                                // The route went away during the write: deliver the rest of
+                // what was queued (see above). A client lost meanwhile is
+                // sorted out by the caller.
+                if res.then_drain {
+                    if let Err(e) = res.take_end() {
+                        break e;
                     }
                     break Box::pin(drain_after_link_loss(writer, mailbox, carry.ring.as_mut(), max_message, cfg.ping_timeout)).await;
                 }
@@ -544,7 +608,7 @@ async fn relay(
                         break ws_error_end(e);
                     }
                 };
-                match on_client_frame(frame, &mut assembler, writer, id, max_message).await {
+                match on_client_frame(frame, &mut assembler, writer, id, max_message, cfg.ping_timeout).await {
                     Ok(None) => {}
                     Ok(Some(out)) => {
                         carry.received += 1;
@@ -567,8 +631,14 @@ async fn relay(
             }
             // The timer is re-armed only when it fires, not per message:
             // it then looks at when the client was last heard from.
-            _ = &mut ping_timer => {
+                        _ = &mut ping_timer => {
                 let now = Instant::now();
+                // While the client is paused for backpressure its pongs are
+                // not read either: its liveness is not judged meanwhile.
+                if carry.pending.is_some() {
+                    last_heard = now;
+                    ping_sent = false;
+                }
                 if now < last_heard + cfg.ping_interval {
                     ping_timer.as_mut().reset(last_heard + cfg.ping_interval);
                     continue;
@@ -669,7 +739,9 @@ async fn recv_attach(rx: &mut Option<&mut mpsc::Receiver<AttachRequest>>) -> Opt
 /// Result of writing a batch of backend messages to the client.
 struct Delivered {
     end: Option<End>,
-    link_lost: bool,
+    /// The session's route went away during the write: what is queued is
+    /// all there will be.
+    then_drain: bool,
 }
 
 impl Delivered {
@@ -693,6 +765,14 @@ async fn deliver_first(
     max_message: usize,
     write_timeout: Duration,
 ) -> Delivered {
+    // A resumable session whose client stops taking data detaches (it may
+    // be a dead connection that a resume will replace); others are slow
+    // consumers.
+    let stalled = if ring.is_some() {
+        CloseReason::ClientTimeout
+    } else {
+        CloseReason::SlowConsumer
+    };
     let Mailbox {
         rx,
         queued_bytes,
@@ -722,26 +802,26 @@ async fn deliver_first(
     let mut write = pin!(write);
     let timer = tokio::time::sleep(write_timeout);
     let mut timer = pin!(timer);
-    let mut link_lost = false;
+    let mut then_drain = false;
     loop {
         tokio::select! {
             biased;
             r = &mut write => {
-                return Delivered { end: r.err(), link_lost };
+                return Delivered { end: r.err(), then_drain };
             }
-            ev = &mut *evict, if !link_lost => {
-                match ev {
+            gone = evict.wait(), if !then_drain => {
+                match gone {
                     // The client is not reading: abandon the write (the
                     // stream is now mid-frame, so no close frame can follow).
-                    Ok(Evict::SlowConsumer) => {
-                        return Delivered { end: Some(End::broken(CloseReason::SlowConsumer)), link_lost };
+                    Gone::SlowConsumer => {
+                        return Delivered { end: Some(End::broken(CloseReason::SlowConsumer)), then_drain };
                     }
-                    // Finish this write; the caller closes with 1012 after.
-                    Err(_) => link_lost = true,
+                    // Finish this write; the caller delivers the rest.
+                    Gone::BackendClosed | Gone::LinkLost => then_drain = true,
                 }
             }
             _ = &mut timer => {
-                return Delivered { end: Some(End::broken(CloseReason::SlowConsumer)), link_lost };
+                return Delivered { end: Some(End::broken(stalled)), then_drain };
             }
         }
     }
@@ -859,6 +939,7 @@ async fn on_client_frame(
     writer: &mut Writer,
     id: SessionId,
     max_message: usize,
+    write_timeout: Duration,
 ) -> Result<Option<Frame>, End> {
     // RFC 6455 5.5: control frames carry at most 125 bytes. fastwebsockets
     // checks this for pings only.
@@ -875,8 +956,11 @@ async fn on_client_frame(
                     .await?;
                 writer.flush().await
             };
-            pong.await
-                .map_err(|_| End::broken(CloseReason::ClientLost))?;
+            match Box::pin(tokio::time::timeout(write_timeout, pong)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return Err(End::broken(CloseReason::ClientLost)),
+                Err(_) => return Err(End::broken(CloseReason::ClientTimeout)),
+            }
             Ok(None)
         }
         OpCode::Pong => Ok(None),

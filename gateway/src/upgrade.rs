@@ -25,7 +25,12 @@ pub(crate) type Body = Full<Bytes>;
 
 /// Forwarded headers are capped so that a `SessionOpen` always fits in a
 /// backend frame (see `config::FRAME_OVERHEAD`).
-const MAX_FORWARDED_HEADER_BYTES: usize = 2048;
+const MAX_FORWARDED_HEADER_BYTES: usize = 1024;
+
+/// Longest request target (path and query) accepted; with the forwarded
+/// headers and the remote address it keeps `SessionOpen` within
+/// `config::FRAME_OVERHEAD`.
+const MAX_PATH_BYTES: usize = 2048;
 
 /// Handles one HTTP request on a client connection.
 pub(crate) async fn handle(
@@ -34,6 +39,16 @@ pub(crate) async fn handle(
     shared: &Arc<Shared>,
 ) -> Response<Body> {
     let listen = &shared.config.listen;
+    // The path and query go to the backend in SessionOpen, which must fit
+    // in one frame (see `config::FRAME_OVERHEAD`).
+    if req.uri().path_and_query().map_or(0, |pq| pq.as_str().len()) > MAX_PATH_BYTES {
+        return refuse(
+            shared,
+            StatusCode::URI_TOO_LONG,
+            "bad_request",
+            "request target too long\n",
+        );
+    }
     if !listen.paths.iter().any(|p| p == req.uri().path()) {
         return refuse(
             shared,
@@ -123,7 +138,13 @@ pub(crate) async fn handle(
     let fut = async move {
         match upgrade.await {
             Ok(ws) => session::run(ws, start, task_shared).await,
-            Err(e) => debug!(error = %e, "upgrade did not complete"),
+            Err(e) => {
+                // The session never started: its credential must not stay.
+                if let Some((token, _)) = &start.resume {
+                    task_shared.resume.remove(token);
+                }
+                debug!(error = %e, "upgrade did not complete");
+            }
         }
     }
     .instrument(span);
@@ -218,6 +239,7 @@ async fn resume(
     };
     let (reply_tx, reply_rx) = tokio::sync::oneshot::channel();
     let request = AttachRequest {
+        token,
         position,
         upgrade,
         peer,
@@ -237,6 +259,7 @@ async fn resume(
         }
         Ok(Some(Err(Refused::Gap))) => lost("gap"),
         Ok(Some(Err(Refused::BadPosition))) => lost("bad_position"),
+        Ok(Some(Err(Refused::Stale))) => lost("stale"),
         _ => lost("session_busy"),
     }
 }

@@ -367,7 +367,11 @@ async fn a_stuck_backend_pauses_clients_and_loses_nothing() {
             .set("session.max_message_size", "\"64KiB\"")
             .set("backend.max_frame_size", "\"68KiB\"")
             .set("backend.link_queue_frames", "64")
-            .set("backend.link_queue_bytes", "\"256KiB\""),
+            .set("backend.link_queue_bytes", "\"256KiB\"")
+            // A paused client cannot answer pings; it must not be taken
+            // for dead while the gateway is the one not reading.
+            .set("session.ping_interval", "\"300ms\"")
+            .set("session.ping_timeout", "\"300ms\""),
     );
     gw.wait_ready(T).await;
     let mut c = Client::connect(gw.ws.unwrap(), "/ws", &Connect::default()).await;

@@ -256,6 +256,9 @@ async fn requests_that_are_not_upgrades_get_a_proper_http_answer() {
     let addr = gw.ws.unwrap();
     assert_eq!(client::http_get(addr, "/ws").await.0, 426);
     assert_eq!(client::http_get(addr, "/elsewhere").await.0, 404);
+    // A request target too long to forward to the backend.
+    let long = format!("/ws?q={}", "x".repeat(4096));
+    assert_eq!(client::http_get(addr, &long).await.0, 414);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -330,4 +333,33 @@ async fn metrics_count_sessions_messages_and_links() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(gw.metric("gateway_sessions_open").await, 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn backend_data_then_close_arrive_in_order() {
+    let mut backend = TestBackend::start(Framing::Varint, false).await;
+    let gw = Gateway::start(GatewayOpts::new(backend.addr));
+    gw.wait_ready(T).await;
+    let mut c = Client::connect(gw.ws.unwrap(), "/ws", &Connect::default()).await;
+    let (s, _) = backend.next_open().await;
+    for i in 0..50u8 {
+        backend.push(s, &[i], false);
+    }
+    backend.close(s, 4003, "done");
+    for i in 0..50u8 {
+        assert_eq!(c.recv_within(T).await, Some(Msg::Binary(vec![i])));
+    }
+    assert_eq!(c.expect_close(T).await, (4003, "done".into()));
+    let start = std::time::Instant::now();
+    while gw
+        .metric("gateway_sessions_closed_total{reason=\"backend_closed\"")
+        .await
+        < 1.0
+    {
+        assert!(
+            start.elapsed() < T,
+            "the close was not counted as the backend's"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
