@@ -98,7 +98,9 @@ async fn a_lost_connection_resumes_with_nothing_lost_or_duplicated() {
             _ => None,
         })
         .await;
-    assert_eq!(replayed, 2);
+    // Replayed from the buffer, or (if the resume beat them to the gateway)
+    // delivered straight from the mailbox: either way received once above.
+    assert!(replayed <= 2, "{replayed}");
 
     // Same session, same backend session id, still working both ways.
     c.send_text("c2").await;
@@ -195,4 +197,51 @@ async fn plain_sessions_still_end_when_the_connection_is_lost() {
     drop(c);
     let (code, _) = backend.wait_close(s).await;
     assert_eq!(code, 1006);
+}
+
+/// The phone switched networks and the old connection is dead but not yet
+/// noticed: the gateway is stuck writing to it. A resume must still go
+/// through at once, and replay everything the client has not read.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_resume_takes_over_a_connection_stuck_in_a_write() {
+    let mut backend = TestBackend::start(Framing::Varint, false).await;
+    let gw = Gateway::start(
+        GatewayOpts::new(backend.addr)
+            .set("resume.grace", "\"30s\"")
+            .set("resume.buffer_messages", "4000")
+            .set("resume.buffer_bytes", "\"64MiB\"")
+            .set("session.client_queue_messages", "4000")
+            .set("session.client_queue_bytes", "\"64MiB\""),
+    );
+    gw.wait_ready(T).await;
+    let (old, token, _) = connect(&gw, None).await.unwrap();
+    let (s, _) = backend.next_open().await;
+    // 24 MiB the old connection never reads: more than the socket buffers
+    // hold, so the gateway's write to it blocks.
+    const N: usize = 1536;
+    let chunk = vec![7u8; 16 * 1024];
+    for i in 0..N {
+        let mut m = chunk.clone();
+        m[..4].copy_from_slice(&(i as u32).to_be_bytes());
+        backend.push(s, &m, false);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let started = std::time::Instant::now();
+    let (mut new, _, _) = connect(&gw, Some((&token, 0)))
+        .await
+        .expect("resume while a write is stuck");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "the resume waited {:?}",
+        started.elapsed()
+    );
+    for i in 0..N {
+        match new.recv_within(T).await {
+            Some(Msg::Binary(m)) => {
+                assert_eq!(u32::from_be_bytes(m[..4].try_into().unwrap()) as usize, i)
+            }
+            other => panic!("message {i}: {other:?}"),
+        }
+    }
+    drop(old);
 }

@@ -23,11 +23,14 @@ impl Delivered {
 /// flushes once. The write is abandoned if the link reader evicts the
 /// session as a slow consumer meanwhile, or if the client has not taken it
 /// within `write_timeout`.
+#[allow(clippy::too_many_arguments)]
 pub(super) async fn deliver_first(
     writer: &mut Writer,
     first: ToClient,
     mailbox: &mut Mailbox,
     mut ring: Option<&mut Ring>,
+    attach_rx: &mut Option<&mut mpsc::Receiver<AttachRequest>>,
+    token: Option<&Token>,
     max_message: usize,
     write_timeout: Duration,
 ) -> Delivered {
@@ -84,6 +87,21 @@ pub(super) async fn deliver_first(
                     }
                     // Finish this write; the caller delivers the rest.
                     Gone::BackendClosed | Gone::LinkLost => then_drain = true,
+                }
+            }
+                        // A resume is waiting: this connection (probably dead, which
+            // is why the write stalls) is being replaced. Abandon the write;
+            // the replay ring holds what was in flight.
+            req = recv_attach(attach_rx), if attach_rx.is_some() && !then_drain => {
+                match req {
+                    Some(req) => {
+                        if let Some(req) = stale(req, token) {
+                            let mut end = End::broken(CloseReason::TakenOver);
+                            end.takeover = Some(req);
+                            return Delivered { end: Some(end), then_drain };
+                        }
+                    }
+                    None => *attach_rx = None,
                 }
             }
             _ = &mut timer => {

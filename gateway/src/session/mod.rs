@@ -389,7 +389,17 @@ async fn relay(
                     // Sender dropped: eviction is reported just above.
                     continue;
                 };
-                let mut res = Box::pin(deliver_first(writer, msg, mailbox, carry.ring.as_mut(), max_message, cfg.ping_timeout)).await;
+                let mut res = Box::pin(deliver_first(
+                    writer,
+                    msg,
+                    mailbox,
+                    carry.ring.as_mut(),
+                    &mut attach_rx,
+                    carry.token.as_ref(),
+                    max_message,
+                    cfg.ping_timeout,
+                ))
+                .await;
                                 // The route went away during the write: deliver the rest of
                 // what was queued (see above). A client lost meanwhile is
                 // sorted out by the caller.
