@@ -62,16 +62,7 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     match args.command {
         Command::Run(run) => loadtest::run::main(run),
-        Command::TcpEcho { listen } => {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()?;
-            rt.block_on(async move {
-                let listener = tokio::net::TcpListener::bind(listen).await?;
-                println!("listening {}", listener.local_addr()?);
-                loadtest::tcp_echo::serve(listener).await
-            })
-        }
+        Command::TcpEcho { listen } => serve_on(listen, loadtest::tcp_echo::serve),
         Command::Devcert { out } => {
             loadtest::devcert::generate(&["localhost", "127.0.0.1", "::1"])?.write_to(&out)?;
             println!(
@@ -87,26 +78,36 @@ fn main() -> anyhow::Result<()> {
             max_frame,
             push_rate,
             push_size,
-        } => {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()?;
-            rt.block_on(async move {
-                let listener = tokio::net::TcpListener::bind(listen).await?;
-                println!("listening {}", listener.local_addr()?);
-                let opts = backend::Options {
-                    mode,
-                    framing,
-                    max_frame,
-                    push_rate,
-                    push_size,
-                };
-                let stats = Arc::new(backend::Stats::default());
-                tokio::select! {
-                    r = backend::serve(listener, opts, stats.clone()) => r,
-                    _ = tokio::signal::ctrl_c() => Ok(()),
-                }
-            })
-        }
+        } => serve_on(listen, move |listener| async move {
+            let opts = backend::Options {
+                mode,
+                framing,
+                max_frame,
+                push_rate,
+                push_size,
+            };
+            let stats = Arc::new(backend::Stats::default());
+            backend::serve(listener, opts, stats).await
+        }),
     }
+}
+
+/// Binds `listen`, prints `listening ADDR` (scripts and tests read it),
+/// and serves with `f` until it ends or Ctrl-C.
+fn serve_on<F, Fut>(listen: SocketAddr, f: F) -> anyhow::Result<()>
+where
+    F: FnOnce(tokio::net::TcpListener) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(listen).await?;
+        println!("listening {}", listener.local_addr()?);
+        tokio::select! {
+            r = f(listener) => r,
+            _ = tokio::signal::ctrl_c() => Ok(()),
+        }
+    })
 }

@@ -130,6 +130,15 @@ impl Client {
             .unwrap();
     }
 
+    /// Sends `text` and expects it back (through an echo backend).
+    pub async fn echo(&mut self, text: &str) {
+        self.send_text(text).await;
+        assert_eq!(
+            self.recv_within(Duration::from_secs(10)).await,
+            Some(Msg::Text(text.to_owned()))
+        );
+    }
+
     /// Next message, or `None` if the connection ended without a close.
     pub async fn recv(&mut self) -> Option<Msg> {
         let f = self.ws.read_frame().await.ok()?;

@@ -49,8 +49,7 @@ async fn backend_death_closes_clients_with_1012_and_links_come_back_by_themselve
     let backend = TestBackend::start_on(addr, Framing::Varint, true).await;
     gw.wait_ready(T).await;
     let mut c = Client::connect(gw.ws.unwrap(), "/ws", &plain).await;
-    c.send_text("back again").await;
-    assert_eq!(c.recv_within(T).await, Some(Msg::Text("back again".into())));
+    c.echo("back again").await;
     // Both links return, not just the first.
     gw.wait_links_up(2, T).await;
     drop(backend);
@@ -221,11 +220,7 @@ async fn a_client_that_stops_answering_pings_is_dropped_and_the_backend_told() {
     );
     let (timed_out, mut alive) = alive_task.await.unwrap();
     assert!(timed_out, "the live client received something unexpected");
-    alive.send_text("still here").await;
-    assert_eq!(
-        alive.recv_within(T).await,
-        Some(Msg::Text("still here".into()))
-    );
+    alive.echo("still here").await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
