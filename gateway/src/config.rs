@@ -424,7 +424,8 @@ impl Config {
             }
             fig = fig.merge(Toml::file(path));
         }
-        fig = fig.merge(Env::prefixed("GATEWAY_").split("__"));
+        // GATEWAY_CONFIG names the file (a flag's environment form), not a key.
+        fig = fig.merge(Env::prefixed("GATEWAY_").ignore(&["CONFIG"]).split("__"));
         fig = apply_overrides(fig, overrides);
         let config: Config = fig.extract().map_err(Box::new)?;
         config.validate()?;

@@ -191,6 +191,16 @@ impl Ring {
         (freed, evicted)
     }
 
+    /// Sequence number of the next message (messages delivered so far).
+    pub(crate) fn next_seq(&self) -> u64 {
+        self.delivered
+    }
+
+    /// Sequence number of the oldest message still held.
+    pub(crate) fn oldest_held(&self) -> u64 {
+        self.delivered - self.items.len() as u64
+    }
+
     /// Bytes held.
     pub(crate) fn bytes(&self) -> usize {
         self.bytes

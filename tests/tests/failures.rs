@@ -348,6 +348,18 @@ fn example_configuration_checks_out() {
         &[],
     );
     assert_eq!(code, 0, "{err}");
+    // The file can also be named in the environment.
+    let (code, err) = run_gateway(
+        &[
+            "--check-config",
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+        ],
+        &[("GATEWAY_CONFIG", example)],
+    );
+    assert_eq!(code, 0, "{err}");
 }
 
 /// A stuck backend: the link queue fills, the gateway stops reading from the

@@ -245,3 +245,33 @@ async fn a_resume_takes_over_a_connection_stuck_in_a_write() {
     }
     drop(old);
 }
+
+/// A busy session (its replay buffer long full of delivered messages) can
+/// still detach, keep receiving, and resume.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_busy_session_resumes_after_its_buffer_filled_with_delivered_messages() {
+    let mut backend = TestBackend::start(Framing::Varint, false).await;
+    let gw = Gateway::start(GatewayOpts::new(backend.addr).set("resume.buffer_messages", "16"));
+    gw.wait_ready(T).await;
+    let (mut c, token, _) = connect(&gw, None).await.unwrap();
+    let (s, _) = backend.next_open().await;
+    for i in 0..100u8 {
+        backend.push(s, &[i], false);
+    }
+    for i in 0..100u8 {
+        assert_eq!(c.recv_within(T).await, Some(Msg::Binary(vec![i])));
+    }
+    drop(c);
+    backend
+        .wait_for(|e| matches!(e, Event::Detached { .. }).then_some(()))
+        .await;
+    for i in 100..110u8 {
+        backend.push(s, &[i], false);
+    }
+    let (mut c, _, _) = connect(&gw, Some((&token, 100)))
+        .await
+        .expect("resume of a busy session");
+    for i in 100..110u8 {
+        assert_eq!(c.recv_within(T).await, Some(Msg::Binary(vec![i])));
+    }
+}

@@ -67,6 +67,7 @@ pub(super) async fn detached(
         ));
     }
     shared.metrics.detached(1);
+    let detached_from = ring.next_seq();
     if link.version() >= 2 {
         let grace_ms = u64::try_from(rc.grace.as_millis()).unwrap_or(u64::MAX);
         let why = match why {
@@ -119,9 +120,12 @@ pub(super) async fn detached(
                     if !budget.try_grow(payload.len(), rc.max_detached_bytes.bytes()) {
                         break Err(CloseReason::ResumeLost("gateway-wide buffer for detached sessions full"));
                     }
-                    let (freed, evicted) = ring.push(&payload, text);
+                                        let (freed, _) = ring.push(&payload, text);
                     budget.shrink(freed);
-                    if evicted {
+                    // Older messages, sent before the connection was lost,
+                    // may go (a client that missed them is refused with 410
+                    // on resume); one that arrived while detached may not.
+                    if ring.oldest_held() > detached_from {
                         break Err(CloseReason::ResumeLost("replay buffer full while detached"));
                     }
                 }
