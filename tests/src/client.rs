@@ -52,17 +52,10 @@ pub async fn connect(
     opts: &Connect<'_>,
 ) -> Result<(Ws, Response<hyper::body::Incoming>), fastwebsockets::WebSocketError> {
     let tcp = TcpStream::connect(addr).await?;
-    let mut req = Request::builder()
-        .method("GET")
-        .uri(format!("http://localhost:{}{path_and_query}", addr.port()))
-        .header("Host", format!("localhost:{}", addr.port()))
-        .header("Upgrade", "websocket")
-        .header("Connection", "upgrade")
-        .header(
-            "Sec-WebSocket-Key",
-            fastwebsockets::handshake::generate_key(),
-        )
-        .header("Sec-WebSocket-Version", "13");
+    let mut req = loadtest::run::conn::upgrade_request(
+        &format!("http://localhost:{}{path_and_query}", addr.port()),
+        &format!("localhost:{}", addr.port()),
+    );
     for (k, v) in &opts.headers {
         req = req.header(*k, v);
     }

@@ -27,13 +27,17 @@ fn reference_backend(mode: &str) -> (Proc, std::net::SocketAddr) {
     (p, addr)
 }
 
-fn loadtest(args: &[&str]) -> serde_json::Value {
-    let out = Command::new(bin("loadtest"))
+fn loadtest_output(args: &[&str]) -> std::process::Output {
+    Command::new(bin("loadtest"))
         .arg("run")
         .arg("--json")
         .args(args)
         .output()
-        .unwrap();
+        .unwrap()
+}
+
+fn loadtest(args: &[&str]) -> serde_json::Value {
+    let out = loadtest_output(args);
     assert!(
         out.status.success(),
         "loadtest failed: {}",
@@ -72,21 +76,7 @@ async fn loadtest_json_summary_over_wss_closed_and_open_loop_and_push() {
         "--size",
         "100",
     ]);
-    for key in [
-        "connections_ok",
-        "connect_failed",
-        "messages",
-        "msgs_per_s",
-        "p50_us",
-        "p90_us",
-        "p99_us",
-        "p999_us",
-        "max_us",
-        "connect_p50_us",
-        "connect_p99_us",
-        "errors",
-        "corrupt",
-    ] {
+    for key in loadtest::run::stats::SUMMARY_KEYS {
         assert!(s.get(key).is_some(), "summary lacks {key}: {s}");
     }
     assert_eq!(s["connections_ok"], 20);
@@ -139,41 +129,31 @@ async fn loadtest_reports_connection_failures_by_kind() {
     );
     gw.wait_ready(Duration::from_secs(10)).await;
     // 10 connections against a cap of 5: 5 upgrades are refused (503).
-    let out = Command::new(bin("loadtest"))
-        .args([
-            "run",
-            "--json",
-            "--url",
-            &gw.wss_url("/ws"),
-            "--ca",
-            certs.ca().to_str().unwrap(),
-            "-c",
-            "10",
-            "-d",
-            "1s",
-        ])
-        .output()
-        .unwrap();
+    let out = loadtest_output(&[
+        "--url",
+        &gw.wss_url("/ws"),
+        "--ca",
+        certs.ca().to_str().unwrap(),
+        "-c",
+        "10",
+        "-d",
+        "1s",
+    ]);
     let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(s["connections_ok"], 5, "{s}");
     assert_eq!(s["errors"]["handshake"], 5, "{s}");
     // A CA that did not sign the gateway's certificate: TLS errors.
     let other = Certs::new();
-    let out = Command::new(bin("loadtest"))
-        .args([
-            "run",
-            "--json",
-            "--url",
-            &gw.wss_url("/ws"),
-            "--ca",
-            other.ca().to_str().unwrap(),
-            "-c",
-            "3",
-            "-d",
-            "1s",
-        ])
-        .output()
-        .unwrap();
+    let out = loadtest_output(&[
+        "--url",
+        &gw.wss_url("/ws"),
+        "--ca",
+        other.ca().to_str().unwrap(),
+        "-c",
+        "3",
+        "-d",
+        "1s",
+    ]);
     assert!(!out.status.success(), "no connection can succeed");
 }
 

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use gateway_tests::client::{self, Client, Connect, Msg};
-use gateway_tests::{Certs, Event, Gateway, GatewayOpts, TestBackend};
+use gateway_tests::{Certs, Gateway, GatewayOpts, TestBackend};
 use protocol::Framing;
 
 const T: Duration = Duration::from_secs(10);
@@ -75,16 +75,7 @@ async fn push_reaches_only_its_session_and_closes_map_both_ways() {
     b.ws.write_frame(fastwebsockets::Frame::close(4100, b"user logged out"))
         .await
         .unwrap();
-    let (code, reason) = backend
-        .wait_for(|e| match e {
-            Event::Close {
-                session,
-                code,
-                reason,
-            } if *session == sb => Some((*code, reason.clone())),
-            _ => None,
-        })
-        .await;
+    let (code, reason) = backend.wait_close(sb).await;
     assert_eq!((code, reason.as_str()), (4100, "user logged out"));
     // ... and the gateway echoes the close to the client.
     assert_eq!(b.expect_close(T).await.0, 4100);

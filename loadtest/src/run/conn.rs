@@ -204,6 +204,21 @@ pub struct ResumeAnswer {
     pub received: u64,
 }
 
+/// A WebSocket upgrade request for `uri` on `host`, without a body yet.
+pub fn upgrade_request(uri: &str, host: &str) -> hyper::http::request::Builder {
+    Request::builder()
+        .method("GET")
+        .uri(uri)
+        .header("Host", host)
+        .header("Upgrade", "websocket")
+        .header("Connection", "upgrade")
+        .header(
+            "Sec-WebSocket-Key",
+            fastwebsockets::handshake::generate_key(),
+        )
+        .header("Sec-WebSocket-Version", "13")
+}
+
 /// TLS (for wss) and the WebSocket upgrade on `stream`.
 pub async fn upgrade(target: &Target, stream: TcpStream) -> Result<Ws, ErrorKind> {
     upgrade_resumable(target, stream, &ResumeAsk::No)
@@ -218,17 +233,10 @@ pub async fn upgrade_resumable(
     stream: TcpStream,
     ask: &ResumeAsk,
 ) -> Result<(Ws, Option<ResumeAnswer>), ErrorKind> {
-    let mut req = Request::builder()
-        .method("GET")
-        .uri(&target.path)
-        .header("Host", format!("{}:{}", target.host, target.addr.port()))
-        .header("Upgrade", "websocket")
-        .header("Connection", "upgrade")
-        .header(
-            "Sec-WebSocket-Key",
-            fastwebsockets::handshake::generate_key(),
-        )
-        .header("Sec-WebSocket-Version", "13");
+    let mut req = upgrade_request(
+        &target.path,
+        &format!("{}:{}", target.host, target.addr.port()),
+    );
     match ask {
         ResumeAsk::No => {}
         ResumeAsk::New => req = req.header("X-Wsgw-Resume", "new"),

@@ -129,6 +129,23 @@ pub fn micros(d: Duration) -> u64 {
         .clamp(1, 600_000_000)
 }
 
+/// Keys every `--json` summary has (documented in the README; stable).
+pub const SUMMARY_KEYS: [&str; 13] = [
+    "connections_ok",
+    "connect_failed",
+    "messages",
+    "msgs_per_s",
+    "p50_us",
+    "p90_us",
+    "p99_us",
+    "p999_us",
+    "max_us",
+    "connect_p50_us",
+    "connect_p99_us",
+    "errors",
+    "corrupt",
+];
+
 /// The `--json` summary. Key names are stable.
 #[derive(Debug, Serialize)]
 pub struct Summary {
@@ -326,21 +343,7 @@ mod tests {
         assert_eq!(s.errors[&ErrorKind::Timeout], 1);
         assert_eq!(s.errors[&ErrorKind::Corrupt], 0);
         let json = serde_json::to_value(&s).unwrap();
-        for key in [
-            "connections_ok",
-            "connect_failed",
-            "messages",
-            "msgs_per_s",
-            "p50_us",
-            "p90_us",
-            "p99_us",
-            "p999_us",
-            "max_us",
-            "connect_p50_us",
-            "connect_p99_us",
-            "errors",
-            "corrupt",
-        ] {
+        for key in SUMMARY_KEYS {
             assert!(json.get(key).is_some(), "missing {key}");
         }
         assert_eq!(json["errors"]["timeout"], 1);
