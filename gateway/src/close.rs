@@ -149,6 +149,12 @@ impl CloseReason {
         }
     }
 
+    /// The client's connection was lost without a close: a resumable
+    /// session detaches instead of ending.
+    pub fn is_connection_loss(&self) -> bool {
+        matches!(self, Self::ClientLost | Self::ClientTimeout)
+    }
+
     /// Whether this end deserves operator attention (logged at warn) or is
     /// ordinary client churn (logged at debug).
     pub fn is_notable(&self) -> bool {

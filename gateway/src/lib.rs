@@ -25,17 +25,16 @@
 //! label and a log level.
 #![warn(missing_docs)]
 
-pub mod admin;
+mod admin;
+mod backend;
 pub mod close;
 pub mod config;
-pub mod link;
-pub mod listener;
-pub mod metrics;
-pub mod pool;
-pub mod resume;
-pub mod session;
+mod listener;
+mod metrics;
+mod resume;
+mod session;
 pub mod tls;
-pub mod upgrade;
+mod upgrade;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -53,26 +52,22 @@ use tracing::{info, warn};
 
 pub use config::Config;
 
-/// A session's id: non-zero, unique for the life of the process.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct SessionId(pub u64);
-
 /// State shared by listeners, upgrades and sessions.
 ///
 /// # Concurrency
 /// Read-only after start-up except for its own synchronised parts: the
-/// admission semaphore, the pool (see [`pool::Pool`]), metrics (atomic
+/// admission semaphore, the pool (see [`backend::Pool`]), metrics (atomic
 /// instruments), the shutdown token and the task tracker.
 pub struct Shared {
     config: Config,
     metrics: Arc<metrics::Metrics>,
-    pool: Arc<pool::Pool>,
+    pool: Arc<backend::Pool>,
     admission: Arc<Semaphore>,
     /// Fires on shutdown: listeners stop, upgrades are refused.
     shutdown: CancellationToken,
     /// Wakes every session on shutdown, to close with 1001. (Sessions wait
     /// on this rather than on `shutdown`, whose every poll takes a lock.)
-    drain: tokio::sync::Notify,
+    drain: Arc<tokio::sync::Notify>,
     /// Every connection and session task.
     tracker: TaskTracker,
     forward_headers: Vec<HeaderName>,
@@ -145,8 +140,8 @@ impl Gateway {
         let links = TaskTracker::new();
         let b = &config.backend;
         let max_message = config.session.max_message_size.bytes();
-        let pool = pool::Pool::start(
-            pool::PoolSettings {
+        let pool = backend::Pool::start(
+            backend::PoolSettings {
                 endpoints: b.endpoints.clone(),
                 links_per_endpoint: b.links_per_endpoint,
                 gateway_id: config.gateway_id(),
@@ -154,13 +149,13 @@ impl Gateway {
                 handshake_timeout: b.handshake_timeout,
                 reconnect_min: b.reconnect_min,
                 reconnect_max: b.reconnect_max,
-                link: link::LinkSettings {
+                link: backend::LinkSettings {
                     codec: FrameCodec::new(b.framing.into(), b.max_frame_size.bytes()),
                     heartbeat_interval: b.heartbeat_interval,
                     heartbeat_timeout: b.heartbeat_timeout,
                     queue_frames: b.link_queue_frames,
                     queue_bytes: b.link_queue_bytes.bytes(),
-                    mailbox: link::MailboxLimits {
+                    mailbox: backend::MailboxLimits {
                         messages: config.session.client_queue_messages,
                         bytes: config.session.client_queue_bytes.bytes().max(max_message),
                     },
@@ -182,7 +177,7 @@ impl Gateway {
             metrics,
             pool,
             shutdown: CancellationToken::new(),
-            drain: tokio::sync::Notify::new(),
+            drain: Arc::new(tokio::sync::Notify::new()),
             tracker: TaskTracker::new(),
             forward_headers,
             resume: resume::Registry::default(),

@@ -10,7 +10,7 @@ use opentelemetry_sdk::metrics::SdkMeterProvider;
 use prometheus::{Encoder, TextEncoder};
 
 /// The gateway's instruments and the registry they are exported through.
-pub struct Metrics {
+pub(crate) struct Metrics {
     registry: prometheus::Registry,
     _provider: SdkMeterProvider,
     sessions_open: UpDownCounter<i64>,
@@ -34,7 +34,7 @@ pub struct Metrics {
 
 impl Metrics {
     /// Creates the instruments and their Prometheus exporter.
-    pub fn new() -> Result<Self, opentelemetry_sdk::error::OTelSdkError> {
+    pub(crate) fn new() -> Result<Self, opentelemetry_sdk::error::OTelSdkError> {
         let registry = prometheus::Registry::new();
         let exporter = opentelemetry_prometheus::exporter()
             .with_registry(registry.clone())
@@ -112,7 +112,7 @@ impl Metrics {
     }
 
     /// The current values in Prometheus text format.
-    pub fn render(&self) -> Vec<u8> {
+    pub(crate) fn render(&self) -> Vec<u8> {
         let mut out = Vec::new();
         // Encoding into a Vec cannot fail for well-formed families.
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);

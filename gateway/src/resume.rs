@@ -22,27 +22,27 @@ use fastwebsockets::upgrade::UpgradeFut;
 use rand::Rng;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::SessionId;
+use protocol::SessionId;
 
 /// Request and response header carrying the resume credential.
-pub const RESUME_HEADER: &str = "x-wsgw-resume";
+pub(crate) const RESUME_HEADER: &str = "x-wsgw-resume";
 /// Request header: backend messages the client has received in the session.
 /// Response header: client messages the gateway has received.
-pub const RECEIVED_HEADER: &str = "x-wsgw-received";
+pub(crate) const RECEIVED_HEADER: &str = "x-wsgw-received";
 
 /// A resume credential: 128 random bits from the OS-seeded CSPRNG, hex.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct Token(String);
+pub(crate) struct Token(String);
 
 impl Token {
     /// A fresh, unguessable token.
-    pub fn generate() -> Self {
+    pub(crate) fn generate() -> Self {
         let bytes: [u8; 16] = rand::rng().random();
         Token(bytes.iter().map(|b| format!("{b:02x}")).collect())
     }
 
     /// Parses a token from a header value (exactly 32 lower-case hex digits).
-    pub fn parse(s: &str) -> Option<Self> {
+    pub(crate) fn parse(s: &str) -> Option<Self> {
         (s.len() == 32
             && s.bytes()
                 .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
@@ -50,7 +50,7 @@ impl Token {
     }
 
     /// The header value.
-    pub fn as_str(&self) -> &str {
+    pub(crate) fn as_str(&self) -> &str {
         &self.0
     }
 }

@@ -131,7 +131,7 @@ pub(crate) async fn handle(
         id,
         lease,
         open,
-        _permit: permit,
+        permit,
         resume,
     };
     let task_shared = shared.clone();

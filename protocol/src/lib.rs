@@ -36,6 +36,17 @@ pub const MIN_PROTOCOL_VERSION: u32 = 1;
 /// Session id 0 is reserved for link-level frames.
 pub const LINK_SESSION_ID: u64 = 0;
 
+/// A session's id on a link: non-zero (0 is [`LINK_SESSION_ID`]), chosen by
+/// the gateway, unique for the life of one gateway process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SessionId(pub u64);
+
+impl std::fmt::Display for SessionId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
 impl Frame {
     /// A link-level `Hello` offering [`MIN_PROTOCOL_VERSION`] to
     /// [`PROTOCOL_VERSION`].

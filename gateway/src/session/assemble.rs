@@ -1,6 +1,9 @@
 //! Reassembly of fragmented client messages.
 
-use super::*;
+use bytes::{Bytes, BytesMut};
+use fastwebsockets::OpCode;
+
+use crate::close::CloseReason;
 
 /// Reassembles fragmented messages with a cap on the total size, validating
 /// UTF-8 of text messages incrementally so invalid text fails fast.

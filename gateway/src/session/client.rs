@@ -1,13 +1,23 @@
 //! Frames from the client: control frames, closes, read errors.
 
-use super::*;
+use std::time::Duration;
+
+use fastwebsockets::{Frame as WsFrame, OpCode, Payload, WebSocketError};
+use protocol::{Frame, SessionId};
+use tracing::debug;
+
+use super::connected::{ClientFrame, Connection};
+use super::End;
+use crate::close::{self, CloseReason};
+
+/// How long the gateway tries to echo a client's close frame.
+const CLOSE_ECHO_DEADLINE: Duration = Duration::from_secs(1);
 
 /// Handles one client frame: control frames are answered here; data frames
 /// are reassembled, and a complete message is returned for the backend.
 pub(super) async fn on_client_frame(
     frame: ClientFrame,
-    assembler: &mut Assembler,
-    writer: &mut Writer,
+    conn: &mut Connection,
     id: SessionId,
     max_message: usize,
     write_timeout: Duration,
@@ -21,23 +31,18 @@ pub(super) async fn on_client_frame(
     }
     match frame.opcode {
         OpCode::Ping => {
-            let pong = async {
-                writer
-                    .write_frame(WsFrame::pong(Payload::Borrowed(&frame.payload)))
-                    .await?;
-                writer.flush().await
-            };
-            match Box::pin(tokio::time::timeout(write_timeout, pong)).await {
-                Ok(Ok(())) => {}
-                Ok(Err(_)) => return Err(End::broken(CloseReason::ClientLost)),
-                Err(_) => return Err(End::broken(CloseReason::ClientTimeout)),
+            let pong = WsFrame::pong(Payload::Borrowed(&frame.payload));
+            match conn.write_flush(pong, write_timeout).await {
+                Ok(()) => Ok(None),
+                Err(Some(_)) => Err(End::broken(CloseReason::ClientLost)),
+                Err(None) => Err(End::broken(CloseReason::ClientTimeout)),
             }
-            Ok(None)
         }
         OpCode::Pong => Ok(None),
-        OpCode::Close => Err(Box::pin(on_client_close(&frame.payload, writer)).await),
+        OpCode::Close => Err(Box::pin(on_client_close(&frame.payload, conn)).await),
         OpCode::Text | OpCode::Binary | OpCode::Continuation => {
-            let message = assembler
+            let message = conn
+                .assembler
                 .push(frame.opcode, frame.fin, frame.payload, max_message)
                 .map_err(End::clean)?;
             Ok(message.map(|(payload, text)| Frame::data(id.0, payload, text)))
@@ -46,7 +51,7 @@ pub(super) async fn on_client_frame(
 }
 
 /// Validates the client's close, echoes it, and returns the session's end.
-pub(super) async fn on_client_close(payload: &[u8], writer: &mut Writer) -> End {
+pub(super) async fn on_client_close(payload: &[u8], conn: &mut Connection) -> End {
     let (code, reason) = match payload {
         [] => (close::code::NO_STATUS, String::new()),
         [_] => {
@@ -73,11 +78,7 @@ pub(super) async fn on_client_close(payload: &[u8], writer: &mut Writer) -> End 
     } else {
         WsFrame::close(code, reason.as_bytes())
     };
-    let write = async {
-        writer.write_frame(echo).await?;
-        writer.flush().await
-    };
-    let _ = tokio::time::timeout(Duration::from_secs(1), write).await;
+    let _ = conn.write_flush(echo, CLOSE_ECHO_DEADLINE).await;
     End::broken(CloseReason::ClientClosed { code, reason })
 }
 

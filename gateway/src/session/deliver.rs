@@ -1,173 +1,151 @@
 //! Writing backend messages to the client.
 
-use super::*;
+use std::ops::ControlFlow;
+use std::pin::pin;
 
-/// Result of writing a batch of backend messages to the client.
-pub(super) struct Delivered {
-    pub(super) end: Option<End>,
-    /// The session's route went away during the write: what is queued is
-    /// all there will be.
-    pub(super) then_drain: bool,
-}
+use fastwebsockets::{Frame as WsFrame, OpCode, Payload};
 
-impl Delivered {
-    pub(super) fn take_end(&mut self) -> Result<(), End> {
-        match self.end.take() {
-            Some(e) => Err(e),
-            None => Ok(()),
+use super::connected::{Connection, Writer};
+use super::signals::{stale, Listen, Signal};
+use super::{End, Session};
+use crate::backend::{Gone, Queue, ToClient};
+use crate::close::CloseReason;
+use crate::resume::Ring;
+
+/// Backend messages written to the client before one flush.
+const WRITE_BATCH: usize = 64;
+
+impl Session {
+    /// Writes `first` and whatever else is already queued (up to a batch),
+    /// then flushes once. The write is abandoned if the link reader evicts
+    /// the session as a slow consumer meanwhile, if a resume takes the
+    /// session over, or if the client has not taken it within the write
+    /// deadline.
+    pub(super) async fn deliver(
+        &mut self,
+        conn: &mut Connection,
+        first: ToClient,
+    ) -> ControlFlow<End> {
+        let cfg = &self.shared.config.session;
+        let (max_message, deadline) = (cfg.max_message_size.bytes(), cfg.ping_timeout);
+        // A resumable session whose client stops taking data detaches (it
+        // may be a dead connection that a resume will replace); others are
+        // slow consumers.
+        let (ring, token) = match &mut self.resumable {
+            Some(r) => (Some(&mut r.ring), Some(&r.token)),
+            None => (None, None),
+        };
+        let stalled = if ring.is_some() {
+            CloseReason::ClientTimeout
+        } else {
+            CloseReason::SlowConsumer
+        };
+        let written = {
+            let mut write = pin!(write_batch(
+                &mut conn.writer,
+                first,
+                &mut self.queue,
+                ring,
+                max_message
+            ));
+            let mut timer = pin!(tokio::time::sleep(deadline));
+            // Once the route is gone, this write is finished and then the
+            // rest of the queue delivered.
+            let mut route_gone = false;
+            loop {
+                let listen = Listen {
+                    eviction: !route_gone,
+                    attach: !route_gone,
+                    drain: false,
+                };
+                tokio::select! {
+                    biased;
+                    r = &mut write => break match r {
+                        Err(end) => Err(end),
+                        Ok(()) => Ok(route_gone),
+                    },
+                    s = self.signals.next(listen) => match s {
+                        // The client is not reading: abandon the write (the
+                        // stream is now mid-frame, so no close can follow).
+                        Signal::Evicted(Gone::SlowConsumer) => {
+                            break Err(End::broken(CloseReason::SlowConsumer));
+                        }
+                        Signal::Evicted(Gone::BackendClosed | Gone::LinkLost) => route_gone = true,
+                        // A resume is waiting: this connection (probably
+                        // dead, which is why the write stalls) is being
+                        // replaced. Abandon the write; the ring holds what
+                        // was in flight.
+                        Signal::Attach(req) => {
+                            if let Some(req) = stale(req, token) {
+                                break Err(End::broken(CloseReason::TakenOver).taken_over(req));
+                            }
+                        }
+                        Signal::Drain | Signal::AttachClosed => {}
+                    },
+                    _ = &mut timer => break Err(End::broken(stalled)),
+                }
+            }
+        };
+        match written {
+            Err(end) => ControlFlow::Break(end),
+            Ok(false) => ControlFlow::Continue(()),
+            Ok(true) => ControlFlow::Break(Box::pin(self.deliver_queued(conn)).await),
         }
+    }
+
+    /// The route is gone: deliver what the link had already queued for the
+    /// client, then end with "reconnect" (1012), or with the backend's
+    /// close when that is what ended the route.
+    pub(super) async fn deliver_queued(&mut self, conn: &mut Connection) -> End {
+        let cfg = &self.shared.config.session;
+        let (max_message, deadline) = (cfg.max_message_size.bytes(), cfg.ping_timeout);
+        let mut ring = self.resumable.as_mut().map(|r| &mut r.ring);
+        while let Some(msg) = self.queue.try_recv() {
+            let write = async {
+                write_one(&mut conn.writer, msg, ring.as_deref_mut(), max_message).await?;
+                conn.writer
+                    .flush()
+                    .await
+                    .map_err(|_| End::broken(CloseReason::ClientLost))
+            };
+            match Box::pin(tokio::time::timeout(deadline, write)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(end)) => return end,
+                Err(_) => return End::broken(CloseReason::SlowConsumer),
+            }
+        }
+        End::clean(CloseReason::LinkLost)
     }
 }
 
-/// Writes `first` and whatever else is already queued (up to a batch), then
-/// flushes once. The write is abandoned if the link reader evicts the
-/// session as a slow consumer meanwhile, or if the client has not taken it
-/// within `write_timeout`.
-#[allow(clippy::too_many_arguments)]
-pub(super) async fn deliver_first(
+/// Writes `first` and up to a batch of what is queued behind it, then
+/// flushes.
+async fn write_batch(
     writer: &mut Writer,
     first: ToClient,
-    mailbox: &mut Mailbox,
-    mut ring: Option<&mut Ring>,
-    attach_rx: &mut Option<&mut mpsc::Receiver<AttachRequest>>,
-    token: Option<&Token>,
-    max_message: usize,
-    write_timeout: Duration,
-) -> Delivered {
-    // A resumable session whose client stops taking data detaches (it may
-    // be a dead connection that a resume will replace); others are slow
-    // consumers.
-    let stalled = if ring.is_some() {
-        CloseReason::ClientTimeout
-    } else {
-        CloseReason::SlowConsumer
-    };
-    let Mailbox {
-        rx,
-        queued_bytes,
-        evict,
-    } = mailbox;
-    let write = async {
-        let mut msg = Some(first);
-        let mut written = 0;
-        while let Some(m) = msg.take() {
-            let len = match &m {
-                ToClient::Data { payload, .. } => payload.len(),
-                ToClient::Close { .. } => 0,
-            };
-            let res = write_one(writer, m, ring.as_deref_mut(), max_message).await;
-            queued_bytes.fetch_sub(len, Ordering::Relaxed);
-            res?;
-            written += 1;
-            if written < WRITE_BATCH {
-                msg = rx.try_recv().ok();
-            }
-        }
-        writer
-            .flush()
-            .await
-            .map_err(|_| End::broken(CloseReason::ClientLost))
-    };
-    let mut write = pin!(write);
-    let timer = tokio::time::sleep(write_timeout);
-    let mut timer = pin!(timer);
-    let mut then_drain = false;
-    loop {
-        tokio::select! {
-            biased;
-            r = &mut write => {
-                return Delivered { end: r.err(), then_drain };
-            }
-            gone = evict.wait(), if !then_drain => {
-                match gone {
-                    // The client is not reading: abandon the write (the
-                    // stream is now mid-frame, so no close frame can follow).
-                    Gone::SlowConsumer => {
-                        return Delivered { end: Some(End::broken(CloseReason::SlowConsumer)), then_drain };
-                    }
-                    // Finish this write; the caller delivers the rest.
-                    Gone::BackendClosed | Gone::LinkLost => then_drain = true,
-                }
-            }
-                        // A resume is waiting: this connection (probably dead, which
-            // is why the write stalls) is being replaced. Abandon the write;
-            // the replay ring holds what was in flight.
-            req = recv_attach(attach_rx), if attach_rx.is_some() && !then_drain => {
-                match req {
-                    Some(req) => {
-                        if let Some(req) = stale(req, token) {
-                            let mut end = End::broken(CloseReason::TakenOver);
-                            end.takeover = Some(req);
-                            return Delivered { end: Some(end), then_drain };
-                        }
-                    }
-                    None => *attach_rx = None,
-                }
-            }
-            _ = &mut timer => {
-                return Delivered { end: Some(End::broken(stalled)), then_drain };
-            }
-        }
-    }
-}
-
-/// The link is gone: deliver what it had already queued for the client,
-/// then end with "reconnect" (1012).
-pub(super) async fn drain_after_link_loss(
-    writer: &mut Writer,
-    mailbox: &mut Mailbox,
+    queue: &mut Queue,
     mut ring: Option<&mut Ring>,
     max_message: usize,
-    write_timeout: Duration,
-) -> End {
-    while let Ok(msg) = mailbox.rx.try_recv() {
-        if let Err(e) = deliver(
-            writer,
-            msg,
-            mailbox,
-            ring.as_deref_mut(),
-            max_message,
-            write_timeout,
-        )
-        .await
-        {
-            return e;
-        }
-    }
-    End::clean(CloseReason::LinkLost)
-}
-
-/// Writes one queued message after the link was lost (no eviction to race).
-pub(super) async fn deliver(
-    writer: &mut Writer,
-    msg: ToClient,
-    mailbox: &mut Mailbox,
-    ring: Option<&mut Ring>,
-    max_message: usize,
-    write_timeout: Duration,
 ) -> Result<(), End> {
-    let len = match &msg {
-        ToClient::Data { payload, .. } => payload.len(),
-        ToClient::Close { .. } => 0,
-    };
-    let write = async {
-        write_one(writer, msg, ring, max_message).await?;
-        writer
-            .flush()
-            .await
-            .map_err(|_| End::broken(CloseReason::ClientLost))
-    };
-    let res = tokio::time::timeout(write_timeout, write)
+    let mut msg = Some(first);
+    let mut written = 0;
+    while let Some(m) = msg.take() {
+        write_one(writer, m, ring.as_deref_mut(), max_message).await?;
+        written += 1;
+        if written < WRITE_BATCH {
+            msg = queue.try_recv();
+        }
+    }
+    writer
+        .flush()
         .await
-        .unwrap_or_else(|_| Err(End::broken(CloseReason::SlowConsumer)));
-    mailbox.queued_bytes.fetch_sub(len, Ordering::Relaxed);
-    res
+        .map_err(|_| End::broken(CloseReason::ClientLost))
 }
 
 /// Writes one backend message to the client (no flush). A resumable
 /// session records it for replay first: once handed to the socket it may
 /// still be lost with the connection.
-pub(super) async fn write_one(
+async fn write_one(
     writer: &mut Writer,
     msg: ToClient,
     ring: Option<&mut Ring>,
@@ -180,13 +158,9 @@ pub(super) async fn write_one(
                 ring.push(&payload, text);
             }
             let opcode = if text { OpCode::Text } else { OpCode::Binary };
+            let frame = WsFrame::new(true, opcode, None, Payload::Borrowed(&payload));
             writer
-                .write_frame(WsFrame::new(
-                    true,
-                    opcode,
-                    None,
-                    Payload::Borrowed(&payload),
-                ))
+                .write_frame(frame)
                 .await
                 .map_err(|_| End::broken(CloseReason::ClientLost))
         }

@@ -13,9 +13,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn, Instrument};
 
-use crate::link::{self, LinkError, LinkHandle, LinkSettings};
+use protocol::SessionId;
+
+use super::handshake::{handshake, Handshaken};
+use super::{LinkDriver, LinkError, LinkHandle, LinkSettings};
 use crate::metrics::Metrics;
-use crate::SessionId;
 
 /// All links to the backend.
 ///
@@ -23,7 +25,7 @@ use crate::SessionId;
 /// Each slot's `current` is written only by that slot's supervisor (when a
 /// link comes up or goes down) and read by upgrades choosing a link: one
 /// short lock per new session, never per message.
-pub struct Pool {
+pub(crate) struct Pool {
     slots: Vec<Arc<Slot>>,
     next_session: AtomicU64,
 }
@@ -35,13 +37,13 @@ struct Slot {
 }
 
 /// A session's claim on a link; counts towards the link's load until dropped.
-pub struct Lease {
+pub(crate) struct Lease {
     handle: LinkHandle,
 }
 
 impl Lease {
     /// The link.
-    pub fn link(&self) -> &LinkHandle {
+    pub(crate) fn link(&self) -> &LinkHandle {
         &self.handle
     }
 }
@@ -104,7 +106,7 @@ impl Pool {
     }
 
     /// Places a new session on the least-loaded link that is up.
-    pub fn lease(&self) -> Option<Lease> {
+    pub(crate) fn lease(&self) -> Option<Lease> {
         let best = self
             .slots
             .iter()
@@ -116,12 +118,12 @@ impl Pool {
     }
 
     /// A fresh session id, never reused in this process.
-    pub fn next_session_id(&self) -> SessionId {
+    pub(crate) fn next_session_id(&self) -> SessionId {
         SessionId(self.next_session.fetch_add(1, Ordering::Relaxed))
     }
 
     /// Links currently up.
-    pub fn links_up(&self) -> usize {
+    pub(crate) fn links_up(&self) -> usize {
         self.slots
             .iter()
             .filter(|s| {
@@ -134,7 +136,7 @@ impl Pool {
     }
 
     /// Links configured.
-    pub fn links_total(&self) -> usize {
+    pub(crate) fn links_total(&self) -> usize {
         self.slots.len()
     }
 }
@@ -153,23 +155,22 @@ async fn supervise(
             _ = shutdown.cancelled() => return,
         };
         match result {
-            Ok((stream, leftover, backend_id, version)) => {
+            Ok((stream, hs)) => {
                 failures = 0;
                 metrics.link_connect(&slot.endpoint, "ok");
-                let (handle, parts) = link::channel(&slot.endpoint, slot.index, version, &s.link);
+                let (handle, queues) = LinkHandle::new(slot.index, hs.version, &s.link);
                 set_current(&slot, Some(handle.clone()));
                 metrics.link_up(&slot.endpoint, 1);
-                info!(backend_id, version, "link up");
-                let end = link::run(
+                info!(backend_id = hs.backend_id, version = hs.version, "link up");
+                let driver = LinkDriver::new(
                     stream,
-                    leftover,
-                    parts,
+                    hs.leftover,
+                    queues,
                     s.link.clone(),
                     metrics.clone(),
                     handle,
-                    shutdown.clone(),
-                )
-                .await;
+                );
+                let end = driver.run(shutdown.clone()).await;
                 set_current(&slot, None);
                 metrics.link_up(&slot.endpoint, -1);
                 if matches!(end, LinkError::Shutdown) {
@@ -198,10 +199,7 @@ async fn supervise(
     }
 }
 
-async fn connect(
-    slot: &Slot,
-    s: &PoolSettings,
-) -> Result<(TcpStream, bytes::BytesMut, String, u32), LinkError> {
+async fn connect(slot: &Slot, s: &PoolSettings) -> Result<(TcpStream, Handshaken), LinkError> {
     let mut stream = tokio::time::timeout(s.connect_timeout, TcpStream::connect(&slot.endpoint))
         .await
         .map_err(|_| {
@@ -211,7 +209,10 @@ async fn connect(
             ))
         })?
         .map_err(LinkError::Connect)?;
-    let (leftover, backend_id, version) = link::handshake(
+    // Nagle would hold small frames back waiting for ACKs; the writer
+    // batches by itself.
+    let _ = stream.set_nodelay(true);
+    let hs = handshake(
         &mut stream,
         &s.link.codec,
         &s.gateway_id,
@@ -219,7 +220,7 @@ async fn connect(
         s.handshake_timeout,
     )
     .await?;
-    Ok((stream, leftover, backend_id, version))
+    Ok((stream, hs))
 }
 
 fn set_current(slot: &Slot, handle: Option<LinkHandle>) {

@@ -1,0 +1,368 @@
+//! The link driver: the one task that owns a link's socket and the map of
+//! its sessions. Two futures run side by side inside it:
+//!
+//! - the **writer** takes [`Outbound`] frames from one bounded queue, encodes
+//!   every frame that is waiting into one buffer and writes it with one
+//!   syscall (batching), plus the link heartbeat;
+//! - the **reader** decodes backend frames and offers each to its session's
+//!   mailbox, which never waits on a client.
+//!
+//! When either future ends, the link is over: the session map is dropped,
+//! which wakes every session on the link with a lost link.
+
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use protocol::{Body, Frame, FrameCodec, SessionId};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::mailbox::{Offered, Route, ToClient};
+use super::{LinkError, LinkHandle, LinkSettings};
+use crate::metrics::Metrics;
+
+/// Frames the writer encodes into one write at most. At 64-byte messages
+/// this is ~60 KiB per write: large enough to amortise the syscall, small
+/// enough to keep latency low.
+const MAX_BATCH: usize = 512;
+
+/// The reader asks the kernel for at least this much per read.
+const READ_CHUNK: usize = 64 * 1024;
+
+/// Heartbeat answers go from the reader to the writer; a full queue means
+/// the writer is far behind, and a dropped answer is then harmless.
+const HEARTBEAT_ANSWERS: usize = 16;
+
+/// A frame on its way to the backend, with the bytes it holds of the link's
+/// budget (released once written).
+#[derive(Debug)]
+pub(super) struct Outbound {
+    pub(super) frame: Frame,
+    pub(super) cost: u32,
+}
+
+/// A session joining or leaving the reader's map.
+pub(super) enum Control {
+    Register(SessionId, Route),
+    Unregister(SessionId),
+}
+
+/// The reader's session map. Session ids are chosen by the gateway, so a
+/// fast non-cryptographic hash is safe here.
+type Routes = rustc_hash::FxHashMap<SessionId, Route>;
+
+/// The receiving ends a driver owns, made together with its handle.
+pub(crate) struct DriverQueues {
+    pub(super) rx: mpsc::Receiver<Outbound>,
+    pub(super) control: mpsc::UnboundedReceiver<Control>,
+}
+
+/// A socket that splits into halves the reader and writer own.
+pub(crate) trait LinkStream: Send + 'static {
+    /// The read half.
+    type Read: AsyncRead + Unpin + Send;
+    /// The write half.
+    type Write: AsyncWrite + Unpin + Send;
+    /// Splits the socket.
+    fn split(self) -> (Self::Read, Self::Write);
+}
+
+impl LinkStream for tokio::net::TcpStream {
+    type Read = tokio::net::tcp::OwnedReadHalf;
+    type Write = tokio::net::tcp::OwnedWriteHalf;
+    fn split(self) -> (Self::Read, Self::Write) {
+        self.into_split()
+    }
+}
+
+impl LinkStream for tokio::io::DuplexStream {
+    type Read = tokio::io::ReadHalf<Self>;
+    type Write = tokio::io::WriteHalf<Self>;
+    fn split(self) -> (Self::Read, Self::Write) {
+        tokio::io::split(self)
+    }
+}
+
+/// The task that owns one link's socket after its handshake.
+#[must_use = "a link carries nothing until its driver runs"]
+pub(crate) struct LinkDriver<S> {
+    stream: S,
+    leftover: BytesMut,
+    queues: DriverQueues,
+    settings: LinkSettings,
+    metrics: Arc<Metrics>,
+    handle: LinkHandle,
+}
+
+impl<S: LinkStream> LinkDriver<S> {
+    /// A driver for `stream`, with `leftover` bytes read past the handshake.
+    pub(crate) fn new(
+        stream: S,
+        leftover: BytesMut,
+        queues: DriverQueues,
+        settings: LinkSettings,
+        metrics: Arc<Metrics>,
+        handle: LinkHandle,
+    ) -> Self {
+        Self {
+            stream,
+            leftover,
+            queues,
+            settings,
+            metrics,
+            handle,
+        }
+    }
+
+    /// Runs until the link fails or `shutdown` fires. On shutdown the writer
+    /// first sends every frame already queued (the sessions' closes), then
+    /// closes the connection.
+    pub(crate) async fn run(self, shutdown: CancellationToken) -> LinkError {
+        let Self {
+            stream,
+            leftover,
+            queues,
+            settings,
+            metrics,
+            handle,
+        } = self;
+        let (rd, wr) = stream.split();
+        let (hb_tx, hb_rx) = mpsc::channel(HEARTBEAT_ANSWERS);
+        let reader = Reader {
+            rd,
+            buf: leftover,
+            control: queues.control,
+            routes: Routes::default(),
+            hb_tx,
+            settings: &settings,
+            metrics: &metrics,
+        };
+        let writer = Writer {
+            wr,
+            rx: queues.rx,
+            hb_rx,
+            settings: &settings,
+            metrics: &metrics,
+            handle: &handle,
+        };
+        let end = tokio::select! {
+            e = reader.run() => e,
+            e = writer.run(shutdown) => e,
+        };
+        // Sessions waiting for room must not wait forever.
+        handle.close();
+        end
+    }
+}
+
+struct Writer<'a, W> {
+    wr: W,
+    rx: mpsc::Receiver<Outbound>,
+    hb_rx: mpsc::Receiver<Frame>,
+    settings: &'a LinkSettings,
+    metrics: &'a Metrics,
+    handle: &'a LinkHandle,
+}
+
+impl<W: AsyncWrite + Unpin> Writer<'_, W> {
+    async fn run(mut self, shutdown: CancellationToken) -> LinkError {
+        let codec = self.settings.codec;
+        let mut buf = BytesMut::with_capacity(READ_CHUNK);
+        let mut batch = Vec::with_capacity(MAX_BATCH);
+        let mut tick = tokio::time::interval(self.settings.heartbeat_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut nonce: u64 = 0;
+        loop {
+            let mut closing = false;
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => {
+                    self.rx.close();
+                    while let Ok(o) = self.rx.try_recv() {
+                        batch.push(o);
+                    }
+                    closing = true;
+                }
+                Some(f) = self.hb_rx.recv() => encode(&codec, &f, &mut buf),
+                _ = tick.tick() => {
+                    nonce = nonce.wrapping_add(1);
+                    encode(&codec, &Frame::heartbeat(nonce, false), &mut buf);
+                }
+                n = self.rx.recv_many(&mut batch, MAX_BATCH) => {
+                    if n == 0 {
+                        return LinkError::Shutdown;
+                    }
+                    self.gather(&mut batch).await;
+                }
+            }
+            let (mut messages, mut bytes, mut released) = (0u64, 0u64, 0usize);
+            for o in batch.drain(..) {
+                released += o.cost as usize;
+                if let Some(Body::Data(d)) = &o.frame.body {
+                    messages += 1;
+                    bytes += d.payload.len() as u64;
+                }
+                encode(&codec, &o.frame, &mut buf);
+            }
+            if let Err(e) = self.wr.write_all(&buf).await {
+                return LinkError::Io(e);
+            }
+            buf.clear();
+            self.handle.release(released);
+            self.metrics.link_batch_written(messages, bytes);
+            if closing {
+                let _ = self.wr.shutdown().await;
+                return LinkError::Shutdown;
+            }
+        }
+    }
+
+    /// Under load, lets the sessions that are ready to run queue their
+    /// frames too, so that one write carries many. When nothing else is
+    /// runnable this returns at once.
+    async fn gather(&mut self, batch: &mut Vec<Outbound>) {
+        if batch.len() >= MAX_BATCH {
+            return;
+        }
+        tokio::task::yield_now().await;
+        while batch.len() < MAX_BATCH {
+            match self.rx.try_recv() {
+                Ok(o) => batch.push(o),
+                Err(_) => break,
+            }
+        }
+    }
+}
+
+fn encode(codec: &FrameCodec, frame: &Frame, buf: &mut BytesMut) {
+    // Sessions check sizes before sending, so this only fails on a bug;
+    // dropping one frame is better than killing every session on the link.
+    if let Err(e) = codec.encode(frame, buf) {
+        tracing::error!(session = frame.session_id, error = %e, "dropping unencodable frame");
+    }
+}
+
+struct Reader<'a, R> {
+    rd: R,
+    buf: BytesMut,
+    control: mpsc::UnboundedReceiver<Control>,
+    routes: Routes,
+    hb_tx: mpsc::Sender<Frame>,
+    settings: &'a LinkSettings,
+    metrics: &'a Metrics,
+}
+
+impl<R: AsyncRead + Unpin> Reader<'_, R> {
+    async fn run(mut self) -> LinkError {
+        let timeout = self.settings.heartbeat_timeout;
+        let mut deadline = Instant::now() + timeout;
+        loop {
+            if let Err(e) = self.dispatch_buffered() {
+                return e;
+            }
+            if self.buf.capacity() - self.buf.len() < READ_CHUNK / 4 {
+                self.buf.reserve(READ_CHUNK);
+            }
+            tokio::select! {
+                biased;
+                Some(c) = self.control.recv() => self.apply(c),
+                r = self.rd.read_buf(&mut self.buf) => match r {
+                    Ok(0) => return LinkError::Eof,
+                    Ok(_) => deadline = Instant::now() + timeout,
+                    Err(e) => return LinkError::Io(e),
+                },
+                _ = tokio::time::sleep_until(deadline) => {
+                    return LinkError::HeartbeatTimeout(timeout);
+                }
+            }
+        }
+    }
+
+    /// Decodes and routes every complete frame in the buffer.
+    fn dispatch_buffered(&mut self) -> Result<(), LinkError> {
+        let (mut messages, mut bytes) = (0u64, 0u64);
+        while let Some(frame) = self.settings.codec.decode(&mut self.buf)? {
+            if let Some(Body::Data(d)) = &frame.body {
+                messages += 1;
+                bytes += d.payload.len() as u64;
+            }
+            self.dispatch(frame)?;
+        }
+        self.metrics.link_batch_read(messages, bytes);
+        Ok(())
+    }
+
+    fn apply(&mut self, c: Control) {
+        match c {
+            Control::Register(id, route) => {
+                self.routes.insert(id, route);
+            }
+            Control::Unregister(id) => {
+                self.routes.remove(&id);
+            }
+        }
+    }
+
+    /// Routes one backend frame: link frames are answered here, session
+    /// frames go to their session's mailbox.
+    fn dispatch(&mut self, frame: Frame) -> Result<(), LinkError> {
+        let id = SessionId(frame.session_id);
+        let body = frame
+            .body
+            .ok_or_else(|| LinkError::Protocol("frame without body".into()))?;
+        if id.0 == protocol::LINK_SESSION_ID {
+            return match body {
+                Body::Heartbeat(hb) if !hb.ack => {
+                    let _ = self.hb_tx.try_send(Frame::heartbeat(hb.nonce, true));
+                    Ok(())
+                }
+                Body::Heartbeat(_) => Ok(()),
+                other => Err(LinkError::Protocol(format!(
+                    "{} frame with session id 0",
+                    other.kind()
+                ))),
+            };
+        }
+        let msg = match body {
+            Body::Data(d) => ToClient::Data {
+                payload: d.payload,
+                text: d.text,
+            },
+            Body::Close(c) => ToClient::Close {
+                code: c.code,
+                reason: c.reason,
+            },
+            other => {
+                return Err(LinkError::Protocol(format!(
+                    "backend sent a {} frame for session {id}",
+                    other.kind(),
+                )))
+            }
+        };
+        if !self.routes.contains_key(&id) {
+            // The session may have registered after this read began: the
+            // registration was queued before its SessionOpen was written,
+            // so it is in the control queue by now.
+            while let Ok(c) = self.control.try_recv() {
+                self.apply(c);
+            }
+        }
+        let Some(route) = self.routes.get(&id) else {
+            self.metrics.late_frame();
+            tracing::debug!(
+                session = id.0,
+                "dropping backend frame for a session not on this link"
+            );
+            return Ok(());
+        };
+        let offered = route.offer(msg);
+        if !matches!(offered, Offered::Queued) {
+            if let Some(route) = self.routes.remove(&id) {
+                route.evict(&offered);
+            }
+        }
+        Ok(())
+    }
+}

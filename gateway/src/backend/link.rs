@@ -1,0 +1,202 @@
+//! The session's side of a link: [`LinkHandle`].
+//!
+//! A frame for the backend costs its wire length (the codec's own count) of
+//! the link's byte budget and one slot of its frame queue; the driver's
+//! writer gives both back once the frame is written. A session sends with
+//! one call: [`LinkHandle::try_send`] on the hot path (never waits),
+//! [`LinkHandle::send_pending`] to wait for room for a message it holds,
+//! [`LinkHandle::send_within`] for frames worth a bounded wait.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use protocol::{Frame, FrameCodec, SessionId};
+use tokio::sync::{mpsc, Semaphore};
+
+use super::driver::{Control, DriverQueues, Outbound};
+use super::mailbox::{Mailbox, MailboxLimits};
+use super::LinkSettings;
+
+/// Outcome of [`LinkHandle::try_send`].
+pub(crate) enum TrySend {
+    /// Queued.
+    Sent,
+    /// No room now; the frame is given back to wait for room.
+    Full(Box<Frame>),
+    /// The link is gone.
+    Gone,
+}
+
+/// The link is gone; the session must end with close code 1012.
+#[derive(Debug)]
+pub(crate) struct LinkGone;
+
+/// The cheap, clonable side of a link.
+///
+/// # Concurrency
+/// Sessions on any worker thread send through `tx` (a bounded MPSC queue)
+/// after taking `cost` permits from `budget`; only the writer receives and
+/// only the writer returns permits. `sessions` is a load estimate written by
+/// [`super::Lease`]s with relaxed atomics; a stale read only makes placement
+/// slightly less even. The control queue is unbounded but carries at most
+/// two messages per session (register, unregister), and sessions are capped
+/// by `listen.max_sessions`.
+#[derive(Clone)]
+pub(crate) struct LinkHandle {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    index: u32,
+    version: u32,
+    codec: FrameCodec,
+    tx: mpsc::Sender<Outbound>,
+    control: mpsc::UnboundedSender<Control>,
+    budget: Semaphore,
+    sessions: AtomicUsize,
+    limits: MailboxLimits,
+}
+
+impl LinkHandle {
+    /// A handle and the queues its driver will own.
+    pub(crate) fn new(index: u32, version: u32, s: &LinkSettings) -> (Self, DriverQueues) {
+        let (tx, rx) = mpsc::channel(s.queue_frames);
+        let (control_tx, control_rx) = mpsc::unbounded_channel();
+        let handle = Self {
+            shared: Arc::new(Shared {
+                index,
+                version,
+                codec: s.codec,
+                tx,
+                control: control_tx,
+                budget: Semaphore::new(s.queue_bytes),
+                sessions: AtomicUsize::new(0),
+                limits: s.mailbox,
+            }),
+        };
+        (
+            handle,
+            DriverQueues {
+                rx,
+                control: control_rx,
+            },
+        )
+    }
+
+    /// Index of the link in the pool, for logs.
+    pub(crate) fn index(&self) -> u32 {
+        self.shared.index
+    }
+
+    /// The protocol version negotiated on this link.
+    pub(crate) fn version(&self) -> u32 {
+        self.shared.version
+    }
+
+    /// Sessions placed on this link (estimate).
+    pub(crate) fn load(&self) -> usize {
+        self.shared.sessions.load(Ordering::Relaxed)
+    }
+
+    pub(super) fn add_load(&self) {
+        self.shared.sessions.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(super) fn remove_load(&self) {
+        self.shared.sessions.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Whether the driver is still running.
+    pub(crate) fn is_up(&self) -> bool {
+        !self.shared.tx.is_closed()
+    }
+
+    /// Puts a session on the link; its backend frames arrive in the mailbox.
+    /// Must be called before the session's `SessionOpen` is sent.
+    pub(crate) fn register(&self, id: SessionId) -> Result<Mailbox, LinkGone> {
+        let (mailbox, route) = Mailbox::new(self.shared.limits);
+        self.shared
+            .control
+            .send(Control::Register(id, route))
+            .map_err(|_| LinkGone)?;
+        Ok(mailbox)
+    }
+
+    /// Takes a session off the link; late backend frames for it are dropped.
+    pub(crate) fn unregister(&self, id: SessionId) {
+        // An error means the link is gone, and the map with it.
+        let _ = self.shared.control.send(Control::Unregister(id));
+    }
+
+    /// Queues `frame` if there is room now; gives it back if not.
+    pub(crate) fn try_send(&self, frame: Frame) -> TrySend {
+        let cost = self.cost_of(&frame);
+        let Ok(budget) = self.shared.budget.try_acquire_many(cost) else {
+            return if self.shared.budget.is_closed() {
+                TrySend::Gone
+            } else {
+                TrySend::Full(Box::new(frame))
+            };
+        };
+        match self.shared.tx.try_reserve() {
+            Ok(slot) => {
+                budget.forget();
+                slot.send(Outbound { frame, cost });
+                TrySend::Sent
+            }
+            Err(mpsc::error::TrySendError::Full(())) => TrySend::Full(Box::new(frame)),
+            Err(mpsc::error::TrySendError::Closed(())) => TrySend::Gone,
+        }
+    }
+
+    /// Waits for room for the frame in `pending`, then queues it. Cancel-safe:
+    /// until the instant it is queued the frame stays in `pending`, and
+    /// dropping the future gives back whatever room it had taken. Returns at
+    /// once when `pending` is empty.
+    pub(crate) async fn send_pending(&self, pending: &mut Option<Frame>) -> Result<(), LinkGone> {
+        let Some(cost) = pending.as_ref().map(|f| self.cost_of(f)) else {
+            return Ok(());
+        };
+        let budget = self
+            .shared
+            .budget
+            .acquire_many(cost)
+            .await
+            .map_err(|_| LinkGone)?;
+        let slot = self.shared.tx.reserve().await.map_err(|_| LinkGone)?;
+        if let Some(frame) = pending.take() {
+            budget.forget();
+            slot.send(Outbound { frame, cost });
+        }
+        Ok(())
+    }
+
+    /// Waits for room for `frame` up to `deadline`, then queues it; drops it
+    /// if the link is gone or still full by then.
+    pub(crate) async fn send_within(&self, frame: Frame, deadline: Duration) -> bool {
+        let mut pending = Some(frame);
+        matches!(
+            tokio::time::timeout(deadline, self.send_pending(&mut pending)).await,
+            Ok(Ok(()))
+        )
+    }
+
+    /// Gives back the room of frames the writer has written.
+    pub(super) fn release(&self, bytes: usize) {
+        self.shared.budget.add_permits(bytes);
+    }
+
+    /// Wakes every sender waiting for room: the link is over.
+    pub(super) fn close(&self) {
+        self.shared.budget.close();
+    }
+
+    /// What a frame costs of the link's byte budget: its length on the wire.
+    fn cost_of(&self, frame: &Frame) -> u32 {
+        // Fits: frames are limited to max_frame_size, validated below 4 GiB;
+        // an oversized frame saturates and waits for a budget it can never
+        // get only if validation was bypassed.
+        u32::try_from(self.shared.codec.wire_len(frame)).unwrap_or(u32::MAX)
+    }
+}

@@ -1,0 +1,306 @@
+//! A session's receiving end on its link.
+//!
+//! The link's reader holds a [`Route`] per session and hands it each backend
+//! frame with [`Route::offer`], which never waits: a mailbox bounded by
+//! messages and by bytes either takes the frame or is full, and then the
+//! session is evicted as a slow consumer. The session holds the
+//! [`Mailbox`]: the messages in order, and an eviction signal that fires
+//! once when the reader takes the session off the link.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, oneshot};
+
+/// A session whose mailbox already holds this many messages is lagging; its
+/// payloads are copied out of the shared read buffer so that it does not pin
+/// 64 KiB read chunks while it catches up.
+const LAGGING_DEPTH: usize = 4;
+
+/// Bounds of a session's mailbox.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct MailboxLimits {
+    /// Messages queued towards one client.
+    pub(crate) messages: usize,
+    /// Payload bytes queued towards one client.
+    pub(crate) bytes: usize,
+}
+
+/// What the reader delivers to a session.
+#[derive(Debug)]
+pub(crate) enum ToClient {
+    /// One message for the client.
+    Data {
+        /// Message body.
+        payload: Bytes,
+        /// Text (true) or binary.
+        text: bool,
+    },
+    /// The backend closed the session.
+    Close {
+        /// The backend's code.
+        code: u32,
+        /// The backend's reason.
+        reason: String,
+    },
+}
+
+impl ToClient {
+    /// Payload bytes it holds of the mailbox's byte bound.
+    fn len(&self) -> usize {
+        match self {
+            Self::Data { payload, .. } => payload.len(),
+            Self::Close { .. } => 0,
+        }
+    }
+}
+
+/// Why the reader took a session off the link. (When the link itself ends,
+/// the sender is dropped instead, and the session sees a receive error.)
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Evict {
+    SlowConsumer,
+    BackendClosed,
+}
+
+/// Why a session's route on its link is gone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Gone {
+    /// The mailbox overflowed: the session must end as a slow consumer.
+    SlowConsumer,
+    /// The backend closed the session (the close is in the mailbox, after
+    /// any data that preceded it).
+    BackendClosed,
+    /// The link ended.
+    LinkLost,
+}
+
+/// A session's receiving end on its link: the queue of backend messages,
+/// and the signal of the route going away. Two parts, so that a session can
+/// take messages from one while it watches the other.
+pub(crate) struct Mailbox {
+    /// Backend messages, in order.
+    pub(crate) queue: Queue,
+    /// Fires when the reader takes the session off the link.
+    pub(crate) eviction: Eviction,
+}
+
+/// Backend messages for one session, in order, bounded by messages and by
+/// payload bytes.
+pub(crate) struct Queue {
+    rx: mpsc::Receiver<ToClient>,
+    /// Payload bytes in `rx`, shared with the route.
+    queued_bytes: Arc<AtomicUsize>,
+}
+
+/// Watches for the route going away. Unlike a bare oneshot receiver it can
+/// be waited on again after it fired (it then never resolves), and it
+/// remembers what happened.
+pub(crate) struct Eviction {
+    rx: Option<oneshot::Receiver<Evict>>,
+    gone: Option<Gone>,
+}
+
+/// The reader's entry for one session.
+pub(super) struct Route {
+    tx: mpsc::Sender<ToClient>,
+    queued_bytes: Arc<AtomicUsize>,
+    evict: oneshot::Sender<Evict>,
+    byte_limit: usize,
+}
+
+/// What [`Route::offer`] did with a frame.
+pub(super) enum Offered {
+    /// Queued; the route stays.
+    Queued,
+    /// Queued, and it was the session's close: the route is done.
+    Closed,
+    /// The mailbox was full (or the session is gone): the route is done.
+    Dropped,
+}
+
+impl Mailbox {
+    /// A mailbox and the route the link's reader keeps for it.
+    pub(super) fn new(limits: MailboxLimits) -> (Self, Route) {
+        let (tx, rx) = mpsc::channel(limits.messages);
+        let (evict_tx, evict_rx) = oneshot::channel();
+        let queued_bytes = Arc::new(AtomicUsize::new(0));
+        let route = Route {
+            tx,
+            queued_bytes: queued_bytes.clone(),
+            evict: evict_tx,
+            byte_limit: limits.bytes,
+        };
+        let mailbox = Self {
+            queue: Queue { rx, queued_bytes },
+            eviction: Eviction {
+                rx: Some(evict_rx),
+                gone: None,
+            },
+        };
+        (mailbox, route)
+    }
+}
+
+impl Queue {
+    /// The next message, in order. Cancel-safe. `None` once the link has
+    /// dropped the route and the queue is empty.
+    pub(crate) async fn recv(&mut self) -> Option<ToClient> {
+        let msg = self.rx.recv().await?;
+        self.taken(&msg);
+        Some(msg)
+    }
+
+    /// The next message if one is queued.
+    pub(crate) fn try_recv(&mut self) -> Option<ToClient> {
+        let msg = self.rx.try_recv().ok()?;
+        self.taken(&msg);
+        Some(msg)
+    }
+
+    fn taken(&self, msg: &ToClient) {
+        self.queued_bytes.fetch_sub(msg.len(), Ordering::Relaxed);
+    }
+}
+
+impl Eviction {
+    /// Resolves once, when the route goes; after that never again (see
+    /// [`Eviction::gone`]). Cancel-safe.
+    pub(crate) async fn wait(&mut self) -> Gone {
+        let Some(rx) = self.rx.as_mut() else {
+            return std::future::pending().await;
+        };
+        let gone = match rx.await {
+            Ok(Evict::SlowConsumer) => Gone::SlowConsumer,
+            Ok(Evict::BackendClosed) => Gone::BackendClosed,
+            Err(_) => Gone::LinkLost,
+        };
+        self.rx = None;
+        self.gone = Some(gone);
+        gone
+    }
+
+    /// What happened, if the route is already known to be gone.
+    pub(crate) fn gone(&self) -> Option<Gone> {
+        self.gone
+    }
+}
+
+impl Route {
+    /// Queues one backend message without waiting; a mailbox over either
+    /// bound evicts its session as a slow consumer.
+    pub(super) fn offer(&self, msg: ToClient) -> Offered {
+        let is_close = matches!(msg, ToClient::Close { .. });
+        let msg = match msg {
+            ToClient::Data { payload, text } if self.lagging() => ToClient::Data {
+                payload: Bytes::copy_from_slice(&payload),
+                text,
+            },
+            other => other,
+        };
+        let len = msg.len();
+        let queued = self.queued_bytes.fetch_add(len, Ordering::Relaxed) + len;
+        if queued > self.byte_limit {
+            return Offered::Dropped;
+        }
+        match self.tx.try_send(msg) {
+            Ok(()) if is_close => Offered::Closed,
+            Ok(()) => Offered::Queued,
+            Err(_) => Offered::Dropped,
+        }
+    }
+
+    /// Tells the session why its route went, after [`Route::offer`] ended
+    /// it. A session that is itself gone needs no word.
+    pub(super) fn evict(self, offered: &Offered) {
+        let why = match offered {
+            Offered::Queued => return,
+            Offered::Closed => Evict::BackendClosed,
+            Offered::Dropped if self.tx.is_closed() => return,
+            Offered::Dropped => Evict::SlowConsumer,
+        };
+        let _ = self.evict.send(why);
+    }
+
+    fn lagging(&self) -> bool {
+        self.tx.max_capacity() - self.tx.capacity() >= LAGGING_DEPTH
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn data(n: usize) -> ToClient {
+        ToClient::Data {
+            payload: Bytes::from(vec![b'x'; n]),
+            text: false,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_full_mailbox_evicts_its_session_as_a_slow_consumer() {
+        let (mut mb, route) = Mailbox::new(MailboxLimits {
+            messages: 2,
+            bytes: 1 << 20,
+        });
+        assert!(matches!(route.offer(data(1)), Offered::Queued));
+        assert!(matches!(route.offer(data(1)), Offered::Queued));
+        let third = route.offer(data(1));
+        assert!(matches!(third, Offered::Dropped));
+        route.evict(&third);
+        assert_eq!(mb.eviction.wait().await, Gone::SlowConsumer);
+        assert_eq!(mb.eviction.gone(), Some(Gone::SlowConsumer));
+        // What was queued before the eviction is still delivered.
+        assert!(mb.queue.try_recv().is_some());
+        assert!(mb.queue.try_recv().is_some());
+    }
+
+    #[tokio::test]
+    async fn bytes_are_counted_until_the_session_takes_them() {
+        let (mut mb, route) = Mailbox::new(MailboxLimits {
+            messages: 10,
+            bytes: 100,
+        });
+        assert!(matches!(route.offer(data(60)), Offered::Queued));
+        assert!(matches!(route.offer(data(40)), Offered::Queued));
+        assert!(mb.queue.recv().await.is_some());
+        // 40 queued now: another 60 fits exactly, 61 would not.
+        assert!(matches!(route.offer(data(60)), Offered::Queued));
+        assert!(matches!(route.offer(data(1)), Offered::Dropped));
+    }
+
+    #[tokio::test]
+    async fn a_backend_close_ends_the_route_after_its_data() {
+        let (mut mb, route) = Mailbox::new(MailboxLimits {
+            messages: 10,
+            bytes: 100,
+        });
+        assert!(matches!(route.offer(data(1)), Offered::Queued));
+        let close = route.offer(ToClient::Close {
+            code: 4000,
+            reason: "bye".into(),
+        });
+        assert!(matches!(close, Offered::Closed));
+        route.evict(&close);
+        assert_eq!(mb.eviction.wait().await, Gone::BackendClosed);
+        assert!(matches!(mb.queue.try_recv(), Some(ToClient::Data { .. })));
+        assert!(matches!(
+            mb.queue.try_recv(),
+            Some(ToClient::Close { code: 4000, .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_dropped_route_reads_as_a_lost_link() {
+        let (mut mb, route) = Mailbox::new(MailboxLimits {
+            messages: 10,
+            bytes: 100,
+        });
+        drop(route);
+        assert_eq!(mb.eviction.wait().await, Gone::LinkLost);
+        assert!(mb.queue.recv().await.is_none());
+    }
+}

@@ -1,0 +1,369 @@
+//! A session with a client connection: the event loop and one method per
+//! event.
+//!
+//! fastwebsockets' `read_frame` is not cancel-safe, so the read future owns
+//! the read half and is kept across loop iterations (`read.set(..)` starts
+//! the next read only after one completed); it is never dropped midway
+//! except when the connection is torn down.
+
+use std::ops::ControlFlow;
+use std::pin::{pin, Pin};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use fastwebsockets::{
+    Frame as WsFrame, OpCode, Payload, Role, WebSocket, WebSocketError, WebSocketRead,
+    WebSocketWrite,
+};
+use tokio::io::{AsyncReadExt, ReadHalf, WriteHalf};
+use tokio::time::{Instant, Sleep};
+
+use super::assemble::Assembler;
+use super::client::{on_client_frame, ws_error_end};
+use super::signals::{stale, Listen, Signal};
+use super::{End, Io, Session};
+use crate::backend::{Gone, LinkGone, ToClient, TrySend, ADVISORY_SEND_DEADLINE};
+use crate::close::CloseReason;
+
+pub(super) type Reader<'a> = WebSocketRead<&'a mut ReadHalf<Io>>;
+pub(super) type Writer = WebSocketWrite<WriteHalf<Io>>;
+
+/// What the event loop does after an event.
+type Step = ControlFlow<End>;
+
+/// One complete frame from the client, with its payload owned.
+pub(super) struct ClientFrame {
+    pub(super) fin: bool,
+    pub(super) opcode: OpCode,
+    pub(super) payload: BytesMut,
+}
+
+/// The per-connection state of the event loop.
+pub(super) struct Connection {
+    pub(super) writer: Writer,
+    pub(super) assembler: Assembler,
+    /// False once nothing more can be read (the client closed, or its
+    /// stream failed).
+    reading: bool,
+    /// When the client last showed a sign of life.
+    last_heard: Instant,
+    /// A ping is out and unanswered.
+    ping_sent: bool,
+}
+
+async fn read_frame(mut reader: Reader<'_>) -> (Reader<'_>, Result<ClientFrame, WebSocketError>) {
+    // With auto-close and auto-pong off, fastwebsockets never asks us to
+    // send anything from inside `read_frame`.
+    let res = reader
+        .read_frame(&mut |_| async { Ok::<(), WebSocketError>(()) })
+        .await
+        .map(|f| ClientFrame {
+            fin: f.fin,
+            opcode: f.opcode,
+            payload: match f.payload {
+                Payload::Bytes(b) => b,
+                other => BytesMut::from(&other[..]),
+            },
+        });
+    (reader, res)
+}
+
+impl Connection {
+    /// Splits an upgraded connection: the frame reader (borrowing the raw
+    /// read half, which stays the caller's for lingering) and the rest.
+    fn new<'r>(
+        raw_read: &'r mut ReadHalf<Io>,
+        raw_write: WriteHalf<Io>,
+        max_message: usize,
+    ) -> (Reader<'r>, Self) {
+        let (mut reader, mut writer) =
+            fastwebsockets::after_handshake_split(raw_read, raw_write, Role::Server);
+        // The gateway answers pings and closes itself: it must see them to
+        // keep liveness and to map closes through its table.
+        reader.set_auto_close(false);
+        reader.set_auto_pong(false);
+        // fastwebsockets refuses frames of `>= limit` bytes.
+        reader.set_max_message_size(max_message.saturating_add(1));
+        writer.set_auto_apply_mask(false);
+        let conn = Self {
+            writer,
+            assembler: Assembler::default(),
+            reading: true,
+            last_heard: Instant::now(),
+            ping_sent: false,
+        };
+        (reader, conn)
+    }
+
+    /// Writes one frame and flushes, within `limit`.
+    pub(super) async fn write_flush(
+        &mut self,
+        frame: WsFrame<'_>,
+        limit: Duration,
+    ) -> Result<(), Option<WebSocketError>> {
+        let write = async {
+            self.writer.write_frame(frame).await?;
+            self.writer.flush().await
+        };
+        match Box::pin(tokio::time::timeout(limit, write)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(Some(e)),
+            Err(_) => Err(None),
+        }
+    }
+}
+
+impl Session {
+    /// Serves one client connection of the session, including its close.
+    pub(super) async fn connected(&mut self, ws: WebSocket<Io>) -> End {
+        let close_timeout = self.shared.config.session.close_timeout;
+        // The read half stays ours (fastwebsockets only borrows it), so that
+        // after an error close the connection can be drained.
+        let (mut raw_read, raw_write) = tokio::io::split(ws.into_inner());
+        let (end, lingering) = self.serve_frames(&mut raw_read, raw_write).await;
+        if lingering {
+            // The frame stream is unusable (say, a frame over the size limit
+            // whose payload was never read), but the client must still get
+            // to read our close: closing a socket with unread input sends a
+            // reset, which can destroy the close frame in the client's
+            // buffers. Linger instead.
+            Box::pin(linger(&mut raw_read, close_timeout)).await;
+        }
+        // Dropping the halves closes the connection.
+        end
+    }
+
+    /// The event loop and the close; returns the end, and whether the raw
+    /// connection must be drained before it is dropped.
+    async fn serve_frames(
+        &mut self,
+        raw_read: &mut ReadHalf<Io>,
+        raw_write: WriteHalf<Io>,
+    ) -> (End, bool) {
+        let cfg = &self.shared.config.session;
+        let (ping_interval, close_timeout) = (cfg.ping_interval, cfg.close_timeout);
+        let (reader, mut conn) = Connection::new(raw_read, raw_write, cfg.max_message_size.bytes());
+        let mut read = pin!(read_frame(reader));
+        // Created once and re-armed when it fires, not per message.
+        let mut ping = pin!(tokio::time::sleep(ping_interval));
+        // `notify_waiters` only reaches waiters that existed when it was
+        // called; a session that starts during shutdown sees the token.
+        let start = if self.shared.shutdown.is_cancelled() {
+            Err(End::clean(CloseReason::Shutdown))
+        } else {
+            Box::pin(self.replay(&mut conn)).await
+        };
+        let end = match start {
+            Err(end) => end,
+            Ok(()) => loop {
+                let step = tokio::select! {
+                    biased;
+                    s = self.signals.next(Listen::ALL) => self.on_signal(&mut conn, s).await,
+                    msg = self.queue.recv() => self.on_backend(&mut conn, msg).await,
+                    r = self.link.send_pending(&mut self.pending), if self.pending.is_some() => {
+                        on_link_room(r)
+                    }
+                    (r, res) = &mut read, if conn.reading && self.pending.is_none() => {
+                        read.set(read_frame(r));
+                        self.on_client_frame(&mut conn, res).await
+                    }
+                    _ = &mut ping => self.on_ping_tick(&mut conn, ping.as_mut()).await,
+                };
+                if let ControlFlow::Break(end) = step {
+                    break end;
+                }
+            },
+        };
+        Box::pin(self.send_accepted(&end)).await;
+        if !end.can_write || !Box::pin(self.close_frame(&mut conn, &end)).await {
+            return (end, false);
+        }
+        if !conn.reading {
+            return (end, true);
+        }
+        // Wait (bounded) for the client's close reply, so that it sees a
+        // clean close handshake.
+        let reply = async {
+            loop {
+                let (r, res) = (&mut read).await;
+                match res {
+                    Ok(f) if f.opcode == OpCode::Close => break,
+                    Ok(_) => read.set(read_frame(r)),
+                    Err(_) => break,
+                }
+            }
+        };
+        let _ = Box::pin(tokio::time::timeout(close_timeout, reply)).await;
+        (end, false)
+    }
+
+    /// A resumed connection first gets what the client missed.
+    async fn replay(&mut self, conn: &mut Connection) -> Result<(), End> {
+        let Some(r) = self.resumable.as_mut().filter(|r| !r.replay.is_empty()) else {
+            return Ok(());
+        };
+        let replay = std::mem::take(&mut r.replay);
+        let write = async {
+            for (payload, text) in &replay {
+                let opcode = if *text { OpCode::Text } else { OpCode::Binary };
+                let frame = WsFrame::new(true, opcode, None, Payload::Borrowed(payload));
+                conn.writer.write_frame(frame).await?;
+            }
+            conn.writer.flush().await
+        };
+        let limit = self.shared.config.session.ping_timeout;
+        match Box::pin(tokio::time::timeout(limit, write)).await {
+            Ok(Ok(())) => Ok(()),
+            _ => Err(End::broken(CloseReason::ClientLost)),
+        }
+    }
+
+    /// The route went away, the gateway drains, or a resume arrived.
+    async fn on_signal(&mut self, conn: &mut Connection, signal: Signal) -> Step {
+        match signal {
+            Signal::Evicted(Gone::SlowConsumer) => {
+                Step::Break(End::clean(CloseReason::SlowConsumer))
+            }
+            // Deliver what was already queued, which ends with the
+            // backend's close if that is why; else close with "reconnect".
+            Signal::Evicted(Gone::BackendClosed | Gone::LinkLost) => {
+                Step::Break(Box::pin(self.deliver_queued(conn)).await)
+            }
+            Signal::Drain => Step::Break(End::clean(CloseReason::Shutdown)),
+            // Single use per attach: the newer connection wins.
+            Signal::Attach(req) => match stale(req, self.token()) {
+                Some(req) => Step::Break(End::clean(CloseReason::TakenOver).taken_over(req)),
+                None => Step::Continue(()),
+            },
+            Signal::AttachClosed => Step::Continue(()),
+        }
+    }
+
+    /// A backend message for the client (`None`: the route is gone, which
+    /// the eviction signal reports).
+    async fn on_backend(&mut self, conn: &mut Connection, msg: Option<ToClient>) -> Step {
+        match msg {
+            Some(msg) => Box::pin(self.deliver(conn, msg)).await,
+            None => Step::Continue(()),
+        }
+    }
+
+    /// One frame from the client, or the end of its stream.
+    async fn on_client_frame(
+        &mut self,
+        conn: &mut Connection,
+        frame: Result<ClientFrame, WebSocketError>,
+    ) -> Step {
+        conn.last_heard = Instant::now();
+        conn.ping_sent = false;
+        let frame = match frame {
+            Ok(f) => f,
+            Err(e) => {
+                conn.reading = false;
+                return Step::Break(ws_error_end(e));
+            }
+        };
+        let cfg = &self.shared.config.session;
+        let (max, write_timeout) = (cfg.max_message_size.bytes(), cfg.ping_timeout);
+        match on_client_frame(frame, conn, self.id, max, write_timeout).await {
+            Ok(None) => Step::Continue(()),
+            Ok(Some(out)) => {
+                self.received += 1;
+                match self.link.try_send(out) {
+                    TrySend::Sent => Step::Continue(()),
+                    TrySend::Full(frame) => {
+                        self.pending = Some(*frame);
+                        Step::Continue(())
+                    }
+                    TrySend::Gone => Step::Break(End::clean(CloseReason::LinkLost)),
+                }
+            }
+            Err(end) => {
+                // After the client's close there is nothing more to read;
+                // after a message-level error the stream is still in sync
+                // and is drained for the close reply.
+                if matches!(end.reason, CloseReason::ClientClosed { .. }) {
+                    conn.reading = false;
+                }
+                Step::Break(end)
+            }
+        }
+    }
+
+    /// The ping timer fired: ping an idle client, or give up on a silent
+    /// one. The timer is re-armed only when it fires, not per message: it
+    /// then looks at when the client was last heard from.
+    async fn on_ping_tick(&mut self, conn: &mut Connection, timer: Pin<&mut Sleep>) -> Step {
+        let cfg = &self.shared.config.session;
+        let now = Instant::now();
+        // While the client is paused for backpressure its pongs are not
+        // read either: its liveness is not judged meanwhile.
+        if self.pending.is_some() {
+            conn.last_heard = now;
+            conn.ping_sent = false;
+        }
+        if now < conn.last_heard + cfg.ping_interval {
+            timer.reset(conn.last_heard + cfg.ping_interval);
+            return Step::Continue(());
+        }
+        if conn.ping_sent {
+            return Step::Break(End::broken(CloseReason::ClientTimeout));
+        }
+        conn.ping_sent = true;
+        timer.reset(now + cfg.ping_timeout);
+        let ping = WsFrame::new(true, OpCode::Ping, None, Payload::Borrowed(b"gw"));
+        match conn.write_flush(ping, cfg.ping_timeout).await {
+            Ok(()) => Step::Continue(()),
+            Err(_) => Step::Break(End::broken(CloseReason::ClientTimeout)),
+        }
+    }
+
+    /// A client message accepted but still waiting for room goes out now if
+    /// the link has room within a short wait: it was accepted, so the
+    /// backend should see it before the close. A session that goes on (a
+    /// takeover, or a resumable session detaching) keeps it instead.
+    async fn send_accepted(&mut self, end: &End) {
+        let continues =
+            end.takeover.is_some() || (self.resumable.is_some() && end.reason.is_connection_loss());
+        if let (false, Some(frame)) = (continues, self.pending.take()) {
+            self.link.send_within(frame, ADVISORY_SEND_DEADLINE).await;
+        }
+    }
+
+    /// Sends the client its close frame where one is due; true if it went.
+    async fn close_frame(&self, conn: &mut Connection, end: &End) -> bool {
+        let Some(c) = end.reason.to_client() else {
+            return false;
+        };
+        let frame = WsFrame::close(c.code, c.reason.as_bytes());
+        let limit = self.shared.config.session.close_timeout;
+        conn.write_flush(frame, limit).await.is_ok()
+    }
+
+    /// The session's current resume credential, if it is resumable.
+    pub(super) fn token(&self) -> Option<&crate::resume::Token> {
+        self.resumable.as_ref().map(|r| &r.token)
+    }
+}
+
+/// Room on the link for the pending client message: it was queued.
+fn on_link_room(r: Result<(), LinkGone>) -> Step {
+    match r {
+        Ok(()) => Step::Continue(()),
+        Err(LinkGone) => Step::Break(End::clean(CloseReason::LinkLost)),
+    }
+}
+
+/// Reads and discards what the client still sends, until it closes or
+/// `limit` passes; memory use is one small buffer.
+async fn linger(rd: &mut ReadHalf<Io>, limit: Duration) {
+    let mut sink = [0u8; 4096];
+    let drain = async {
+        while let Ok(n) = rd.read(&mut sink).await {
+            if n == 0 {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(limit, drain).await;
+}

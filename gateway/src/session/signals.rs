@@ -1,0 +1,100 @@
+//! What can interrupt a session in any state: the link reader taking it off
+//! the link, a resume request from a new connection, the gateway draining.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use tokio::sync::futures::OwnedNotified;
+use tokio::sync::{mpsc, Notify};
+
+use crate::backend::{Eviction, Gone};
+use crate::resume::{AttachRequest, Token};
+
+/// One interruption.
+pub(super) enum Signal {
+    /// The session's route on its link is gone.
+    Evicted(Gone),
+    /// The gateway is draining: the session must close with 1001.
+    Drain,
+    /// A resume request arrived. It may be stale: see [`stale`].
+    Attach(AttachRequest),
+    /// The resume channel closed; no resume can arrive any more.
+    AttachClosed,
+}
+
+/// Which signals a state listens to.
+#[derive(Clone, Copy)]
+pub(super) struct Listen {
+    pub(super) eviction: bool,
+    pub(super) attach: bool,
+    pub(super) drain: bool,
+}
+
+impl Listen {
+    /// Every signal.
+    pub(super) const ALL: Self = Self {
+        eviction: true,
+        attach: true,
+        drain: true,
+    };
+}
+
+/// The sources of [`Signal`]s, owned by the session.
+pub(super) struct Signals {
+    pub(super) eviction: Eviction,
+    /// Resume requests, for resumable sessions.
+    attach: Option<mpsc::Receiver<AttachRequest>>,
+    /// Created once, so that every `notify_waiters` after the session began
+    /// reaches it (re-creating it per event would also cost a waiter
+    /// registration per message).
+    drain: Pin<Box<OwnedNotified>>,
+}
+
+impl Signals {
+    pub(super) fn new(
+        eviction: Eviction,
+        attach: Option<mpsc::Receiver<AttachRequest>>,
+        drain: Arc<Notify>,
+    ) -> Self {
+        Self {
+            eviction,
+            attach,
+            drain: Box::pin(drain.notified_owned()),
+        }
+    }
+
+    /// The next signal among those `listen` asks for. Cancel-safe.
+    pub(super) async fn next(&mut self, listen: Listen) -> Signal {
+        let attach = listen.attach && self.attach.is_some();
+        tokio::select! {
+            biased;
+            gone = self.eviction.wait(), if listen.eviction => Signal::Evicted(gone),
+            _ = self.drain.as_mut(), if listen.drain => Signal::Drain,
+            req = recv(&mut self.attach), if attach => match req {
+                Some(req) => Signal::Attach(req),
+                None => {
+                    self.attach = None;
+                    Signal::AttachClosed
+                }
+            },
+        }
+    }
+}
+
+async fn recv(rx: &mut Option<mpsc::Receiver<AttachRequest>>) -> Option<AttachRequest> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// A resume request that must not touch the session: it presents a
+/// credential already replaced, or its requester stopped waiting. It is
+/// refused (410) and dropped.
+pub(super) fn stale(req: AttachRequest, token: Option<&Token>) -> Option<AttachRequest> {
+    if req.reply.is_closed() || token != Some(&req.token) {
+        let _ = req.reply.send(Err(crate::resume::Refused::Stale));
+        return None;
+    }
+    Some(req)
+}
