@@ -32,7 +32,8 @@ pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: Canc
         };
         let shared = shared.clone();
         let stop = stop.clone();
-        tokio::spawn(async move {
+        let spawner = shared.clone();
+        spawner.shutdown.spawn_admin(async move {
             let service = service_fn(move |req| {
                 let resp = answer(&req, &shared);
                 async move { Ok::<_, std::convert::Infallible>(resp) }
@@ -55,7 +56,7 @@ fn answer<B>(req: &Request<B>, shared: &Shared) -> Response<Full<Bytes>> {
         "/readyz" => {
             let up = shared.pool.links_up();
             let total = shared.pool.links_total();
-            let draining = shared.shutdown.is_cancelled();
+            let draining = shared.shutdown.is_draining();
             let status = if up > 0 && !draining {
                 StatusCode::OK
             } else {

@@ -62,6 +62,11 @@ pub struct ResumeConfig {
     /// Most bytes held for all detached sessions together; a detached
     /// session that would exceed it is lost.
     pub max_detached_bytes: ByteSize,
+    /// How long a resume request waits for its session to take it (a
+    /// session busy writing to its old connection answers when that write
+    /// ends), and then for the resumed connection's upgrade to complete.
+    #[serde(with = "humantime_serde")]
+    pub handoff_timeout: Duration,
 }
 
 impl Default for ResumeConfig {
@@ -75,6 +80,7 @@ impl Default for ResumeConfig {
             buffer_bytes: ByteSize(256 << 10),
             max_detached: 20_000,
             max_detached_bytes: ByteSize(512 << 20),
+            handoff_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -132,6 +138,11 @@ pub struct SessionConfig {
     /// dropped as dead.
     #[serde(with = "humantime_serde")]
     pub ping_timeout: Duration,
+    /// How long a write to the client (a batch of backend messages, a pong,
+    /// a replay) may take before the client is judged stalled: a slow
+    /// consumer, or for a resumable session a lost connection.
+    #[serde(with = "humantime_serde")]
+    pub write_timeout: Duration,
     /// After the gateway sends a close frame, how long it waits for the
     /// client's close frame before dropping the connection.
     #[serde(with = "humantime_serde")]
@@ -149,7 +160,8 @@ pub struct BackendConfig {
     /// Links (TCP connections) to open to each endpoint.
     pub links_per_endpoint: usize,
     /// Length prefix style of the backend protocol.
-    pub framing: FramingName,
+    #[serde(with = "framing_name")]
+    pub framing: Framing,
     /// Largest frame body either side may send on a link.
     pub max_frame_size: ByteSize,
     /// Name sent to the backend in `Hello`; empty means the host name.
@@ -217,21 +229,29 @@ pub enum LogFormat {
     Json,
 }
 
-/// Framing as written in the configuration.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum FramingName {
-    /// Protobuf varint prefix.
-    Varint,
-    /// 4-byte big-endian prefix.
-    U32be,
-}
+/// `backend.framing` in the configuration: the protocol crate's
+/// [`Framing`], written `"varint"` or `"u32be"`.
+mod framing_name {
+    use protocol::Framing;
+    use serde::{Deserialize, Deserializer, Serializer};
 
-impl From<FramingName> for Framing {
-    fn from(f: FramingName) -> Self {
+    pub(super) fn serialize<S: Serializer>(f: &Framing, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(f)
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Framing, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+
+    pub(super) fn serialize_some<S: Serializer>(
+        f: &Option<Framing>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
         match f {
-            FramingName::Varint => Framing::Varint,
-            FramingName::U32be => Framing::U32Be,
+            Some(f) => s.collect_str(f),
+            None => s.serialize_none(),
         }
     }
 }
@@ -266,6 +286,9 @@ impl Default for SessionConfig {
             // 20 s ping keeps them open and finds dead phones within 40 s.
             ping_interval: Duration::from_secs(20),
             ping_timeout: Duration::from_secs(20),
+            // As long as a ping may take to be answered: a client that cannot
+            // take a write for that long would be judged dead anyway.
+            write_timeout: Duration::from_secs(20),
             close_timeout: Duration::from_secs(2),
             forward_headers: vec!["user-agent".to_owned(), "x-request-id".to_owned()],
         }
@@ -277,7 +300,7 @@ impl Default for BackendConfig {
         Self {
             endpoints: Vec::new(),
             links_per_endpoint: 2,
-            framing: FramingName::Varint,
+            framing: Framing::Varint,
             max_frame_size: ByteSize((1 << 20) + FRAME_OVERHEAD as u64),
             gateway_id: String::new(),
             connect_timeout: Duration::from_secs(3),
@@ -373,6 +396,9 @@ pub enum ConfigError {
     /// The file, environment or flags could not be parsed into the tree.
     #[error("{0}")]
     Parse(#[from] Box<figment::Error>),
+    /// The TLS certificate or key could not be loaded.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
     /// A value parsed but is not usable.
     #[error("invalid value for `{key}`: {reason}")]
     Invalid {
@@ -384,27 +410,88 @@ pub enum ConfigError {
 }
 
 /// Values given on the command line; each one, when present, overrides the
-/// file and the environment.
-#[derive(Debug, Default, Clone)]
+/// file and the environment. The flags are declared here, once: serialized,
+/// this is a partial configuration tree (flags not given are skipped) that
+/// is merged over the file and the environment.
+#[derive(Debug, Default, Clone, clap::Args, Serialize)]
 pub struct Overrides {
-    /// `--listen`: plain ws listeners.
-    pub listen_ws: Vec<SocketAddr>,
-    /// `--listen-tls`: wss listeners.
-    pub listen_wss: Vec<SocketAddr>,
-    /// `--tls-cert`.
-    pub tls_cert: Option<PathBuf>,
-    /// `--tls-key`.
-    pub tls_key: Option<PathBuf>,
-    /// `--backend`: backend endpoints.
-    pub backends: Vec<String>,
-    /// `--links`: links per backend endpoint.
-    pub links: Option<usize>,
-    /// `--framing`.
-    pub framing: Option<FramingName>,
-    /// `--admin`: admin listener.
-    pub admin: Option<SocketAddr>,
-    /// `--set key=value`: any key, TOML value syntax.
+    /// Listener flags.
+    #[command(flatten)]
+    pub listen: ListenFlags,
+    /// TLS flags.
+    #[command(flatten)]
+    pub tls: TlsFlags,
+    /// Backend flags.
+    #[command(flatten)]
+    pub backend: BackendFlags,
+    /// Admin flags.
+    #[command(flatten)]
+    pub admin: AdminFlags,
+    /// Set any key, e.g. --set session.max_message_size='"2MiB"' (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE", value_parser = parse_set)]
+    #[serde(skip)]
     pub set: Vec<(String, String)>,
+}
+
+/// Flags of the `listen` section.
+#[derive(Debug, Default, Clone, clap::Args, Serialize)]
+pub struct ListenFlags {
+    /// Plain ws listener address (repeatable); overrides listen.ws.
+    #[arg(long = "listen", value_name = "ADDR")]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub ws: Vec<SocketAddr>,
+    /// wss listener address (repeatable); overrides listen.wss.
+    #[arg(long = "listen-tls", value_name = "ADDR")]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub wss: Vec<SocketAddr>,
+}
+
+/// Flags of the `tls` section.
+#[derive(Debug, Default, Clone, clap::Args, Serialize)]
+pub struct TlsFlags {
+    /// PEM certificate chain for wss; overrides tls.cert.
+    #[arg(long = "tls-cert", value_name = "FILE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cert: Option<PathBuf>,
+    /// PEM private key for wss; overrides tls.key.
+    #[arg(long = "tls-key", value_name = "FILE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key: Option<PathBuf>,
+}
+
+/// Flags of the `backend` section.
+#[derive(Debug, Default, Clone, clap::Args, Serialize)]
+pub struct BackendFlags {
+    /// Backend endpoint host:port (repeatable); overrides backend.endpoints.
+    #[arg(long = "backend", value_name = "ADDR")]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub endpoints: Vec<String>,
+    /// Links per backend endpoint; overrides backend.links_per_endpoint.
+    #[arg(long = "links", value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub links_per_endpoint: Option<usize>,
+    /// Backend framing, varint or u32be; overrides backend.framing.
+    #[arg(long = "framing", value_name = "STYLE")]
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "framing_name::serialize_some"
+    )]
+    pub framing: Option<Framing>,
+}
+
+/// Flags of the `admin` section.
+#[derive(Debug, Default, Clone, clap::Args, Serialize)]
+pub struct AdminFlags {
+    /// Admin listener address (/healthz, /readyz, /metrics); overrides admin.listen.
+    #[arg(long = "admin", value_name = "ADDR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen: Option<SocketAddr>,
+}
+
+fn parse_set(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        .ok_or_else(|| format!("{s:?}: expected KEY=VALUE"))
 }
 
 impl Config {
@@ -494,7 +581,7 @@ impl Config {
                 ),
             ));
         }
-        if self.backend.framing == FramingName::U32be
+        if self.backend.framing == Framing::U32Be
             && self.backend.max_frame_size.0 > u64::from(u32::MAX)
         {
             return Err(invalid(
@@ -539,6 +626,8 @@ impl Config {
         for (key, d) in [
             ("session.ping_interval", self.session.ping_interval),
             ("session.ping_timeout", self.session.ping_timeout),
+            ("session.write_timeout", self.session.write_timeout),
+            ("resume.handoff_timeout", self.resume.handoff_timeout),
             (
                 "backend.heartbeat_interval",
                 self.backend.heartbeat_interval,
@@ -599,30 +688,7 @@ impl Config {
 }
 
 fn apply_overrides(mut fig: Figment, o: &Overrides) -> Figment {
-    if !o.listen_ws.is_empty() {
-        fig = fig.merge(Serialized::default("listen.ws", &o.listen_ws));
-    }
-    if !o.listen_wss.is_empty() {
-        fig = fig.merge(Serialized::default("listen.wss", &o.listen_wss));
-    }
-    if let Some(p) = &o.tls_cert {
-        fig = fig.merge(Serialized::default("tls.cert", p));
-    }
-    if let Some(p) = &o.tls_key {
-        fig = fig.merge(Serialized::default("tls.key", p));
-    }
-    if !o.backends.is_empty() {
-        fig = fig.merge(Serialized::default("backend.endpoints", &o.backends));
-    }
-    if let Some(n) = o.links {
-        fig = fig.merge(Serialized::default("backend.links_per_endpoint", n));
-    }
-    if let Some(f) = o.framing {
-        fig = fig.merge(Serialized::default("backend.framing", f));
-    }
-    if let Some(a) = o.admin {
-        fig = fig.merge(Serialized::default("admin.listen", a));
-    }
+    fig = fig.merge(Serialized::defaults(o));
     for (key, value) in &o.set {
         // `--set` values use TOML syntax; a bare word is taken as a string.
         let toml = format!("{key} = {value}");
@@ -640,11 +706,10 @@ mod tests {
     use super::*;
 
     fn base() -> Overrides {
-        Overrides {
-            listen_ws: vec!["127.0.0.1:0".parse().unwrap()],
-            backends: vec!["127.0.0.1:9000".to_owned()],
-            ..Overrides::default()
-        }
+        let mut o = Overrides::default();
+        o.listen.ws = vec!["127.0.0.1:0".parse().unwrap()];
+        o.backend.endpoints = vec!["127.0.0.1:9000".to_owned()];
+        o
     }
 
     #[test]
@@ -662,6 +727,28 @@ mod tests {
         let c = Config::load(None, &base()).unwrap();
         assert_eq!(c.backend.endpoints, vec!["127.0.0.1:9000"]);
         assert_eq!(c.backend.links_per_endpoint, 2);
+    }
+
+    #[test]
+    fn every_flag_lands_on_its_key() {
+        let mut o = base();
+        o.listen.wss = vec!["127.0.0.1:8443".parse().unwrap()];
+        o.tls.cert = Some("c.pem".into());
+        o.tls.key = Some("k.pem".into());
+        o.backend.links_per_endpoint = Some(5);
+        o.backend.framing = Some(Framing::U32Be);
+        o.admin.listen = Some("127.0.0.1:9999".parse().unwrap());
+        let c = Config::load(None, &o).unwrap();
+        assert_eq!(c.listen.ws, o.listen.ws);
+        assert_eq!(c.listen.wss, o.listen.wss);
+        assert_eq!(c.tls.cert.as_deref(), Some(std::path::Path::new("c.pem")));
+        assert_eq!(c.tls.key.as_deref(), Some(std::path::Path::new("k.pem")));
+        assert_eq!(c.backend.endpoints, vec!["127.0.0.1:9000"]);
+        assert_eq!(c.backend.links_per_endpoint, 5);
+        assert_eq!(c.backend.framing, Framing::U32Be);
+        assert_eq!(c.admin.listen, o.admin.listen);
+        // Flags not given leave the defaults alone.
+        assert_eq!(c.listen.paths, vec!["/ws"]);
     }
 
     #[test]
@@ -686,7 +773,7 @@ mod tests {
         assert!(e.contains("max_message_size"), "{e}");
 
         let mut o = base();
-        o.backends.clear();
+        o.backend.endpoints.clear();
         let e = Config::load(None, &o).unwrap_err().to_string();
         assert!(e.contains("backend.endpoints"), "{e}");
 
@@ -696,7 +783,7 @@ mod tests {
         assert!(e.contains("bogus_key"), "{e}");
 
         let mut o = base();
-        o.listen_wss = vec!["127.0.0.1:0".parse().unwrap()];
+        o.listen.wss = vec!["127.0.0.1:0".parse().unwrap()];
         let e = Config::load(None, &o).unwrap_err().to_string();
         assert!(e.contains("tls.cert"), "{e}");
     }

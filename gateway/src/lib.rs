@@ -3,26 +3,36 @@
 //!
 //! # The data path, in the order a message travels
 //!
-//! 1. **accept** ([`listener`]): the accept loop takes a TCP connection and
-//!    spawns its task; nothing else.
-//! 2. **TLS** ([`listener`], [`tls`]): the handshake runs in that task under
-//!    `listen.tls_handshake_timeout`.
-//! 3. **upgrade** ([`upgrade`]): hyper reads the HTTP/1.1 request under
+//! 1. **accept** (`listener.rs`): the accept loop takes a TCP connection
+//!    and spawns its task; nothing else.
+//! 2. **TLS** (`listener.rs`, `tls.rs`): the handshake runs in that task
+//!    under `listen.tls_handshake_timeout`.
+//! 3. **upgrade** (`upgrade.rs`): hyper reads the HTTP/1.1 request under
 //!    `listen.http_header_timeout`; the gateway checks path, admission
 //!    (session cap) and that a backend link is up, picks the subprotocol,
 //!    answers 101 and spawns the session.
-//! 4. **session** ([`session`]): one task per client. A client message
-//!    (fragments reassembled, size capped, UTF-8 checked) becomes a `Data`
-//!    frame queued on the session's link; a backend frame arriving in the
-//!    session's mailbox becomes a WebSocket message of the same type.
-//! 5. **backend link** ([`link`], [`pool`]): a driver task per link owns the
-//!    TCP socket and the map of its sessions; it batches frames into writes
-//!    and routes each backend frame to its session's mailbox.
+//! 4. **session** (`session/`): one task per client, a `Session` that owns
+//!    its state. `session/connected.rs` is its event loop: a client frame
+//!    (`session/client.rs`: fragments reassembled, size capped, UTF-8
+//!    checked) becomes a `Data` frame sent on the session's link.
+//! 5. **backend link** (`backend/`): `backend/link.rs` queues the frame;
+//!    the link's driver (`backend/driver.rs`), the one task owning the TCP
+//!    socket, batches frames into writes. Its reader decodes the backend's
+//!    frames and routes each to its session's mailbox
+//!    (`backend/mailbox.rs`).
+//! 6. **back to the client** (`session/deliver.rs`): the session writes the
+//!    mailbox's messages to the client, a batch per flush.
 //!
 //! Connection phases have their own types: `TcpStream` -> `TlsStream` ->
-//! `WebSocket` -> the session task. Every way a session ends maps through
-//! [`close::CloseReason`] to a close code, a backend `SessionClose`, a metric
-//! label and a log level.
+//! `WebSocket` -> `Session`. Every way a session ends maps through
+//! [`close::CloseReason`] to a close code, a backend `SessionClose`, a
+//! metric label and a log level.
+//!
+//! Around the path: `config.rs` (the configuration file, environment and
+//! flags), `settings.rs` (the typed settings made from it once),
+//! `shutdown.rs` (every spawned task, and the order they stop in),
+//! `shared.rs` (what the stages share), `resume.rs` (credentials and the
+//! replay ring), `metrics.rs` and `admin.rs`.
 #![warn(missing_docs)]
 
 mod admin;
@@ -33,7 +43,10 @@ mod listener;
 mod metrics;
 mod resume;
 mod session;
-pub mod tls;
+mod settings;
+mod shared;
+mod shutdown;
+mod tls;
 mod upgrade;
 
 use std::future::Future;
@@ -41,41 +54,16 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper::header::HeaderName;
-use protocol::FrameCodec;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
 
-pub use config::Config;
+pub use config::{Config, ConfigError};
+pub use tls::TlsError;
 
-/// State shared by listeners, upgrades and sessions.
-///
-/// # Concurrency
-/// Read-only after start-up except for its own synchronised parts: the
-/// admission semaphore, the pool (see [`backend::Pool`]), metrics (atomic
-/// instruments), the shutdown token and the task tracker.
-pub struct Shared {
-    config: Config,
-    metrics: Arc<metrics::Metrics>,
-    pool: Arc<backend::Pool>,
-    admission: Arc<Semaphore>,
-    /// Fires on shutdown: listeners stop, upgrades are refused.
-    shutdown: CancellationToken,
-    /// Wakes every session on shutdown, to close with 1001. (Sessions wait
-    /// on this rather than on `shutdown`, whose every poll takes a lock.)
-    drain: Arc<tokio::sync::Notify>,
-    /// Every connection and session task.
-    tracker: TaskTracker,
-    forward_headers: Vec<HeaderName>,
-    /// Resumable sessions by credential.
-    resume: resume::Registry,
-    /// Gateway-wide accounting of detached sessions.
-    detached: resume::DetachedBudget,
-}
+use settings::Settings;
+use shared::Shared;
+use shutdown::Shutdown;
 
 /// Addresses the gateway actually bound (useful with port 0).
 #[derive(Debug, Clone, Default)]
@@ -91,9 +79,9 @@ pub struct BoundAddrs {
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    /// TLS configuration.
+    /// The configuration cannot be turned into settings (TLS files).
     #[error(transparent)]
-    Tls(#[from] tls::TlsError),
+    Config(#[from] ConfigError),
     /// A listener could not bind.
     #[error("cannot listen on {addr} ({key}): {source}")]
     Bind {
@@ -113,129 +101,59 @@ pub enum StartError {
 pub struct Gateway {
     shared: Arc<Shared>,
     addrs: BoundAddrs,
-    links_stop: CancellationToken,
-    links: TaskTracker,
-    admin_stop: CancellationToken,
+    drain_timeout: Duration,
 }
 
 impl Gateway {
     /// Binds every listener and starts the link pool. Returns once the
     /// listeners accept connections (links come up in the background).
     pub async fn start(config: Config) -> Result<Self, StartError> {
+        let settings = Settings::from_config(&config)?;
         let metrics =
             Arc::new(metrics::Metrics::new().map_err(|e| StartError::Metrics(e.to_string()))?);
-        let tls = if config.listen.wss.is_empty() {
-            None
-        } else {
-            // validate() guarantees both paths are set when wss is used.
-            let (Some(cert), Some(key)) = (&config.tls.cert, &config.tls.key) else {
-                return Err(StartError::Tls(tls::TlsError::Rustls(
-                    rustls::Error::General("tls.cert and tls.key are required".into()),
-                )));
-            };
-            Some(TlsAcceptor::from(tls::server_config(cert, key)?))
+        let shutdown = Shutdown::new();
+        let pool = backend::Pool::start(settings.backend, metrics.clone(), &shutdown);
+        let listeners = bind(&settings.listen).await?;
+        let admin = match settings.admin {
+            Some(addr) => Some(bind_one(addr, "admin.listen").await?),
+            None => None,
         };
-
-        let links_stop = CancellationToken::new();
-        let links = TaskTracker::new();
-        let b = &config.backend;
-        let max_message = config.session.max_message_size.bytes();
-        let pool = backend::Pool::start(
-            backend::PoolSettings {
-                endpoints: b.endpoints.clone(),
-                links_per_endpoint: b.links_per_endpoint,
-                gateway_id: config.gateway_id(),
-                connect_timeout: b.connect_timeout,
-                handshake_timeout: b.handshake_timeout,
-                reconnect_min: b.reconnect_min,
-                reconnect_max: b.reconnect_max,
-                link: backend::LinkSettings {
-                    codec: FrameCodec::new(b.framing.into(), b.max_frame_size.bytes()),
-                    heartbeat_interval: b.heartbeat_interval,
-                    heartbeat_timeout: b.heartbeat_timeout,
-                    queue_frames: b.link_queue_frames,
-                    queue_bytes: b.link_queue_bytes.bytes(),
-                    mailbox: backend::MailboxLimits {
-                        messages: config.session.client_queue_messages,
-                        bytes: config.session.client_queue_bytes.bytes().max(max_message),
-                    },
-                },
-            },
-            metrics.clone(),
-            &links,
-            links_stop.clone(),
-        );
-
-        let forward_headers = config
-            .session
-            .forward_headers
-            .iter()
-            .filter_map(|h| h.to_ascii_lowercase().parse().ok())
-            .collect();
         let shared = Arc::new(Shared {
-            admission: Arc::new(Semaphore::new(config.listen.max_sessions)),
+            admission: Arc::new(Semaphore::new(settings.listen.max_sessions)),
+            listen: settings.listen,
+            session: settings.session,
+            resume: settings.resume,
             metrics,
             pool,
-            shutdown: CancellationToken::new(),
-            drain: Arc::new(tokio::sync::Notify::new()),
-            tracker: TaskTracker::new(),
-            forward_headers,
-            resume: resume::Registry::default(),
+            shutdown,
+            resumable: resume::Registry::default(),
             detached: resume::DetachedBudget::default(),
-            config,
         });
-
         let mut addrs = BoundAddrs::default();
-        let mut bound = Vec::new();
-        for (key, list, is_tls) in [
-            ("listen.ws", &shared.config.listen.ws, false),
-            ("listen.wss", &shared.config.listen.wss, true),
-        ] {
-            for addr in list {
-                let l = TcpListener::bind(addr)
-                    .await
-                    .map_err(|source| StartError::Bind {
-                        addr: *addr,
-                        key,
-                        source,
-                    })?;
-                let local = l.local_addr().map_err(|source| StartError::Bind {
-                    addr: *addr,
-                    key,
-                    source,
-                })?;
-                if is_tls {
-                    addrs.wss.push(local);
-                } else {
-                    addrs.ws.push(local);
+        if let Some((l, addr)) = admin {
+            addrs.admin = Some(addr);
+            let stop = shared.shutdown.admin_stop();
+            let task = admin::serve(l, shared.clone(), stop);
+            shared.shutdown.spawn_admin(task);
+        }
+        for (l, addr, is_tls) in listeners {
+            let acceptor = match (is_tls, &settings.tls) {
+                (true, Some(tls)) => {
+                    addrs.wss.push(addr);
+                    Some(TlsAcceptor::from(tls.clone()))
                 }
-                bound.push((l, is_tls));
-            }
-        }
-        let admin_stop = CancellationToken::new();
-        if let Some(addr) = shared.config.admin.listen {
-            let l = TcpListener::bind(addr)
-                .await
-                .map_err(|source| StartError::Bind {
-                    addr,
-                    key: "admin.listen",
-                    source,
-                })?;
-            addrs.admin = l.local_addr().ok();
-            tokio::spawn(admin::serve(l, shared.clone(), admin_stop.clone()));
-        }
-        for (l, is_tls) in bound {
-            let acceptor = if is_tls { tls.clone() } else { None };
-            shared
-                .tracker
-                .spawn(listener::accept_loop(l, acceptor, shared.clone()));
+                _ => {
+                    addrs.ws.push(addr);
+                    None
+                }
+            };
+            let task = listener::accept_loop(l, acceptor, shared.clone());
+            shared.shutdown.spawn_session(task);
         }
         Ok(Self {
             shared,
             addrs,
-            links_stop,
-            links,
-            admin_stop,
+            drain_timeout: settings.drain_timeout,
         })
     }
 
@@ -260,25 +178,33 @@ impl Gateway {
 
     /// Drains and stops now; see [`Gateway::run_until`].
     pub async fn shutdown(self) {
-        let drain = self.shared.config.shutdown.drain_timeout;
-        info!(?drain, "shutting down: closing sessions");
-        self.shared.shutdown.cancel();
-        self.shared.drain.notify_waiters();
-        self.shared.tracker.close();
-        if tokio::time::timeout(drain, self.shared.tracker.wait())
-            .await
-            .is_err()
-        {
-            warn!(
-                remaining = self.shared.tracker.len(),
-                "drain deadline passed; dropping the remaining connections"
-            );
-        }
-        self.links_stop.cancel();
-        self.links.close();
-        // The links only flush what is already queued.
-        let _ = tokio::time::timeout(Duration::from_secs(2), self.links.wait()).await;
-        self.admin_stop.cancel();
-        info!("stopped");
+        self.shared.shutdown.run(self.drain_timeout).await;
     }
+}
+
+/// Binds every public listener: (listener, bound address, is wss).
+async fn bind(
+    listen: &settings::ListenSettings,
+) -> Result<Vec<(TcpListener, SocketAddr, bool)>, StartError> {
+    let mut bound = Vec::new();
+    for (key, list, is_tls) in [
+        ("listen.ws", &listen.ws, false),
+        ("listen.wss", &listen.wss, true),
+    ] {
+        for addr in list {
+            let (l, local) = bind_one(*addr, key).await?;
+            bound.push((l, local, is_tls));
+        }
+    }
+    Ok(bound)
+}
+
+async fn bind_one(
+    addr: SocketAddr,
+    key: &'static str,
+) -> Result<(TcpListener, SocketAddr), StartError> {
+    let err = |source| StartError::Bind { addr, key, source };
+    let l = TcpListener::bind(addr).await.map_err(err)?;
+    let local = l.local_addr().map_err(err)?;
+    Ok((l, local))
 }

@@ -29,14 +29,13 @@ pub(crate) async fn accept_loop(
 ) {
     loop {
         let accepted = tokio::select! {
-            _ = shared.shutdown.cancelled() => return,
+            _ = shared.shutdown.draining() => return,
             r = listener.accept() => r,
         };
         match accepted {
             Ok((tcp, peer)) => {
-                shared
-                    .tracker
-                    .spawn(connection(tcp, peer, tls.clone(), shared.clone()));
+                let task = connection(tcp, peer, tls.clone(), shared.clone());
+                shared.shutdown.spawn_session(task);
             }
             Err(e) => {
                 // Usually EMFILE: out of file descriptors. Back off briefly
@@ -56,7 +55,7 @@ async fn connection(
 ) {
     // Small WebSocket frames must not wait for Nagle.
     let _ = tcp.set_nodelay(true);
-    let listen = &shared.config.listen;
+    let listen = &shared.listen;
     match tls {
         None => serve_http(tcp, peer, shared.clone()).await,
         Some(acceptor) => {
@@ -85,7 +84,7 @@ async fn serve_http<S>(stream: S, peer: SocketAddr, shared: Arc<Shared>)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let timeout = shared.config.listen.http_header_timeout;
+    let timeout = shared.listen.http_header_timeout;
     let svc_shared = shared.clone();
     let service = service_fn(move |req| {
         let shared = svc_shared.clone();

@@ -1,12 +1,11 @@
 //! The `gateway` binary: parse flags, load and validate configuration,
 //! start logging and the runtime, run until SIGTERM/SIGINT.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use gateway::config::{FramingName, LogFormat, Overrides};
+use gateway::config::{LogFormat, Overrides};
 use gateway::{Config, Gateway};
 
 /// Secure WebSocket gateway in front of a length-delimited protobuf TCP backend.
@@ -22,63 +21,13 @@ struct Args {
     /// Validate the configuration, print it, and exit (0 if valid).
     #[arg(long)]
     check_config: bool,
-    /// Plain ws listener address (repeatable); overrides listen.ws.
-    #[arg(long = "listen", value_name = "ADDR")]
-    listen: Vec<SocketAddr>,
-    /// wss listener address (repeatable); overrides listen.wss.
-    #[arg(long = "listen-tls", value_name = "ADDR")]
-    listen_tls: Vec<SocketAddr>,
-    /// PEM certificate chain for wss; overrides tls.cert.
-    #[arg(long, value_name = "FILE")]
-    tls_cert: Option<PathBuf>,
-    /// PEM private key for wss; overrides tls.key.
-    #[arg(long, value_name = "FILE")]
-    tls_key: Option<PathBuf>,
-    /// Backend endpoint host:port (repeatable); overrides backend.endpoints.
-    #[arg(long = "backend", value_name = "ADDR")]
-    backend: Vec<String>,
-    /// Links per backend endpoint; overrides backend.links_per_endpoint.
-    #[arg(long, value_name = "N")]
-    links: Option<usize>,
-    /// Backend framing, varint or u32be; overrides backend.framing.
-    #[arg(long, value_name = "STYLE", value_parser = parse_framing)]
-    framing: Option<FramingName>,
-    /// Admin listener address (/healthz, /readyz, /metrics); overrides admin.listen.
-    #[arg(long, value_name = "ADDR")]
-    admin: Option<SocketAddr>,
-    /// Set any key, e.g. --set session.max_message_size='"2MiB"' (repeatable).
-    #[arg(long = "set", value_name = "KEY=VALUE", value_parser = parse_set)]
-    set: Vec<(String, String)>,
-}
-
-fn parse_framing(s: &str) -> Result<FramingName, String> {
-    match s {
-        "varint" => Ok(FramingName::Varint),
-        "u32be" => Ok(FramingName::U32be),
-        other => Err(format!("{other:?}: expected varint or u32be")),
-    }
-}
-
-fn parse_set(s: &str) -> Result<(String, String), String> {
-    s.split_once('=')
-        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
-        .ok_or_else(|| format!("{s:?}: expected KEY=VALUE"))
+    #[command(flatten)]
+    overrides: Overrides,
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let overrides = Overrides {
-        listen_ws: args.listen,
-        listen_wss: args.listen_tls,
-        tls_cert: args.tls_cert,
-        tls_key: args.tls_key,
-        backends: args.backend,
-        links: args.links,
-        framing: args.framing,
-        admin: args.admin,
-        set: args.set,
-    };
-    let config = match Config::load(args.config.as_deref(), &overrides) {
+    let config = match Config::load(args.config.as_deref(), &args.overrides) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("gateway: configuration error: {e}");
@@ -87,15 +36,9 @@ fn main() -> ExitCode {
     };
     if args.check_config {
         // Certificates are part of the configuration: load them too.
-        if let (false, Some(cert), Some(key)) = (
-            config.listen.wss.is_empty(),
-            &config.tls.cert,
-            &config.tls.key,
-        ) {
-            if let Err(e) = gateway::tls::server_config(cert, key) {
-                eprintln!("gateway: configuration error: {e}");
-                return ExitCode::from(2);
-            }
+        if let Err(e) = config.check_files() {
+            eprintln!("gateway: configuration error: {e}");
+            return ExitCode::from(2);
         }
         println!("{config:#?}");
         eprintln!("gateway: configuration OK");

@@ -38,7 +38,7 @@ pub(crate) async fn handle(
     peer: SocketAddr,
     shared: &Arc<Shared>,
 ) -> Response<Body> {
-    let listen = &shared.config.listen;
+    let listen = &shared.listen;
     // The path and query go to the backend in SessionOpen, which must fit
     // in one frame (see `config::FRAME_OVERHEAD`).
     if req.uri().path_and_query().map_or(0, |pq| pq.as_str().len()) > MAX_PATH_BYTES {
@@ -77,12 +77,12 @@ pub(crate) async fn handle(
         shared.metrics.session_refused("not_upgrade");
         return resp;
     }
-    if shared.shutdown.is_cancelled() {
+    if shared.shutdown.is_draining() {
         return unavailable(shared, "shutting_down", "gateway shutting down\n");
     }
     let resumable = match resume_ask(&req) {
         Ok(Ask::None) => false,
-        Ok(Ask::New) => shared.config.resume.enabled,
+        Ok(Ask::New) => shared.resume.enabled,
         Ok(Ask::Resume(token, position)) => {
             return resume(req, peer, shared, token, position).await
         }
@@ -119,7 +119,7 @@ pub(crate) async fn handle(
     }
 
     let id = shared.pool.next_session_id();
-    let resume = resumable.then(|| shared.resume.register(id));
+    let resume = resumable.then(|| shared.resumable.register(id));
     if let Some((token, _)) = &resume {
         add_resume_headers(&mut parts.headers, token, 0);
     }
@@ -141,14 +141,14 @@ pub(crate) async fn handle(
             Err(e) => {
                 // The session never started: its credential must not stay.
                 if let Some((token, _)) = &start.resume {
-                    task_shared.resume.remove(token);
+                    task_shared.resumable.remove(token);
                 }
                 debug!(error = %e, "upgrade did not complete");
             }
         }
     }
     .instrument(span);
-    shared.tracker.spawn(fut);
+    shared.shutdown.spawn_session(fut);
     Response::from_parts(parts, Body::default())
 }
 
@@ -227,10 +227,10 @@ async fn resume(
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
         r
     };
-    if !shared.config.resume.enabled {
+    if !shared.resume.enabled {
         return lost("disabled");
     }
-    let Some(session) = shared.resume.lookup(&token) else {
+    let Some(session) = shared.resumable.lookup(&token) else {
         return lost("unknown");
     };
     let (response, upgrade) = match ws_upgrade(&mut req, shared) {
@@ -246,7 +246,7 @@ async fn resume(
         reply: reply_tx,
     };
     // The session answers at once unless it is busy writing; bound the wait.
-    let wait = shared.config.listen.http_header_timeout;
+    let wait = shared.resume.handoff_timeout;
     let answer = async {
         session.send(request).await.ok()?;
         reply_rx.await.ok()
@@ -284,7 +284,7 @@ fn session_open<B>(
 ) -> pb::SessionOpen {
     let mut headers = Vec::new();
     let mut budget = MAX_FORWARDED_HEADER_BYTES;
-    for name in &shared.forward_headers {
+    for name in &shared.session.forward_headers {
         for value in req.headers().get_all(name) {
             let value = String::from_utf8_lossy(value.as_bytes()).into_owned();
             let size = name.as_str().len() + value.len();

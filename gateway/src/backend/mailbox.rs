@@ -90,8 +90,13 @@ pub(crate) struct Mailbox {
 /// payload bytes.
 pub(crate) struct Queue {
     rx: mpsc::Receiver<ToClient>,
-    /// Payload bytes in `rx`, shared with the route.
+    /// Payload bytes in `rx` and in the session's hand, shared with the
+    /// route.
     queued_bytes: Arc<AtomicUsize>,
+    /// Bytes of the message the session took last and has not yet written:
+    /// a message counts against the bound until it is written (or the
+    /// session takes the next one), so the bound is what memory holds.
+    in_hand: usize,
 }
 
 /// Watches for the route going away. Unlike a bare oneshot receiver it can
@@ -133,7 +138,11 @@ impl Mailbox {
             byte_limit: limits.bytes,
         };
         let mailbox = Self {
-            queue: Queue { rx, queued_bytes },
+            queue: Queue {
+                rx,
+                queued_bytes,
+                in_hand: 0,
+            },
             eviction: Eviction {
                 rx: Some(evict_rx),
                 gone: None,
@@ -159,8 +168,20 @@ impl Queue {
         Some(msg)
     }
 
-    fn taken(&self, msg: &ToClient) {
-        self.queued_bytes.fetch_sub(msg.len(), Ordering::Relaxed);
+    /// The message taken last was written to the client: its bytes no
+    /// longer count.
+    pub(crate) fn written(&mut self) {
+        if self.in_hand > 0 {
+            self.queued_bytes.fetch_sub(self.in_hand, Ordering::Relaxed);
+            self.in_hand = 0;
+        }
+    }
+
+    fn taken(&mut self, msg: &ToClient) {
+        // A message taken and never written (its write was abandoned)
+        // stops counting when the next one is taken.
+        self.written();
+        self.in_hand = msg.len();
     }
 }
 
@@ -267,6 +288,16 @@ mod tests {
         assert!(matches!(route.offer(data(60)), Offered::Queued));
         assert!(matches!(route.offer(data(40)), Offered::Queued));
         assert!(mb.queue.recv().await.is_some());
+        // Taken but not yet written: still counted.
+        assert!(matches!(route.offer(data(1)), Offered::Dropped));
+        let (mut mb, route) = Mailbox::new(MailboxLimits {
+            messages: 10,
+            bytes: 100,
+        });
+        assert!(matches!(route.offer(data(60)), Offered::Queued));
+        assert!(matches!(route.offer(data(40)), Offered::Queued));
+        assert!(mb.queue.recv().await.is_some());
+        mb.queue.written();
         // 40 queued now: another 60 fits exactly, 61 would not.
         assert!(matches!(route.offer(data(60)), Offered::Queued));
         assert!(matches!(route.offer(data(1)), Offered::Dropped));

@@ -10,7 +10,6 @@ use std::time::Duration;
 use rand::Rng;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tracing::{info, warn, Instrument};
 
 use protocol::SessionId;
@@ -18,6 +17,7 @@ use protocol::SessionId;
 use super::handshake::{handshake, Handshaken};
 use super::{LinkDriver, LinkError, LinkHandle, LinkSettings};
 use crate::metrics::Metrics;
+use crate::shutdown::Shutdown;
 
 /// All links to the backend.
 ///
@@ -55,6 +55,7 @@ impl Drop for Lease {
 }
 
 /// Pool-wide settings.
+#[derive(Debug)]
 pub(crate) struct PoolSettings {
     pub(crate) endpoints: Vec<String>,
     pub(crate) links_per_endpoint: usize,
@@ -67,13 +68,12 @@ pub(crate) struct PoolSettings {
 }
 
 impl Pool {
-    /// Starts one supervisor per link on `tracker`; they stop when `shutdown`
-    /// fires.
+    /// Starts one supervisor per link; they stop when the shutdown reaches
+    /// the links.
     pub(crate) fn start(
         settings: PoolSettings,
         metrics: Arc<Metrics>,
-        tracker: &TaskTracker,
-        shutdown: CancellationToken,
+        shutdown: &Shutdown,
     ) -> Arc<Self> {
         let mut slots = Vec::new();
         for endpoint in &settings.endpoints {
@@ -89,15 +89,13 @@ impl Pool {
         let settings = Arc::new(settings);
         for slot in &slots {
             let span = tracing::info_span!("link", endpoint = %slot.endpoint, index = slot.index);
-            tracker.spawn(
-                supervise(
-                    slot.clone(),
-                    settings.clone(),
-                    metrics.clone(),
-                    shutdown.clone(),
-                )
-                .instrument(span),
+            let task = supervise(
+                slot.clone(),
+                settings.clone(),
+                metrics.clone(),
+                shutdown.links_stop(),
             );
+            shutdown.spawn_link(task.instrument(span));
         }
         Arc::new(Self {
             slots,

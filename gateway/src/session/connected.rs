@@ -116,7 +116,7 @@ impl Connection {
 impl Session {
     /// Serves one client connection of the session, including its close.
     pub(super) async fn connected(&mut self, ws: WebSocket<Io>) -> End {
-        let close_timeout = self.shared.config.session.close_timeout;
+        let close_timeout = self.shared.session.close_timeout;
         // The read half stays ours (fastwebsockets only borrows it), so that
         // after an error close the connection can be drained.
         let (mut raw_read, raw_write) = tokio::io::split(ws.into_inner());
@@ -140,18 +140,19 @@ impl Session {
         raw_read: &mut ReadHalf<Io>,
         raw_write: WriteHalf<Io>,
     ) -> (End, bool) {
-        let cfg = &self.shared.config.session;
+        let cfg = &self.shared.session;
         let (ping_interval, close_timeout) = (cfg.ping_interval, cfg.close_timeout);
-        let (reader, mut conn) = Connection::new(raw_read, raw_write, cfg.max_message_size.bytes());
+        let (reader, mut conn) = Connection::new(raw_read, raw_write, cfg.max_message);
         let mut read = pin!(read_frame(reader));
         // Created once and re-armed when it fires, not per message.
         let mut ping = pin!(tokio::time::sleep(ping_interval));
         // `notify_waiters` only reaches waiters that existed when it was
-        // called; a session that starts during shutdown sees the token.
-        let start = if self.shared.shutdown.is_cancelled() {
-            Err(End::clean(CloseReason::Shutdown))
-        } else {
-            Box::pin(self.replay(&mut conn)).await
+        // called; a session that starts during shutdown sees the token. (A
+        // resumed connection still gets its replay first.)
+        let draining = self.shared.shutdown.is_draining();
+        let start = match Box::pin(self.replay(&mut conn)).await {
+            Ok(()) if draining => Err(End::clean(CloseReason::Shutdown)),
+            other => other,
         };
         let end = match start {
             Err(end) => end,
@@ -211,7 +212,7 @@ impl Session {
             }
             conn.writer.flush().await
         };
-        let limit = self.shared.config.session.ping_timeout;
+        let limit = self.shared.session.write_timeout;
         match Box::pin(tokio::time::timeout(limit, write)).await {
             Ok(Ok(())) => Ok(()),
             _ => Err(End::broken(CloseReason::ClientLost)),
@@ -263,8 +264,8 @@ impl Session {
                 return Step::Break(ws_error_end(e));
             }
         };
-        let cfg = &self.shared.config.session;
-        let (max, write_timeout) = (cfg.max_message_size.bytes(), cfg.ping_timeout);
+        let cfg = &self.shared.session;
+        let (max, write_timeout) = (cfg.max_message, cfg.write_timeout);
         match on_client_frame(frame, conn, self.id, max, write_timeout).await {
             Ok(None) => Step::Continue(()),
             Ok(Some(out)) => {
@@ -294,7 +295,7 @@ impl Session {
     /// one. The timer is re-armed only when it fires, not per message: it
     /// then looks at when the client was last heard from.
     async fn on_ping_tick(&mut self, conn: &mut Connection, timer: Pin<&mut Sleep>) -> Step {
-        let cfg = &self.shared.config.session;
+        let cfg = &self.shared.session;
         let now = Instant::now();
         // While the client is paused for backpressure its pongs are not
         // read either: its liveness is not judged meanwhile.
@@ -336,7 +337,7 @@ impl Session {
             return false;
         };
         let frame = WsFrame::close(c.code, c.reason.as_bytes());
-        let limit = self.shared.config.session.close_timeout;
+        let limit = self.shared.session.close_timeout;
         conn.write_flush(frame, limit).await.is_ok()
     }
 

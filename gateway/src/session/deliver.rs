@@ -26,8 +26,8 @@ impl Session {
         conn: &mut Connection,
         first: ToClient,
     ) -> ControlFlow<End> {
-        let cfg = &self.shared.config.session;
-        let (max_message, deadline) = (cfg.max_message_size.bytes(), cfg.ping_timeout);
+        let cfg = &self.shared.session;
+        let (max_message, deadline) = (cfg.max_message, cfg.write_timeout);
         // A resumable session whose client stops taking data detaches (it
         // may be a dead connection that a resume will replace); others are
         // slow consumers.
@@ -64,7 +64,7 @@ impl Session {
                         Err(end) => Err(end),
                         Ok(()) => Ok(route_gone),
                     },
-                    s = self.signals.next(listen) => match s {
+                    s = self.signals.next(listen), if !route_gone => match s {
                         // The client is not reading: abandon the write (the
                         // stream is now mid-frame, so no close can follow).
                         Signal::Evicted(Gone::SlowConsumer) => {
@@ -97,12 +97,14 @@ impl Session {
     /// client, then end with "reconnect" (1012), or with the backend's
     /// close when that is what ended the route.
     pub(super) async fn deliver_queued(&mut self, conn: &mut Connection) -> End {
-        let cfg = &self.shared.config.session;
-        let (max_message, deadline) = (cfg.max_message_size.bytes(), cfg.ping_timeout);
+        let cfg = &self.shared.session;
+        let (max_message, deadline) = (cfg.max_message, cfg.write_timeout);
         let mut ring = self.resumable.as_mut().map(|r| &mut r.ring);
         while let Some(msg) = self.queue.try_recv() {
+            let queue = &mut self.queue;
             let write = async {
                 write_one(&mut conn.writer, msg, ring.as_deref_mut(), max_message).await?;
+                queue.written();
                 conn.writer
                     .flush()
                     .await
@@ -131,6 +133,7 @@ async fn write_batch(
     let mut written = 0;
     while let Some(m) = msg.take() {
         write_one(writer, m, ring.as_deref_mut(), max_message).await?;
+        queue.written();
         written += 1;
         if written < WRITE_BATCH {
             msg = queue.try_recv();

@@ -10,7 +10,7 @@ use tracing::debug;
 use super::deliver::check_backend_message;
 use super::signals::{stale, Listen, Signal};
 use super::{Io, Session};
-use crate::backend::{Gone, ToClient, ADVISORY_SEND_DEADLINE};
+use crate::backend::{Gone, ToClient, TrySend, ADVISORY_SEND_DEADLINE};
 use crate::close::CloseReason;
 use crate::resume::{AttachRequest, Attached, Refused};
 
@@ -40,9 +40,8 @@ impl Session {
         &mut self,
         why: &CloseReason,
     ) -> Result<AttachRequest, CloseReason> {
-        let rc = &self.shared.config.resume;
-        let (grace, max_detached, max_bytes) =
-            (rc.grace, rc.max_detached, rc.max_detached_bytes.bytes());
+        let rc = &self.shared.resume;
+        let (grace, max_detached, max_bytes) = (rc.grace, rc.max_detached, rc.max_detached_bytes);
         let Some(ring_bytes) = self.resumable.as_ref().map(|r| r.ring.bytes()) else {
             return Err(why.clone());
         };
@@ -72,8 +71,7 @@ impl Session {
         if self.link.version() < 2 {
             return;
         }
-        let grace_ms =
-            u64::try_from(self.shared.config.resume.grace.as_millis()).unwrap_or(u64::MAX);
+        let grace_ms = u64::try_from(self.shared.resume.grace.as_millis()).unwrap_or(u64::MAX);
         let why = match why {
             CloseReason::ClientTimeout => "client ping timeout",
             _ => "client connection lost",
@@ -90,7 +88,7 @@ impl Session {
     ) -> Result<AttachRequest, CloseReason> {
         let detached_from = self.resumable.as_ref().map_or(0, |r| r.ring.next_seq());
         loop {
-            if self.shared.shutdown.is_cancelled() {
+            if self.shared.shutdown.is_draining() {
                 return Err(CloseReason::Shutdown);
             }
             tokio::select! {
@@ -103,6 +101,9 @@ impl Session {
                     Signal::Drain => return Err(CloseReason::Shutdown),
                     Signal::Attach(req) => {
                         if let Some(req) = stale(req, self.token()) {
+                            // A client message accepted before the loss goes
+                            // ahead of the backend's `attached` if it can.
+                            self.send_pending_now();
                             return Ok(req);
                         }
                     }
@@ -130,6 +131,17 @@ impl Session {
         }
     }
 
+    /// Queues the pending client message if the link has room now; else it
+    /// stays pending (the next connection sends it).
+    fn send_pending_now(&mut self) {
+        if let Some(frame) = self.pending.take() {
+            match self.link.try_send(frame) {
+                TrySend::Full(frame) => self.pending = Some(*frame),
+                TrySend::Sent | TrySend::Gone => {}
+            }
+        }
+    }
+
     /// Keeps a backend message that arrived while detached for replay, if
     /// the ring and the gateway-wide budget allow.
     fn hold_while_detached(
@@ -143,10 +155,10 @@ impl Session {
                 return Err(CloseReason::BackendClosed { code, reason })
             }
         };
-        let max_message = self.shared.config.session.max_message_size.bytes();
+        let max_message = self.shared.session.max_message;
         check_backend_message(&payload, text, max_message)?;
         let budget = &self.shared.detached;
-        let max_bytes = self.shared.config.resume.max_detached_bytes.bytes();
+        let max_bytes = self.shared.resume.max_detached_bytes;
         if !budget.try_grow(payload.len(), max_bytes) {
             return Err(CloseReason::ResumeLost(
                 "gateway-wide buffer for detached sessions full",
@@ -191,7 +203,7 @@ impl Session {
                 ));
             }
         };
-        let Some(next) = self.shared.resume.rotate(&r.token) else {
+        let Some(next) = self.shared.resumable.rotate(&r.token) else {
             let _ = req.reply.send(Err(Refused::Gap));
             return Err(CloseReason::ResumeLost("credential vanished"));
         };
@@ -205,7 +217,7 @@ impl Session {
                 "the resuming client went away before the answer",
             ));
         }
-        let handoff = self.shared.config.listen.http_header_timeout;
+        let handoff = self.shared.resume.handoff_timeout;
         let Ok(Ok(ws)) = tokio::time::timeout(handoff, req.upgrade).await else {
             return Err(CloseReason::ResumeLost(
                 "the resuming connection did not complete the upgrade",

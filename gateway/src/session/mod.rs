@@ -144,15 +144,15 @@ pub(crate) async fn run(ws: WebSocket<Io>, start: SessionStart, shared: Arc<Shar
         link.unregister(id);
         return finish_unopened(&shared, id, token.as_ref(), CloseReason::LinkLost);
     }
-    let rc = &shared.config.resume;
+    let rc = &shared.resume;
     let resumable = token.map(|token| Resumable {
         token,
-        ring: Ring::new(rc.buffer_messages, rc.buffer_bytes.bytes()),
+        ring: Ring::new(rc.buffer_messages, rc.buffer_bytes),
         replay: Vec::new(),
     });
     let mut session = Session {
         id,
-        signals: Signals::new(eviction, attach, shared.drain.clone()),
+        signals: Signals::new(eviction, attach, shared.shutdown.drain_signal()),
         link,
         queue,
         pending: None,
@@ -204,7 +204,7 @@ impl Session {
     async fn finish(self, reason: CloseReason) {
         // A resume arriving from now on finds no session (410).
         if let Some(r) = &self.resumable {
-            self.shared.resume.remove(&r.token);
+            self.shared.resumable.remove(&r.token);
         }
         if let Some((code, why)) = reason.to_backend() {
             let close = Frame::close(self.id.0, code, why);
@@ -218,7 +218,7 @@ impl Session {
 /// Ends a session that never got onto its link.
 fn finish_unopened(shared: &Shared, id: SessionId, token: Option<&Token>, reason: CloseReason) {
     if let Some(t) = token {
-        shared.resume.remove(t);
+        shared.resumable.remove(t);
     }
     record_end(shared, id, &reason);
 }

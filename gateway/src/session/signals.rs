@@ -63,7 +63,8 @@ impl Signals {
         }
     }
 
-    /// The next signal among those `listen` asks for. Cancel-safe.
+    /// The next signal among those `listen` asks for; never resolves when
+    /// it asks for none. Cancel-safe.
     pub(super) async fn next(&mut self, listen: Listen) -> Signal {
         let attach = listen.attach && self.attach.is_some();
         tokio::select! {
@@ -77,6 +78,7 @@ impl Signals {
                     Signal::AttachClosed
                 }
             },
+            else => std::future::pending().await,
         }
     }
 }

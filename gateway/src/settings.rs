@@ -1,0 +1,169 @@
+//! Runtime settings: the validated configuration turned, once, into the
+//! typed values each component uses (certificate and key loaded together,
+//! header names parsed, the protocol crate's framing, the gateway id
+//! resolved). Each component receives its own piece by value; nothing
+//! re-derives a fact from the raw configuration.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::header::HeaderName;
+use protocol::FrameCodec;
+
+use crate::backend::{LinkSettings, MailboxLimits, PoolSettings};
+use crate::config::{Config, ConfigError};
+use crate::tls;
+
+/// Everything the gateway needs to run.
+#[derive(Debug)]
+pub(crate) struct Settings {
+    pub(crate) listen: ListenSettings,
+    /// The wss listeners' TLS configuration; `None` without wss listeners.
+    pub(crate) tls: Option<Arc<rustls::ServerConfig>>,
+    pub(crate) session: SessionSettings,
+    pub(crate) resume: ResumeSettings,
+    pub(crate) backend: PoolSettings,
+    /// The admin listener's address, if any.
+    pub(crate) admin: Option<SocketAddr>,
+    /// How long sessions get to close after SIGTERM/SIGINT.
+    pub(crate) drain_timeout: Duration,
+}
+
+/// Public listeners and the upgrade.
+#[derive(Debug, Clone)]
+pub(crate) struct ListenSettings {
+    pub(crate) ws: Vec<SocketAddr>,
+    pub(crate) wss: Vec<SocketAddr>,
+    pub(crate) paths: Vec<String>,
+    pub(crate) subprotocols: Vec<String>,
+    pub(crate) require_subprotocol: bool,
+    pub(crate) tls_handshake_timeout: Duration,
+    pub(crate) http_header_timeout: Duration,
+    pub(crate) max_sessions: usize,
+}
+
+/// Per-session limits and timers.
+#[derive(Debug, Clone)]
+pub(crate) struct SessionSettings {
+    /// Largest message either way, after reassembly.
+    pub(crate) max_message: usize,
+    pub(crate) ping_interval: Duration,
+    pub(crate) ping_timeout: Duration,
+    /// Deadline for a write to the client (a batch of messages, a pong, a
+    /// replay) before the client is judged stalled.
+    pub(crate) write_timeout: Duration,
+    pub(crate) close_timeout: Duration,
+    /// Request headers copied into `SessionOpen`, parsed.
+    pub(crate) forward_headers: Vec<HeaderName>,
+}
+
+/// Session resume.
+#[derive(Debug, Clone)]
+pub(crate) struct ResumeSettings {
+    pub(crate) enabled: bool,
+    pub(crate) grace: Duration,
+    pub(crate) buffer_messages: usize,
+    pub(crate) buffer_bytes: usize,
+    pub(crate) max_detached: usize,
+    pub(crate) max_detached_bytes: usize,
+    /// How long a resume request may wait for the session to take it, and
+    /// the session for the resumed connection's upgrade to complete.
+    pub(crate) handoff_timeout: Duration,
+}
+
+impl Config {
+    /// Checks what [`Config::validate`] cannot: that the settings can be
+    /// made, loading the TLS certificate and key.
+    pub fn check_files(&self) -> Result<(), ConfigError> {
+        Settings::from_config(self).map(drop)
+    }
+}
+
+impl Settings {
+    /// Turns a configuration into settings; loads the TLS certificate and
+    /// key. `config` must have passed [`Config::validate`].
+    pub(crate) fn from_config(config: &Config) -> Result<Self, ConfigError> {
+        let tls = if config.listen.wss.is_empty() {
+            None
+        } else {
+            let (Some(cert), Some(key)) = (&config.tls.cert, &config.tls.key) else {
+                return Err(ConfigError::Invalid {
+                    key: "tls.cert",
+                    reason: "tls.cert and tls.key are required by listen.wss".into(),
+                });
+            };
+            Some(tls::server_config(cert, key)?)
+        };
+        let l = &config.listen;
+        let s = &config.session;
+        let r = &config.resume;
+        let b = &config.backend;
+        let max_message = s.max_message_size.bytes();
+        let forward_headers = s
+            .forward_headers
+            .iter()
+            .map(|h| {
+                h.to_ascii_lowercase()
+                    .parse()
+                    .map_err(|_| ConfigError::Invalid {
+                        key: "session.forward_headers",
+                        reason: format!("{h:?} is not a header name"),
+                    })
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Self {
+            listen: ListenSettings {
+                ws: l.ws.clone(),
+                wss: l.wss.clone(),
+                paths: l.paths.clone(),
+                subprotocols: l.subprotocols.clone(),
+                require_subprotocol: l.require_subprotocol,
+                tls_handshake_timeout: l.tls_handshake_timeout,
+                http_header_timeout: l.http_header_timeout,
+                max_sessions: l.max_sessions,
+            },
+            tls,
+            session: SessionSettings {
+                max_message,
+                ping_interval: s.ping_interval,
+                ping_timeout: s.ping_timeout,
+                write_timeout: s.write_timeout,
+                close_timeout: s.close_timeout,
+                forward_headers,
+            },
+            resume: ResumeSettings {
+                enabled: r.enabled,
+                grace: r.grace,
+                buffer_messages: r.buffer_messages,
+                buffer_bytes: r.buffer_bytes.bytes(),
+                max_detached: r.max_detached,
+                max_detached_bytes: r.max_detached_bytes.bytes(),
+                handoff_timeout: r.handoff_timeout,
+            },
+            backend: PoolSettings {
+                endpoints: b.endpoints.clone(),
+                links_per_endpoint: b.links_per_endpoint,
+                gateway_id: config.gateway_id(),
+                connect_timeout: b.connect_timeout,
+                handshake_timeout: b.handshake_timeout,
+                reconnect_min: b.reconnect_min,
+                reconnect_max: b.reconnect_max,
+                link: LinkSettings {
+                    codec: FrameCodec::new(b.framing, b.max_frame_size.bytes()),
+                    heartbeat_interval: b.heartbeat_interval,
+                    heartbeat_timeout: b.heartbeat_timeout,
+                    queue_frames: b.link_queue_frames,
+                    queue_bytes: b.link_queue_bytes.bytes(),
+                    mailbox: MailboxLimits {
+                        messages: s.client_queue_messages,
+                        // validate() guarantees it is at least max_message.
+                        bytes: s.client_queue_bytes.bytes(),
+                    },
+                },
+            },
+            admin: config.admin.listen,
+            drain_timeout: config.shutdown.drain_timeout,
+        })
+    }
+}
