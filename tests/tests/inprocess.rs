@@ -1,0 +1,185 @@
+//! The gateway in-process, on port 0, under paused tokio time: timing
+//! behaviour (ping timeout, resume grace, a stalled write) checked at its
+//! real default durations, to the exact bound, in milliseconds of wall time.
+//!
+//! Paused time advances only when every task waits, and loopback sockets
+//! deliver synchronously, so the gateway, the test backend and the client
+//! (all in this test's single-threaded runtime, over real TCP) see the same
+//! virtual clock. Tests that need a process (signals, exit codes, memory,
+//! other languages' clients) stay in the other files.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use gateway::config::Overrides;
+use gateway::{Config, Gateway};
+use gateway_tests::client::{self, Client, Connect, Msg};
+use gateway_tests::{Event, TestBackend};
+use protocol::Framing;
+use tokio::time::Instant;
+
+/// A configuration for a gateway in front of `backend`, with one plain ws
+/// listener on port 0 and one link; tests change fields before starting.
+fn config(backend: SocketAddr) -> Config {
+    let mut o = Overrides::default();
+    o.listen.ws = vec!["127.0.0.1:0".parse().unwrap()];
+    o.backend.endpoints = vec![backend.to_string()];
+    o.backend.links_per_endpoint = Some(1);
+    Config::load(None, &o).unwrap()
+}
+
+/// Starts the gateway and waits until its link is up; returns it and its
+/// ws address.
+async fn start(config: Config) -> (Gateway, SocketAddr) {
+    let gw = Gateway::start(config).await.unwrap();
+    let ws = gw.addrs().ws[0];
+    while gw.links_up() == 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    (gw, ws)
+}
+
+/// The close the backend received for `session`, if any, without waiting.
+fn close_seen(backend: &mut TestBackend, session: u64) -> Option<(u32, String)> {
+    while let Ok(e) = backend.events.try_recv() {
+        if let Event::Close {
+            session: s,
+            code,
+            reason,
+        } = e
+        {
+            if s == session {
+                return Some((code, reason));
+            }
+        }
+    }
+    None
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_silent_client_is_dropped_after_ping_interval_plus_ping_timeout_and_not_before() {
+    let mut backend = TestBackend::start(Framing::Varint, true).await;
+    let c = config(backend.addr);
+    // The defaults, spelled out: this is the bound the README states.
+    assert_eq!(c.session.ping_interval, Duration::from_secs(20));
+    assert_eq!(c.session.ping_timeout, Duration::from_secs(20));
+    let (_gw, ws) = start(c).await;
+    // Connected, and then never reads again (never answers a ping): a phone
+    // that went into a tunnel.
+    let (_silent, _) = client::connect(ws, "/ws", &Connect::default())
+        .await
+        .unwrap();
+    let (s, _) = backend.next_open().await;
+    let opened = Instant::now();
+
+    tokio::time::sleep(Duration::from_millis(39_900)).await;
+    assert_eq!(close_seen(&mut backend, s), None, "dropped too early");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (code, reason) = close_seen(&mut backend, s).expect("not dropped at 40 s");
+    assert_eq!((code, reason.as_str()), (1006, "client ping timeout"));
+    assert!(opened.elapsed() >= Duration::from_secs(40));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_client_that_answers_pings_stays_however_long_it_is_idle() {
+    let mut backend = TestBackend::start(Framing::Varint, true).await;
+    let (_gw, ws) = start(config(backend.addr)).await;
+    let mut c = Client::connect(ws, "/ws", &Connect::default()).await;
+    let (s, _) = backend.next_open().await;
+    // Reading answers pings; ten minutes of idleness, 30 ping rounds.
+    let r = tokio::time::timeout(Duration::from_secs(600), c.recv()).await;
+    assert!(r.is_err(), "nothing but pings should arrive: {r:?}");
+    assert_eq!(close_seen(&mut backend, s), None);
+    c.echo("still here").await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_detached_session_expires_at_the_grace_period_and_not_before() {
+    let mut backend = TestBackend::start(Framing::Varint, false).await;
+    let c = config(backend.addr);
+    assert_eq!(c.resume.grace, Duration::from_secs(60));
+    let (_gw, ws) = start(c).await;
+    let opts = Connect {
+        headers: vec![("X-Wsgw-Resume", "new".to_owned())],
+        ..Connect::default()
+    };
+    let (client, _) = client::connect(ws, "/ws", &opts).await.unwrap();
+    let (s, _) = backend.next_open().await;
+    drop(client);
+    let reason = backend
+        .wait_for(|e| match e {
+            Event::Detached { session, reason } if *session == s => Some(reason.clone()),
+            _ => None,
+        })
+        .await;
+    assert_eq!(reason, "client connection lost");
+    let detached = Instant::now();
+
+    tokio::time::sleep(Duration::from_millis(59_900)).await;
+    assert_eq!(close_seen(&mut backend, s), None, "expired too early");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (code, reason) = close_seen(&mut backend, s).expect("not expired at 60 s");
+    assert_eq!(code, 1006);
+    assert_eq!(
+        reason,
+        "session expired: client did not resume within resume.grace"
+    );
+    assert!(detached.elapsed() >= Duration::from_secs(60));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_backend_close_while_a_write_to_the_client_is_stalled_reaches_the_client_after_its_data()
+{
+    let mut backend = TestBackend::start(Framing::Varint, false).await;
+    let mut c = config(backend.addr);
+    // Room for everything below, so that the client is not a slow consumer.
+    c.session.client_queue_messages = 1024;
+    c.session.client_queue_bytes = gateway::config::ByteSize(64 << 20);
+    let (_gw, ws) = start(c).await;
+    let mut client = Client::connect(ws, "/ws", &Connect::default()).await;
+    let (s, _) = backend.next_open().await;
+
+    // 12.5 MiB towards a client that is not reading: far more than the
+    // socket buffers hold, so the gateway's write to it stalls.
+    const N: usize = 400;
+    for i in 0..N {
+        let mut m = vec![0u8; 32 * 1024];
+        m[..8].copy_from_slice(&(i as u64).to_be_bytes());
+        backend.push(s, &m, false);
+    }
+    // The backend ends the session while that write is stuck.
+    backend.close(s, 4000, "done");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // The client reads: everything, in order, then the backend's close.
+    for i in 0..N {
+        match client.recv().await {
+            Some(Msg::Binary(m)) => {
+                assert_eq!(u64::from_be_bytes(m[..8].try_into().unwrap()), i as u64)
+            }
+            other => panic!("message {i}: {other:?}"),
+        }
+    }
+    assert_eq!(
+        client.recv().await,
+        Some(Msg::Close(4000, "done".to_owned()))
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_closes_clients_with_1001_and_tells_the_backend() {
+    let mut backend = TestBackend::start(Framing::Varint, true).await;
+    let (gw, ws) = start(config(backend.addr)).await;
+    let mut client = Client::connect(ws, "/ws", &Connect::default()).await;
+    let (s, _) = backend.next_open().await;
+    client.echo("before").await;
+    let reader = async move { client.recv().await };
+    let ((), closed) = tokio::join!(gw.shutdown(), reader);
+    assert_eq!(
+        closed,
+        Some(Msg::Close(1001, "gateway shutting down".to_owned()))
+    );
+    let (code, _) = backend.wait_close(s).await;
+    assert_eq!(code, 1001);
+}
