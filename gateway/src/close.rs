@@ -82,35 +82,160 @@ pub struct ClientClose {
     pub reason: String,
 }
 
+/// Who ended the session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// The client (or its network).
+    Client,
+    /// The backend.
+    Backend,
+    /// The gateway itself (shutdown, limits, a lost link).
+    Gateway,
+}
+
+/// One row of the close table.
+struct Row<'a> {
+    side: Side,
+    /// The client's close frame; `None` when the client is gone or closed
+    /// first (its close is echoed by the session, not decided here).
+    client: Option<(u16, Cow<'a, str>)>,
+    /// The backend's `SessionClose`: `None` when the backend closed first or
+    /// the link is gone; `Same` when it is what the client gets.
+    backend: Backend<'a>,
+    label: &'static str,
+    /// Worth operator attention (warn) rather than ordinary churn (debug).
+    notable: bool,
+}
+
+enum Backend<'a> {
+    None,
+    Same,
+    Is(u16, Cow<'a, str>),
+}
+
 impl CloseReason {
+    /// The close table: every way a session ends, in one exhaustive match.
+    /// `protocol/README.md` and the README document the same table.
+    fn row(&self) -> Row<'_> {
+        use Side::{Backend as B, Client as C, Gateway as G};
+        let row = |side, client, backend, label, notable| Row {
+            side,
+            client,
+            backend,
+            label,
+            notable,
+        };
+        let lost = |why: &'static str| Backend::Is(code::ABNORMAL, why.into());
+        match self {
+            Self::ClientClosed { code, reason } => row(
+                C,
+                None,
+                Backend::Is(*code, reason.as_str().into()),
+                "client_closed",
+                false,
+            ),
+            Self::ClientLost => row(
+                C,
+                None,
+                lost("client connection lost"),
+                "client_lost",
+                false,
+            ),
+            Self::ClientTimeout => row(
+                C,
+                None,
+                lost("client ping timeout"),
+                "client_timeout",
+                false,
+            ),
+            Self::ClientProtocolError(why) => row(
+                C,
+                Some((code::PROTOCOL_ERROR, Cow::Borrowed(why.as_ref()))),
+                Backend::Same,
+                "client_protocol_error",
+                false,
+            ),
+            Self::ClientInvalidUtf8 => row(
+                C,
+                Some((
+                    code::INVALID_PAYLOAD,
+                    "invalid UTF-8 in text message".into(),
+                )),
+                Backend::Same,
+                "client_invalid_utf8",
+                false,
+            ),
+            Self::ClientMessageTooBig => row(
+                C,
+                Some((code::TOO_BIG, "message too big".into())),
+                Backend::Same,
+                "client_message_too_big",
+                false,
+            ),
+            Self::SlowConsumer => row(
+                C,
+                Some((code::POLICY, "slow consumer".into())),
+                Backend::Same,
+                "slow_consumer",
+                true,
+            ),
+            Self::TakenOver => row(
+                C,
+                Some((code::POLICY, "session resumed on another connection".into())),
+                Backend::None,
+                "taken_over",
+                false,
+            ),
+            Self::BackendClosed { code, reason } => {
+                let client = match u16::try_from(*code) {
+                    Ok(c) if backend_code_allowed(c) => (c, Cow::Borrowed(reason.as_str())),
+                    _ => (
+                        code::INTERNAL,
+                        format!("backend sent invalid close code {code}").into(),
+                    ),
+                };
+                row(B, Some(client), Backend::None, "backend_closed", false)
+            }
+            Self::BackendInvalid(why) => row(
+                B,
+                Some((code::INTERNAL, Cow::Borrowed(why.as_ref()))),
+                Backend::Same,
+                "backend_invalid",
+                true,
+            ),
+            Self::LinkLost => row(
+                G,
+                Some((code::RECONNECT, "backend link lost, reconnect".into())),
+                Backend::None,
+                "link_lost",
+                true,
+            ),
+            Self::Shutdown => row(
+                G,
+                Some((code::GOING_AWAY, "gateway shutting down".into())),
+                Backend::Same,
+                "shutdown",
+                false,
+            ),
+            Self::ResumeLost(why) => row(
+                G,
+                None,
+                Backend::Is(code::ABNORMAL, format!("session expired: {why}").into()),
+                "resume_lost",
+                true,
+            ),
+        }
+    }
+
+    /// Who ended the session.
+    pub fn side(&self) -> Side {
+        self.row().side
+    }
+
     /// The close frame for the client; `None` when the client is gone or
     /// closed first (its close is echoed by the session, not decided here).
     pub fn to_client(&self) -> Option<ClientClose> {
-        let (code, reason): (u16, Cow<'_, str>) = match self {
-            Self::ClientClosed { .. }
-            | Self::ClientLost
-            | Self::ClientTimeout
-            | Self::ResumeLost(_) => return None,
-            Self::TakenOver => (code::POLICY, "session resumed on another connection".into()),
-            Self::ClientProtocolError(why) => (code::PROTOCOL_ERROR, Cow::Borrowed(why.as_ref())),
-            Self::ClientInvalidUtf8 => (
-                code::INVALID_PAYLOAD,
-                "invalid UTF-8 in text message".into(),
-            ),
-            Self::ClientMessageTooBig => (code::TOO_BIG, "message too big".into()),
-            Self::SlowConsumer => (code::POLICY, "slow consumer".into()),
-            Self::BackendClosed { code, reason } => match u16::try_from(*code) {
-                Ok(c) if backend_code_allowed(c) => (c, Cow::Borrowed(reason.as_str())),
-                _ => (
-                    code::INTERNAL,
-                    format!("backend sent invalid close code {code}").into(),
-                ),
-            },
-            Self::BackendInvalid(why) => (code::INTERNAL, Cow::Borrowed(why.as_ref())),
-            Self::LinkLost => (code::RECONNECT, "backend link lost, reconnect".into()),
-            Self::Shutdown => (code::GOING_AWAY, "gateway shutting down".into()),
-        };
-        Some(ClientClose {
+        self.row().client.map(|(code, reason)| ClientClose {
             code,
             reason: truncate_reason(&reason).to_owned(),
         })
@@ -119,34 +244,19 @@ impl CloseReason {
     /// The `SessionClose` for the backend; `None` when the backend closed
     /// first or the link is gone.
     pub fn to_backend(&self) -> Option<(u16, String)> {
-        match self {
-            Self::BackendClosed { .. } | Self::LinkLost | Self::TakenOver => None,
-            Self::ResumeLost(why) => Some((code::ABNORMAL, format!("session expired: {why}"))),
-            Self::ClientClosed { code, reason } => Some((*code, reason.clone())),
-            Self::ClientLost => Some((code::ABNORMAL, "client connection lost".into())),
-            Self::ClientTimeout => Some((code::ABNORMAL, "client ping timeout".into())),
-            Self::Shutdown => Some((code::GOING_AWAY, "gateway shutting down".into())),
-            other => other.to_client().map(|c| (c.code, c.reason)),
+        let row = self.row();
+        match row.backend {
+            Backend::None => None,
+            Backend::Is(code, reason) => Some((code, reason.into_owned())),
+            Backend::Same => row
+                .client
+                .map(|(code, reason)| (code, truncate_reason(&reason).to_owned())),
         }
     }
 
     /// Label for the `sessions_closed` metric.
     pub fn label(&self) -> &'static str {
-        match self {
-            Self::ClientClosed { .. } => "client_closed",
-            Self::ClientLost => "client_lost",
-            Self::ClientTimeout => "client_timeout",
-            Self::ClientProtocolError(_) => "client_protocol_error",
-            Self::ClientInvalidUtf8 => "client_invalid_utf8",
-            Self::ClientMessageTooBig => "client_message_too_big",
-            Self::SlowConsumer => "slow_consumer",
-            Self::BackendClosed { .. } => "backend_closed",
-            Self::BackendInvalid(_) => "backend_invalid",
-            Self::LinkLost => "link_lost",
-            Self::Shutdown => "shutdown",
-            Self::TakenOver => "taken_over",
-            Self::ResumeLost(_) => "resume_lost",
-        }
+        self.row().label
     }
 
     /// The client's connection was lost without a close: a resumable
@@ -158,10 +268,7 @@ impl CloseReason {
     /// Whether this end deserves operator attention (logged at warn) or is
     /// ordinary client churn (logged at debug).
     pub fn is_notable(&self) -> bool {
-        matches!(
-            self,
-            Self::SlowConsumer | Self::BackendInvalid(_) | Self::LinkLost | Self::ResumeLost(_)
-        )
+        self.row().notable
     }
 }
 
@@ -249,6 +356,19 @@ mod tests {
         assert_eq!(CloseReason::ClientTimeout.to_backend().unwrap().0, 1006);
         assert_eq!(CloseReason::LinkLost.to_backend(), None);
         assert_eq!(CloseReason::ClientLost.to_client(), None);
+        assert_eq!(
+            CloseReason::Shutdown.to_backend(),
+            Some((1001, "gateway shutting down".to_owned()))
+        );
+        assert_eq!(
+            CloseReason::ResumeLost("x").to_backend(),
+            Some((1006, "session expired: x".to_owned()))
+        );
+        assert_eq!(CloseReason::TakenOver.to_backend(), None);
+        assert_eq!(CloseReason::SlowConsumer.side(), Side::Client);
+        assert_eq!(CloseReason::LinkLost.side(), Side::Gateway);
+        assert!(CloseReason::LinkLost.is_notable());
+        assert!(!CloseReason::ClientLost.is_notable());
     }
 
     #[test]

@@ -41,6 +41,7 @@ pub mod close;
 pub mod config;
 mod listener;
 mod metrics;
+mod refusal;
 mod resume;
 mod session;
 mod settings;

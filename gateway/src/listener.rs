@@ -19,7 +19,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, warn};
 
-use crate::{upgrade, Shared};
+use crate::refusal::Refusal;
+use crate::shared::Shared;
+use crate::upgrade;
 
 /// Accepts connections until shutdown; each gets its own task.
 pub(crate) async fn accept_loop(
@@ -62,11 +64,11 @@ async fn connection(
             match tokio::time::timeout(listen.tls_handshake_timeout, acceptor.accept(tcp)).await {
                 Ok(Ok(stream)) => serve_http(stream, peer, shared.clone()).await,
                 Ok(Err(e)) => {
-                    shared.metrics.session_refused("tls_error");
+                    shared.metrics.session_refused(&Refusal::TlsError);
                     debug!(%peer, error = %e, "TLS handshake failed");
                 }
                 Err(_) => {
-                    shared.metrics.session_refused("tls_timeout");
+                    shared.metrics.session_refused(&Refusal::TlsTimeout);
                     debug!(%peer, "TLS handshake timed out");
                 }
             }
@@ -100,7 +102,7 @@ where
         Ok(Ok(())) => {}
         Ok(Err(e)) => debug!(%peer, error = %e, "HTTP connection error"),
         Err(_) => {
-            shared.metrics.session_refused("http_timeout");
+            shared.metrics.session_refused(&Refusal::HttpTimeout);
             debug!(%peer, "HTTP request timed out");
         }
     }

@@ -9,6 +9,9 @@ use opentelemetry::KeyValue;
 use opentelemetry_sdk::metrics::SdkMeterProvider;
 use prometheus::{Encoder, TextEncoder};
 
+use crate::close::CloseReason;
+use crate::refusal::{Refusal, ResumeRefusal};
+
 /// The gateway's instruments and the registry they are exported through.
 pub(crate) struct Metrics {
     registry: prometheus::Registry,
@@ -123,18 +126,18 @@ impl Metrics {
         self.sessions_open.add(1, &[]);
     }
 
-    pub(crate) fn session_closed(&self, reason: &'static str) {
+    pub(crate) fn session_closed(&self, reason: &CloseReason) {
         self.sessions_open.add(-1, &[]);
         self.sessions_closed
-            .add(1, &[KeyValue::new("reason", reason)]);
-        if reason == "slow_consumer" {
+            .add(1, &[KeyValue::new("reason", reason.label())]);
+        if *reason == CloseReason::SlowConsumer {
             self.slow_consumer_closes.add(1, &[]);
         }
     }
 
-    pub(crate) fn session_refused(&self, reason: &'static str) {
+    pub(crate) fn session_refused(&self, refusal: &Refusal) {
         self.sessions_refused
-            .add(1, &[KeyValue::new("reason", reason)]);
+            .add(1, &[KeyValue::new("reason", refusal.label())]);
     }
 
     pub(crate) fn link_batch_written(&self, messages: u64, bytes: u64) {
@@ -158,7 +161,8 @@ impl Metrics {
             .add(delta, &[KeyValue::new("endpoint", endpoint.to_owned())]);
     }
 
-    pub(crate) fn link_connect(&self, endpoint: &str, result: &'static str) {
+    pub(crate) fn link_connect(&self, endpoint: &str, connected: bool) {
+        let result = if connected { "ok" } else { "failed" };
         self.link_connects.add(
             1,
             &[
@@ -177,9 +181,9 @@ impl Metrics {
         self.replayed.add(replayed, &[]);
     }
 
-    pub(crate) fn resume_refused(&self, reason: &'static str) {
+    pub(crate) fn resume_refused(&self, why: ResumeRefusal) {
         self.resumes_refused
-            .add(1, &[KeyValue::new("reason", reason)]);
+            .add(1, &[KeyValue::new("reason", why.label())]);
     }
 
     pub(crate) fn detached(&self, delta: i64) {

@@ -24,6 +24,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use protocol::SessionId;
 
+use crate::refusal::ResumeRefusal;
+
 /// Request and response header carrying the resume credential.
 pub(crate) const RESUME_HEADER: &str = "x-wsgw-resume";
 /// Request header: backend messages the client has received in the session.
@@ -67,7 +69,7 @@ pub(crate) struct AttachRequest {
     /// The client's address.
     pub(crate) peer: std::net::SocketAddr,
     /// The session's answer.
-    pub(crate) reply: oneshot::Sender<Result<Attached, Refused>>,
+    pub(crate) reply: oneshot::Sender<Result<Attached, ResumeRefusal>>,
 }
 
 /// The session accepted a resume.
@@ -77,18 +79,6 @@ pub(crate) struct Attached {
     pub(crate) token: Token,
     /// Client messages the gateway has received in the session.
     pub(crate) received: u64,
-}
-
-/// Why a resume was refused (all answered with HTTP 410).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Refused {
-    /// Messages the client missed are no longer buffered.
-    Gap,
-    /// The client claims more messages than were ever sent.
-    BadPosition,
-    /// The credential was replaced by another resume meanwhile, or the
-    /// request was no longer awaited.
-    Stale,
 }
 
 /// Live resumable sessions by credential.
@@ -207,13 +197,13 @@ impl Ring {
     }
 
     /// The messages from `position` on, if they are all still held.
-    pub(crate) fn since(&self, position: u64) -> Result<Vec<(Bytes, bool)>, Refused> {
+    pub(crate) fn since(&self, position: u64) -> Result<Vec<(Bytes, bool)>, ResumeRefusal> {
         if position > self.delivered {
-            return Err(Refused::BadPosition);
+            return Err(ResumeRefusal::BadPosition);
         }
         let oldest = self.delivered - self.items.len() as u64;
         if position < oldest {
-            return Err(Refused::Gap);
+            return Err(ResumeRefusal::Gap);
         }
         let skip = usize::try_from(position - oldest).unwrap_or(usize::MAX);
         Ok(self.items.iter().skip(skip).cloned().collect())
@@ -282,8 +272,8 @@ mod tests {
         );
         assert!(r.since(10).unwrap().is_empty());
         assert_eq!(r.since(6).unwrap().len(), 4);
-        assert_eq!(r.since(5), Err(Refused::Gap));
-        assert_eq!(r.since(11), Err(Refused::BadPosition));
+        assert_eq!(r.since(5), Err(ResumeRefusal::Gap));
+        assert_eq!(r.since(11), Err(ResumeRefusal::BadPosition));
     }
 
     #[test]

@@ -10,18 +10,15 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http_body_util::Full;
 use hyper::header::{self, HeaderValue};
-use hyper::{Method, Request, Response, StatusCode};
+use hyper::{Method, Request, Response};
 use protocol::pb;
 use tracing::{debug, Instrument};
 
-use crate::resume::{self, AttachRequest, Refused, Token};
+use crate::refusal::{Body, Refusal, ResumeRefusal};
+use crate::resume::{self, AttachRequest, Token};
 use crate::session::{self, SessionStart};
-use crate::Shared;
-
-/// Response body type for every answer the gateway gives.
-pub(crate) type Body = Full<Bytes>;
+use crate::shared::Shared;
 
 /// Forwarded headers are capped so that a `SessionOpen` always fits in a
 /// backend frame (see `config::FRAME_OVERHEAD`).
@@ -34,83 +31,63 @@ const MAX_PATH_BYTES: usize = 2048;
 
 /// Handles one HTTP request on a client connection.
 pub(crate) async fn handle(
-    mut req: Request<hyper::body::Incoming>,
+    req: Request<hyper::body::Incoming>,
     peer: SocketAddr,
     shared: &Arc<Shared>,
 ) -> Response<Body> {
-    let listen = &shared.listen;
-    // The path and query go to the backend in SessionOpen, which must fit
-    // in one frame (see `config::FRAME_OVERHEAD`).
-    if req.uri().path_and_query().map_or(0, |pq| pq.as_str().len()) > MAX_PATH_BYTES {
-        return refuse(
-            shared,
-            StatusCode::URI_TOO_LONG,
-            "bad_request",
-            "request target too long\n",
-        );
-    }
-    if !listen.paths.iter().any(|p| p == req.uri().path()) {
-        return refuse(
-            shared,
-            StatusCode::NOT_FOUND,
-            "not_found",
-            "no WebSocket endpoint at this path\n",
-        );
-    }
-    if !fastwebsockets::upgrade::is_upgrade_request(&req) {
-        if req.method() != Method::GET {
-            return refuse(
-                shared,
-                StatusCode::METHOD_NOT_ALLOWED,
-                "bad_request",
-                "use GET with a WebSocket upgrade\n",
-            );
-        }
-        let mut resp = plain(
-            StatusCode::UPGRADE_REQUIRED,
-            "this endpoint speaks WebSocket only\n",
-        );
-        resp.headers_mut()
-            .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-        resp.headers_mut()
-            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        shared.metrics.session_refused("not_upgrade");
-        return resp;
-    }
-    if shared.shutdown.is_draining() {
-        return unavailable(shared, "shutting_down", "gateway shutting down\n");
-    }
-    let resumable = match resume_ask(&req) {
-        Ok(Ask::None) => false,
-        Ok(Ask::New) => shared.resume.enabled,
+    let answer = match check(&req, shared) {
         Ok(Ask::Resume(token, position)) => {
             return resume(req, peer, shared, token, position).await
         }
-        Err(why) => return refuse(shared, StatusCode::BAD_REQUEST, "bad_request", why),
+        Ok(Ask::New) => open_session(req, peer, shared, shared.resume.enabled),
+        Ok(Ask::None) => open_session(req, peer, shared, false),
+        Err(refusal) => Err(refusal),
     };
+    answer.unwrap_or_else(|refusal| refuse(shared, &refusal))
+}
+
+/// The checks that take nothing: what the request asks for, or why it is
+/// refused.
+fn check<B>(req: &Request<B>, shared: &Shared) -> Result<Ask, Refusal> {
+    // The path and query go to the backend in SessionOpen, which must fit
+    // in one frame (see `config::FRAME_OVERHEAD`).
+    if req.uri().path_and_query().map_or(0, |pq| pq.as_str().len()) > MAX_PATH_BYTES {
+        return Err(Refusal::TargetTooLong);
+    }
+    if !shared.listen.paths.iter().any(|p| p == req.uri().path()) {
+        return Err(Refusal::NotFound);
+    }
+    if !fastwebsockets::upgrade::is_upgrade_request(req) {
+        return Err(if req.method() == Method::GET {
+            Refusal::NotUpgrade
+        } else {
+            Refusal::MethodNotAllowed
+        });
+    }
+    if shared.shutdown.is_draining() {
+        return Err(Refusal::ShuttingDown);
+    }
+    resume_ask(req).map_err(Refusal::BadResume)
+}
+
+/// A new session: takes an admission permit and a link, answers 101 and
+/// spawns the session for when the upgrade completes.
+fn open_session(
+    mut req: Request<hyper::body::Incoming>,
+    peer: SocketAddr,
+    shared: &Arc<Shared>,
+    resumable: bool,
+) -> Result<Response<Body>, Refusal> {
+    let listen = &shared.listen;
     let subprotocol = match choose_subprotocol(&req, &listen.subprotocols) {
         Some(p) => Some(p),
-        None if listen.require_subprotocol => {
-            return refuse(
-                shared,
-                StatusCode::BAD_REQUEST,
-                "bad_request",
-                "no acceptable subprotocol (Sec-WebSocket-Protocol)\n",
-            );
-        }
+        None if listen.require_subprotocol => return Err(Refusal::NoSubprotocol),
         None => None,
     };
-    let Ok(permit) = shared.admission.clone().try_acquire_owned() else {
-        return unavailable(shared, "at_capacity", "gateway at its session limit\n");
-    };
-    let Some(lease) = shared.pool.lease() else {
-        return unavailable(shared, "no_backend", "no backend link available\n");
-    };
+    let permit = (shared.admission.clone().try_acquire_owned()).map_err(|_| Refusal::AtCapacity)?;
+    let lease = shared.pool.lease().ok_or(Refusal::NoBackend)?;
     let open = session_open(&req, peer, subprotocol.as_deref(), shared);
-    let (response, upgrade) = match ws_upgrade(&mut req, shared) {
-        Ok(pair) => pair,
-        Err(refusal) => return *refusal,
-    };
+    let (response, upgrade) = ws_upgrade(&mut req)?;
     let (mut parts, _) = response.into_parts();
     if let Some(p) = &subprotocol {
         if let Ok(v) = HeaderValue::from_str(p) {
@@ -149,7 +126,7 @@ pub(crate) async fn handle(
     }
     .instrument(span);
     shared.shutdown.spawn_session(fut);
-    Response::from_parts(parts, Body::default())
+    Ok(Response::from_parts(parts, Body::default()))
 }
 
 /// The 101 response to send, and the future of the upgraded connection.
@@ -159,19 +136,9 @@ type Upgrading = (
 );
 
 /// Validates the WebSocket handshake: the 101 response to send and the
-/// future of the upgraded connection, or a 400 answer.
-fn ws_upgrade(
-    req: &mut Request<hyper::body::Incoming>,
-    shared: &Shared,
-) -> Result<Upgrading, Box<Response<Body>>> {
-    fastwebsockets::upgrade::upgrade(req).map_err(|e| {
-        Box::new(refuse(
-            shared,
-            StatusCode::BAD_REQUEST,
-            "bad_request",
-            &format!("invalid WebSocket upgrade: {e}\n"),
-        ))
-    })
+/// future of the upgraded connection.
+fn ws_upgrade(req: &mut Request<hyper::body::Incoming>) -> Result<Upgrading, Refusal> {
+    fastwebsockets::upgrade::upgrade(req).map_err(|e| Refusal::BadUpgrade(e.to_string()))
 }
 
 /// What the client asked for about resume.
@@ -220,22 +187,19 @@ async fn resume(
     token: Token,
     position: u64,
 ) -> Response<Body> {
-    let lost = |reason: &'static str| {
-        shared.metrics.resume_refused(reason);
-        let mut r = plain(StatusCode::GONE, "session lost: start a new session\n");
-        r.headers_mut()
-            .insert(header::CONNECTION, HeaderValue::from_static("close"));
-        r
+    let lost = |why: ResumeRefusal| {
+        shared.metrics.resume_refused(why);
+        why.response()
     };
     if !shared.resume.enabled {
-        return lost("disabled");
+        return lost(ResumeRefusal::Disabled);
     }
     let Some(session) = shared.resumable.lookup(&token) else {
-        return lost("unknown");
+        return lost(ResumeRefusal::Unknown);
     };
-    let (response, upgrade) = match ws_upgrade(&mut req, shared) {
+    let (response, upgrade) = match ws_upgrade(&mut req) {
         Ok(pair) => pair,
-        Err(refusal) => return *refusal,
+        Err(refusal) => return refuse(shared, &refusal),
     };
     let (reply_tx, reply_rx) = tokio::sync::oneshot::channel();
     let request = AttachRequest {
@@ -257,10 +221,8 @@ async fn resume(
             add_resume_headers(&mut parts.headers, &attached.token, attached.received);
             Response::from_parts(parts, Body::default())
         }
-        Ok(Some(Err(Refused::Gap))) => lost("gap"),
-        Ok(Some(Err(Refused::BadPosition))) => lost("bad_position"),
-        Ok(Some(Err(Refused::Stale))) => lost("stale"),
-        _ => lost("session_busy"),
+        Ok(Some(Err(why))) => lost(why),
+        _ => lost(ResumeRefusal::SessionBusy),
     }
 }
 
@@ -311,28 +273,7 @@ fn session_open<B>(
     }
 }
 
-fn plain(status: StatusCode, text: &str) -> Response<Body> {
-    let mut resp = Response::new(Body::new(Bytes::copy_from_slice(text.as_bytes())));
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    resp
-}
-
-fn refuse(shared: &Shared, status: StatusCode, reason: &'static str, text: &str) -> Response<Body> {
-    shared.metrics.session_refused(reason);
-    let mut resp = plain(status, text);
-    // A refused upgrade leaves the connection in an unknown state.
-    resp.headers_mut()
-        .insert(header::CONNECTION, HeaderValue::from_static("close"));
-    resp
-}
-
-fn unavailable(shared: &Shared, reason: &'static str, text: &str) -> Response<Body> {
-    let mut resp = refuse(shared, StatusCode::SERVICE_UNAVAILABLE, reason, text);
-    resp.headers_mut()
-        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-    resp
+fn refuse(shared: &Shared, refusal: &Refusal) -> Response<Body> {
+    shared.metrics.session_refused(refusal);
+    refusal.response()
 }

@@ -155,7 +155,7 @@ async fn supervise(
         match result {
             Ok((stream, hs)) => {
                 failures = 0;
-                metrics.link_connect(&slot.endpoint, "ok");
+                metrics.link_connect(&slot.endpoint, true);
                 let (handle, queues) = LinkHandle::new(slot.index, hs.version, &s.link);
                 set_current(&slot, Some(handle.clone()));
                 metrics.link_up(&slot.endpoint, 1);
@@ -178,7 +178,7 @@ async fn supervise(
                 warn!(error = %end, "link down; sessions on it are closed with 1012");
             }
             Err(e) => {
-                metrics.link_connect(&slot.endpoint, "failed");
+                metrics.link_connect(&slot.endpoint, false);
                 // The first failure after a good run is worth a warning;
                 // repeated ones during an outage are not news.
                 if failures == 0 {

@@ -6,7 +6,7 @@ use fastwebsockets::{Frame as WsFrame, OpCode, Payload, WebSocketError};
 use protocol::{Frame, SessionId};
 use tracing::debug;
 
-use super::connected::{ClientFrame, Connection};
+use super::connection::{ClientFrame, Connection};
 use super::End;
 use crate::close::{self, CloseReason};
 

@@ -1,117 +1,22 @@
 //! A session with a client connection: the event loop and one method per
-//! event.
-//!
-//! fastwebsockets' `read_frame` is not cancel-safe, so the read future owns
-//! the read half and is kept across loop iterations (`read.set(..)` starts
-//! the next read only after one completed); it is never dropped midway
-//! except when the connection is torn down.
+//! event. (The connection itself, and why its read future is kept across
+//! iterations, is in `connection.rs`.)
 
+use fastwebsockets::{Frame as WsFrame, OpCode, Payload, WebSocket, WebSocketError};
 use std::ops::ControlFlow;
 use std::pin::{pin, Pin};
-use std::time::Duration;
-
-use bytes::BytesMut;
-use fastwebsockets::{
-    Frame as WsFrame, OpCode, Payload, Role, WebSocket, WebSocketError, WebSocketRead,
-    WebSocketWrite,
-};
-use tokio::io::{AsyncReadExt, ReadHalf, WriteHalf};
+use tokio::io::{ReadHalf, WriteHalf};
 use tokio::time::{Instant, Sleep};
 
-use super::assemble::Assembler;
 use super::client::{on_client_frame, ws_error_end};
+use super::connection::{linger, read_frame, ClientFrame, Connection};
 use super::signals::{stale, Listen, Signal};
 use super::{End, Io, Session};
 use crate::backend::{Gone, LinkGone, ToClient, TrySend, ADVISORY_SEND_DEADLINE};
 use crate::close::CloseReason;
 
-pub(super) type Reader<'a> = WebSocketRead<&'a mut ReadHalf<Io>>;
-pub(super) type Writer = WebSocketWrite<WriteHalf<Io>>;
-
 /// What the event loop does after an event.
 type Step = ControlFlow<End>;
-
-/// One complete frame from the client, with its payload owned.
-pub(super) struct ClientFrame {
-    pub(super) fin: bool,
-    pub(super) opcode: OpCode,
-    pub(super) payload: BytesMut,
-}
-
-/// The per-connection state of the event loop.
-pub(super) struct Connection {
-    pub(super) writer: Writer,
-    pub(super) assembler: Assembler,
-    /// False once nothing more can be read (the client closed, or its
-    /// stream failed).
-    reading: bool,
-    /// When the client last showed a sign of life.
-    last_heard: Instant,
-    /// A ping is out and unanswered.
-    ping_sent: bool,
-}
-
-async fn read_frame(mut reader: Reader<'_>) -> (Reader<'_>, Result<ClientFrame, WebSocketError>) {
-    // With auto-close and auto-pong off, fastwebsockets never asks us to
-    // send anything from inside `read_frame`.
-    let res = reader
-        .read_frame(&mut |_| async { Ok::<(), WebSocketError>(()) })
-        .await
-        .map(|f| ClientFrame {
-            fin: f.fin,
-            opcode: f.opcode,
-            payload: match f.payload {
-                Payload::Bytes(b) => b,
-                other => BytesMut::from(&other[..]),
-            },
-        });
-    (reader, res)
-}
-
-impl Connection {
-    /// Splits an upgraded connection: the frame reader (borrowing the raw
-    /// read half, which stays the caller's for lingering) and the rest.
-    fn new<'r>(
-        raw_read: &'r mut ReadHalf<Io>,
-        raw_write: WriteHalf<Io>,
-        max_message: usize,
-    ) -> (Reader<'r>, Self) {
-        let (mut reader, mut writer) =
-            fastwebsockets::after_handshake_split(raw_read, raw_write, Role::Server);
-        // The gateway answers pings and closes itself: it must see them to
-        // keep liveness and to map closes through its table.
-        reader.set_auto_close(false);
-        reader.set_auto_pong(false);
-        // fastwebsockets refuses frames of `>= limit` bytes.
-        reader.set_max_message_size(max_message.saturating_add(1));
-        writer.set_auto_apply_mask(false);
-        let conn = Self {
-            writer,
-            assembler: Assembler::default(),
-            reading: true,
-            last_heard: Instant::now(),
-            ping_sent: false,
-        };
-        (reader, conn)
-    }
-
-    /// Writes one frame and flushes, within `limit`.
-    pub(super) async fn write_flush(
-        &mut self,
-        frame: WsFrame<'_>,
-        limit: Duration,
-    ) -> Result<(), Option<WebSocketError>> {
-        let write = async {
-            self.writer.write_frame(frame).await?;
-            self.writer.flush().await
-        };
-        match Box::pin(tokio::time::timeout(limit, write)).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(Some(e)),
-            Err(_) => Err(None),
-        }
-    }
-}
 
 impl Session {
     /// Serves one client connection of the session, including its close.
@@ -353,18 +258,4 @@ fn on_link_room(r: Result<(), LinkGone>) -> Step {
         Ok(()) => Step::Continue(()),
         Err(LinkGone) => Step::Break(End::clean(CloseReason::LinkLost)),
     }
-}
-
-/// Reads and discards what the client still sends, until it closes or
-/// `limit` passes; memory use is one small buffer.
-async fn linger(rd: &mut ReadHalf<Io>, limit: Duration) {
-    let mut sink = [0u8; 4096];
-    let drain = async {
-        while let Ok(n) = rd.read(&mut sink).await {
-            if n == 0 {
-                break;
-            }
-        }
-    };
-    let _ = tokio::time::timeout(limit, drain).await;
 }

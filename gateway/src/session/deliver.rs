@@ -1,16 +1,18 @@
 //! Writing backend messages to the client.
 
+use std::future::Future;
 use std::ops::ControlFlow;
-use std::pin::pin;
+use std::pin::{pin, Pin};
+use std::time::Duration;
 
 use fastwebsockets::{Frame as WsFrame, OpCode, Payload};
 
-use super::connected::{Connection, Writer};
-use super::signals::{stale, Listen, Signal};
+use super::connection::{Connection, Writer};
+use super::signals::{stale, Listen, Signal, Signals};
 use super::{End, Session};
 use crate::backend::{Gone, Queue, ToClient};
 use crate::close::CloseReason;
-use crate::resume::Ring;
+use crate::resume::{Ring, Token};
 
 /// Backend messages written to the client before one flush.
 const WRITE_BATCH: usize = 64;
@@ -41,50 +43,14 @@ impl Session {
             CloseReason::SlowConsumer
         };
         let written = {
-            let mut write = pin!(write_batch(
+            let write = pin!(write_batch(
                 &mut conn.writer,
                 first,
                 &mut self.queue,
                 ring,
                 max_message
             ));
-            let mut timer = pin!(tokio::time::sleep(deadline));
-            // Once the route is gone, this write is finished and then the
-            // rest of the queue delivered.
-            let mut route_gone = false;
-            loop {
-                let listen = Listen {
-                    eviction: !route_gone,
-                    attach: !route_gone,
-                    drain: false,
-                };
-                tokio::select! {
-                    biased;
-                    r = &mut write => break match r {
-                        Err(end) => Err(end),
-                        Ok(()) => Ok(route_gone),
-                    },
-                    s = self.signals.next(listen), if !route_gone => match s {
-                        // The client is not reading: abandon the write (the
-                        // stream is now mid-frame, so no close can follow).
-                        Signal::Evicted(Gone::SlowConsumer) => {
-                            break Err(End::broken(CloseReason::SlowConsumer));
-                        }
-                        Signal::Evicted(Gone::BackendClosed | Gone::LinkLost) => route_gone = true,
-                        // A resume is waiting: this connection (probably
-                        // dead, which is why the write stalls) is being
-                        // replaced. Abandon the write; the ring holds what
-                        // was in flight.
-                        Signal::Attach(req) => {
-                            if let Some(req) = stale(req, token) {
-                                break Err(End::broken(CloseReason::TakenOver).taken_over(req));
-                            }
-                        }
-                        Signal::Drain | Signal::AttachClosed => {}
-                    },
-                    _ = &mut timer => break Err(End::broken(stalled)),
-                }
-            }
+            interruptible(write, &mut self.signals, token, deadline, stalled).await
         };
         match written {
             Err(end) => ControlFlow::Break(end),
@@ -117,6 +83,51 @@ impl Session {
             }
         }
         End::clean(CloseReason::LinkLost)
+    }
+}
+
+/// Runs a write to the client to its end, unless the link reader evicts
+/// the session as a slow consumer, a resume takes the session over, or the
+/// client has not taken it by `deadline`. Returns whether the route went
+/// away meanwhile (the rest of the queue is then delivered after it).
+async fn interruptible(
+    mut write: Pin<&mut impl Future<Output = Result<(), End>>>,
+    signals: &mut Signals,
+    token: Option<&Token>,
+    deadline: Duration,
+    stalled: CloseReason,
+) -> Result<bool, End> {
+    let mut timer = pin!(tokio::time::sleep(deadline));
+    let mut route_gone = false;
+    loop {
+        let listen = Listen {
+            eviction: !route_gone,
+            attach: !route_gone,
+            drain: false,
+        };
+        tokio::select! {
+            biased;
+            r = &mut write => return r.map(|()| route_gone),
+            s = signals.next(listen), if !route_gone => match s {
+                // The client is not reading: abandon the write (the stream
+                // is now mid-frame, so no close frame can follow).
+                Signal::Evicted(Gone::SlowConsumer) => {
+                    return Err(End::broken(CloseReason::SlowConsumer));
+                }
+                // Finish this write; the caller delivers the rest.
+                Signal::Evicted(Gone::BackendClosed | Gone::LinkLost) => route_gone = true,
+                // A resume is waiting: this connection (probably dead, which
+                // is why the write stalls) is being replaced. Abandon the
+                // write; the ring holds what was in flight.
+                Signal::Attach(req) => {
+                    if let Some(req) = stale(req, token) {
+                        return Err(End::broken(CloseReason::TakenOver).taken_over(req));
+                    }
+                }
+                Signal::Drain | Signal::AttachClosed => {}
+            },
+            _ = &mut timer => return Err(End::broken(stalled)),
+        }
     }
 }
 

@@ -12,7 +12,8 @@ use super::signals::{stale, Listen, Signal};
 use super::{Io, Session};
 use crate::backend::{Gone, ToClient, TrySend, ADVISORY_SEND_DEADLINE};
 use crate::close::CloseReason;
-use crate::resume::{AttachRequest, Attached, Refused};
+use crate::refusal::ResumeRefusal;
+use crate::resume::{AttachRequest, Attached};
 
 impl Session {
     /// The session's final reason once its route on the link is gone and
@@ -204,7 +205,7 @@ impl Session {
             }
         };
         let Some(next) = self.shared.resumable.rotate(&r.token) else {
-            let _ = req.reply.send(Err(Refused::Gap));
+            let _ = req.reply.send(Err(ResumeRefusal::Gap));
             return Err(CloseReason::ResumeLost("credential vanished"));
         };
         r.token = next.clone();

@@ -7,7 +7,7 @@
 //! ring. Its life, read in this order:
 //!
 //! 1. [`run`]: open on the link, serve connections, finish.
-//! 2. [`connected`]: one client connection. One event source (client frames,
+//! 2. [`connected`]: one client connection ([`connection`]). One event source (client frames,
 //!    backend messages, room on the link, the ping timer and the
 //!    [`signals`] that interrupt every state), one short method per event.
 //! 3. [`deliver`]: writing backend messages to the client.
@@ -31,11 +31,12 @@ use tracing::{debug, warn};
 use crate::backend::{Lease, LinkHandle, Mailbox, Queue, ADVISORY_SEND_DEADLINE};
 use crate::close::CloseReason;
 use crate::resume::{AttachRequest, Ring, Token};
-use crate::Shared;
+use crate::shared::Shared;
 
 mod assemble;
 mod client;
 mod connected;
+mod connection;
 mod deliver;
 mod detach;
 mod signals;
@@ -225,7 +226,7 @@ fn finish_unopened(shared: &Shared, id: SessionId, token: Option<&Token>, reason
 
 fn record_end(shared: &Shared, id: SessionId, reason: &CloseReason) {
     let label = reason.label();
-    shared.metrics.session_closed(label);
+    shared.metrics.session_closed(reason);
     if reason.is_notable() {
         warn!(session = id.0, reason = label, detail = ?reason, "session closed");
     } else {

@@ -95,7 +95,7 @@ async fn recv(rx: &mut Option<mpsc::Receiver<AttachRequest>>) -> Option<AttachRe
 /// refused (410) and dropped.
 pub(super) fn stale(req: AttachRequest, token: Option<&Token>) -> Option<AttachRequest> {
     if req.reply.is_closed() || token != Some(&req.token) {
-        let _ = req.reply.send(Err(crate::resume::Refused::Stale));
+        let _ = req.reply.send(Err(crate::refusal::ResumeRefusal::Stale));
         return None;
     }
     Some(req)

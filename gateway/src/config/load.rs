@@ -1,0 +1,307 @@
+//! Loading the configuration: defaults, the file, the environment, then
+//! the command-line flags (declared here, once), and validation.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::{Figment, Provider};
+use protocol::Framing;
+use serde::Serialize;
+
+use super::{framing_name, Config, ConfigError, FRAME_OVERHEAD};
+
+/// Values given on the command line; each one, when present, overrides the
+/// file and the environment. The flags are declared here, once: serialized,
+/// this is a partial configuration tree (flags not given are skipped) that
+/// is merged over the file and the environment.
+#[derive(Debug, Default, Clone, clap::Args, Serialize)]
+pub struct Overrides {
+    /// Listener flags.
+    #[command(flatten)]
+    pub listen: ListenFlags,
+    /// TLS flags.
+    #[command(flatten)]
+    pub tls: TlsFlags,
+    /// Backend flags.
+    #[command(flatten)]
+    pub backend: BackendFlags,
+    /// Admin flags.
+    #[command(flatten)]
+    pub admin: AdminFlags,
+    /// Set any key, e.g. --set session.max_message_size='"2MiB"' (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE", value_parser = parse_set)]
+    #[serde(skip)]
+    pub set: Vec<(String, String)>,
+}
+
+/// Flags of the `listen` section.
+#[derive(Debug, Default, Clone, clap::Args, Serialize)]
+pub struct ListenFlags {
+    /// Plain ws listener address (repeatable); overrides listen.ws.
+    #[arg(long = "listen", value_name = "ADDR")]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub ws: Vec<SocketAddr>,
+    /// wss listener address (repeatable); overrides listen.wss.
+    #[arg(long = "listen-tls", value_name = "ADDR")]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub wss: Vec<SocketAddr>,
+}
+
+/// Flags of the `tls` section.
+#[derive(Debug, Default, Clone, clap::Args, Serialize)]
+pub struct TlsFlags {
+    /// PEM certificate chain for wss; overrides tls.cert.
+    #[arg(long = "tls-cert", value_name = "FILE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cert: Option<PathBuf>,
+    /// PEM private key for wss; overrides tls.key.
+    #[arg(long = "tls-key", value_name = "FILE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key: Option<PathBuf>,
+}
+
+/// Flags of the `backend` section.
+#[derive(Debug, Default, Clone, clap::Args, Serialize)]
+pub struct BackendFlags {
+    /// Backend endpoint host:port (repeatable); overrides backend.endpoints.
+    #[arg(long = "backend", value_name = "ADDR")]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub endpoints: Vec<String>,
+    /// Links per backend endpoint; overrides backend.links_per_endpoint.
+    #[arg(long = "links", value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub links_per_endpoint: Option<usize>,
+    /// Backend framing, varint or u32be; overrides backend.framing.
+    #[arg(long = "framing", value_name = "STYLE")]
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "framing_name::serialize_some"
+    )]
+    pub framing: Option<Framing>,
+}
+
+/// Flags of the `admin` section.
+#[derive(Debug, Default, Clone, clap::Args, Serialize)]
+pub struct AdminFlags {
+    /// Admin listener address (/healthz, /readyz, /metrics); overrides admin.listen.
+    #[arg(long = "admin", value_name = "ADDR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen: Option<SocketAddr>,
+}
+
+fn parse_set(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        .ok_or_else(|| format!("{s:?}: expected KEY=VALUE"))
+}
+
+impl Config {
+    /// Loads defaults, then `file`, then `GATEWAY_*` variables, then
+    /// `overrides`, and validates the result.
+    pub fn load(
+        file: Option<&std::path::Path>,
+        overrides: &Overrides,
+    ) -> Result<Self, ConfigError> {
+        let mut fig = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = file {
+            if !path.exists() {
+                return Err(ConfigError::Invalid {
+                    key: "--config",
+                    reason: format!("file {} does not exist", path.display()),
+                });
+            }
+            fig = fig.merge(Toml::file(path));
+        }
+        // GATEWAY_CONFIG names the file (a flag's environment form), not a key.
+        fig = fig.merge(Env::prefixed("GATEWAY_").ignore(&["CONFIG"]).split("__"));
+        fig = apply_overrides(fig, overrides);
+        let config: Config = fig.extract().map_err(Box::new)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks cross-field rules that types cannot express.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
+            ConfigError::Invalid {
+                key,
+                reason: reason.into(),
+            }
+        }
+        if self.listen.ws.is_empty() && self.listen.wss.is_empty() {
+            return Err(invalid(
+                "listen",
+                "no listener: set listen.ws and/or listen.wss (or --listen / --listen-tls)",
+            ));
+        }
+        if !self.listen.wss.is_empty() {
+            if self.tls.cert.is_none() {
+                return Err(invalid(
+                    "tls.cert",
+                    "required by listen.wss (or --tls-cert)",
+                ));
+            }
+            if self.tls.key.is_none() {
+                return Err(invalid("tls.key", "required by listen.wss (or --tls-key)"));
+            }
+        }
+        if self.listen.paths.is_empty() {
+            return Err(invalid("listen.paths", "at least one path is required"));
+        }
+        if let Some(p) = self.listen.paths.iter().find(|p| !p.starts_with('/')) {
+            return Err(invalid(
+                "listen.paths",
+                format!("{p:?} must start with '/'"),
+            ));
+        }
+        if self.listen.max_sessions == 0 {
+            return Err(invalid("listen.max_sessions", "must be at least 1"));
+        }
+        if self.backend.endpoints.is_empty() {
+            return Err(invalid(
+                "backend.endpoints",
+                "at least one backend endpoint is required (or --backend)",
+            ));
+        }
+        if self.backend.links_per_endpoint == 0 {
+            return Err(invalid("backend.links_per_endpoint", "must be at least 1"));
+        }
+        let max_msg = self.session.max_message_size.bytes();
+        if max_msg == 0 {
+            return Err(invalid(
+                "session.max_message_size",
+                "must be at least 1 byte",
+            ));
+        }
+        if self.backend.max_frame_size.bytes() < max_msg.saturating_add(FRAME_OVERHEAD) {
+            return Err(invalid(
+                "backend.max_frame_size",
+                format!(
+                    "must be at least session.max_message_size + {FRAME_OVERHEAD} = {}",
+                    max_msg.saturating_add(FRAME_OVERHEAD)
+                ),
+            ));
+        }
+        if self.backend.framing == Framing::U32Be
+            && self.backend.max_frame_size.0 > u64::from(u32::MAX)
+        {
+            return Err(invalid(
+                "backend.max_frame_size",
+                "must fit in 32 bits with u32be framing",
+            ));
+        }
+        if self.backend.link_queue_frames == 0 {
+            return Err(invalid("backend.link_queue_frames", "must be at least 1"));
+        }
+        // A single message must always fit in the link's byte budget, or a
+        // session sending it would wait forever.
+        if self.backend.link_queue_bytes.bytes() < self.backend.max_frame_size.bytes() {
+            return Err(invalid(
+                "backend.link_queue_bytes",
+                "must be at least backend.max_frame_size",
+            ));
+        }
+        if u32::try_from(self.backend.max_frame_size.0).is_err() {
+            return Err(invalid("backend.max_frame_size", "must be below 4 GiB"));
+        }
+        if self.resume.enabled {
+            if self.resume.grace.is_zero() {
+                return Err(invalid("resume.grace", "must be greater than zero"));
+            }
+            if self.resume.buffer_messages == 0 {
+                return Err(invalid("resume.buffer_messages", "must be at least 1"));
+            }
+        }
+        if self.session.client_queue_messages == 0 {
+            return Err(invalid(
+                "session.client_queue_messages",
+                "must be at least 1",
+            ));
+        }
+        if self.session.client_queue_bytes.bytes() < max_msg {
+            return Err(invalid(
+                "session.client_queue_bytes",
+                "must be at least session.max_message_size",
+            ));
+        }
+        for (key, d) in [
+            ("session.ping_interval", self.session.ping_interval),
+            ("session.ping_timeout", self.session.ping_timeout),
+            ("session.write_timeout", self.session.write_timeout),
+            ("resume.handoff_timeout", self.resume.handoff_timeout),
+            (
+                "backend.heartbeat_interval",
+                self.backend.heartbeat_interval,
+            ),
+            ("backend.heartbeat_timeout", self.backend.heartbeat_timeout),
+            ("backend.connect_timeout", self.backend.connect_timeout),
+            ("backend.handshake_timeout", self.backend.handshake_timeout),
+            (
+                "listen.tls_handshake_timeout",
+                self.listen.tls_handshake_timeout,
+            ),
+            (
+                "listen.http_header_timeout",
+                self.listen.http_header_timeout,
+            ),
+        ] {
+            if d.is_zero() {
+                return Err(invalid(key, "must be greater than zero"));
+            }
+        }
+        if self.backend.heartbeat_timeout <= self.backend.heartbeat_interval {
+            return Err(invalid(
+                "backend.heartbeat_timeout",
+                "must be longer than backend.heartbeat_interval",
+            ));
+        }
+        if self.backend.reconnect_max < self.backend.reconnect_min {
+            return Err(invalid(
+                "backend.reconnect_max",
+                "must be at least backend.reconnect_min",
+            ));
+        }
+        if let Some(h) = self
+            .session
+            .forward_headers
+            .iter()
+            .find(|h| h.parse::<hyper::header::HeaderName>().is_err())
+        {
+            return Err(invalid(
+                "session.forward_headers",
+                format!("{h:?} is not a header name"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The name sent to the backend in `Hello`.
+    pub fn gateway_id(&self) -> String {
+        if !self.backend.gateway_id.is_empty() {
+            return self.backend.gateway_id.clone();
+        }
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_owned())
+            .ok()
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "gateway".to_owned())
+    }
+}
+
+fn apply_overrides(mut fig: Figment, o: &Overrides) -> Figment {
+    fig = fig.merge(Serialized::defaults(o));
+    for (key, value) in &o.set {
+        // `--set` values use TOML syntax; a bare word is taken as a string.
+        let toml = format!("{key} = {value}");
+        fig = match Toml::string(&toml).nested().data() {
+            Ok(_) => fig.merge(Toml::string(&toml)),
+            Err(_) => fig.merge(Serialized::default(key, value)),
+        };
+    }
+    fig
+}
+
+#[cfg(test)]
+#[path = "tests.rs"]
+mod tests;

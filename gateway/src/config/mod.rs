@@ -1,0 +1,358 @@
+//! One typed configuration tree, loaded and validated before the runtime
+//! starts.
+//!
+//! Sources, later ones winning: built-in defaults, the TOML file
+//! (`--config`), environment variables `GATEWAY_<SECTION>__<KEY>` (for example
+//! `GATEWAY_SESSION__MAX_MESSAGE_SIZE=2MiB`), then command-line flags.
+//! Every key is documented in `deploy/gateway.example.toml`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use protocol::Framing;
+use serde::{Deserialize, Serialize};
+
+mod load;
+pub(crate) mod size;
+
+pub use load::{AdminFlags, BackendFlags, ListenFlags, Overrides, TlsFlags};
+pub use size::ByteSize;
+
+/// Extra bytes a backend frame needs beyond the client message it carries:
+/// the session id, field tags and length prefixes (at most ~30 bytes), with
+/// room for a `SessionOpen` carrying forwarded headers.
+pub const FRAME_OVERHEAD: usize = 4096;
+
+/// The whole configuration.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Public listeners and the WebSocket upgrade.
+    pub listen: ListenConfig,
+    /// Certificate and key for the wss listeners.
+    pub tls: TlsConfig,
+    /// Per-session limits and timers.
+    pub session: SessionConfig,
+    /// The backend endpoints and the link pool.
+    pub backend: BackendConfig,
+    /// The admin listener (health, readiness, metrics).
+    pub admin: AdminConfig,
+    /// Session resume after a lost connection.
+    pub resume: ResumeConfig,
+    /// Graceful shutdown.
+    pub shutdown: ShutdownConfig,
+    /// Logging.
+    pub log: LogConfig,
+}
+
+/// Session resume: a client whose connection is lost without a close can
+/// come back within `grace` and continue with nothing lost or duplicated.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ResumeConfig {
+    /// Whether clients may ask for resumable sessions.
+    pub enabled: bool,
+    /// How long a detached session waits for its client.
+    #[serde(with = "humantime_serde")]
+    pub grace: Duration,
+    /// Backend messages kept per session for replay (the most recent ones).
+    pub buffer_messages: usize,
+    /// Bytes of backend messages kept per session for replay.
+    pub buffer_bytes: ByteSize,
+    /// Most sessions detached at once; beyond it a lost connection ends
+    /// its session.
+    pub max_detached: usize,
+    /// Most bytes held for all detached sessions together; a detached
+    /// session that would exceed it is lost.
+    pub max_detached_bytes: ByteSize,
+    /// How long a resume request waits for its session to take it (a
+    /// session busy writing to its old connection answers when that write
+    /// ends), and then for the resumed connection's upgrade to complete.
+    #[serde(with = "humantime_serde")]
+    pub handoff_timeout: Duration,
+}
+
+impl Default for ResumeConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            // Long enough for a tunnel, an elevator or a network handover;
+            // short enough that abandoned sessions do not pile up.
+            grace: Duration::from_secs(60),
+            buffer_messages: 256,
+            buffer_bytes: ByteSize(256 << 10),
+            max_detached: 20_000,
+            max_detached_bytes: ByteSize(512 << 20),
+            handoff_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Public listeners and the WebSocket upgrade.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ListenConfig {
+    /// Plain ws listeners (for deployments behind a TLS-terminating balancer).
+    pub ws: Vec<SocketAddr>,
+    /// wss listeners; need `tls.cert` and `tls.key`.
+    pub wss: Vec<SocketAddr>,
+    /// Request paths on which the WebSocket upgrade is accepted.
+    pub paths: Vec<String>,
+    /// Subprotocols the gateway accepts, in the client's order of preference.
+    pub subprotocols: Vec<String>,
+    /// Refuse clients that offer subprotocols none of which is accepted.
+    pub require_subprotocol: bool,
+    /// Deadline for the TLS handshake, from TCP accept.
+    #[serde(with = "humantime_serde")]
+    pub tls_handshake_timeout: Duration,
+    /// Deadline for the HTTP request head of the upgrade, from TCP accept or
+    /// from the end of the TLS handshake.
+    #[serde(with = "humantime_serde")]
+    pub http_header_timeout: Duration,
+    /// Cap on concurrent sessions; beyond it the upgrade gets HTTP 503.
+    pub max_sessions: usize,
+}
+
+/// Certificate and key for the wss listeners.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// PEM file: the certificate chain, leaf first.
+    pub cert: Option<PathBuf>,
+    /// PEM file: the private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: Option<PathBuf>,
+}
+
+/// Per-session limits and timers.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SessionConfig {
+    /// Largest client message after reassembling fragments (close 1009), and
+    /// largest backend payload forwarded to a client.
+    pub max_message_size: ByteSize,
+    /// Messages queued towards one client before it is a slow consumer.
+    pub client_queue_messages: usize,
+    /// Bytes queued towards one client before it is a slow consumer.
+    pub client_queue_bytes: ByteSize,
+    /// Idle time after which the gateway pings the client.
+    #[serde(with = "humantime_serde")]
+    pub ping_interval: Duration,
+    /// Time a pinged client has to show any sign of life before it is
+    /// dropped as dead.
+    #[serde(with = "humantime_serde")]
+    pub ping_timeout: Duration,
+    /// How long a write to the client (a batch of backend messages, a pong,
+    /// a replay) may take before the client is judged stalled: a slow
+    /// consumer, or for a resumable session a lost connection.
+    #[serde(with = "humantime_serde")]
+    pub write_timeout: Duration,
+    /// After the gateway sends a close frame, how long it waits for the
+    /// client's close frame before dropping the connection.
+    #[serde(with = "humantime_serde")]
+    pub close_timeout: Duration,
+    /// Request headers copied into the backend's `SessionOpen` (lower case).
+    pub forward_headers: Vec<String>,
+}
+
+/// The backend endpoints and the link pool.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BackendConfig {
+    /// Backend addresses ("host:port"); at least one is required.
+    pub endpoints: Vec<String>,
+    /// Links (TCP connections) to open to each endpoint.
+    pub links_per_endpoint: usize,
+    /// Length prefix style of the backend protocol.
+    #[serde(with = "framing_name")]
+    pub framing: Framing,
+    /// Largest frame body either side may send on a link.
+    pub max_frame_size: ByteSize,
+    /// Name sent to the backend in `Hello`; empty means the host name.
+    pub gateway_id: String,
+    /// TCP connect deadline for one link.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Deadline for the backend's `HelloAck`.
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    /// Period of the gateway's link heartbeat.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+    /// A link from which nothing arrives for this long is dead.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_timeout: Duration,
+    /// First reconnect delay after a link fails.
+    #[serde(with = "humantime_serde")]
+    pub reconnect_min: Duration,
+    /// Largest reconnect delay (the delay doubles per failure up to this).
+    #[serde(with = "humantime_serde")]
+    pub reconnect_max: Duration,
+    /// Frames queued towards one link before clients on it stop being read.
+    pub link_queue_frames: usize,
+    /// Bytes queued towards one link before clients on it stop being read.
+    pub link_queue_bytes: ByteSize,
+}
+
+/// The admin listener.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Address of `/healthz`, `/readyz` and `/metrics`; none disables it.
+    pub listen: Option<SocketAddr>,
+}
+
+/// Graceful shutdown.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShutdownConfig {
+    /// After SIGTERM/SIGINT, how long sessions get to close before the
+    /// gateway exits anyway.
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
+}
+
+/// Logging.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `text` or `json`.
+    pub format: LogFormat,
+    /// A tracing filter such as `info` or `info,gateway::link=debug`;
+    /// `RUST_LOG` overrides it.
+    pub level: String,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable key=value lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `backend.framing` in the configuration: the protocol crate's
+/// [`Framing`], written `"varint"` or `"u32be"`.
+mod framing_name {
+    use protocol::Framing;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(f: &Framing, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(f)
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Framing, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+
+    pub(super) fn serialize_some<S: Serializer>(
+        f: &Option<Framing>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        match f {
+            Some(f) => s.collect_str(f),
+            None => s.serialize_none(),
+        }
+    }
+}
+
+impl Default for ListenConfig {
+    fn default() -> Self {
+        Self {
+            ws: Vec::new(),
+            wss: Vec::new(),
+            paths: vec!["/ws".to_owned()],
+            subprotocols: Vec::new(),
+            require_subprotocol: false,
+            // A mobile TLS handshake over a poor link takes a few round
+            // trips of up to ~1 s each; 10 s leaves room without letting
+            // idle sockets pile up.
+            tls_handshake_timeout: Duration::from_secs(10),
+            http_header_timeout: Duration::from_secs(10),
+            // The box caps a process at 20,000 open files; leave room for
+            // links, listeners and the admin port.
+            max_sessions: 19_000,
+        }
+    }
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        Self {
+            max_message_size: ByteSize(1 << 20),
+            client_queue_messages: 256,
+            client_queue_bytes: ByteSize(4 << 20),
+            // Carrier NATs drop idle flows after 30 s to a few minutes; a
+            // 20 s ping keeps them open and finds dead phones within 40 s.
+            ping_interval: Duration::from_secs(20),
+            ping_timeout: Duration::from_secs(20),
+            // As long as a ping may take to be answered: a client that cannot
+            // take a write for that long would be judged dead anyway.
+            write_timeout: Duration::from_secs(20),
+            close_timeout: Duration::from_secs(2),
+            forward_headers: vec!["user-agent".to_owned(), "x-request-id".to_owned()],
+        }
+    }
+}
+
+impl Default for BackendConfig {
+    fn default() -> Self {
+        Self {
+            endpoints: Vec::new(),
+            links_per_endpoint: 2,
+            framing: Framing::Varint,
+            max_frame_size: ByteSize((1 << 20) + FRAME_OVERHEAD as u64),
+            gateway_id: String::new(),
+            connect_timeout: Duration::from_secs(3),
+            handshake_timeout: Duration::from_secs(5),
+            heartbeat_interval: Duration::from_secs(5),
+            heartbeat_timeout: Duration::from_secs(15),
+            reconnect_min: Duration::from_millis(100),
+            reconnect_max: Duration::from_secs(10),
+            // Enough to absorb a burst from a few thousand clients while the
+            // backend catches up; the byte bound below is what caps memory.
+            link_queue_frames: 8192,
+            link_queue_bytes: ByteSize(16 << 20),
+        }
+    }
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        Self {
+            drain_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Text,
+            level: "info".to_owned(),
+        }
+    }
+}
+
+/// A configuration problem, naming the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file, environment or flags could not be parsed into the tree.
+    #[error("{0}")]
+    Parse(#[from] Box<figment::Error>),
+    /// The TLS certificate or key could not be loaded.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+    /// A value parsed but is not usable.
+    #[error("invalid value for `{key}`: {reason}")]
+    Invalid {
+        /// Dotted key, e.g. `session.max_message_size`.
+        key: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+}

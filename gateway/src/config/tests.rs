@@ -1,0 +1,138 @@
+//! Tests of loading: sources, precedence, errors, the example file.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use figment::providers::{Format, Serialized, Toml};
+use figment::Figment;
+use protocol::Framing;
+
+use super::*;
+use crate::config::size::parse_size;
+use crate::config::ByteSize;
+
+fn base() -> Overrides {
+    let mut o = Overrides::default();
+    o.listen.ws = vec!["127.0.0.1:0".parse().unwrap()];
+    o.backend.endpoints = vec!["127.0.0.1:9000".to_owned()];
+    o
+}
+
+#[test]
+fn sizes_parse() {
+    assert_eq!(parse_size("65536").unwrap(), 65536);
+    assert_eq!(parse_size("64KiB").unwrap(), 65536);
+    assert_eq!(parse_size("1 MiB").unwrap(), 1 << 20);
+    assert_eq!(parse_size("2MB").unwrap(), 2_000_000);
+    assert!(parse_size("12 parsecs").is_err());
+    assert!(parse_size("MiB").is_err());
+}
+
+#[test]
+fn flags_alone_are_enough() {
+    let c = Config::load(None, &base()).unwrap();
+    assert_eq!(c.backend.endpoints, vec!["127.0.0.1:9000"]);
+    assert_eq!(c.backend.links_per_endpoint, 2);
+}
+
+#[test]
+fn every_flag_lands_on_its_key() {
+    let mut o = base();
+    o.listen.wss = vec!["127.0.0.1:8443".parse().unwrap()];
+    o.tls.cert = Some("c.pem".into());
+    o.tls.key = Some("k.pem".into());
+    o.backend.links_per_endpoint = Some(5);
+    o.backend.framing = Some(Framing::U32Be);
+    o.admin.listen = Some("127.0.0.1:9999".parse().unwrap());
+    let c = Config::load(None, &o).unwrap();
+    assert_eq!(c.listen.ws, o.listen.ws);
+    assert_eq!(c.listen.wss, o.listen.wss);
+    assert_eq!(c.tls.cert.as_deref(), Some(std::path::Path::new("c.pem")));
+    assert_eq!(c.tls.key.as_deref(), Some(std::path::Path::new("k.pem")));
+    assert_eq!(c.backend.endpoints, vec!["127.0.0.1:9000"]);
+    assert_eq!(c.backend.links_per_endpoint, 5);
+    assert_eq!(c.backend.framing, Framing::U32Be);
+    assert_eq!(c.admin.listen, o.admin.listen);
+    // Flags not given leave the defaults alone.
+    assert_eq!(c.listen.paths, vec!["/ws"]);
+}
+
+#[test]
+fn set_overrides_any_key() {
+    let mut o = base();
+    o.set = vec![
+        ("session.max_message_size".into(), "\"64KiB\"".into()),
+        ("session.ping_interval".into(), "\"5s\"".into()),
+        ("backend.links_per_endpoint".into(), "3".into()),
+    ];
+    let c = Config::load(None, &o).unwrap();
+    assert_eq!(c.session.max_message_size, ByteSize(65536));
+    assert_eq!(c.session.ping_interval, Duration::from_secs(5));
+    assert_eq!(c.backend.links_per_endpoint, 3);
+}
+
+#[test]
+fn errors_name_the_key() {
+    let mut o = base();
+    o.set = vec![("session.max_message_size".into(), "\"lots\"".into())];
+    let e = Config::load(None, &o).unwrap_err().to_string();
+    assert!(e.contains("max_message_size"), "{e}");
+
+    let mut o = base();
+    o.backend.endpoints.clear();
+    let e = Config::load(None, &o).unwrap_err().to_string();
+    assert!(e.contains("backend.endpoints"), "{e}");
+
+    let mut o = base();
+    o.set = vec![("session.bogus_key".into(), "1".into())];
+    let e = Config::load(None, &o).unwrap_err().to_string();
+    assert!(e.contains("bogus_key"), "{e}");
+
+    let mut o = base();
+    o.listen.wss = vec!["127.0.0.1:0".parse().unwrap()];
+    let e = Config::load(None, &o).unwrap_err().to_string();
+    assert!(e.contains("tls.cert"), "{e}");
+}
+
+#[test]
+fn example_file_is_valid_and_complete() {
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/gateway.example.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    // Parses with every section present and no unknown key.
+    let fig = Figment::from(Serialized::defaults(Config::default())).merge(Toml::string(&text));
+    let c: Config = fig.extract().unwrap();
+    c.validate().unwrap();
+    // Every key of the tree appears in the example file.
+    let tree = serde_json_keys(&Config::default());
+    for key in tree {
+        let leaf = key.rsplit('.').next().unwrap();
+        assert!(
+            text.contains(&format!("{leaf} =")) || text.contains(&format!("# {leaf} =")),
+            "{key} is not documented in the example file"
+        );
+    }
+}
+
+fn serde_json_keys(c: &Config) -> Vec<String> {
+    let v = figment::value::Value::serialize(c).unwrap();
+    let mut out = Vec::new();
+    fn walk(prefix: &str, v: &figment::value::Value, out: &mut Vec<String>) {
+        if let Some(d) = v.as_dict() {
+            for (k, v) in d {
+                let key = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                if v.as_dict().is_some() {
+                    walk(&key, v, out);
+                } else {
+                    out.push(key);
+                }
+            }
+        }
+    }
+    walk("", &v, &mut out);
+    out
+}

@@ -1,0 +1,168 @@
+//! Every way a client is refused before a session begins, in one table:
+//! the HTTP status, the `gateway_sessions_refused_total` reason label and
+//! the body. Resume refusals (HTTP 410) have their own table.
+
+use std::borrow::Cow;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::header::{self, HeaderValue};
+use hyper::{Response, StatusCode};
+
+/// Response body type for every answer the gateway gives.
+pub(crate) type Body = Full<Bytes>;
+
+/// Why a connection or upgrade request got no session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    /// The TLS handshake failed.
+    TlsError,
+    /// The TLS handshake did not finish within `listen.tls_handshake_timeout`.
+    TlsTimeout,
+    /// The request did not arrive within `listen.http_header_timeout`.
+    HttpTimeout,
+    /// The request target is longer than the gateway forwards (414).
+    TargetTooLong,
+    /// No WebSocket endpoint at this path (404).
+    NotFound,
+    /// Not a GET (405).
+    MethodNotAllowed,
+    /// A GET without the upgrade (426).
+    NotUpgrade,
+    /// An upgrade fastwebsockets rejects (400).
+    BadUpgrade(String),
+    /// An invalid resume header (400).
+    BadResume(&'static str),
+    /// No acceptable subprotocol while one is required (400).
+    NoSubprotocol,
+    /// The gateway is draining (503).
+    ShuttingDown,
+    /// At `listen.max_sessions` (503).
+    AtCapacity,
+    /// No backend link is up (503).
+    NoBackend,
+}
+
+impl Refusal {
+    /// The HTTP status; `None` when the connection ends without an answer.
+    pub(crate) fn status(&self) -> Option<StatusCode> {
+        Some(match self {
+            Self::TlsError | Self::TlsTimeout | Self::HttpTimeout => return None,
+            Self::TargetTooLong => StatusCode::URI_TOO_LONG,
+            Self::NotFound => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::NotUpgrade => StatusCode::UPGRADE_REQUIRED,
+            Self::BadUpgrade(_) | Self::BadResume(_) | Self::NoSubprotocol => {
+                StatusCode::BAD_REQUEST
+            }
+            Self::ShuttingDown | Self::AtCapacity | Self::NoBackend => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+        })
+    }
+
+    /// The `reason` label of `gateway_sessions_refused_total`.
+    pub(crate) fn label(&self) -> &'static str {
+        match self {
+            Self::TlsError => "tls_error",
+            Self::TlsTimeout => "tls_timeout",
+            Self::HttpTimeout => "http_timeout",
+            Self::TargetTooLong
+            | Self::MethodNotAllowed
+            | Self::BadUpgrade(_)
+            | Self::BadResume(_)
+            | Self::NoSubprotocol => "bad_request",
+            Self::NotFound => "not_found",
+            Self::NotUpgrade => "not_upgrade",
+            Self::ShuttingDown => "shutting_down",
+            Self::AtCapacity => "at_capacity",
+            Self::NoBackend => "no_backend",
+        }
+    }
+
+    /// The plain-text body.
+    fn body(&self) -> Cow<'static, str> {
+        match self {
+            Self::TlsError | Self::TlsTimeout | Self::HttpTimeout => "".into(),
+            Self::TargetTooLong => "request target too long\n".into(),
+            Self::NotFound => "no WebSocket endpoint at this path\n".into(),
+            Self::MethodNotAllowed => "use GET with a WebSocket upgrade\n".into(),
+            Self::NotUpgrade => "this endpoint speaks WebSocket only\n".into(),
+            Self::BadUpgrade(e) => format!("invalid WebSocket upgrade: {e}\n").into(),
+            Self::BadResume(why) => (*why).into(),
+            Self::NoSubprotocol => "no acceptable subprotocol (Sec-WebSocket-Protocol)\n".into(),
+            Self::ShuttingDown => "gateway shutting down\n".into(),
+            Self::AtCapacity => "gateway at its session limit\n".into(),
+            Self::NoBackend => "no backend link available\n".into(),
+        }
+    }
+
+    /// The answer to send.
+    pub(crate) fn response(&self) -> Response<Body> {
+        let status = self.status().unwrap_or(StatusCode::BAD_REQUEST);
+        let mut resp = plain(status, &self.body());
+        let headers = resp.headers_mut();
+        if *self == Self::NotUpgrade {
+            // A plain HTTP request: say what to do instead.
+            headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        } else {
+            // A refused upgrade leaves the connection in an unknown state.
+            headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        resp
+    }
+}
+
+/// Why a resume got HTTP 410 ("session lost: start a new one and resync").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ResumeRefusal {
+    /// `resume.enabled` is false.
+    Disabled,
+    /// No session holds the credential (expired, ended, or never issued).
+    Unknown,
+    /// Messages the client missed are no longer buffered.
+    Gap,
+    /// The client claims more messages than were ever sent.
+    BadPosition,
+    /// The credential was replaced by another resume meanwhile.
+    Stale,
+    /// The session did not take the request within
+    /// `resume.handoff_timeout`.
+    SessionBusy,
+}
+
+impl ResumeRefusal {
+    /// The `reason` label of `gateway_resumes_refused_total`.
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            Self::Disabled => "disabled",
+            Self::Unknown => "unknown",
+            Self::Gap => "gap",
+            Self::BadPosition => "bad_position",
+            Self::Stale => "stale",
+            Self::SessionBusy => "session_busy",
+        }
+    }
+
+    /// The answer to send.
+    pub(crate) fn response(self) -> Response<Body> {
+        let mut r = plain(StatusCode::GONE, "session lost: start a new session\n");
+        r.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        r
+    }
+}
+
+fn plain(status: StatusCode, text: &str) -> Response<Body> {
+    let mut resp = Response::new(Body::new(Bytes::copy_from_slice(text.as_bytes())));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}

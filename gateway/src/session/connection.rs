@@ -1,0 +1,120 @@
+//! One client connection of a session: the WebSocket halves, what the
+//! event loop tracks about the client, and the frame reader.
+//!
+//! fastwebsockets' `read_frame` is not cancel-safe, so the read future owns
+//! the read half and is kept across loop iterations (`read.set(..)` starts
+//! the next read only after one completed); it is never dropped midway
+//! except when the connection is torn down.
+
+use std::time::Duration;
+
+use bytes::BytesMut;
+use fastwebsockets::{
+    Frame as WsFrame, OpCode, Payload, Role, WebSocketError, WebSocketRead, WebSocketWrite,
+};
+use tokio::io::{AsyncReadExt, ReadHalf, WriteHalf};
+use tokio::time::Instant;
+
+use super::assemble::Assembler;
+use super::Io;
+
+pub(super) type Reader<'a> = WebSocketRead<&'a mut ReadHalf<Io>>;
+pub(super) type Writer = WebSocketWrite<WriteHalf<Io>>;
+
+/// One complete frame from the client, with its payload owned.
+pub(super) struct ClientFrame {
+    pub(super) fin: bool,
+    pub(super) opcode: OpCode,
+    pub(super) payload: BytesMut,
+}
+
+/// The per-connection state of the event loop.
+pub(super) struct Connection {
+    pub(super) writer: Writer,
+    pub(super) assembler: Assembler,
+    /// False once nothing more can be read (the client closed, or its
+    /// stream failed).
+    pub(super) reading: bool,
+    /// When the client last showed a sign of life.
+    pub(super) last_heard: Instant,
+    /// A ping is out and unanswered.
+    pub(super) ping_sent: bool,
+}
+
+pub(super) async fn read_frame(
+    mut reader: Reader<'_>,
+) -> (Reader<'_>, Result<ClientFrame, WebSocketError>) {
+    // With auto-close and auto-pong off, fastwebsockets never asks us to
+    // send anything from inside `read_frame`.
+    let res = reader
+        .read_frame(&mut |_| async { Ok::<(), WebSocketError>(()) })
+        .await
+        .map(|f| ClientFrame {
+            fin: f.fin,
+            opcode: f.opcode,
+            payload: match f.payload {
+                Payload::Bytes(b) => b,
+                other => BytesMut::from(&other[..]),
+            },
+        });
+    (reader, res)
+}
+
+impl Connection {
+    /// Splits an upgraded connection: the frame reader (borrowing the raw
+    /// read half, which stays the caller's for lingering) and the rest.
+    pub(super) fn new<'r>(
+        raw_read: &'r mut ReadHalf<Io>,
+        raw_write: WriteHalf<Io>,
+        max_message: usize,
+    ) -> (Reader<'r>, Self) {
+        let (mut reader, mut writer) =
+            fastwebsockets::after_handshake_split(raw_read, raw_write, Role::Server);
+        // The gateway answers pings and closes itself: it must see them to
+        // keep liveness and to map closes through its table.
+        reader.set_auto_close(false);
+        reader.set_auto_pong(false);
+        // fastwebsockets refuses frames of `>= limit` bytes.
+        reader.set_max_message_size(max_message.saturating_add(1));
+        writer.set_auto_apply_mask(false);
+        let conn = Self {
+            writer,
+            assembler: Assembler::default(),
+            reading: true,
+            last_heard: Instant::now(),
+            ping_sent: false,
+        };
+        (reader, conn)
+    }
+
+    /// Writes one frame and flushes, within `limit`.
+    pub(super) async fn write_flush(
+        &mut self,
+        frame: WsFrame<'_>,
+        limit: Duration,
+    ) -> Result<(), Option<WebSocketError>> {
+        let write = async {
+            self.writer.write_frame(frame).await?;
+            self.writer.flush().await
+        };
+        match Box::pin(tokio::time::timeout(limit, write)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(Some(e)),
+            Err(_) => Err(None),
+        }
+    }
+}
+
+/// Reads and discards what the client still sends, until it closes or
+/// `limit` passes; memory use is one small buffer.
+pub(super) async fn linger(rd: &mut ReadHalf<Io>, limit: Duration) {
+    let mut sink = [0u8; 4096];
+    let drain = async {
+        while let Ok(n) = rd.read(&mut sink).await {
+            if n == 0 {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(limit, drain).await;
+}
