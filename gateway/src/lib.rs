@@ -168,6 +168,19 @@ impl Gateway {
         self.shared.pool.links_up()
     }
 
+    /// A client connection over an in-memory stream of `buffer` bytes each
+    /// way instead of a socket: the gateway serves the returned stream's
+    /// other end as it would an accepted plain ws connection from `peer`.
+    /// For tests that need to control exactly what the client's network
+    /// does (stall, fall silent).
+    #[doc(hidden)]
+    pub fn connect_in_memory(&self, peer: SocketAddr, buffer: usize) -> tokio::io::DuplexStream {
+        let (client, server) = tokio::io::duplex(buffer);
+        let task = listener::serve_http(server, peer, self.shared.clone());
+        self.shared.shutdown.spawn_session(task);
+        client
+    }
+
     /// Runs until `signal` completes, then drains: stop accepting, close
     /// every session with 1001 (telling the backend), wait for them up to
     /// `shutdown.drain_timeout`, then close the links after they have sent

@@ -82,7 +82,7 @@ async fn connection(
 /// that time, and it also ends any keep-alive connection after a plain HTTP
 /// answer. (Keep-alive itself stays on: hyper would otherwise answer the
 /// upgrade with `Connection: close`, which clients reject.)
-async fn serve_http<S>(stream: S, peer: SocketAddr, shared: Arc<Shared>)
+pub(crate) async fn serve_http<S>(stream: S, peer: SocketAddr, shared: Arc<Shared>)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {

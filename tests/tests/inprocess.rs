@@ -12,10 +12,13 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use bytes::Bytes;
 use gateway::config::Overrides;
 use gateway::{Config, Gateway};
 use gateway_tests::client::{self, Client, Connect, Msg};
 use gateway_tests::{Event, TestBackend};
+use http_body_util::Empty;
+use loadtest::run::conn::{upgrade_request, SpawnExecutor};
 use protocol::Framing;
 use tokio::time::Instant;
 
@@ -38,6 +41,52 @@ async fn start(config: Config) -> (Gateway, SocketAddr) {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     (gw, ws)
+}
+
+/// A client over an in-memory stream of `buffer` bytes each way, asking for
+/// `headers`: the WebSocket and the values of the 101's resume headers.
+async fn connect_in_memory(
+    gw: &Gateway,
+    buffer: usize,
+    headers: &[(&str, String)],
+) -> (Client, String, u64) {
+    let stream = gw.connect_in_memory("10.9.8.7:4321".parse().unwrap(), buffer);
+    let mut req = upgrade_request("http://localhost/ws", "localhost");
+    for (k, v) in headers {
+        req = req.header(*k, v);
+    }
+    let req = req.body(Empty::<Bytes>::new()).unwrap();
+    let (ws, resp) = fastwebsockets::handshake::client(&SpawnExecutor, req, stream)
+        .await
+        .unwrap();
+    let header = |name: &str| {
+        resp.headers()
+            .get(name)
+            .map(|v| v.to_str().unwrap().to_owned())
+            .unwrap_or_default()
+    };
+    let received = header("x-wsgw-received").parse().unwrap_or(0);
+    (Client::from_ws(ws), header("x-wsgw-resume"), received)
+}
+
+/// The next `Detached` event of `session`: its reason.
+async fn detached(backend: &mut TestBackend, session: u64) -> String {
+    backend
+        .wait_for(|e| match e {
+            Event::Detached { session: s, reason } if *s == session => Some(reason.clone()),
+            _ => None,
+        })
+        .await
+}
+
+/// Whether the backend has seen `session` detach, without waiting.
+fn detached_seen(backend: &mut TestBackend, session: u64) -> bool {
+    while let Ok(e) = backend.events.try_recv() {
+        if matches!(e, Event::Detached { session: s, .. } if s == session) {
+            return true;
+        }
+    }
+    false
 }
 
 /// The close the backend received for `session`, if any, without waiting.
@@ -182,4 +231,68 @@ async fn shutdown_closes_clients_with_1001_and_tells_the_backend() {
     );
     let (code, _) = backend.wait_close(s).await;
     assert_eq!(code, 1001);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_resumable_client_that_falls_silent_detaches_at_the_ping_timeout() {
+    let mut backend = TestBackend::start(Framing::Varint, true).await;
+    let (gw, _) = start(config(backend.addr)).await;
+    let new = [("X-Wsgw-Resume", "new".to_owned())];
+    // The phone enters a tunnel: its connection neither closes nor answers.
+    let (_silent, token, _) = connect_in_memory(&gw, 64 * 1024, &new).await;
+    assert_eq!(token.len(), 32);
+    let (s, open) = backend.next_open().await;
+    assert_eq!(open.remote_addr, "10.9.8.7:4321");
+
+    tokio::time::sleep(Duration::from_millis(39_900)).await;
+    assert!(!detached_seen(&mut backend, s), "detached too early");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(detached(&mut backend, s).await, "client ping timeout");
+    assert_eq!(close_seen(&mut backend, s), None, "detached, not closed");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_resumable_client_whose_writes_stall_detaches_and_resumes_with_everything() {
+    let mut backend = TestBackend::start(Framing::Varint, false).await;
+    let c = config(backend.addr);
+    assert_eq!(c.session.write_timeout, Duration::from_secs(20));
+    let (gw, _) = start(c).await;
+    let new = [("X-Wsgw-Resume", "new".to_owned())];
+    // A 4 KiB network: the client stops reading, so writes stall at once.
+    let (_stalled, token, _) = connect_in_memory(&gw, 4096, &new).await;
+    let (s, _) = backend.next_open().await;
+    const N: usize = 20;
+    for i in 0..N {
+        let mut m = vec![0u8; 1024];
+        m[..8].copy_from_slice(&(i as u64).to_be_bytes());
+        backend.push(s, &m, false);
+    }
+    tokio::time::sleep(Duration::from_millis(19_900)).await;
+    assert!(!detached_seen(&mut backend, s), "detached too early");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    detached(&mut backend, s).await;
+
+    // The client comes back having received nothing: it gets everything.
+    let resume = [
+        ("X-Wsgw-Resume", token),
+        ("X-Wsgw-Received", "0".to_owned()),
+    ];
+    let (mut client, next_token, received) = connect_in_memory(&gw, 64 * 1024, &resume).await;
+    assert_eq!(next_token.len(), 32);
+    assert_eq!(received, 0);
+    for i in 0..N {
+        match client.recv().await {
+            Some(Msg::Binary(m)) => {
+                assert_eq!(u64::from_be_bytes(m[..8].try_into().unwrap()), i as u64)
+            }
+            other => panic!("message {i}: {other:?}"),
+        }
+    }
+    let replayed = backend
+        .wait_for(|e| match e {
+            Event::Attached { session, replayed } if *session == s => Some(*replayed),
+            _ => None,
+        })
+        .await;
+    assert_eq!(replayed, N as u64);
 }
