@@ -5,32 +5,30 @@
 use std::borrow::Cow;
 
 /// Close codes used by the gateway itself (RFC 6455 section 7.4.1).
-pub mod code {
-    /// Normal closure.
-    pub const NORMAL: u16 = 1000;
+pub(crate) mod code {
     /// Going away: the gateway is shutting down; reconnect at once.
-    pub const GOING_AWAY: u16 = 1001;
+    pub(crate) const GOING_AWAY: u16 = 1001;
     /// The client broke the WebSocket protocol.
-    pub const PROTOCOL_ERROR: u16 = 1002;
+    pub(crate) const PROTOCOL_ERROR: u16 = 1002;
     /// Never on the wire: the peer closed without a code.
-    pub const NO_STATUS: u16 = 1005;
+    pub(crate) const NO_STATUS: u16 = 1005;
     /// Never on the wire: the connection was lost without a close frame.
-    pub const ABNORMAL: u16 = 1006;
+    pub(crate) const ABNORMAL: u16 = 1006;
     /// Invalid UTF-8 in a text message.
-    pub const INVALID_PAYLOAD: u16 = 1007;
+    pub(crate) const INVALID_PAYLOAD: u16 = 1007;
     /// Policy violation; the gateway uses it for slow consumers.
-    pub const POLICY: u16 = 1008;
+    pub(crate) const POLICY: u16 = 1008;
     /// Message larger than `session.max_message_size`.
-    pub const TOO_BIG: u16 = 1009;
+    pub(crate) const TOO_BIG: u16 = 1009;
     /// Internal error: the backend sent something invalid for the session.
-    pub const INTERNAL: u16 = 1011;
+    pub(crate) const INTERNAL: u16 = 1011;
     /// Service restart: the backend link was lost; reconnect with backoff.
-    pub const RECONNECT: u16 = 1012;
+    pub(crate) const RECONNECT: u16 = 1012;
 }
 
 /// Why a session ended. Exhaustive: every path that ends a session picks one.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum CloseReason {
+pub(crate) enum CloseReason {
     /// The client sent a close frame (`code` is 1005 if it gave none).
     ClientClosed {
         /// The client's code.
@@ -75,16 +73,16 @@ pub enum CloseReason {
 
 /// What the client is sent, if anything.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ClientClose {
+pub(crate) struct ClientClose {
     /// WebSocket close code.
-    pub code: u16,
+    pub(crate) code: u16,
     /// Reason, at most 123 bytes.
-    pub reason: String,
+    pub(crate) reason: String,
 }
 
 /// Who ended the session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Side {
+pub(crate) enum Side {
     /// The client (or its network).
     Client,
     /// The backend.
@@ -228,13 +226,13 @@ impl CloseReason {
     }
 
     /// Who ended the session.
-    pub fn side(&self) -> Side {
+    pub(crate) fn side(&self) -> Side {
         self.row().side
     }
 
     /// The close frame for the client; `None` when the client is gone or
     /// closed first (its close is echoed by the session, not decided here).
-    pub fn to_client(&self) -> Option<ClientClose> {
+    pub(crate) fn to_client(&self) -> Option<ClientClose> {
         self.row().client.map(|(code, reason)| ClientClose {
             code,
             reason: truncate_reason(&reason).to_owned(),
@@ -243,7 +241,7 @@ impl CloseReason {
 
     /// The `SessionClose` for the backend; `None` when the backend closed
     /// first or the link is gone.
-    pub fn to_backend(&self) -> Option<(u16, String)> {
+    pub(crate) fn to_backend(&self) -> Option<(u16, String)> {
         let row = self.row();
         match row.backend {
             Backend::None => None,
@@ -255,19 +253,19 @@ impl CloseReason {
     }
 
     /// Label for the `sessions_closed` metric.
-    pub fn label(&self) -> &'static str {
+    pub(crate) fn label(&self) -> &'static str {
         self.row().label
     }
 
     /// The client's connection was lost without a close: a resumable
     /// session detaches instead of ending.
-    pub fn is_connection_loss(&self) -> bool {
+    pub(crate) fn is_connection_loss(&self) -> bool {
         matches!(self, Self::ClientLost | Self::ClientTimeout)
     }
 
     /// Whether this end deserves operator attention (logged at warn) or is
     /// ordinary client churn (logged at debug).
-    pub fn is_notable(&self) -> bool {
+    pub(crate) fn is_notable(&self) -> bool {
         self.row().notable
     }
 }
@@ -278,13 +276,13 @@ fn backend_code_allowed(code: u16) -> bool {
 }
 
 /// Codes a client may send (RFC 6455 7.4.1 and the IANA registry).
-pub fn client_code_allowed(code: u16) -> bool {
+pub(crate) fn client_code_allowed(code: u16) -> bool {
     matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
 }
 
 /// Cuts a close reason to the 123 bytes a control frame allows, at a
 /// character boundary.
-pub fn truncate_reason(reason: &str) -> &str {
+pub(crate) fn truncate_reason(reason: &str) -> &str {
     const MAX: usize = 123;
     if reason.len() <= MAX {
         return reason;

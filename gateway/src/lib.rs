@@ -25,7 +25,7 @@
 //!
 //! Connection phases have their own types: `TcpStream` -> `TlsStream` ->
 //! `WebSocket` -> `Session`. Every way a session ends maps through
-//! [`close::CloseReason`] to a close code, a backend `SessionClose`, a
+//! `close::CloseReason` to a close code, a backend `SessionClose`, a
 //! metric label and a log level.
 //!
 //! Around the path: `config.rs` (the configuration file, environment and
@@ -37,7 +37,7 @@
 
 mod admin;
 mod backend;
-pub mod close;
+mod close;
 pub mod config;
 mod listener;
 mod metrics;

@@ -82,14 +82,14 @@ class Proc:
             self.p.kill()
 
 
-class Bridge:
+class Bridge(Proc):
     """A peer that prints nothing useful on stdout: wait for its port."""
 
     def __init__(self, args: list[str], port: int, name: str, out: Path):
+        import socket
         self.name = name
         self.log = open(out / f"{name}.log", "w")
         self.p = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT)
-        import socket
         deadline = time.time() + 20
         while True:
             try:
@@ -99,13 +99,6 @@ class Bridge:
                 if time.time() > deadline:
                     raise SystemExit(f"{name} did not start; see {out / (name + '.log')}")
                 time.sleep(0.1)
-
-    def stop(self):
-        self.p.terminate()
-        try:
-            self.p.wait(10)
-        except subprocess.TimeoutExpired:
-            self.p.kill()
 
 
 def free_port() -> int:
@@ -158,6 +151,8 @@ def main() -> int:
     ap.add_argument("--idle", type=int, default=18000, help="idle sessions (0 skips)")
     ap.add_argument("--idle-hold", default="60s")
     ap.add_argument("--quick", action="store_true", help="short runs, for a smoke test")
+    ap.add_argument("--ab", metavar="OLD_GATEWAY", help="compare this gateway binary with target/release/gateway "
+                    "(throughput, CPU per round trip, latency, idle memory) instead of the full report")
     a = ap.parse_args()
     if a.quick:
         a.rounds, a.duration, a.connections, a.idle, a.idle_hold = 1, "3s", 200, 500, "3s"
@@ -167,6 +162,8 @@ def main() -> int:
     subprocess.run([str(BIN / "loadtest"), "devcert", "--out", str(certs)], check=True, capture_output=True)
     ca = ["--ca", str(certs / "ca.pem")]
     tls = ["--tls-cert", str(certs / "cert.pem"), "--tls-key", str(certs / "key.pem")]
+    if a.ab:
+        return ab(a, Path(a.ab).resolve(), out, ca, tls)
     results: dict = {"machine": machine(), "settings": vars(a)}
     procs: list = []
     try:
@@ -246,34 +243,9 @@ def main() -> int:
         procs.clear()
 
         if a.idle:
-            backend = Proc([str(BIN / "loadtest"), "backend", "--listen", "127.0.0.1:0"], 1, "backend-idle", out)
-            procs.append(backend)
-            gw3 = Proc([str(BIN / "gateway"), "--listen-tls", "127.0.0.1:0", *tls, "--backend", backend.addrs[0],
-                        "--links", "4", "--set", f"listen.max_sessions={a.idle + 100}"], 1, "gateway-idle", out)
-            procs.append(gw3)
-            time.sleep(1)
-            rss0 = gw3.rss_kib()
-            sources = max(1, (a.idle + 9999) // 10000)
-            cmd = [str(BIN / "loadtest"), "run", "--json", "--url", f"wss://localhost:{gw3.addrs[0].split(':')[1]}/ws",
-                   *ca, "--scenario", "idle", "-c", str(a.idle), "--sources", str(sources), "-d", a.idle_hold,
-                   "--ramp", "3000", "--timeout", "30s"]
-            p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            peak = rss0
-            while p.poll() is None:
-                peak = max(peak, gw3.rss_kib())
-                time.sleep(0.5)
-            stdout, stderr = p.communicate()
-            try:
-                idle = json.loads(stdout.strip().splitlines()[-1])
-            except (ValueError, IndexError):
-                idle = {"error": stderr[-500:]}
-            idle["cmd"] = " ".join(cmd[1:])
-            idle["rss_before_kib"] = rss0
-            idle["rss_peak_kib"] = peak
-            idle["rss_per_session_kib"] = (peak - rss0) / max(idle.get("connections_ok", 1), 1)
-            results["idle"] = idle
-            print(f"idle: {idle.get('connections_ok')} sessions, {idle['rss_per_session_kib']:.1f} KiB each",
-                  file=sys.stderr)
+            results["idle"] = idle_capacity(BIN / "gateway", a.idle, a.idle_hold, out, ca, tls, "idle")
+            print(f"idle: {results['idle'].get('connections_ok')} sessions, "
+                  f"{results['idle']['rss_per_session_kib']:.1f} KiB each", file=sys.stderr)
     finally:
         for p in procs:
             p.stop()
@@ -281,6 +253,108 @@ def main() -> int:
     (out / "results.json").write_text(json.dumps(results, indent=2))
     report = render(results)
     (out / "results.md").write_text(report)
+    print(report)
+    return 0
+
+
+def idle_capacity(gateway: Path, n: int, hold: str, out: Path, ca: list, tls: list, name: str) -> dict:
+    """Holds `n` idle wss sessions on `gateway` (4 links) for `hold` while it
+    pings them, then one round trip each; RSS growth per session."""
+    procs = []
+    try:
+        backend = Proc([str(BIN / "loadtest"), "backend", "--listen", "127.0.0.1:0"], 1, f"backend-{name}", out)
+        procs.append(backend)
+        gw = Proc([str(gateway), "--listen-tls", "127.0.0.1:0", *tls, "--backend", backend.addrs[0],
+                   "--links", "4", "--set", f"listen.max_sessions={n + 100}"], 1, f"gateway-{name}", out)
+        procs.append(gw)
+        time.sleep(1)
+        rss0 = gw.rss_kib()
+        sources = max(1, (n + 9999) // 10000)
+        cmd = [str(BIN / "loadtest"), "run", "--json", "--url", f"wss://localhost:{gw.addrs[0].split(':')[1]}/ws",
+               *ca, "--scenario", "idle", "-c", str(n), "--sources", str(sources), "-d", hold,
+               "--ramp", "3000", "--timeout", "30s"]
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        peak = rss0
+        while p.poll() is None:
+            peak = max(peak, gw.rss_kib())
+            time.sleep(0.5)
+        stdout, stderr = p.communicate()
+        try:
+            idle = json.loads(stdout.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            idle = {"error": stderr[-500:]}
+        idle["cmd"] = " ".join(cmd[1:])
+        idle["rss_before_kib"] = rss0
+        idle["rss_peak_kib"] = peak
+        idle["rss_per_session_kib"] = (peak - rss0) / max(idle.get("connections_ok", 1), 1)
+        return idle
+    finally:
+        for p in procs:
+            p.stop()
+
+
+def ab(a, old: Path, out: Path, ca: list, tls: list) -> int:
+    """Two gateway binaries side by side: throughput and CPU per round trip
+    (wss, ws), open-loop latency, and idle memory per session, interleaved
+    (A B, then B A, ...) so that the machine's drift hits both alike."""
+    bins = {"old": old, "new": BIN / "gateway"}
+    procs: list = []
+    runs: dict = {f"{k} {proto}": [] for k in bins for proto in ("wss", "ws", "latency")}
+    try:
+        backend = Proc([str(BIN / "loadtest"), "backend", "--listen", "127.0.0.1:0"], 1, "backend-ab", out)
+        procs.append(backend)
+        gws = {}
+        for k, b in bins.items():
+            gws[k] = Proc([str(b), "--listen", "127.0.0.1:0", "--listen-tls", "127.0.0.1:0", *tls,
+                           "--admin", "127.0.0.1:0", "--backend", backend.addrs[0], "--links", "2"], 3, f"gateway-{k}", out)
+            procs.append(gws[k])
+        common = ["-c", str(a.connections), "--size", "64", "-d", a.duration]
+        for rnd in range(a.rounds):
+            order = list(bins) if rnd % 2 == 0 else list(reversed(bins))
+            for k in order:
+                gw = gws[k]
+                ws, wss, _ = gw.addrs
+                url = {"wss": ["--url", f"wss://localhost:{wss.split(':')[1]}/ws", *ca], "ws": ["--url", f"ws://{ws}/ws"]}
+                for proto in ("wss", "ws"):
+                    c0 = gw.cpu_s()
+                    r = loadtest([*url[proto], *common, "--in-flight", "1"])
+                    r["gateway_cpu_us_per_rt"] = (gw.cpu_s() - c0) * 1e6 / max(r.get("messages", 0), 1)
+                    runs[f"{k} {proto}"].append(r)
+                    print(f"round {rnd + 1} {k} {proto}: {r.get('msgs_per_s', r.get('error'))}", file=sys.stderr)
+                r = loadtest([*url["wss"], *common, "--rate", "10000"])
+                runs[f"{k} latency"].append(r)
+                print(f"round {rnd + 1} {k} latency p99: {r.get('p99_us')}", file=sys.stderr)
+    finally:
+        for p in procs:
+            p.stop()
+    idle = {}
+    if a.idle:
+        for k in ("old", "new"):
+            idle[k] = idle_capacity(bins[k], a.idle, a.idle_hold, out, ca, tls, f"idle-{k}")
+            print(f"idle {k}: {idle[k]['rss_per_session_kib']:.1f} KiB each", file=sys.stderr)
+    (out / "ab.json").write_text(json.dumps({"runs": runs, "idle": idle, "old": str(old)}, indent=2))
+    m = machine()
+    row = lambda name, key, digits=0: (
+        name, med([x.get(key) for x in runs[f"old {name.split()[0]}"]]),
+        med([x.get(key) for x in runs[f"new {name.split()[0]}"]]), digits)
+    rows = [row("wss round trips/s", "msgs_per_s"), row("ws round trips/s", "msgs_per_s"),
+            row("wss CPU µs per round trip", "gateway_cpu_us_per_rt", 2),
+            row("ws CPU µs per round trip", "gateway_cpu_us_per_rt", 2),
+            row("latency p50 µs", "p50_us"), row("latency p99 µs", "p99_us")]
+    if idle:
+        rows.append((f"idle wss KiB per session ({a.idle:,})", idle["old"]["rss_per_session_kib"],
+                     idle["new"]["rss_per_session_kib"], 1))
+    lines = [f"Machine: {m['cpu']}, {m['cores']} cores, Linux {m['kernel']}; {m['date']}.",
+             f"old = {old}, new = {BIN / 'gateway'}; medians of {a.rounds} interleaved rounds, "
+             f"{a.connections} connections, {a.duration} each; latency: open loop at 10,000 msg/s over wss.", "",
+             "| measure | old | new | new / old |", "|---|---:|---:|---:|"]
+    for name, o, n, d in rows:
+        ratio = fmt(n / o, 2) if o and n else "–"
+        lines.append(f"| {name} | {fmt(o, d)} | {fmt(n, d)} | {ratio} |")
+    errs = {k: sum(sum(x.get("errors", {}).values()) for x in v) for k, v in runs.items()}
+    lines += ["", f"Errors per target (all rounds): {errs}.", ""]
+    report = "\n".join(lines)
+    (out / "ab.md").write_text(report)
     print(report)
     return 0
 

@@ -88,34 +88,16 @@ impl LinkStream for tokio::io::DuplexStream {
 /// The task that owns one link's socket after its handshake.
 #[must_use = "a link carries nothing until its driver runs"]
 pub(crate) struct LinkDriver<S> {
-    stream: S,
-    leftover: BytesMut,
-    queues: DriverQueues,
-    settings: LinkSettings,
-    metrics: Arc<Metrics>,
-    handle: LinkHandle,
+    pub(super) stream: S,
+    /// Bytes read past the handshake; they are the reader's.
+    pub(super) leftover: BytesMut,
+    pub(super) queues: DriverQueues,
+    pub(super) settings: LinkSettings,
+    pub(super) metrics: Arc<Metrics>,
+    pub(super) handle: LinkHandle,
 }
 
 impl<S: LinkStream> LinkDriver<S> {
-    /// A driver for `stream`, with `leftover` bytes read past the handshake.
-    pub(crate) fn new(
-        stream: S,
-        leftover: BytesMut,
-        queues: DriverQueues,
-        settings: LinkSettings,
-        metrics: Arc<Metrics>,
-        handle: LinkHandle,
-    ) -> Self {
-        Self {
-            stream,
-            leftover,
-            queues,
-            settings,
-            metrics,
-            handle,
-        }
-    }
-
     /// Runs until the link fails or `shutdown` fires. On shutdown the writer
     /// first sends every frame already queued (the sessions' closes), then
     /// closes the connection.

@@ -29,14 +29,14 @@ fn driver() -> (LinkDriver<DuplexStream>, LinkHandle, DuplexStream) {
     let s = settings();
     let (handle, queues) = LinkHandle::new(0, 2, &s);
     let metrics = Arc::new(Metrics::new().unwrap());
-    let d = LinkDriver::new(
-        gateway_end,
-        BytesMut::new(),
+    let d = LinkDriver {
+        stream: gateway_end,
+        leftover: BytesMut::new(),
         queues,
-        s,
+        settings: s,
         metrics,
-        handle.clone(),
-    );
+        handle: handle.clone(),
+    };
     (d, handle, backend_end)
 }
 

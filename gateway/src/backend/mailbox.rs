@@ -280,27 +280,23 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn bytes_are_counted_until_the_session_takes_them() {
-        let (mut mb, route) = Mailbox::new(MailboxLimits {
-            messages: 10,
-            bytes: 100,
-        });
-        assert!(matches!(route.offer(data(60)), Offered::Queued));
-        assert!(matches!(route.offer(data(40)), Offered::Queued));
-        assert!(mb.queue.recv().await.is_some());
-        // Taken but not yet written: still counted.
-        assert!(matches!(route.offer(data(1)), Offered::Dropped));
-        let (mut mb, route) = Mailbox::new(MailboxLimits {
-            messages: 10,
-            bytes: 100,
-        });
-        assert!(matches!(route.offer(data(60)), Offered::Queued));
-        assert!(matches!(route.offer(data(40)), Offered::Queued));
-        assert!(mb.queue.recv().await.is_some());
-        mb.queue.written();
-        // 40 queued now: another 60 fits exactly, 61 would not.
-        assert!(matches!(route.offer(data(60)), Offered::Queued));
-        assert!(matches!(route.offer(data(1)), Offered::Dropped));
+    async fn bytes_are_counted_until_the_session_has_written_them() {
+        for written in [false, true] {
+            let (mut mb, route) = Mailbox::new(MailboxLimits {
+                messages: 10,
+                bytes: 100,
+            });
+            assert!(matches!(route.offer(data(60)), Offered::Queued));
+            assert!(matches!(route.offer(data(40)), Offered::Queued));
+            assert!(mb.queue.recv().await.is_some());
+            if written {
+                mb.queue.written();
+                // 40 queued now: another 60 fits exactly, 61 would not.
+                assert!(matches!(route.offer(data(60)), Offered::Queued));
+            }
+            // Taken but not yet written: still counted.
+            assert!(matches!(route.offer(data(1)), Offered::Dropped));
+        }
     }
 
     #[tokio::test]

@@ -160,14 +160,14 @@ async fn supervise(
                 set_current(&slot, Some(handle.clone()));
                 metrics.link_up(&slot.endpoint, 1);
                 info!(backend_id = hs.backend_id, version = hs.version, "link up");
-                let driver = LinkDriver::new(
+                let driver = LinkDriver {
                     stream,
-                    hs.leftover,
+                    leftover: hs.leftover,
                     queues,
-                    s.link.clone(),
-                    metrics.clone(),
+                    settings: s.link.clone(),
+                    metrics: metrics.clone(),
                     handle,
-                );
+                };
                 let end = driver.run(shutdown.clone()).await;
                 set_current(&slot, None);
                 metrics.link_up(&slot.endpoint, -1);

@@ -226,10 +226,11 @@ fn finish_unopened(shared: &Shared, id: SessionId, token: Option<&Token>, reason
 
 fn record_end(shared: &Shared, id: SessionId, reason: &CloseReason) {
     let label = reason.label();
+    let side = reason.side();
     shared.metrics.session_closed(reason);
     if reason.is_notable() {
-        warn!(session = id.0, reason = label, detail = ?reason, "session closed");
+        warn!(session = id.0, reason = label, ?side, detail = ?reason, "session closed");
     } else {
-        debug!(reason = label, detail = ?reason, "session closed");
+        debug!(reason = label, ?side, detail = ?reason, "session closed");
     }
 }
