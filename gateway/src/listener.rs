@@ -61,7 +61,15 @@ async fn connection(
     match tls {
         None => serve_http(tcp, peer, shared.clone()).await,
         Some(acceptor) => {
-            match tokio::time::timeout(listen.tls_handshake_timeout, acceptor.accept(tcp)).await {
+            let handshake =
+                tokio::time::timeout(listen.tls_handshake_timeout, acceptor.accept(tcp));
+            // A connection still in its handshake when the gateway drains
+            // never reaches a session: it must not hold the drain.
+            let handshake = tokio::select! {
+                r = handshake => r,
+                () = shared.shutdown.draining() => return,
+            };
+            match handshake {
                 Ok(Ok(stream)) => serve_http(stream, peer, shared.clone()).await,
                 Ok(Err(e)) => {
                     shared.metrics.session_refused(&Refusal::TlsError);
@@ -81,7 +89,10 @@ async fn connection(
 /// gateway answers every request at once, so only a slow client can use up
 /// that time, and it also ends any keep-alive connection after a plain HTTP
 /// answer. (Keep-alive itself stays on: hyper would otherwise answer the
-/// upgrade with `Connection: close`, which clients reject.)
+/// upgrade with `Connection: close`, which clients reject.) When the gateway
+/// drains, a connection waiting for its request is closed at once; one whose
+/// request is being answered finishes that answer (a 503, or the 101 of a
+/// session that then closes with 1001).
 pub(crate) async fn serve_http<S>(stream: S, peer: SocketAddr, shared: Arc<Shared>)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -98,12 +109,31 @@ where
         .max_buf_size(64 * 1024)
         .serve_connection(TokioIo::new(stream), service)
         .with_upgrades();
-    match tokio::time::timeout(timeout, conn).await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => debug!(%peer, error = %e, "HTTP connection error"),
-        Err(_) => {
-            shared.metrics.session_refused(&Refusal::HttpTimeout);
-            debug!(%peer, "HTTP request timed out");
+    let mut conn = std::pin::pin!(conn);
+    let mut deadline = std::pin::pin!(tokio::time::sleep(timeout));
+    let served = tokio::select! {
+        r = conn.as_mut() => Some(r),
+        () = &mut deadline => None,
+        () = shared.shutdown.draining() => {
+            // Ends an idle connection now, an answer in progress after it.
+            conn.as_mut().graceful_shutdown();
+            tokio::select! {
+                r = conn.as_mut() => Some(r),
+                () = &mut deadline => None,
+            }
         }
+    };
+    match served {
+        Some(Ok(())) => {}
+        // hyper's own header timeout (the same bound) may fire first.
+        Some(Err(e)) if e.is_timeout() => refused_slow(&shared, peer),
+        Some(Err(e)) => debug!(%peer, error = %e, "HTTP connection error"),
+        None => refused_slow(&shared, peer),
     }
+}
+
+/// A client too slow to send its request within `http_header_timeout`.
+fn refused_slow(shared: &Shared, peer: SocketAddr) {
+    shared.metrics.session_refused(&Refusal::HttpTimeout);
+    debug!(%peer, "HTTP request timed out");
 }

@@ -296,3 +296,52 @@ async fn a_resumable_client_whose_writes_stall_detaches_and_resumes_with_everyth
         .await;
     assert_eq!(replayed, N as u64);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_connection_that_never_sent_a_byte_does_not_hold_the_drain() {
+    let backend = TestBackend::start(Framing::Varint, true).await;
+    let c = config(backend.addr);
+    assert_eq!(c.shutdown.drain_timeout, Duration::from_secs(10));
+    let (gw, ws) = start(c).await;
+    // Connected, silent: a port scanner, or a phone that lost its network
+    // right after the TCP handshake.
+    let _silent = tokio::net::TcpStream::connect(ws).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let began = Instant::now();
+    gw.shutdown().await;
+    assert!(
+        began.elapsed() < Duration::from_secs(1),
+        "a connection without a session held the drain for {:?}",
+        began.elapsed()
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_client_too_slow_to_send_its_request_is_cut_and_counted_as_refused() {
+    let backend = TestBackend::start(Framing::Varint, true).await;
+    let mut c = config(backend.addr);
+    c.admin.listen = Some("127.0.0.1:0".parse().unwrap());
+    let (gw, ws) = start(c).await;
+    let admin = gw.addrs().admin.unwrap();
+    let mut slow = tokio::net::TcpStream::connect(ws).await.unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    slow.write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let began = Instant::now();
+    let mut buf = [0u8; 256];
+    let n = slow.read(&mut buf).await.unwrap_or(0);
+    assert_eq!(n, 0, "cut without an answer");
+    assert_eq!(
+        began.elapsed(),
+        Duration::from_secs(10),
+        "cut at http_header_timeout"
+    );
+    let (_, body) = client::http_get(admin, "/metrics").await;
+    let refused: f64 = body
+        .lines()
+        .filter(|l| l.starts_with("gateway_sessions_refused_total") && l.contains("http_timeout"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(refused, 1.0, "{body}");
+}
