@@ -52,8 +52,11 @@ impl std::fmt::Display for Framing {
 
 /// Why bytes from a peer could not be decoded into a [`Frame`].
 ///
-/// Every variant is fatal for the link: framing cannot be recovered once it
-/// is lost.
+/// Framing errors are fatal for the link: framing cannot be recovered once
+/// it is lost. A frame that was framed correctly but whose body is invalid
+/// has been consumed whole, so the stream stays in sync:
+/// [`DecodeError::session`] says which session it belonged to, and a peer
+/// may end only that session.
 #[derive(Debug, thiserror::Error)]
 pub enum DecodeError {
     /// The length prefix announces more than the configured maximum.
@@ -70,12 +73,44 @@ pub enum DecodeError {
     /// The body is not a valid protobuf `Frame`.
     #[error("malformed protobuf frame: {0}")]
     Protobuf(#[from] prost::DecodeError),
+    /// The body is not a valid protobuf `Frame` (for instance, a string
+    /// field that is not UTF-8), but its `session_id` could be read.
+    #[error("malformed protobuf frame for session {session_id}: {source}")]
+    InvalidBody {
+        /// Session id found in the frame.
+        session_id: u64,
+        /// What is wrong with the rest of it.
+        source: prost::DecodeError,
+    },
     /// The body decoded, but sets none of the `body` oneof.
     #[error("frame for session {session_id} has no body")]
     MissingBody {
         /// Session id found in the frame.
         session_id: u64,
     },
+}
+
+impl DecodeError {
+    /// The session a correctly framed but invalid frame belongs to: the
+    /// stream is still in sync after it. `None` for framing errors, and for
+    /// frames whose session id cannot be read or is 0 (the link's own).
+    pub fn session(&self) -> Option<u64> {
+        match self {
+            Self::InvalidBody { session_id, .. } | Self::MissingBody { session_id } => {
+                Some(*session_id).filter(|id| *id != crate::LINK_SESSION_ID)
+            }
+            Self::FrameTooLarge { .. } | Self::BadLengthPrefix | Self::Protobuf(_) => None,
+        }
+    }
+}
+
+/// Only the `session_id` of a [`Frame`]: other fields are skipped unread
+/// (unknown fields are not validated), so it decodes wherever a frame's
+/// first field can be read.
+#[derive(Clone, PartialEq, prost::Message)]
+struct SessionIdOnly {
+    #[prost(uint64, tag = "1")]
+    session_id: u64,
 }
 
 /// Why a [`Frame`] could not be encoded.
@@ -177,7 +212,18 @@ impl FrameCodec {
         }
         src.advance(prefix);
         let body = src.split_to(len).freeze();
-        let frame = Frame::decode(body)?;
+        let frame = match Frame::decode(body.clone()) {
+            Ok(frame) => frame,
+            Err(source) => {
+                return Err(match SessionIdOnly::decode(body) {
+                    Ok(only) => DecodeError::InvalidBody {
+                        session_id: only.session_id,
+                        source,
+                    },
+                    Err(_) => DecodeError::Protobuf(source),
+                })
+            }
+        };
         if frame.body.is_none() {
             return Err(DecodeError::MissingBody {
                 session_id: frame.session_id,
@@ -433,6 +479,32 @@ mod tests {
             codec.decode(&mut buf),
             Err(DecodeError::Protobuf(_))
         ));
+    }
+
+    #[test]
+    fn an_invalid_frame_of_one_session_leaves_the_stream_in_sync() {
+        let codec = FrameCodec::new(Framing::Varint, 1024);
+        // Session 7's close, whose reason is not UTF-8 (0xff)...
+        let mut buf = BytesMut::from(
+            &[
+                0x0a, 0x08, 0x07, 0x32, 0x06, 0x08, 0xa0, 0x1f, 0x12, 0x01, 0xff,
+            ][..],
+        );
+        // ...then a valid frame for session 8.
+        codec
+            .encode(&Frame::data(8, Bytes::from_static(b"ok"), false), &mut buf)
+            .unwrap();
+        let err = codec.decode(&mut buf).unwrap_err();
+        assert!(
+            matches!(err, DecodeError::InvalidBody { session_id: 7, .. }),
+            "{err:?}"
+        );
+        assert_eq!(err.session(), Some(7));
+        let next = codec.decode(&mut buf).unwrap().unwrap();
+        assert_eq!(next.session_id, 8);
+        // Framing errors, and invalid link frames, have no session.
+        assert_eq!(DecodeError::BadLengthPrefix.session(), None);
+        assert_eq!(DecodeError::MissingBody { session_id: 0 }.session(), None);
     }
 
     /// The worked example in protocol/README.md, byte for byte.

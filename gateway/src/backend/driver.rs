@@ -262,10 +262,25 @@ impl<R: AsyncRead + Unpin> Reader<'_, R> {
         }
     }
 
-    /// Decodes and routes every complete frame in the buffer.
+    /// Decodes and routes every complete frame in the buffer. A frame that
+    /// is framed correctly but invalid ends only its session (1011): the
+    /// stream is still in sync.
     fn dispatch_buffered(&mut self) -> Result<(), LinkError> {
         let (mut messages, mut bytes) = (0u64, 0u64);
-        while let Some(frame) = self.settings.codec.decode(&mut self.buf)? {
+        loop {
+            let frame = match self.settings.codec.decode(&mut self.buf) {
+                Ok(Some(frame)) => frame,
+                Ok(None) => break,
+                Err(e) => match e.session() {
+                    Some(id) => {
+                        tracing::warn!(session = id, error = %e, "invalid frame from the backend; closing its session");
+                        let reason = format!("invalid frame from the backend: {e}");
+                        self.route(SessionId(id), ToClient::Invalid { reason });
+                        continue;
+                    }
+                    None => return Err(e.into()),
+                },
+            };
             if let Some(Body::Data(d)) = &frame.body {
                 messages += 1;
                 bytes += d.payload.len() as u64;
@@ -323,6 +338,12 @@ impl<R: AsyncRead + Unpin> Reader<'_, R> {
                 )))
             }
         };
+        self.route(id, msg);
+        Ok(())
+    }
+
+    /// Offers one message to its session's mailbox.
+    fn route(&mut self, id: SessionId, msg: ToClient) {
         if !self.routes.contains_key(&id) {
             // The session may have registered after this read began: the
             // registration was queued before its SessionOpen was written,
@@ -337,7 +358,7 @@ impl<R: AsyncRead + Unpin> Reader<'_, R> {
                 session = id.0,
                 "dropping backend frame for a session not on this link"
             );
-            return Ok(());
+            return;
         };
         let offered = route.offer(msg);
         if !matches!(offered, Offered::Queued) {
@@ -345,7 +366,6 @@ impl<R: AsyncRead + Unpin> Reader<'_, R> {
                 route.evict(&offered);
             }
         }
-        Ok(())
     }
 }
 

@@ -187,3 +187,47 @@ async fn shutdown_writes_what_is_queued_then_closes_the_link() {
         .collect();
     assert_eq!(data, vec![0, 1, 2]);
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_undecodable_frame_ends_only_its_session_and_the_link_lives_on() {
+    let (d, handle, mut backend) = driver();
+    let Mailbox {
+        queue: mut bad_queue,
+        eviction: mut bad,
+    } = handle.register(SessionId(7)).unwrap();
+    let Mailbox {
+        queue: mut good_queue,
+        ..
+    } = handle.register(SessionId(8)).unwrap();
+    let shutdown = CancellationToken::new();
+    let stop = shutdown.clone();
+    let backend_side = async move {
+        // Session 7's close with a reason that is not UTF-8 (0xff): framed
+        // correctly, so the stream is still in sync after it.
+        let raw = [
+            0x0a, 0x08, 0x07, 0x32, 0x06, 0x08, 0xa0, 0x1f, 0x12, 0x01, 0xff,
+        ];
+        backend.write_all(&raw).await.unwrap();
+        write(
+            &mut backend,
+            Frame::data(8, Bytes::from_static(b"after"), false),
+        )
+        .await;
+        let gone = bad.wait().await;
+        // Give the reader the frame behind it.
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        stop.cancel();
+        (gone, backend)
+    };
+    let (end, (gone, _backend)) = tokio::join!(d.run(shutdown), backend_side);
+    assert!(
+        matches!(end, LinkError::Shutdown),
+        "the link lived on: {end:?}"
+    );
+    assert_eq!(gone, Gone::BackendClosed);
+    assert!(matches!(
+        bad_queue.try_recv(),
+        Some(ToClient::Invalid { .. })
+    ));
+    assert!(matches!(good_queue.try_recv(), Some(ToClient::Data { .. })));
+}

@@ -44,6 +44,12 @@ pub(crate) enum ToClient {
         /// The backend's reason.
         reason: String,
     },
+    /// The backend sent a frame for the session that cannot be decoded: the
+    /// session ends (1011, and the backend is told).
+    Invalid {
+        /// What was wrong, for the close reason and the logs.
+        reason: String,
+    },
 }
 
 impl ToClient {
@@ -51,7 +57,7 @@ impl ToClient {
     fn len(&self) -> usize {
         match self {
             Self::Data { payload, .. } => payload.len(),
-            Self::Close { .. } => 0,
+            Self::Close { .. } | Self::Invalid { .. } => 0,
         }
     }
 }
@@ -69,8 +75,8 @@ enum Evict {
 pub(crate) enum Gone {
     /// The mailbox overflowed: the session must end as a slow consumer.
     SlowConsumer,
-    /// The backend closed the session (the close is in the mailbox, after
-    /// any data that preceded it).
+    /// The backend ended the session: its close (or the invalid frame that
+    /// ends it) is in the mailbox, after any data that preceded it.
     BackendClosed,
     /// The link ended.
     LinkLost,
@@ -212,7 +218,7 @@ impl Route {
     /// Queues one backend message without waiting; a mailbox over either
     /// bound evicts its session as a slow consumer.
     pub(super) fn offer(&self, msg: ToClient) -> Offered {
-        let is_close = matches!(msg, ToClient::Close { .. });
+        let is_close = matches!(msg, ToClient::Close { .. } | ToClient::Invalid { .. });
         let msg = match msg {
             ToClient::Data { payload, text } if self.lagging() => ToClient::Data {
                 payload: Bytes::copy_from_slice(&payload),

@@ -181,6 +181,7 @@ async fn write_one(
         ToClient::Close { code, reason } => {
             Err(End::clean(CloseReason::BackendClosed { code, reason }))
         }
+        ToClient::Invalid { reason } => Err(End::clean(CloseReason::BackendInvalid(reason.into()))),
     }
 }
 

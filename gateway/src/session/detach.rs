@@ -25,8 +25,14 @@ impl Session {
             Gone::LinkLost => CloseReason::LinkLost,
             Gone::BackendClosed => {
                 while let Some(msg) = self.queue.try_recv() {
-                    if let ToClient::Close { code, reason } = msg {
-                        return CloseReason::BackendClosed { code, reason };
+                    match msg {
+                        ToClient::Close { code, reason } => {
+                            return CloseReason::BackendClosed { code, reason }
+                        }
+                        ToClient::Invalid { reason } => {
+                            return CloseReason::BackendInvalid(reason.into())
+                        }
+                        ToClient::Data { .. } => {}
                     }
                 }
                 CloseReason::LinkLost
@@ -155,6 +161,7 @@ impl Session {
             ToClient::Close { code, reason } => {
                 return Err(CloseReason::BackendClosed { code, reason })
             }
+            ToClient::Invalid { reason } => return Err(CloseReason::BackendInvalid(reason.into())),
         };
         let max_message = self.shared.session.max_message;
         check_backend_message(&payload, text, max_message)?;
