@@ -5,7 +5,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use gateway_tests::{bin, python, repo_root, Certs, Gateway, GatewayOpts, Proc};
+use gateway_tests::{assert_no_panic, bin, python, repo_root, Certs, Gateway, GatewayOpts, Proc};
 
 fn reference_backend(mode: &str) -> (Proc, std::net::SocketAddr) {
     let mut cmd = Command::new(bin("loadtest"));
@@ -28,12 +28,51 @@ fn reference_backend(mode: &str) -> (Proc, std::net::SocketAddr) {
 }
 
 fn loadtest_output(args: &[&str]) -> std::process::Output {
-    Command::new(bin("loadtest"))
+    let out = Command::new(bin("loadtest"))
         .arg("run")
         .arg("--json")
         .args(args)
         .output()
-        .unwrap()
+        .unwrap();
+    assert_no_panic("loadtest run", &String::from_utf8_lossy(&out.stderr));
+    out
+}
+
+/// The `--json` summary keys the README promises, and the error kinds it
+/// promises inside `errors`, read from the README itself (not from the
+/// code's own list, which could drift with it).
+fn readme_summary_keys() -> (Vec<String>, Vec<String>) {
+    let readme = std::fs::read_to_string(repo_root().join("README.md")).unwrap();
+    let start = readme
+        .find("object with stable keys:")
+        .expect("README: the loadtest --json keys");
+    let rest = &readme[start..];
+    let text = &rest[..rest.find("\n- ").expect("end of the keys item")];
+    let ticked =
+        |t: &str| -> Vec<String> { t.split('`').skip(1).step_by(2).map(str::to_owned).collect() };
+    let open = text.find("(by kind:").expect("README: the error kinds");
+    let close = open + text[open..].find(')').unwrap();
+    let kinds = ticked(&text[open..close]);
+    let keys = ticked(&format!("{}{}", &text[..open], &text[close..]));
+    (keys, kinds)
+}
+
+/// Every key the README promises is in the summary, `errors` holds exactly
+/// the promised kinds, and all of them are zero.
+fn assert_summary_keys_and_no_errors(s: &serde_json::Value) {
+    let (keys, kinds) = readme_summary_keys();
+    assert!(keys.len() >= 20, "README keys parsed: {keys:?}");
+    assert_eq!(kinds.len(), 8, "README error kinds parsed: {kinds:?}");
+    for key in &keys {
+        assert!(s.get(key).is_some(), "summary lacks {key}: {s}");
+    }
+    let errors = s["errors"].as_object().unwrap();
+    let mut got: Vec<&String> = errors.keys().collect();
+    let mut want: Vec<&String> = kinds.iter().collect();
+    got.sort();
+    want.sort();
+    assert_eq!(got, want, "error kinds in the summary vs the README");
+    assert!(errors.values().all(|v| v == 0), "{s}");
 }
 
 fn loadtest(args: &[&str]) -> serde_json::Value {
@@ -76,15 +115,9 @@ async fn loadtest_json_summary_over_wss_closed_and_open_loop_and_push() {
         "--size",
         "100",
     ]);
-    for key in loadtest::run::stats::SUMMARY_KEYS {
-        assert!(s.get(key).is_some(), "summary lacks {key}: {s}");
-    }
+    assert_summary_keys_and_no_errors(&s);
     assert_eq!(s["connections_ok"], 20);
     assert_eq!(s["corrupt"], 0);
-    assert!(
-        s["errors"].as_object().unwrap().values().all(|v| v == 0),
-        "{s}"
-    );
     assert!(s["messages"].as_u64().unwrap() > 100, "{s}");
 
     // Open loop at a fixed offered rate: the count follows the schedule.
@@ -234,8 +267,5 @@ async fn loadtest_churn_resumes_with_nothing_lost_duplicated_or_reordered() {
     assert_eq!(s["lost"], 0, "{s}");
     assert_eq!(s["duplicated"], 0, "{s}");
     assert_eq!(s["reordered"], 0, "{s}");
-    assert!(
-        s["errors"].as_object().unwrap().values().all(|v| v == 0),
-        "{s}"
-    );
+    assert_summary_keys_and_no_errors(&s);
 }
