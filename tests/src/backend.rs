@@ -72,6 +72,19 @@ enum SessionState {
 /// ids are unique per instance for its lifetime, never reused.
 type Sessions = Arc<Mutex<HashMap<(String, u64), SessionState>>>;
 
+/// How a [`TestBackend`] answers the gateway's `hello`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HelloReply {
+    /// `hello_ack` with the highest common version.
+    Normal,
+    /// No answer at all (a late `hello_ack`).
+    Silent,
+    /// `hello_ack{version: 0, error}`, then the link is closed.
+    Refuse,
+    /// `hello_ack` naming this version, whatever was offered.
+    Version(u32),
+}
+
 /// How a [`TestBackend`] behaves.
 #[derive(Debug, Clone, Copy)]
 pub struct BackendOpts {
@@ -80,6 +93,8 @@ pub struct BackendOpts {
     pub echo: bool,
     /// Highest protocol version this backend speaks (1 or 2).
     pub max_version: u32,
+    /// How it answers the handshake.
+    pub hello: HelloReply,
 }
 
 impl BackendOpts {
@@ -88,6 +103,7 @@ impl BackendOpts {
             framing,
             echo,
             max_version: PROTOCOL_VERSION,
+            hello: HelloReply::Normal,
         }
     }
 }
@@ -430,8 +446,26 @@ async fn link(mut stream: tokio::net::TcpStream, n: usize, shared: Shared) {
                             let version = h.max_version.min(shared.opts.max_version);
                             check.instance = Some(h.gateway_id);
                             check.version = version;
-                            codec.encode(&Frame::hello_ack(version, "test-backend"), &mut out).unwrap();
-                            let _ = events.send(Event::Link(n));
+                            match shared.opts.hello {
+                                HelloReply::Normal => {
+                                    codec.encode(&Frame::hello_ack(version, "test-backend"), &mut out).unwrap();
+                                    let _ = events.send(Event::Link(n));
+                                }
+                                HelloReply::Silent => {}
+                                HelloReply::Refuse => {
+                                    let mut ack = Frame::hello_ack(0, "test-backend");
+                                    if let Some(Body::HelloAck(a)) = ack.body.as_mut() {
+                                        a.error = "no common version (test)".into();
+                                    }
+                                    codec.encode(&ack, &mut out).unwrap();
+                                    let _ = stream.write_all(&out).await;
+                                    break 'link;
+                                }
+                                HelloReply::Version(v) => {
+                                    check.version = v;
+                                    codec.encode(&Frame::hello_ack(v, "test-backend"), &mut out).unwrap();
+                                }
+                            }
                         }
                         Body::Heartbeat(hb) => {
                             if id != 0 {

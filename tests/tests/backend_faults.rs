@@ -8,7 +8,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use gateway_tests::backend::BackendOpts;
+use gateway_tests::backend::{BackendOpts, HelloReply};
 use gateway_tests::client::{self, Client, Connect, Msg};
 use gateway_tests::{python, repo_root, Event, Gateway, GatewayOpts, Proc, TestBackend};
 use protocol::Framing;
@@ -217,4 +217,142 @@ async fn a_version_1_backend_sees_no_detached_or_attached() {
         }
     }
     backend.assert_clean();
+}
+
+/// Heartbeats both ways: the gateway's are answered and keep the link up
+/// well past the heartbeat timeout, and the gateway answers the backend's
+/// own heartbeat requests.
+#[tokio::test(flavor = "multi_thread")]
+async fn link_heartbeats_are_answered_both_ways() {
+    let mut cmd = Command::new(python());
+    cmd.arg(repo_root().join("tests/interop/backend.py")).args([
+        "--listen",
+        "127.0.0.1:0",
+        "--heartbeat",
+        "0.1",
+    ]);
+    let (mut backend, lines) = Proc::spawn(cmd, 1);
+    let addr = lines[0]
+        .strip_prefix("listening ")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let gw = Gateway::start(
+        GatewayOpts::new(addr)
+            .set("backend.heartbeat_interval", "\"100ms\"")
+            .set("backend.heartbeat_timeout", "\"400ms\""),
+    );
+    gw.wait_links_up(2, T).await;
+    let mut c = Client::connect(gw.ws.unwrap(), "/ws", &Connect::default()).await;
+    // Several heartbeat intervals in each direction, and more than the
+    // timeout: the time passing is what is tested.
+    let start = std::time::Instant::now();
+    loop {
+        let s = stats(&gw).await;
+        let (sent, received, acks) = (
+            s["heartbeats_sent"].as_u64().unwrap(),
+            s["heartbeats_received"].as_u64().unwrap(),
+            s["heartbeat_acks"].as_u64().unwrap(),
+        );
+        if received >= 10 && acks >= 10 && start.elapsed() > Duration::from_secs(1) {
+            assert!(sent >= acks, "{s}");
+            break;
+        }
+        assert!(start.elapsed() < T, "heartbeats: {s}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    c.echo("still up").await;
+    assert_eq!(
+        gw.metric("gateway_link_connects").await,
+        2.0,
+        "no link was lost and reconnected"
+    );
+    backend.stop_cleanly(T);
+}
+
+/// A backend that stops sending anything (not even heartbeat answers):
+/// the gateway declares the link dead after `backend.heartbeat_timeout`,
+/// its sessions get 1012, and it connects a new link.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_silent_link_is_declared_dead_after_the_heartbeat_timeout() {
+    let mut backend = TestBackend::start(Framing::Varint, true).await;
+    let gw = Gateway::start(
+        GatewayOpts::new(backend.addr)
+            .set("backend.links_per_endpoint", "1")
+            .set("backend.heartbeat_interval", "\"200ms\"")
+            .set("backend.heartbeat_timeout", "\"1s\""),
+    );
+    gw.wait_ready(T).await;
+    let mut c = Client::connect(gw.ws.unwrap(), "/ws", &Connect::default()).await;
+    backend.next_open().await;
+    c.echo("answered").await;
+    backend.pause_reading(true);
+    let silent = std::time::Instant::now();
+    let (code, _) = c.expect_close(T).await;
+    let took = silent.elapsed();
+    assert_eq!(code, 1012);
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(4),
+        "declared dead after {took:?}, timeout 1 s"
+    );
+    backend.pause_reading(false);
+    gw.wait_metric("gateway_links_up", |v| v == 1.0, T).await;
+    assert!(backend.accepted() >= 2, "a new link was connected");
+}
+
+/// A late, refusing or out-of-range `hello_ack`: the gateway closes the
+/// link, is not ready, and retries with backoff (not in a tight loop).
+async fn bad_handshake_is_retried_with_backoff(hello: HelloReply) {
+    let opts = BackendOpts {
+        hello,
+        ..BackendOpts::new(Framing::Varint, true)
+    };
+    let backend = TestBackend::start_with("127.0.0.1:0".parse().unwrap(), opts).await;
+    let gw = Gateway::start(
+        GatewayOpts::new(backend.addr)
+            .set("backend.links_per_endpoint", "1")
+            .set("backend.handshake_timeout", "\"200ms\"")
+            .set("backend.reconnect_min", "\"50ms\"")
+            .set("backend.reconnect_max", "\"400ms\""),
+    );
+    let start = std::time::Instant::now();
+    while backend.accepted() < 4 {
+        assert!(
+            start.elapsed() < T,
+            "{hello:?}: no retries: {}",
+            backend.accepted()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (status, _) = gw.admin_get("/readyz").await;
+    assert_eq!(status, 503, "{hello:?}: never ready");
+    assert_eq!(gw.metric_opt("gateway_links_up").await.unwrap_or(0.0), 0.0);
+    // Backoff: 2 s hold at most a few dozen attempts, not thousands.
+    let before = backend.accepted();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let tries = backend.accepted() - before;
+    assert!(
+        (2..=40).contains(&tries),
+        "{hello:?}: {tries} attempts in 2 s with reconnect 50..400 ms"
+    );
+    match client::connect(gw.ws.unwrap(), "/ws", &Connect::default()).await {
+        Err(fastwebsockets::WebSocketError::InvalidStatusCode(503)) => {}
+        Err(e) => panic!("expected 503, got {e}"),
+        Ok(_) => panic!("expected 503, got an upgrade"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_late_hello_ack_is_retried_with_backoff() {
+    bad_handshake_is_retried_with_backoff(HelloReply::Silent).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refusing_hello_ack_is_retried_with_backoff() {
+    bad_handshake_is_retried_with_backoff(HelloReply::Refuse).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hello_ack_outside_the_offered_range_is_retried_with_backoff() {
+    bad_handshake_is_retried_with_backoff(HelloReply::Version(7)).await;
 }
