@@ -305,3 +305,148 @@ async fn loadtest_churn_resumes_with_nothing_lost_duplicated_or_reordered() {
     assert_eq!(s["reordered"], 0, "{s}");
     assert_summary_keys_and_no_errors(&s);
 }
+
+/// What a deliberately faulty echo backend does to the n-th message of a
+/// session.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Fault {
+    /// Flip a byte of the payload's tail.
+    Corrupt,
+    /// Never echo it.
+    Drop,
+    /// Echo it after the next one.
+    Reorder,
+}
+
+/// loadtest catches corruption, loss and reordering end to end: the real
+/// gateway in front of an echo backend that breaks one message in 20, and
+/// loadtest must fail the run's `errors` (the only way a user sees it).
+async fn loadtest_catches(fault: Fault) -> serde_json::Value {
+    let mut backend = gateway_tests::TestBackend::start(protocol::Framing::Varint, false).await;
+    let gw = Gateway::start(GatewayOpts::new(backend.addr));
+    gw.wait_ready(Duration::from_secs(10)).await;
+    let url = gw.ws_url("/ws");
+    let mut run = tokio::process::Command::new(bin("loadtest"))
+        .args(["run", "--json", "--url", &url, "-c", "4", "-d", "2s"])
+        .args(["--timeout", "1s", "--in-flight", "4"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut counts = std::collections::HashMap::<u64, u64>::new();
+    let mut held: std::collections::HashMap<u64, (bytes::Bytes, bool)> = Default::default();
+    loop {
+        tokio::select! {
+            _ = run.wait() => break,
+            e = backend.events.recv() => {
+                let Some(gateway_tests::Event::Data { session, payload, text }) = e else { continue };
+                let n = counts.entry(session).or_default();
+                *n += 1;
+                if !(*n).is_multiple_of(20) {
+                    backend.push(session, &payload, text);
+                    if let Some((p, t)) = held.remove(&session) {
+                        backend.push(session, &p, t);
+                    }
+                    continue;
+                }
+                match fault {
+                    Fault::Corrupt => {
+                        let mut p = payload.to_vec();
+                        let last = p.len() - 1;
+                        p[last] ^= 0xff;
+                        backend.push(session, &p, text);
+                    }
+                    Fault::Drop => {}
+                    Fault::Reorder => {
+                        held.insert(session, (payload, text));
+                    }
+                }
+            }
+        }
+    }
+    let out = run.wait_with_output().await.unwrap();
+    assert_no_panic("loadtest run", &String::from_utf8_lossy(&out.stderr));
+    let s: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+    let errors: u64 = s["errors"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_u64().unwrap())
+        .sum();
+    assert!(errors > 0, "{fault:?} went unnoticed: {s}");
+    s
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn loadtest_catches_a_corrupted_message() {
+    let s = loadtest_catches(Fault::Corrupt).await;
+    assert!(s["corrupt"].as_u64().unwrap() > 0, "{s}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn loadtest_catches_a_lost_message() {
+    // With messages in flight the gap shows as the next one arriving
+    // early (corrupt: wrong order); alone, as a timeout.
+    let s = loadtest_catches(Fault::Drop).await;
+    let seen = s["errors"]["timeout"].as_u64().unwrap() + s["corrupt"].as_u64().unwrap();
+    assert!(seen > 0, "{s}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn loadtest_catches_reordered_messages() {
+    let s = loadtest_catches(Fault::Reorder).await;
+    assert!(s["corrupt"].as_u64().unwrap() > 0, "{s}");
+}
+
+/// The idle and handshake scenarios, and `--hdr-out`.
+#[tokio::test(flavor = "multi_thread")]
+async fn loadtest_idle_and_handshake_scenarios_and_hdr_out() {
+    let (_echo, addr) = reference_backend("echo");
+    let gw = Gateway::start(GatewayOpts::new(addr).set("session.ping_interval", "\"300ms\""));
+    gw.wait_ready(Duration::from_secs(10)).await;
+    let url = gw.ws_url("/ws");
+    // Idle: held past several pings, then each still answers one message.
+    let s = loadtest(&[
+        "--url",
+        &url,
+        "--scenario",
+        "idle",
+        "-c",
+        "20",
+        "-d",
+        "1500ms",
+    ]);
+    assert_eq!(s["connections_ok"], 20, "{s}");
+    assert_eq!(s["messages"], 20, "one answered message each: {s}");
+    assert_summary_keys_and_no_errors(&s);
+    // Handshake: whole sessions, one round trip each.
+    let dir = tempfile::tempdir().unwrap();
+    let hdr = dir.path().join("latency.hdr");
+    let s = loadtest(&[
+        "--url",
+        &url,
+        "--scenario",
+        "handshake",
+        "-c",
+        "4",
+        "-d",
+        "1s",
+        "--hdr-out",
+        hdr.to_str().unwrap(),
+    ]);
+    let n = s["messages"].as_u64().unwrap();
+    assert!(n >= 20, "{s}");
+    assert_eq!(
+        s["connections_ok"].as_u64().unwrap(),
+        n,
+        "one session per round trip: {s}"
+    );
+    assert_summary_keys_and_no_errors(&s);
+    let text = std::fs::read_to_string(&hdr).unwrap();
+    assert!(text.contains("Percentile"), "{text}");
+    assert!(
+        text.lines().filter(|l| !l.trim().is_empty()).count() > 5,
+        "{text}"
+    );
+}
