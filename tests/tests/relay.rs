@@ -359,3 +359,58 @@ async fn backend_data_then_close_arrive_in_order() {
     )
     .await;
 }
+
+/// The metrics no other test reads: refusals, message bytes, link connects,
+/// link writes and frames written, refused resumes.
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_count_refusals_bytes_link_writes_and_refused_resumes() {
+    let backend = TestBackend::start(Framing::Varint, true).await;
+    let gw = Gateway::start(GatewayOpts::new(backend.addr).set("listen.max_sessions", "2"));
+    gw.wait_ready(T).await;
+    gw.wait_links_up(2, T).await;
+    let plain = Connect::default();
+    let mut a = Client::connect(gw.ws.unwrap(), "/ws", &plain).await;
+    for m in ["hello", "world", "12345"] {
+        a.echo(m).await;
+    }
+    for dir in ["client_to_backend", "backend_to_client"] {
+        gw.wait_metric(
+            &format!("gateway_message_bytes_total{{direction=\"{dir}\""),
+            |v| v == 15.0,
+            T,
+        )
+        .await;
+    }
+    gw.wait_metric("gateway_link_connects_total", |v| v == 2.0, T)
+        .await;
+    // Frames written counts the data frames (one per client message);
+    // writes count every write to a link socket, batches included.
+    gw.wait_metric("gateway_link_frames_written_total", |v| v == 3.0, T)
+        .await;
+    let writes = gw.metric("gateway_link_writes_total").await;
+    assert!(writes >= 1.0, "link writes {writes}");
+
+    // A resume with a credential nobody issued.
+    let resume = Connect {
+        headers: vec![
+            ("X-Wsgw-Resume", "0123456789abcdef0123456789abcdef".into()),
+            ("X-Wsgw-Received", "0".into()),
+        ],
+        ..Connect::default()
+    };
+    assert!(matches!(
+        client::connect(gw.ws.unwrap(), "/ws", &resume).await,
+        Err(fastwebsockets::WebSocketError::InvalidStatusCode(410))
+    ));
+    gw.wait_metric("gateway_resumes_refused_total", |v| v == 1.0, T)
+        .await;
+
+    // Over the session cap.
+    let _b = Client::connect(gw.ws.unwrap(), "/ws", &plain).await;
+    assert!(matches!(
+        client::connect(gw.ws.unwrap(), "/ws", &plain).await,
+        Err(fastwebsockets::WebSocketError::InvalidStatusCode(503))
+    ));
+    gw.wait_metric("gateway_sessions_refused_total", |v| v == 1.0, T)
+        .await;
+}
