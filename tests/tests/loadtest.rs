@@ -450,3 +450,68 @@ async fn loadtest_idle_and_handshake_scenarios_and_hdr_out() {
         "{text}"
     );
 }
+
+/// Churn without resume (new sessions each time) and with clients that
+/// vanish silently (no RST): loadtest reports what happened, and a silent
+/// vanish still resumes with nothing lost.
+#[tokio::test(flavor = "multi_thread")]
+async fn loadtest_churn_no_resume_and_silent_vanish() {
+    let (_echo, addr) = reference_backend("echo");
+    let gw = Gateway::start(GatewayOpts::new(addr));
+    gw.wait_ready(Duration::from_secs(10)).await;
+    let url = gw.ws_url("/ws");
+    let churn = [
+        "--scenario",
+        "churn",
+        "-c",
+        "20",
+        "-d",
+        "3s",
+        "--churn-share",
+        "0.5",
+        "--churn-every",
+        "1s",
+        "--suspend-min",
+        "50ms",
+        "--suspend-max",
+        "100ms",
+    ];
+    let s = loadtest(&[&["--url", url.as_str(), "--no-resume"][..], &churn[..]].concat());
+    assert!(s["reconnects"].as_u64().unwrap() >= 10, "{s}");
+    assert_eq!(s["resumes"], 0, "--no-resume: {s}");
+    assert_summary_keys_and_no_errors(&s);
+    let s = loadtest(
+        &[
+            &["--url", url.as_str(), "--vanish", "silence"][..],
+            &churn[..],
+        ]
+        .concat(),
+    );
+    assert!(s["resumes"].as_u64().unwrap() >= 10, "{s}");
+    assert_eq!(s["lost"], 0, "{s}");
+    assert_eq!(s["duplicated"], 0, "{s}");
+    assert_eq!(s["reordered"], 0, "{s}");
+    assert_summary_keys_and_no_errors(&s);
+}
+
+/// `--sources N` spreads connections over 127.0.0.1..N.
+#[tokio::test(flavor = "multi_thread")]
+async fn loadtest_sources_spread_connections_over_addresses() {
+    let mut backend = gateway_tests::TestBackend::start(protocol::Framing::Varint, true).await;
+    let gw = Gateway::start(GatewayOpts::new(backend.addr));
+    gw.wait_ready(Duration::from_secs(10)).await;
+    let url = gw.ws_url("/ws");
+    let run = tokio::task::spawn_blocking(move || {
+        loadtest(&["--url", &url, "-c", "8", "-d", "500ms", "--sources", "2"])
+    });
+    let mut sources = std::collections::BTreeSet::new();
+    for _ in 0..8 {
+        let (_, open) = backend.next_open().await;
+        sources.insert(open.remote_addr.rsplit_once(':').unwrap().0.to_owned());
+    }
+    let s = run.await.unwrap();
+    assert_eq!(s["connections_ok"], 8, "{s}");
+    let want: std::collections::BTreeSet<String> =
+        ["127.0.0.1".to_owned(), "127.0.0.2".to_owned()].into();
+    assert_eq!(sources, want);
+}

@@ -375,3 +375,60 @@ async fn a_busy_session_resumes_after_its_buffer_filled_with_delivered_messages(
         assert_eq!(c.recv_within(T).await, Some(Msg::Binary(vec![i])));
     }
 }
+
+/// `resume.max_detached`: beyond the cap a lost session ends at once.
+#[tokio::test(flavor = "multi_thread")]
+async fn beyond_max_detached_a_lost_session_ends_at_once() {
+    let mut backend = TestBackend::start(Framing::Varint, false).await;
+    let gw = Gateway::start(
+        GatewayOpts::new(backend.addr)
+            .set("resume.grace", "\"30s\"")
+            .set("resume.max_detached", "2"),
+    );
+    gw.wait_ready(T).await;
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        clients.push(connect(&gw, None).await.unwrap().0);
+        backend.next_open().await;
+    }
+    drop(clients);
+    let (mut detached, mut closed) = (0, Vec::new());
+    while detached + closed.len() < 3 {
+        match backend.next().await {
+            Event::Detached { .. } => detached += 1,
+            Event::Close { code, reason, .. } => closed.push((code, reason)),
+            _ => {}
+        }
+    }
+    assert_eq!(detached, 2);
+    assert_eq!(closed.len(), 1, "{closed:?}");
+    assert_eq!(closed[0].0, 1006);
+    assert!(closed[0].1.contains("too many detached"), "{closed:?}");
+    gw.wait_metric("gateway_sessions_detached", |v| v == 2.0, T)
+        .await;
+}
+
+/// `resume.max_detached_bytes`: a detached session whose backend keeps
+/// sending beyond the gateway-wide budget ends.
+#[tokio::test(flavor = "multi_thread")]
+async fn beyond_max_detached_bytes_a_detached_session_ends() {
+    let mut backend = TestBackend::start(Framing::Varint, false).await;
+    let gw = Gateway::start(
+        GatewayOpts::new(backend.addr)
+            .set("resume.grace", "\"30s\"")
+            .set("resume.max_detached_bytes", "\"4KiB\""),
+    );
+    gw.wait_ready(T).await;
+    let (c, _, _) = connect(&gw, None).await.unwrap();
+    let (s, _) = backend.next_open().await;
+    drop(c);
+    backend
+        .wait_for(|e| matches!(e, Event::Detached { session, .. } if *session == s).then_some(()))
+        .await;
+    for _ in 0..8 {
+        backend.push(s, &[1u8; 1024], false);
+    }
+    let (code, reason) = backend.wait_close(s).await;
+    assert_eq!(code, 1006);
+    assert!(reason.contains("detached sessions full"), "{reason}");
+}
