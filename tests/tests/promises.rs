@@ -81,6 +81,27 @@ async fn refusals_before_the_upgrade_are_405_400_and_410() {
     assert_eq!(raw_http(addr, &upgrade("/ws", &resume)).await.0, 410);
 }
 
+/// Both 503 refusals carry `Retry-After`: the session cap, and no link up.
+#[tokio::test(flavor = "multi_thread")]
+async fn refusals_with_503_carry_retry_after() {
+    let backend = TestBackend::start(Framing::Varint, true).await;
+    let gw = Gateway::start(GatewayOpts::new(backend.addr).set("listen.max_sessions", "1"));
+    gw.wait_ready(T).await;
+    let _held = Client::connect(gw.ws.unwrap(), "/ws", &Connect::default()).await;
+    let (status, head) = raw_http(gw.ws.unwrap(), &upgrade("/ws", "")).await;
+    assert_eq!(status, 503, "{head}");
+    assert!(head.contains("\r\nretry-after:"), "session cap: {head}");
+
+    let dead: std::net::SocketAddr = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let gw2 = Gateway::start(GatewayOpts::new(dead));
+    let (status, head) = raw_http(gw2.ws.unwrap(), &upgrade("/ws", "")).await;
+    assert_eq!(status, 503, "{head}");
+    assert!(head.contains("\r\nretry-after:"), "no link up: {head}");
+}
+
 /// RFC 6455 4.2.1: the opening handshake is a GET; the README promises
 /// 405 for another method.
 #[tokio::test(flavor = "multi_thread")]
@@ -375,20 +396,62 @@ async fn messages_sent_just_before_sigterm_reach_the_backend() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn json_logs_are_one_object_per_line() {
-    let mut backend = TestBackend::start(Framing::Varint, true).await;
+    let mut backend = TestBackend::start(Framing::Varint, false).await;
     let gw = Gateway::start(GatewayOpts::new(backend.addr).set("log.format", "\"json\""));
     gw.wait_ready(T).await;
+    // An ordinary client that comes and goes: logged at debug only.
+    let mut plain = Client::connect(gw.ws.unwrap(), "/ws", &Connect::default()).await;
+    let (s_plain, _) = backend.next_open().await;
+    plain
+        .ws
+        .write_frame(fastwebsockets::Frame::close(1000, b""))
+        .await
+        .unwrap();
+    plain.expect_close(T).await;
+    backend.wait_close(s_plain).await;
+    // Invalid backend data: logged at warn, with the session's id.
     let mut c = Client::connect(gw.ws.unwrap(), "/ws", &Connect::default()).await;
-    backend.next_open().await;
-    c.echo("logged").await;
-    let err = gw.proc.stderr();
-    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert!(!lines.is_empty(), "no log lines at all");
-    for l in lines {
-        let v: serde_json::Value =
-            serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"));
-        assert!(v.is_object(), "{l}");
+    let (s, _) = backend.next_open().await;
+    backend.push(s, &[0xff], true);
+    assert_eq!(c.expect_close(T).await.0, 1011);
+    let start = Instant::now();
+    let lines: Vec<serde_json::Value> = loop {
+        let err = gw.proc.stderr();
+        let lines: Vec<serde_json::Value> = err
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+            .collect();
+        if lines.iter().any(|v| v["level"] == "WARN") {
+            break lines;
+        }
+        assert!(
+            start.elapsed() < T,
+            "no warn line for invalid backend data:\n{err}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    for v in &lines {
+        assert!(v.is_object(), "{v}");
     }
+    let mentions = |v: &serde_json::Value, key: &str, want: &serde_json::Value| {
+        v["fields"][key] == *want || v["span"][key] == *want
+    };
+    // Lines about a link carry its endpoint and index.
+    let endpoint = serde_json::Value::from(backend.addr.to_string());
+    assert!(
+        lines.iter().any(|v| mentions(v, "endpoint", &endpoint)
+            && (mentions(v, "index", &0.into()) || mentions(v, "index", &1.into()))),
+        "no link line with endpoint and index: {lines:?}"
+    );
+    // The warn line names the session; the plain client's close is no
+    // warning.
+    let warns: Vec<&serde_json::Value> = lines
+        .iter()
+        .filter(|v| v["level"] == "WARN" || v["level"] == "ERROR")
+        .collect();
+    assert_eq!(warns.len(), 1, "{warns:?}");
+    assert!(mentions(warns[0], "session", &s.into()), "{}", warns[0]);
 }
 
 /// Sources, later ones winning: defaults < file < environment < flags.
