@@ -4,9 +4,30 @@
 #   1. unit tests and end-to-end tests (cargo test, real processes, sockets, TLS)
 #   2. the independent Python backend's own self-test
 #   3. Autobahn|TestSuite conformance through the whole relay path
-# Works from a fresh clone; needs cargo and python3 (with venv) on the PATH.
+# Works from a fresh clone. Needs: Linux (the tests read /proc), cargo,
+# python3 >= 3.11 with venv (the pinned websockets needs it), and an
+# open-file limit of at least 16384 (the 10,000-session test holds that many
+# sockets); this script raises the soft limit to the hard limit itself.
+#
+# TEST_TIMEOUT (default 45m) bounds the cargo test run, so a hang fails fast
+# instead of using up a CI job's budget.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+need_files=16384
+hard=$(ulimit -Hn)
+if [ "$hard" != unlimited ] && [ "$hard" -lt "$need_files" ]; then
+  echo "tests/run.sh: the hard open-file limit is $hard; the tests need $need_files." >&2
+  echo "  Raise it (as root: 'ulimit -Hn $need_files' in this shell, or 'nofile' in" >&2
+  echo "  /etc/security/limits.conf, or LimitNOFILE= for a service) and run again." >&2
+  exit 2
+fi
+ulimit -Sn "$hard"
+
+if ! python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+  echo "tests/run.sh: python3 >= 3.11 is needed (for the pinned websockets); found $(python3 --version)" >&2
+  exit 2
+fi
 
 # Python tools, pinned in tests/requirements.txt, in a local virtualenv.
 if [ ! -x .venv/bin/python ]; then
@@ -14,9 +35,10 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -r tests/requirements.txt
 
-# The end-to-end tests run the real binaries, so build them first.
+# The end-to-end tests run the real binaries, so build them first (the tests
+# also refuse to run binaries older than their sources).
 cargo build --release --workspace --bins
-cargo test --release --workspace
+timeout --kill-after=30s "${TEST_TIMEOUT:-45m}" cargo test --release --workspace
 
 .venv/bin/python tests/interop/backend.py --self-test
-tests/autobahn.sh target/autobahn
+timeout --kill-after=30s 15m tests/autobahn.sh target/autobahn

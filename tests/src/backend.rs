@@ -1,6 +1,12 @@
 //! An in-process backend for tests: accepts links, answers the handshake
 //! and heartbeats, optionally echoes, records every event, and lets a test
 //! push data to or close any session, or kill the whole backend.
+//!
+//! It also checks the gateway's side of the contract (protocol/README.md,
+//! "What the gateway guarantees") on every frame it reads, and records each
+//! breach as a violation. Violations (and panics of its own tasks) fail the
+//! test: [`TestBackend::assert_clean`] checks them explicitly, and dropping
+//! the backend checks them too, so a test that never calls it still fails.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -47,54 +53,145 @@ pub enum Event {
 
 type Routes = Arc<Mutex<HashMap<u64, mpsc::UnboundedSender<Frame>>>>;
 
+/// Contract violations seen so far, in the order they were seen.
+type Violations = Arc<Mutex<Vec<String>>>;
+
+/// Where a session stands, as far as this backend can tell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SessionState {
+    /// Opened by the gateway on the link with this number.
+    Open(usize),
+    /// This backend sent `close` on that link; frames that crossed it on
+    /// the wire (data, and at most one close) may still arrive.
+    ClosedByBackend(usize),
+    /// The gateway sent `close`: nothing more may come for it.
+    ClosedByGateway,
+}
+
+/// Every session id any link ever opened, keyed by (gateway instance, id):
+/// ids are unique per instance for its lifetime, never reused.
+type Sessions = Arc<Mutex<HashMap<(String, u64), SessionState>>>;
+
+/// How a [`TestBackend`] answers the gateway's `hello`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HelloReply {
+    /// `hello_ack` with the highest common version.
+    Normal,
+    /// No answer at all (a late `hello_ack`).
+    Silent,
+    /// `hello_ack{version: 0, error}`, then the link is closed.
+    Refuse,
+    /// `hello_ack` naming this version, whatever was offered.
+    Version(u32),
+}
+
+/// How a [`TestBackend`] behaves.
+#[derive(Debug, Clone, Copy)]
+pub struct BackendOpts {
+    pub framing: Framing,
+    /// Send data frames back.
+    pub echo: bool,
+    /// Highest protocol version this backend speaks (1 or 2).
+    pub max_version: u32,
+    /// How it answers the handshake.
+    pub hello: HelloReply,
+}
+
+impl BackendOpts {
+    pub fn new(framing: Framing, echo: bool) -> Self {
+        Self {
+            framing,
+            echo,
+            max_version: PROTOCOL_VERSION,
+            hello: HelloReply::Normal,
+        }
+    }
+}
+
+/// State shared between the [`TestBackend`] handle and its link tasks.
+#[derive(Clone)]
+struct Shared {
+    opts: BackendOpts,
+    events: mpsc::UnboundedSender<Event>,
+    routes: Routes,
+    paused: Arc<AtomicBool>,
+    violations: Violations,
+    sessions: Sessions,
+}
+
+impl Shared {
+    fn violation(&self, v: String) {
+        self.violations.lock().unwrap().push(v);
+    }
+}
+
 pub struct TestBackend {
     pub addr: SocketAddr,
     pub events: mpsc::UnboundedReceiver<Event>,
     routes: Routes,
     accepted: Arc<AtomicUsize>,
     paused: Arc<AtomicBool>,
+    violations: Violations,
     tasks: JoinSet<()>,
 }
 
 impl TestBackend {
     /// Starts on a fresh port; `echo` sends data frames back.
     pub async fn start(framing: Framing, echo: bool) -> Self {
-        Self::start_on("127.0.0.1:0".parse().unwrap(), framing, echo).await
+        Self::start_with(
+            "127.0.0.1:0".parse().unwrap(),
+            BackendOpts::new(framing, echo),
+        )
+        .await
     }
 
     pub async fn start_on(addr: SocketAddr, framing: Framing, echo: bool) -> Self {
+        Self::start_with(addr, BackendOpts::new(framing, echo)).await
+    }
+
+    pub async fn start_with(addr: SocketAddr, opts: BackendOpts) -> Self {
         let listener = bind_reusing(addr).await;
         let addr = listener.local_addr().unwrap();
         let (tx, events) = mpsc::unbounded_channel();
-        let routes: Routes = Arc::default();
+        let shared = Shared {
+            opts,
+            events: tx,
+            routes: Arc::default(),
+            paused: Arc::new(AtomicBool::new(false)),
+            violations: Arc::default(),
+            sessions: Arc::default(),
+        };
         let accepted = Arc::new(AtomicUsize::new(0));
-        let paused = Arc::new(AtomicBool::new(false));
         let mut tasks = JoinSet::new();
-        let (r, a, p) = (routes.clone(), accepted.clone(), paused.clone());
+        let (sh, a) = (shared.clone(), accepted.clone());
         tasks.spawn(async move {
             let mut links = JoinSet::new();
             loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
-                };
-                let n = a.fetch_add(1, Ordering::SeqCst);
-                links.spawn(link(
-                    stream,
-                    n,
-                    framing,
-                    echo,
-                    tx.clone(),
-                    r.clone(),
-                    p.clone(),
-                ));
+                tokio::select! {
+                    r = listener.accept() => {
+                        let Ok((stream, _)) = r else { continue };
+                        let n = a.fetch_add(1, Ordering::SeqCst);
+                        links.spawn(link(stream, n, sh.clone()));
+                    }
+                    // Join the link tasks as they end, so a panic in one
+                    // is seen (and fails the test) instead of vanishing.
+                    Some(r) = links.join_next() => {
+                        if let Err(e) = r {
+                            if e.is_panic() {
+                                sh.violation(format!("a test backend link task panicked: {e}"));
+                            }
+                        }
+                    }
+                }
             }
         });
         Self {
             addr,
             events,
-            routes,
+            routes: shared.routes,
             accepted,
-            paused,
+            paused: shared.paused,
+            violations: shared.violations,
             tasks,
         }
     }
@@ -108,6 +205,23 @@ impl TestBackend {
     /// TCP connections accepted so far.
     pub fn accepted(&self) -> usize {
         self.accepted.load(Ordering::SeqCst)
+    }
+
+    /// Contract violations recorded so far.
+    pub fn violations(&self) -> Vec<String> {
+        self.violations.lock().unwrap().clone()
+    }
+
+    /// Panics if the gateway broke the contract, or a task of this backend
+    /// panicked.
+    pub fn assert_clean(&self) {
+        let v = self.violations();
+        assert!(
+            v.is_empty(),
+            "the test backend saw {} contract violation(s):\n  {}",
+            v.len(),
+            v.join("\n  ")
+        );
     }
 
     /// Sends a frame for `session` on the link that carries it.
@@ -132,9 +246,10 @@ impl TestBackend {
 
     /// Next event, waiting up to 10 s.
     pub async fn next(&mut self) -> Event {
-        tokio::time::timeout(std::time::Duration::from_secs(10), self.events.recv())
-            .await
-            .expect("no backend event within 10 s")
+        let e = tokio::time::timeout(std::time::Duration::from_secs(10), self.events.recv()).await;
+        // A violation is the better explanation for a missing event.
+        self.assert_clean();
+        e.expect("no backend event within 10 s")
             .expect("backend gone")
     }
 
@@ -189,6 +304,16 @@ impl TestBackend {
     }
 }
 
+impl Drop for TestBackend {
+    fn drop(&mut self) {
+        self.tasks.abort_all();
+        if std::thread::panicking() {
+            return;
+        }
+        self.assert_clean();
+    }
+}
+
 async fn bind_reusing(addr: SocketAddr) -> TcpListener {
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.set_reuseaddr(true).unwrap();
@@ -196,23 +321,89 @@ async fn bind_reusing(addr: SocketAddr) -> TcpListener {
     socket.listen(1024).unwrap()
 }
 
-async fn link(
-    mut stream: tokio::net::TcpStream,
+/// One link's view of the contract: what it has seen so far.
+struct LinkCheck {
     n: usize,
-    framing: Framing,
-    echo: bool,
-    events: mpsc::UnboundedSender<Event>,
-    routes: Routes,
-    paused: Arc<AtomicBool>,
-) {
-    let codec = FrameCodec::new(framing, 64 << 20);
+    /// The gateway instance's name, from its `hello`.
+    instance: Option<String>,
+    /// The version this backend chose in its `hello_ack`.
+    version: u32,
+    shared: Shared,
+}
+
+impl LinkCheck {
+    fn violation(&self, what: impl std::fmt::Display) {
+        self.shared.violation(format!("link {}: {what}", self.n));
+    }
+
+    /// Checks a session frame (`open` excluded) of kind `kind` for `id`
+    /// against the contract; returns whether it is acceptable (so the
+    /// backend acts on it).
+    fn session_frame(&self, id: u64, kind: &str) -> bool {
+        if id == 0 {
+            self.violation(format!("{kind} with session id 0"));
+            return false;
+        }
+        let Some(instance) = &self.instance else {
+            self.violation(format!("{kind} for session {id} before hello"));
+            return false;
+        };
+        let mut sessions = self.shared.sessions.lock().unwrap();
+        let key = (instance.clone(), id);
+        match sessions.get(&key).copied() {
+            None => {
+                self.violation(format!("{kind} for session {id}, never opened"));
+                false
+            }
+            Some(SessionState::ClosedByGateway) => {
+                self.violation(format!(
+                    "{kind} for session {id} after the gateway closed it"
+                ));
+                false
+            }
+            Some(SessionState::Open(l)) | Some(SessionState::ClosedByBackend(l)) if l != self.n => {
+                self.violation(format!(
+                    "{kind} for session {id}, which was opened on link {l}"
+                ));
+                false
+            }
+            Some(_) => {
+                if kind == "close" {
+                    sessions.insert(key, SessionState::ClosedByGateway);
+                }
+                true
+            }
+        }
+    }
+
+    /// Notes a frame this backend is about to send.
+    fn sending(&self, f: &Frame) {
+        if let (Some(Body::Close(_)), Some(instance)) = (&f.body, &self.instance) {
+            let mut sessions = self.shared.sessions.lock().unwrap();
+            let key = (instance.clone(), f.session_id);
+            if let Some(SessionState::Open(l)) = sessions.get(&key).copied() {
+                sessions.insert(key, SessionState::ClosedByBackend(l));
+            }
+        }
+    }
+}
+
+async fn link(mut stream: tokio::net::TcpStream, n: usize, shared: Shared) {
+    let codec = FrameCodec::new(shared.opts.framing, 64 << 20);
+    let echo = shared.opts.echo;
     let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Frame>();
     let mut inbuf = BytesMut::with_capacity(64 * 1024);
     let mut out = BytesMut::new();
-    let mut handshaken = false;
+    let mut check = LinkCheck {
+        n,
+        instance: None,
+        version: 0,
+        shared: shared.clone(),
+    };
+    let events = shared.events.clone();
     let mut mine: Vec<u64> = Vec::new();
-    loop {
-        let reading = !paused.load(Ordering::SeqCst);
+    'link: loop {
+        let reading = !shared.paused.load(Ordering::SeqCst);
         tokio::select! {
             _ = tokio::time::sleep(std::time::Duration::from_millis(10)), if !reading => {}
             r = stream.read_buf(&mut inbuf), if reading => {
@@ -224,50 +415,137 @@ async fn link(
                     let frame = match codec.decode(&mut inbuf) {
                         Ok(Some(f)) => f,
                         Ok(None) => break,
-                        Err(e) => panic!("test backend: undecodable frame from gateway: {e}"),
+                        Err(e) => {
+                            check.violation(format!("undecodable frame: {e}"));
+                            break 'link;
+                        }
                     };
                     let id = frame.session_id;
-                    match frame.body.expect("body") {
+                    let Some(body) = frame.body else {
+                        check.violation(format!("frame without a body (session {id})"));
+                        continue;
+                    };
+                    if check.instance.is_none() && !matches!(body, Body::Hello(_)) {
+                        check.violation(format!("first frame is {} not hello", body_kind(&body)));
+                    }
+                    match body {
                         Body::Hello(h) => {
-                            assert!(!handshaken, "second hello");
-                            assert!(h.min_version <= PROTOCOL_VERSION && h.max_version >= 1);
-                            handshaken = true;
-                            let version = h.max_version.min(PROTOCOL_VERSION);
-                            codec.encode(&Frame::hello_ack(version, "test-backend"), &mut out).unwrap();
-                            let _ = events.send(Event::Link(n));
+                            if check.instance.is_some() {
+                                check.violation("second hello");
+                                continue;
+                            }
+                            if id != 0 {
+                                check.violation(format!("hello with session id {id}"));
+                            }
+                            if !(h.min_version <= shared.opts.max_version && h.max_version >= 1) {
+                                check.violation(format!(
+                                    "hello offers versions {}..{}",
+                                    h.min_version, h.max_version
+                                ));
+                            }
+                            let version = h.max_version.min(shared.opts.max_version);
+                            check.instance = Some(h.gateway_id);
+                            check.version = version;
+                            match shared.opts.hello {
+                                HelloReply::Normal => {
+                                    codec.encode(&Frame::hello_ack(version, "test-backend"), &mut out).unwrap();
+                                    let _ = events.send(Event::Link(n));
+                                }
+                                HelloReply::Silent => {}
+                                HelloReply::Refuse => {
+                                    let mut ack = Frame::hello_ack(0, "test-backend");
+                                    if let Some(Body::HelloAck(a)) = ack.body.as_mut() {
+                                        a.error = "no common version (test)".into();
+                                    }
+                                    codec.encode(&ack, &mut out).unwrap();
+                                    let _ = stream.write_all(&out).await;
+                                    break 'link;
+                                }
+                                HelloReply::Version(v) => {
+                                    check.version = v;
+                                    codec.encode(&Frame::hello_ack(v, "test-backend"), &mut out).unwrap();
+                                }
+                            }
                         }
                         Body::Heartbeat(hb) => {
+                            if id != 0 {
+                                check.violation(format!("heartbeat with session id {id}"));
+                            }
                             if !hb.ack {
                                 codec.encode(&Frame::heartbeat(hb.nonce, true), &mut out).unwrap();
                             }
                         }
                         Body::Open(open) => {
-                            routes.lock().unwrap().insert(id, out_tx.clone());
+                            if id == 0 {
+                                check.violation("open with session id 0");
+                                continue;
+                            }
+                            let Some(instance) = check.instance.clone() else {
+                                continue;
+                            };
+                            let prev = shared
+                                .sessions
+                                .lock()
+                                .unwrap()
+                                .insert((instance, id), SessionState::Open(n));
+                            if let Some(prev) = prev {
+                                check.violation(format!(
+                                    "second open for session {id} (was {prev:?})"
+                                ));
+                            }
+                            shared.routes.lock().unwrap().insert(id, out_tx.clone());
                             mine.push(id);
                             let _ = events.send(Event::Open { link: n, session: id, open });
                         }
                         Body::Data(d) => {
+                            if !check.session_frame(id, "data") {
+                                continue;
+                            }
+                            if d.text && std::str::from_utf8(&d.payload).is_err() {
+                                check.violation(format!("invalid UTF-8 in text data for session {id}"));
+                            }
                             if echo {
                                 codec.encode(&Frame::data(id, d.payload.clone(), d.text), &mut out).unwrap();
                             }
                             let _ = events.send(Event::Data { session: id, payload: d.payload, text: d.text });
                         }
                         Body::Close(c) => {
+                            if !check.session_frame(id, "close") {
+                                continue;
+                            }
                             let _ = events.send(Event::Close { session: id, code: c.code, reason: c.reason });
                         }
                         Body::Detached(d) => {
+                            if check.version < 2 {
+                                check.violation(format!("detached on a version {} link", check.version));
+                            }
+                            if !check.session_frame(id, "detached") {
+                                continue;
+                            }
                             let _ = events.send(Event::Detached { session: id, reason: d.reason });
                         }
                         Body::Attached(a) => {
+                            // `attached` without a `detached` before it is
+                            // allowed: a takeover of a live connection.
+                            if check.version < 2 {
+                                check.violation(format!("attached on a version {} link", check.version));
+                            }
+                            if !check.session_frame(id, "attached") {
+                                continue;
+                            }
                             let _ = events.send(Event::Attached { session: id, replayed: a.replayed });
                         }
-                        Body::HelloAck(_) => panic!("gateway sent hello_ack"),
+                        Body::HelloAck(_) => check.violation("gateway sent hello_ack"),
                     }
                 }
             }
-            Some(f) = out_rx.recv() => codec.encode(&f, &mut out).unwrap(),
+            Some(f) = out_rx.recv() => {
+                check.sending(&f);
+                codec.encode(&f, &mut out).unwrap();
+            }
         }
         while let Ok(f) = out_rx.try_recv() {
+            check.sending(&f);
             codec.encode(&f, &mut out).unwrap();
         }
         if !out.is_empty() {
@@ -277,9 +555,22 @@ async fn link(
             out.clear();
         }
     }
-    let mut r = routes.lock().unwrap();
+    let mut r = shared.routes.lock().unwrap();
     for id in mine {
         r.remove(&id);
     }
     let _ = events.send(Event::LinkClosed(n));
+}
+
+fn body_kind(b: &Body) -> &'static str {
+    match b {
+        Body::Hello(_) => "hello",
+        Body::HelloAck(_) => "hello_ack",
+        Body::Open(_) => "open",
+        Body::Data(_) => "data",
+        Body::Close(_) => "close",
+        Body::Heartbeat(_) => "heartbeat",
+        Body::Detached(_) => "detached",
+        Body::Attached(_) => "attached",
+    }
 }

@@ -30,7 +30,9 @@ pub fn bin_dir() -> PathBuf {
         .to_path_buf()
 }
 
-/// Path of a workspace binary; panics with the fix if it was not built.
+/// Path of a workspace binary; panics with the fix if it was not built, or
+/// if it is older than the sources it is built from (so `cargo test
+/// --release` alone cannot test a stale binary).
 pub fn bin(name: &str) -> PathBuf {
     let p = bin_dir().join(name);
     assert!(
@@ -39,7 +41,55 @@ pub fn bin(name: &str) -> PathBuf {
          (cargo build --release --workspace --bins)",
         p.display()
     );
+    let sources: &[&str] = match name {
+        "gateway" => &[
+            "gateway/src",
+            "gateway/Cargo.toml",
+            "protocol/src",
+            "protocol/proto",
+        ],
+        "loadtest" => &[
+            "loadtest/src",
+            "loadtest/Cargo.toml",
+            "protocol/src",
+            "protocol/proto",
+        ],
+        _ => &[],
+    };
+    let built = mtime(&p);
+    if let Some((newest, path)) = sources
+        .iter()
+        .filter_map(|s| newest_file(&repo_root().join(s)))
+        .max()
+    {
+        assert!(
+            built >= newest,
+            "{} is older than {}: it is stale. Run the tests with tests/run.sh, which \
+             builds the binaries first (cargo build --release --workspace --bins)",
+            p.display(),
+            path.display()
+        );
+    }
     p
+}
+
+fn mtime(p: &Path) -> std::time::SystemTime {
+    std::fs::metadata(p)
+        .and_then(|m| m.modified())
+        .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+/// The newest modification time of a file at or under `p`, with its path.
+fn newest_file(p: &Path) -> Option<(std::time::SystemTime, PathBuf)> {
+    let meta = std::fs::metadata(p).ok()?;
+    if meta.is_file() {
+        return Some((mtime(p), p.to_path_buf()));
+    }
+    std::fs::read_dir(p)
+        .ok()?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| newest_file(&e.path()))
+        .max()
 }
 
 /// The workspace root.
@@ -113,10 +163,25 @@ impl Default for Certs {
 }
 
 /// A child process killed when dropped, with the addresses it printed.
+///
+/// Dropping it fails the test (unless the test is already failing) if the
+/// process logged a panic: a panic in the gateway or loadtest must never go
+/// unnoticed just because the process was killed at the end of the test.
 pub struct Proc {
     pub child: Child,
     pub stderr_path: PathBuf,
     _stderr_dir: tempfile::TempDir,
+}
+
+/// What a Rust process writes to stderr when a thread panics.
+const PANIC_MARK: &str = "panicked at";
+
+/// Panics if `stderr` (of the process `what`) shows a panic.
+pub fn assert_no_panic(what: &str, stderr: &str) {
+    assert!(
+        !stderr.contains(PANIC_MARK),
+        "{what} panicked; its stderr:\n{stderr}"
+    );
 }
 
 impl Proc {
@@ -174,13 +239,18 @@ impl Proc {
 
     /// Sends SIGTERM.
     pub fn sigterm(&self) {
+        self.signal("TERM");
+    }
+
+    /// Sends a signal by name (`TERM`, `INT`, ...).
+    pub fn signal(&self, name: &str) {
         let ok = Command::new("kill")
-            .arg("-TERM")
+            .arg(format!("-{name}"))
             .arg(self.pid().to_string())
             .status()
             .unwrap()
             .success();
-        assert!(ok, "kill -TERM failed");
+        assert!(ok, "kill -{name} failed");
     }
 
     /// Waits for exit up to `limit`; returns the exit code.
@@ -195,15 +265,43 @@ impl Proc {
         None
     }
 
-    /// Resident set size in KiB, from /proc.
-    pub fn rss_kib(&self) -> u64 {
-        let status =
-            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+    /// Sends SIGTERM and asserts the process exits with status 0 within
+    /// `limit` (for processes whose exit status reports what they saw,
+    /// like the Python backend's count of protocol violations).
+    pub fn stop_cleanly(&mut self, limit: Duration) {
+        self.sigterm();
+        let code = self.wait_exit(limit);
+        assert_eq!(
+            code,
+            Some(0),
+            "process did not exit cleanly after SIGTERM; stderr:\n{}",
+            self.stderr()
+        );
+    }
+
+    /// A line of /proc/PID/status in KiB; panics if it cannot be read, so
+    /// that a memory assertion can never pass on a missing number.
+    fn proc_status_kib(&self, key: &str) -> u64 {
+        let path = format!("/proc/{}/status", self.pid());
+        let status = std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("cannot read {path} for {key}: {e}"));
         status
             .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .find_map(|l| l.strip_prefix(key))
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap_or(0)
+            .unwrap_or_else(|| panic!("no {key} in {path}:\n{status}"))
+    }
+
+    /// Resident set size now, in KiB (VmRSS).
+    pub fn rss_kib(&self) -> u64 {
+        self.proc_status_kib("VmRSS:")
+    }
+
+    /// Peak resident set size so far, in KiB (VmHWM): what a bound on
+    /// memory use is about, since a spike that was freed again still had to
+    /// fit.
+    pub fn peak_rss_kib(&self) -> u64 {
+        self.proc_status_kib("VmHWM:")
     }
 }
 
@@ -211,6 +309,9 @@ impl Drop for Proc {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if !std::thread::panicking() {
+            assert_no_panic("a child process of this test", &self.stderr());
+        }
     }
 }
 
@@ -333,22 +434,61 @@ impl Gateway {
 
     /// Waits until the `gateway_links_up` metric reaches `n`, up to `limit`.
     pub async fn wait_links_up(&self, n: usize, limit: Duration) {
-        let start = std::time::Instant::now();
-        while self.metric("gateway_links_up").await < n as f64 {
-            assert!(
-                start.elapsed() < limit,
-                "fewer than {n} links up after {limit:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        self.wait_metric("gateway_links_up", |v| v >= n as f64, limit)
+            .await;
+    }
+
+    /// Sum of the Prometheus samples whose line starts with `prefix`, or
+    /// None if there is no such sample.
+    pub async fn metric_opt(&self, prefix: &str) -> Option<f64> {
+        let (status, body) = self.admin_get("/metrics").await;
+        assert_eq!(status, 200, "/metrics: {body}");
+        let values: Vec<f64> = body
+            .lines()
+            .filter(|l| l.starts_with(prefix))
+            .map(|l| {
+                l.rsplit(' ')
+                    .next()
+                    .and_then(|v| v.parse::<f64>().ok())
+                    .unwrap_or_else(|| panic!("unparsable metric line {l:?}"))
+            })
+            .collect();
+        (!values.is_empty()).then(|| values.iter().sum())
+    }
+
+    /// Value of the Prometheus sample(s) whose line starts with `prefix`;
+    /// panics if the gateway exports no such sample (a misspelt or removed
+    /// metric must not read as 0).
+    pub async fn metric(&self, prefix: &str) -> f64 {
+        match self.metric_opt(prefix).await {
+            Some(v) => v,
+            None => {
+                let (_, body) = self.admin_get("/metrics").await;
+                panic!("no metric sample starts with {prefix:?}; /metrics:\n{body}")
+            }
         }
     }
 
-    /// Value of a Prometheus sample whose line starts with `prefix`.
-    pub async fn metric(&self, prefix: &str) -> f64 {
-        let (_, body) = self.admin_get("/metrics").await;
-        body.lines()
-            .filter(|l| l.starts_with(prefix))
-            .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
-            .sum()
+    /// Polls the metric `prefix` until `ok(value)`, up to `limit`; returns
+    /// the value. A sample that does not exist yet (a labelled counter
+    /// before its first increment) counts as not yet there.
+    pub async fn wait_metric(
+        &self,
+        prefix: &str,
+        ok: impl Fn(f64) -> bool,
+        limit: Duration,
+    ) -> f64 {
+        let start = std::time::Instant::now();
+        loop {
+            let v = self.metric_opt(prefix).await;
+            if let Some(v) = v.filter(|v| ok(*v)) {
+                return v;
+            }
+            assert!(
+                start.elapsed() < limit,
+                "metric {prefix} is {v:?} after {limit:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 }

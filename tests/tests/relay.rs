@@ -106,9 +106,11 @@ async fn session_open_carries_client_metadata_and_subprotocol() {
             ),
     );
     gw.wait_ready(T).await;
+    // The gateway lists chat.v2 first; the client prefers chat.v1. The
+    // client's first offered protocol that the gateway supports wins.
     let opts = Connect {
         headers: vec![
-            ("Sec-WebSocket-Protocol", "chat.v1, other".into()),
+            ("Sec-WebSocket-Protocol", "other, chat.v1, chat.v2".into()),
             ("User-Agent", "TestApp/1.0".into()),
             ("X-App-Version", "42".into()),
             ("X-Secret", "not forwarded".into()),
@@ -142,6 +144,17 @@ async fn session_open_carries_client_metadata_and_subprotocol() {
             ("x-app-version".into(), "42".into())
         ]
     );
+    // The other order picks the other protocol: the client's order decides.
+    let opts = Connect {
+        headers: vec![("Sec-WebSocket-Protocol", "chat.v2, chat.v1".into())],
+        ..Connect::default()
+    };
+    let (_ws2, resp) = client::connect(gw.ws.unwrap(), "/ws", &opts).await.unwrap();
+    assert_eq!(
+        resp.headers().get("sec-websocket-protocol").unwrap(),
+        "chat.v2"
+    );
+    assert_eq!(backend.next_open().await.1.subprotocol, "chat.v2");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -294,32 +307,33 @@ async fn metrics_count_sessions_messages_and_links() {
         c.send_text("m").await;
         c.recv_within(T).await;
     }
-    assert_eq!(gw.metric("gateway_sessions_open").await, 1.0);
+    gw.wait_metric("gateway_sessions_open", |v| v == 1.0, T)
+        .await;
     gw.wait_links_up(2, T).await;
-    assert_eq!(
-        gw.metric("gateway_messages_total{direction=\"client_to_backend\"")
-            .await,
-        3.0
-    );
-    assert_eq!(
-        gw.metric("gateway_messages_total{direction=\"backend_to_client\"")
-            .await,
-        3.0
-    );
+    gw.wait_metric(
+        "gateway_messages_total{direction=\"client_to_backend\"",
+        |v| v == 3.0,
+        T,
+    )
+    .await;
+    gw.wait_metric(
+        "gateway_messages_total{direction=\"backend_to_client\"",
+        |v| v == 3.0,
+        T,
+    )
+    .await;
     c.ws.write_frame(fastwebsockets::Frame::close(1000, b""))
         .await
         .unwrap();
     c.expect_close(T).await;
-    let start = std::time::Instant::now();
-    while gw
-        .metric("gateway_sessions_closed_total{reason=\"client_closed\"")
-        .await
-        < 1.0
-    {
-        assert!(start.elapsed() < T, "close not counted");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(gw.metric("gateway_sessions_open").await, 0.0);
+    gw.wait_metric(
+        "gateway_sessions_closed_total{reason=\"client_closed\"",
+        |v| v == 1.0,
+        T,
+    )
+    .await;
+    gw.wait_metric("gateway_sessions_open", |v| v == 0.0, T)
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -337,16 +351,66 @@ async fn backend_data_then_close_arrive_in_order() {
         assert_eq!(c.recv_within(T).await, Some(Msg::Binary(vec![i])));
     }
     assert_eq!(c.expect_close(T).await, (4003, "done".into()));
-    let start = std::time::Instant::now();
-    while gw
-        .metric("gateway_sessions_closed_total{reason=\"backend_closed\"")
-        .await
-        < 1.0
-    {
-        assert!(
-            start.elapsed() < T,
-            "the close was not counted as the backend's"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    // Counted as the backend's close.
+    gw.wait_metric(
+        "gateway_sessions_closed_total{reason=\"backend_closed\"",
+        |v| v == 1.0,
+        T,
+    )
+    .await;
+}
+
+/// The metrics no other test reads: refusals, message bytes, link connects,
+/// link writes and frames written, refused resumes.
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_count_refusals_bytes_link_writes_and_refused_resumes() {
+    let backend = TestBackend::start(Framing::Varint, true).await;
+    let gw = Gateway::start(GatewayOpts::new(backend.addr).set("listen.max_sessions", "2"));
+    gw.wait_ready(T).await;
+    gw.wait_links_up(2, T).await;
+    let plain = Connect::default();
+    let mut a = Client::connect(gw.ws.unwrap(), "/ws", &plain).await;
+    for m in ["hello", "world", "12345"] {
+        a.echo(m).await;
     }
+    for dir in ["client_to_backend", "backend_to_client"] {
+        gw.wait_metric(
+            &format!("gateway_message_bytes_total{{direction=\"{dir}\""),
+            |v| v == 15.0,
+            T,
+        )
+        .await;
+    }
+    gw.wait_metric("gateway_link_connects_total", |v| v == 2.0, T)
+        .await;
+    // Frames written counts the data frames (one per client message);
+    // writes count every write to a link socket, batches included.
+    gw.wait_metric("gateway_link_frames_written_total", |v| v == 3.0, T)
+        .await;
+    let writes = gw.metric("gateway_link_writes_total").await;
+    assert!(writes >= 1.0, "link writes {writes}");
+
+    // A resume with a credential nobody issued.
+    let resume = Connect {
+        headers: vec![
+            ("X-Wsgw-Resume", "0123456789abcdef0123456789abcdef".into()),
+            ("X-Wsgw-Received", "0".into()),
+        ],
+        ..Connect::default()
+    };
+    assert!(matches!(
+        client::connect(gw.ws.unwrap(), "/ws", &resume).await,
+        Err(fastwebsockets::WebSocketError::InvalidStatusCode(410))
+    ));
+    gw.wait_metric("gateway_resumes_refused_total", |v| v == 1.0, T)
+        .await;
+
+    // Over the session cap.
+    let _b = Client::connect(gw.ws.unwrap(), "/ws", &plain).await;
+    assert!(matches!(
+        client::connect(gw.ws.unwrap(), "/ws", &plain).await,
+        Err(fastwebsockets::WebSocketError::InvalidStatusCode(503))
+    ));
+    gw.wait_metric("gateway_sessions_refused_total", |v| v == 1.0, T)
+        .await;
 }

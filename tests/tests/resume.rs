@@ -98,8 +98,11 @@ async fn a_lost_connection_resumes_with_nothing_lost_or_duplicated() {
             _ => None,
         })
         .await;
-    // Replayed from the buffer, or (if the resume beat them to the gateway)
-    // delivered straight from the mailbox: either way received once above.
+    // b2 and [3] are replayed from the buffer, or (if the resume overtook
+    // them inside the gateway) delivered straight from the session's
+    // mailbox, which no outside signal can tell apart; either way each was
+    // received exactly once above. The exact count, where it is determined,
+    // is checked in `replayed_counts_are_exact_and_a_position_no_longer_buffered_is_refused`.
     assert!(replayed <= 2, "{replayed}");
 
     // Same session, same backend session id, still working both ways.
@@ -120,11 +123,12 @@ async fn a_lost_connection_resumes_with_nothing_lost_or_duplicated() {
         connect(&gw, Some(("not-a-token", 0))).await.err(),
         Some(410)
     );
-    assert_eq!(
-        gw.metric("gateway_resumes_total{result=\"succeeded\"")
-            .await,
-        1.0
-    );
+    gw.wait_metric(
+        "gateway_resumes_total{result=\"succeeded\"",
+        |v| v == 1.0,
+        T,
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -135,9 +139,21 @@ async fn a_resume_after_the_grace_period_is_told_the_session_is_lost() {
     let (c, token, _) = connect(&gw, None).await.unwrap();
     let (s, _) = backend.next_open().await;
     drop(c);
+    backend
+        .wait_for(|e| matches!(e, Event::Detached { session, .. } if *session == s).then_some(()))
+        .await;
+    // The grace started before the gateway sent `detached`, so the time
+    // from here is at most the grace; allow for timer granularity only.
+    let detached = std::time::Instant::now();
     let (code, reason) = backend.wait_close(s).await;
+    let waited = detached.elapsed();
     assert_eq!(code, 1006);
     assert!(reason.starts_with("session expired"), "{reason}");
+    assert!(
+        waited >= Duration::from_millis(450),
+        "expired after {waited:?}, before the 500 ms grace"
+    );
+    assert!(waited < Duration::from_secs(5), "expired after {waited:?}");
     assert_eq!(connect(&gw, Some((&token, 0))).await.err(), Some(410));
 }
 
@@ -161,8 +177,10 @@ async fn a_resume_while_the_old_connection_lives_takes_over() {
     assert_eq!(new.recv_within(T).await, Some(Msg::Text("two".into())));
 }
 
+/// More arrived while the client was away than the buffer holds: the
+/// session cannot be resumed without a gap, so it ends at once.
 #[tokio::test(flavor = "multi_thread")]
-async fn a_resume_from_a_position_no_longer_buffered_is_refused() {
+async fn a_buffer_overflow_while_away_ends_the_session() {
     let mut backend = TestBackend::start(Framing::Varint, false).await;
     let gw = Gateway::start(
         GatewayOpts::new(backend.addr)
@@ -176,8 +194,6 @@ async fn a_resume_from_a_position_no_longer_buffered_is_refused() {
     backend
         .wait_for(|e| matches!(e, Event::Detached { .. }).then_some(()))
         .await;
-    // More than the buffer holds arrives while the client is away: the
-    // session cannot be resumed without a gap, so it ends at once.
     for i in 0..5u8 {
         backend.push(s, &[i], false);
     }
@@ -185,6 +201,83 @@ async fn a_resume_from_a_position_no_longer_buffered_is_refused() {
     assert_eq!(code, 1006);
     assert!(reason.contains("buffer"), "{reason}");
     assert_eq!(connect(&gw, Some((&token, 0))).await.err(), Some(410));
+}
+
+/// Opens a resumable session, has the backend send it `n` messages that the
+/// client reads, then drops the connection and waits until it detached.
+async fn delivered_then_dropped(gw: &Gateway, backend: &mut TestBackend, n: u8) -> (u64, String) {
+    let (mut c, token, _) = connect(gw, None).await.unwrap();
+    let (s, _) = backend.next_open().await;
+    for i in 0..n {
+        backend.push(s, &[i], false);
+    }
+    for i in 0..n {
+        assert_eq!(c.recv_within(T).await, Some(Msg::Binary(vec![i])));
+    }
+    drop(c);
+    backend
+        .wait_for(|e| matches!(e, Event::Detached { session, .. } if *session == s).then_some(()))
+        .await;
+    (s, token)
+}
+
+/// Waits for `attached` of session `s`; returns its `replayed`.
+async fn wait_attached(backend: &mut TestBackend, s: u64) -> u64 {
+    backend
+        .wait_for(|e| match e {
+            Event::Attached { session, replayed } if *session == s => Some(*replayed),
+            Event::Close {
+                session, reason, ..
+            } if *session == s => panic!("session closed instead of resuming: {reason}"),
+            _ => None,
+        })
+        .await
+}
+
+/// The client missed more, before the drop, than the replay buffer holds
+/// (it says it received fewer messages than the gateway delivered): 410,
+/// and the session ends. One message fewer missed, exactly what the buffer
+/// holds, resumes and replays exactly those; none missed replays none.
+#[tokio::test(flavor = "multi_thread")]
+async fn replayed_counts_are_exact_and_a_position_no_longer_buffered_is_refused() {
+    let mut backend = TestBackend::start(Framing::Varint, false).await;
+    let gw = Gateway::start(
+        GatewayOpts::new(backend.addr)
+            .set("backend.links_per_endpoint", "1")
+            .set("resume.buffer_messages", "4")
+            .set("resume.grace", "\"30s\""),
+    );
+    gw.wait_ready(T).await;
+    // Delivered 10, the buffer holds the last 4 (6..=9): the client claims
+    // it received 6, so it missed exactly 4: all replayed.
+    let (s, token) = delivered_then_dropped(&gw, &mut backend, 10).await;
+    let (mut c, token, _) = connect(&gw, Some((&token, 6)))
+        .await
+        .expect("resume at the buffer's edge");
+    for i in 6..10u8 {
+        assert_eq!(c.recv_within(T).await, Some(Msg::Binary(vec![i])));
+    }
+    assert_eq!(wait_attached(&mut backend, s).await, 4);
+    // Again, having missed nothing: nothing replayed.
+    drop(c);
+    backend
+        .wait_for(|e| matches!(e, Event::Detached { session, .. } if *session == s).then_some(()))
+        .await;
+    let (_c, _, _) = connect(&gw, Some((&token, 10)))
+        .await
+        .expect("resume having missed nothing");
+    assert_eq!(wait_attached(&mut backend, s).await, 0);
+
+    // Delivered 10 again, but the client claims it received 5: message 5
+    // is no longer buffered. A valid, unused token, refused for the
+    // position alone: 410, and the session ends.
+    let (s, token) = delivered_then_dropped(&gw, &mut backend, 10).await;
+    assert_eq!(connect(&gw, Some((&token, 5))).await.err(), Some(410));
+    let (code, reason) = backend.wait_close(s).await;
+    assert_eq!(code, 1006);
+    assert!(reason.contains("position"), "{reason}");
+    gw.wait_metric("gateway_resume_replayed", |v| v == 4.0, T)
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -225,7 +318,14 @@ async fn a_resume_takes_over_a_connection_stuck_in_a_write() {
         m[..4].copy_from_slice(&(i as u32).to_be_bytes());
         backend.push(s, &m, false);
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Wait until the gateway has read them all from the link: 24 MiB
+    // towards a socket that is not read, so its write is stuck by now.
+    gw.wait_metric(
+        "gateway_messages_total{direction=\"backend_to_client\"",
+        |v| v >= N as f64,
+        T,
+    )
+    .await;
     let started = std::time::Instant::now();
     let (mut new, _, _) = connect(&gw, Some((&token, 0)))
         .await
@@ -274,4 +374,61 @@ async fn a_busy_session_resumes_after_its_buffer_filled_with_delivered_messages(
     for i in 100..110u8 {
         assert_eq!(c.recv_within(T).await, Some(Msg::Binary(vec![i])));
     }
+}
+
+/// `resume.max_detached`: beyond the cap a lost session ends at once.
+#[tokio::test(flavor = "multi_thread")]
+async fn beyond_max_detached_a_lost_session_ends_at_once() {
+    let mut backend = TestBackend::start(Framing::Varint, false).await;
+    let gw = Gateway::start(
+        GatewayOpts::new(backend.addr)
+            .set("resume.grace", "\"30s\"")
+            .set("resume.max_detached", "2"),
+    );
+    gw.wait_ready(T).await;
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        clients.push(connect(&gw, None).await.unwrap().0);
+        backend.next_open().await;
+    }
+    drop(clients);
+    let (mut detached, mut closed) = (0, Vec::new());
+    while detached + closed.len() < 3 {
+        match backend.next().await {
+            Event::Detached { .. } => detached += 1,
+            Event::Close { code, reason, .. } => closed.push((code, reason)),
+            _ => {}
+        }
+    }
+    assert_eq!(detached, 2);
+    assert_eq!(closed.len(), 1, "{closed:?}");
+    assert_eq!(closed[0].0, 1006);
+    assert!(closed[0].1.contains("too many detached"), "{closed:?}");
+    gw.wait_metric("gateway_sessions_detached", |v| v == 2.0, T)
+        .await;
+}
+
+/// `resume.max_detached_bytes`: a detached session whose backend keeps
+/// sending beyond the gateway-wide budget ends.
+#[tokio::test(flavor = "multi_thread")]
+async fn beyond_max_detached_bytes_a_detached_session_ends() {
+    let mut backend = TestBackend::start(Framing::Varint, false).await;
+    let gw = Gateway::start(
+        GatewayOpts::new(backend.addr)
+            .set("resume.grace", "\"30s\"")
+            .set("resume.max_detached_bytes", "\"4KiB\""),
+    );
+    gw.wait_ready(T).await;
+    let (c, _, _) = connect(&gw, None).await.unwrap();
+    let (s, _) = backend.next_open().await;
+    drop(c);
+    backend
+        .wait_for(|e| matches!(e, Event::Detached { session, .. } if *session == s).then_some(()))
+        .await;
+    for _ in 0..8 {
+        backend.push(s, &[1u8; 1024], false);
+    }
+    let (code, reason) = backend.wait_close(s).await;
+    assert_eq!(code, 1006);
+    assert!(reason.contains("detached sessions full"), "{reason}");
 }

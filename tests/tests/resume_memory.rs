@@ -13,6 +13,20 @@ const PUSHES: usize = 5;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn ten_thousand_detached_sessions_stay_within_the_documented_bound() {
+    // Say plainly what is missing rather than fail on the 1,025th socket.
+    let limits = std::fs::read_to_string("/proc/self/limits").unwrap();
+    let soft: u64 = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(u64::MAX);
+    assert!(
+        soft >= (SESSIONS + 2000) as u64,
+        "the open-file limit is {soft}; this test needs {}: run it through tests/run.sh \
+         (which raises it) or `ulimit -n 16384` first",
+        SESSIONS + 2000
+    );
     let mut backend = TestBackend::start(Framing::Varint, false).await;
     let gw = Gateway::start(
         GatewayOpts::new(backend.addr)
@@ -67,14 +81,21 @@ async fn ten_thousand_detached_sessions_stay_within_the_documented_bound() {
             backend.push(*s, &payload, false);
         }
     }
-    let start = std::time::Instant::now();
-    while gw.metric("gateway_sessions_detached").await < SESSIONS as f64
-        || start.elapsed() < Duration::from_secs(2)
-    {
-        assert!(start.elapsed() < Duration::from_secs(30));
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let grew_kib = gw.proc.rss_kib().saturating_sub(rss_before);
+    let limit = Duration::from_secs(30);
+    gw.wait_metric("gateway_sessions_detached", |v| v == SESSIONS as f64, limit)
+        .await;
+    // Every push has been read from the link (the gateway counts a message
+    // as it reads it) ...
+    gw.wait_metric(
+        "gateway_messages_total{direction=\"backend_to_client\"",
+        |v| v >= (SESSIONS * PUSHES) as f64,
+        limit,
+    )
+    .await;
+    // (each session moves them into its replay buffer right after; they
+    // are 3 MiB in all, small next to the bound checked). The peak (VmHWM) is what the bound is about: memory the process
+    // needed at its worst, whatever it handed back since.
+    let grew_kib = gw.proc.peak_rss_kib().saturating_sub(rss_before);
     let held_kib = (SESSIONS * PUSHES * payload.len()) as u64 / 1024;
     let per_session = (grew_kib.saturating_sub(held_kib)) as f64 / SESSIONS as f64;
     println!("RSS grew {grew_kib} KiB: {held_kib} KiB buffered messages + {per_session:.2} KiB per detached session");

@@ -8,6 +8,7 @@ use gateway_tests::client::{self, Client, Connect, Msg};
 use gateway_tests::{Certs, Gateway, GatewayOpts, TestBackend};
 use protocol::Framing;
 
+const T: Duration = Duration::from_secs(10);
 const CLIENTS: usize = 1000;
 const MESSAGES: usize = 20;
 
@@ -39,7 +40,8 @@ async fn thousand_wss_clients_over_two_links_each_get_their_own_messages_in_orde
     while let Some(r) = connecting.join_next().await {
         clients.push(r.unwrap());
     }
-    assert_eq!(gw.metric("gateway_sessions_open").await, CLIENTS as f64);
+    gw.wait_metric("gateway_sessions_open", |v| v == CLIENTS as f64, T)
+        .await;
 
     // Everyone sends numbered messages without waiting, and must get back
     // exactly its own, in order, with the right type.
@@ -77,8 +79,10 @@ async fn thousand_wss_clients_over_two_links_each_get_their_own_messages_in_orde
         2,
         "the backend must see exactly 2 TCP connections"
     );
-    let relayed = gw
-        .metric("gateway_messages_total{direction=\"backend_to_client\"")
-        .await;
-    assert_eq!(relayed, (CLIENTS * MESSAGES) as f64);
+    gw.wait_metric(
+        "gateway_messages_total{direction=\"backend_to_client\"",
+        |v| v == (CLIENTS * MESSAGES) as f64,
+        T,
+    )
+    .await;
 }

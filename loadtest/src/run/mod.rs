@@ -260,9 +260,14 @@ async fn run(args: RunArgs) -> anyhow::Result<Summary> {
     shared.pacer.stop();
     shared.stop.cancel();
     let mut total = Tally::new();
+    // A connection task that panicked took its counts with it (its lost or
+    // corrupt messages among them), so the summary would under-count: the
+    // run fails instead.
+    let mut panicked = Vec::new();
     while let Some(r) = tasks.join_next().await {
-        if let Ok(t) = r {
-            total.merge(&t);
+        match r {
+            Ok(t) => total.merge(&t),
+            Err(e) => panicked.push(e.to_string()),
         }
     }
     progress.abort();
@@ -271,6 +276,15 @@ async fn run(args: RunArgs) -> anyhow::Result<Summary> {
     }
     if let Some(path) = &args.hdr_out {
         write_hdr(path, &total)?;
+    }
+    if !panicked.is_empty() {
+        let s = Summary::new(scenario_name(args.scenario), &args.url, &total, elapsed);
+        eprint!("{}", s.table());
+        bail!(
+            "{} connection task(s) failed, their counts are missing from the summary above: {}",
+            panicked.len(),
+            panicked.join("; ")
+        );
     }
     if total.connections_ok == 0 {
         let s = Summary::new(scenario_name(args.scenario), &args.url, &total, elapsed);

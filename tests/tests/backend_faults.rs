@@ -1,0 +1,358 @@
+//! A misbehaving backend, driven through the independent Python backend's
+//! commands (tests/interop/backend.py): protocol violations drop only that
+//! link, a message over the size limit or invalid UTF-8 closes only that
+//! session, frames for sessions never opened are dropped and counted; and a
+//! version-1 backend never sees `detached`/`attached`.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::process::Command;
+use std::time::Duration;
+
+use gateway_tests::backend::{BackendOpts, HelloReply};
+use gateway_tests::client::{self, Client, Connect, Msg};
+use gateway_tests::{python, repo_root, Event, Gateway, GatewayOpts, Proc, TestBackend};
+use protocol::Framing;
+
+const T: Duration = Duration::from_secs(10);
+
+fn python_backend() -> (Proc, std::net::SocketAddr) {
+    let mut cmd = Command::new(python());
+    cmd.arg(repo_root().join("tests/interop/backend.py")).args([
+        "--listen",
+        "127.0.0.1:0",
+        "--framing",
+        "varint",
+    ]);
+    let (proc, lines) = Proc::spawn(cmd, 1);
+    let addr = lines[0]
+        .strip_prefix("listening ")
+        .unwrap()
+        .parse()
+        .unwrap();
+    (proc, addr)
+}
+
+/// A gateway with two links to a fresh Python backend, and two clients,
+/// one on each link (sessions go to the least-loaded link).
+async fn two_links(set: &[(&'static str, &str)]) -> (Proc, Gateway, Client, Client) {
+    let (backend, addr) = python_backend();
+    let mut o = GatewayOpts::new(addr);
+    for (k, v) in set {
+        o = o.set(k, *v);
+    }
+    let gw = Gateway::start(o);
+    gw.wait_links_up(2, T).await;
+    let mut a = Client::connect(gw.ws.unwrap(), "/ws", &Connect::default()).await;
+    a.echo("a").await;
+    let mut b = Client::connect(gw.ws.unwrap(), "/ws", &Connect::default()).await;
+    b.echo("b").await;
+    (backend, gw, a, b)
+}
+
+/// The Python backend's counters, asked through a fresh session.
+async fn stats(gw: &Gateway) -> serde_json::Value {
+    let mut c = Client::connect(gw.ws.unwrap(), "/ws", &Connect::default()).await;
+    c.send_text("cmd:stats").await;
+    let Some(Msg::Text(s)) = c.recv_within(T).await else {
+        panic!("no stats")
+    };
+    serde_json::from_str(&s).unwrap()
+}
+
+async fn violation_drops_only_that_link(kind: &str) {
+    let (mut backend, gw, mut a, mut b) = two_links(&[]).await;
+    a.send_text(&format!("cmd:violate:{kind}")).await;
+    let (code, reason) = a.expect_close(T).await;
+    assert_eq!(code, 1012, "{kind}: {reason}");
+    // The other link's session never noticed.
+    b.echo("still here").await;
+    // The gateway reconnects the dropped link by itself.
+    gw.wait_metric("gateway_links_up", |v| v == 2.0, T).await;
+    gw.wait_metric("gateway_link_connects", |v| v >= 3.0, T)
+        .await;
+    let s = stats(&gw).await;
+    assert_eq!(s["violations"], 0, "the gateway broke nothing: {s}");
+    backend.stop_cleanly(T);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn backend_data_with_session_id_0_drops_that_link_only() {
+    violation_drops_only_that_link("session0").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn backend_frame_without_a_body_drops_that_link_only() {
+    violation_drops_only_that_link("bodyless").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn backend_zero_length_frame_drops_that_link_only() {
+    violation_drops_only_that_link("empty").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn backend_hello_after_the_handshake_drops_that_link_only() {
+    violation_drops_only_that_link("hello").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn backend_frame_above_the_maximum_drops_that_link_only() {
+    violation_drops_only_that_link("oversize").await;
+}
+
+/// A backend message over `session.max_message_size` (but within the frame
+/// limit): that session ends with 1011, the backend is told, the link and
+/// the other sessions stay; a message of exactly the limit goes through.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_backend_message_over_the_size_limit_closes_only_that_session_with_1011() {
+    let (mut backend, gw, mut a, mut b) =
+        two_links(&[("session.max_message_size", "\"64KiB\"")]).await;
+    a.send_text("cmd:big:65536").await;
+    match a.recv_within(T).await {
+        Some(Msg::Binary(m)) => assert_eq!(m.len(), 65536),
+        other => panic!("a message of exactly the limit: {other:?}"),
+    }
+    a.send_text("cmd:big:65537").await;
+    assert_eq!(a.expect_close(T).await.0, 1011);
+    b.echo("still here").await;
+    let s = stats(&gw).await;
+    let closes = s["closes"].as_array().unwrap();
+    assert!(
+        closes.iter().any(|c| c[1] == 1011),
+        "the backend is told with close{{1011}}: {s}"
+    );
+    assert_eq!(s["violations"], 0, "{s}");
+    assert_eq!(s["links_total"], 2, "the link stayed up: {s}");
+    backend.stop_cleanly(T);
+}
+
+/// Invalid UTF-8 in a text message from the backend: 1011 for that session,
+/// `close{1011, "backend sent invalid UTF-8"}` to the backend, link stays.
+#[tokio::test(flavor = "multi_thread")]
+async fn invalid_utf8_from_the_python_backend_closes_only_that_session() {
+    let (mut backend, gw, mut a, mut b) = two_links(&[]).await;
+    a.send_text("cmd:badutf8").await;
+    assert_eq!(a.expect_close(T).await.0, 1011);
+    b.echo("still here").await;
+    let s = stats(&gw).await;
+    let closes = s["closes"].as_array().unwrap();
+    assert!(
+        closes
+            .iter()
+            .any(|c| c[1] == 1011 && c[2] == "backend sent invalid UTF-8"),
+        "{s}"
+    );
+    assert_eq!(s["links_total"], 2, "the link stayed up: {s}");
+    backend.stop_cleanly(T);
+}
+
+/// Data for a session never opened on the link: dropped, counted as a late
+/// frame, and the session that asked for it carries on.
+#[tokio::test(flavor = "multi_thread")]
+async fn frames_for_unknown_sessions_are_dropped_and_counted() {
+    let (mut backend, gw, mut a, mut b) = two_links(&[]).await;
+    let before = gw
+        .metric_opt("gateway_link_late_frames")
+        .await
+        .unwrap_or(0.0);
+    a.send_text("cmd:foreign").await;
+    assert_eq!(
+        a.recv_within(T).await,
+        Some(Msg::Text("foreign-sent".into()))
+    );
+    a.echo("after").await;
+    b.echo("other").await;
+    gw.wait_metric("gateway_link_late_frames", |v| v == before + 1.0, T)
+        .await;
+    let s = stats(&gw).await;
+    assert_eq!(s["links_total"], 2, "{s}");
+    backend.stop_cleanly(T);
+}
+
+/// A backend that speaks only version 1: a resumable session detaches and
+/// resumes all the same, and the backend sees no `detached`/`attached`
+/// (the test backend records either as a violation on a version-1 link).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_version_1_backend_sees_no_detached_or_attached() {
+    let opts = BackendOpts {
+        max_version: 1,
+        ..BackendOpts::new(Framing::Varint, true)
+    };
+    let mut backend = TestBackend::start_with("127.0.0.1:0".parse().unwrap(), opts).await;
+    let gw = Gateway::start(GatewayOpts::new(backend.addr).set("backend.links_per_endpoint", "1"));
+    gw.wait_ready(T).await;
+    let resume = |v: String| Connect {
+        headers: vec![("X-Wsgw-Resume", v)],
+        ..Connect::default()
+    };
+    let (ws, resp) = client::connect(gw.ws.unwrap(), "/ws", &resume("new".into()))
+        .await
+        .unwrap();
+    let token = resp.headers()["x-wsgw-resume"].to_str().unwrap().to_owned();
+    let (s, _) = backend.next_open().await;
+    let mut c = Client::from_ws(ws);
+    c.echo("before").await;
+    drop(c);
+    gw.wait_metric("gateway_sessions_detached", |v| v == 1.0, T)
+        .await;
+    let mut opts = resume(token);
+    opts.headers.push(("X-Wsgw-Received", "1".into()));
+    let (ws, _) = client::connect(gw.ws.unwrap(), "/ws", &opts).await.unwrap();
+    let mut c = Client::from_ws(ws);
+    c.echo("after").await;
+    gw.wait_metric(
+        "gateway_resumes_total{result=\"succeeded\"",
+        |v| v == 1.0,
+        T,
+    )
+    .await;
+    // Everything the backend saw for the session: data only, no close.
+    while let Ok(e) = backend.events.try_recv() {
+        match e {
+            Event::Detached { .. } | Event::Attached { .. } => {
+                panic!("a version-1 backend got {e:?}")
+            }
+            Event::Close { session, .. } if session == s => panic!("the session closed: {e:?}"),
+            _ => {}
+        }
+    }
+    backend.assert_clean();
+}
+
+/// Heartbeats both ways: the gateway's are answered and keep the link up
+/// well past the heartbeat timeout, and the gateway answers the backend's
+/// own heartbeat requests.
+#[tokio::test(flavor = "multi_thread")]
+async fn link_heartbeats_are_answered_both_ways() {
+    let mut cmd = Command::new(python());
+    cmd.arg(repo_root().join("tests/interop/backend.py")).args([
+        "--listen",
+        "127.0.0.1:0",
+        "--heartbeat",
+        "0.1",
+    ]);
+    let (mut backend, lines) = Proc::spawn(cmd, 1);
+    let addr = lines[0]
+        .strip_prefix("listening ")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let gw = Gateway::start(
+        GatewayOpts::new(addr)
+            .set("backend.heartbeat_interval", "\"100ms\"")
+            .set("backend.heartbeat_timeout", "\"400ms\""),
+    );
+    gw.wait_links_up(2, T).await;
+    let mut c = Client::connect(gw.ws.unwrap(), "/ws", &Connect::default()).await;
+    // Several heartbeat intervals in each direction, and more than the
+    // timeout: the time passing is what is tested.
+    let start = std::time::Instant::now();
+    loop {
+        let s = stats(&gw).await;
+        let (sent, received, acks) = (
+            s["heartbeats_sent"].as_u64().unwrap(),
+            s["heartbeats_received"].as_u64().unwrap(),
+            s["heartbeat_acks"].as_u64().unwrap(),
+        );
+        if received >= 10 && acks >= 10 && start.elapsed() > Duration::from_secs(1) {
+            assert!(sent >= acks, "{s}");
+            break;
+        }
+        assert!(start.elapsed() < T, "heartbeats: {s}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    c.echo("still up").await;
+    assert_eq!(
+        gw.metric("gateway_link_connects").await,
+        2.0,
+        "no link was lost and reconnected"
+    );
+    backend.stop_cleanly(T);
+}
+
+/// A backend that stops sending anything (not even heartbeat answers):
+/// the gateway declares the link dead after `backend.heartbeat_timeout`,
+/// its sessions get 1012, and it connects a new link.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_silent_link_is_declared_dead_after_the_heartbeat_timeout() {
+    let mut backend = TestBackend::start(Framing::Varint, true).await;
+    let gw = Gateway::start(
+        GatewayOpts::new(backend.addr)
+            .set("backend.links_per_endpoint", "1")
+            .set("backend.heartbeat_interval", "\"200ms\"")
+            .set("backend.heartbeat_timeout", "\"1s\""),
+    );
+    gw.wait_ready(T).await;
+    let mut c = Client::connect(gw.ws.unwrap(), "/ws", &Connect::default()).await;
+    backend.next_open().await;
+    c.echo("answered").await;
+    backend.pause_reading(true);
+    let silent = std::time::Instant::now();
+    let (code, _) = c.expect_close(T).await;
+    let took = silent.elapsed();
+    assert_eq!(code, 1012);
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(4),
+        "declared dead after {took:?}, timeout 1 s"
+    );
+    backend.pause_reading(false);
+    gw.wait_metric("gateway_links_up", |v| v == 1.0, T).await;
+    assert!(backend.accepted() >= 2, "a new link was connected");
+}
+
+/// A late, refusing or out-of-range `hello_ack`: the gateway closes the
+/// link, is not ready, and retries with backoff (not in a tight loop).
+async fn bad_handshake_is_retried_with_backoff(hello: HelloReply) {
+    let opts = BackendOpts {
+        hello,
+        ..BackendOpts::new(Framing::Varint, true)
+    };
+    let backend = TestBackend::start_with("127.0.0.1:0".parse().unwrap(), opts).await;
+    let gw = Gateway::start(
+        GatewayOpts::new(backend.addr)
+            .set("backend.links_per_endpoint", "1")
+            .set("backend.handshake_timeout", "\"200ms\"")
+            .set("backend.reconnect_min", "\"50ms\"")
+            .set("backend.reconnect_max", "\"400ms\""),
+    );
+    let start = std::time::Instant::now();
+    while backend.accepted() < 4 {
+        assert!(
+            start.elapsed() < T,
+            "{hello:?}: no retries: {}",
+            backend.accepted()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (status, _) = gw.admin_get("/readyz").await;
+    assert_eq!(status, 503, "{hello:?}: never ready");
+    assert_eq!(gw.metric_opt("gateway_links_up").await.unwrap_or(0.0), 0.0);
+    // Backoff: 2 s hold at most a few dozen attempts, not thousands.
+    let before = backend.accepted();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let tries = backend.accepted() - before;
+    assert!(
+        (2..=40).contains(&tries),
+        "{hello:?}: {tries} attempts in 2 s with reconnect 50..400 ms"
+    );
+    match client::connect(gw.ws.unwrap(), "/ws", &Connect::default()).await {
+        Err(fastwebsockets::WebSocketError::InvalidStatusCode(503)) => {}
+        Err(e) => panic!("expected 503, got {e}"),
+        Ok(_) => panic!("expected 503, got an upgrade"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_late_hello_ack_is_retried_with_backoff() {
+    bad_handshake_is_retried_with_backoff(HelloReply::Silent).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refusing_hello_ack_is_retried_with_backoff() {
+    bad_handshake_is_retried_with_backoff(HelloReply::Refuse).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hello_ack_outside_the_offered_range_is_retried_with_backoff() {
+    bad_handshake_is_retried_with_backoff(HelloReply::Version(7)).await;
+}
