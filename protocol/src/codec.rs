@@ -91,15 +91,21 @@ pub enum DecodeError {
 }
 
 impl DecodeError {
-    /// The session a correctly framed but invalid frame belongs to: the
-    /// stream is still in sync after it. `None` for framing errors, and for
-    /// frames whose session id cannot be read or is 0 (the link's own).
+    /// The session a correctly framed frame with an undecodable body belongs
+    /// to: the stream is still in sync after it. `None` for framing errors,
+    /// a frame without a body, and frames whose session id cannot be read or
+    /// is 0 (the link's own).
     pub fn session(&self) -> Option<u64> {
         match self {
-            Self::InvalidBody { session_id, .. } | Self::MissingBody { session_id } => {
+            Self::InvalidBody { session_id, .. } => {
                 Some(*session_id).filter(|id| *id != crate::LINK_SESSION_ID)
             }
-            Self::FrameTooLarge { .. } | Self::BadLengthPrefix | Self::Protobuf(_) => None,
+            // A frame without a body is a peer that does not speak the
+            // protocol, not one bad value.
+            Self::MissingBody { .. }
+            | Self::FrameTooLarge { .. }
+            | Self::BadLengthPrefix
+            | Self::Protobuf(_) => None,
         }
     }
 }
@@ -504,7 +510,7 @@ mod tests {
         assert_eq!(next.session_id, 8);
         // Framing errors, and invalid link frames, have no session.
         assert_eq!(DecodeError::BadLengthPrefix.session(), None);
-        assert_eq!(DecodeError::MissingBody { session_id: 0 }.session(), None);
+        assert_eq!(DecodeError::MissingBody { session_id: 7 }.session(), None);
     }
 
     /// The worked example in protocol/README.md, byte for byte.
