@@ -110,6 +110,9 @@ impl Refusal {
             // A refused upgrade leaves the connection in an unknown state.
             headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
+        if *self == Self::MethodNotAllowed {
+            headers.insert(header::ALLOW, HeaderValue::from_static("GET"));
+        }
         if status == StatusCode::SERVICE_UNAVAILABLE {
             headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }

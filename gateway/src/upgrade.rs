@@ -57,12 +57,12 @@ fn check<B>(req: &Request<B>, shared: &Shared) -> Result<Ask, Refusal> {
     if !shared.listen.paths.iter().any(|p| p == req.uri().path()) {
         return Err(Refusal::NotFound);
     }
+    // RFC 6455 4.1: the opening handshake is a GET, whatever else it says.
+    if req.method() != Method::GET {
+        return Err(Refusal::MethodNotAllowed);
+    }
     if !fastwebsockets::upgrade::is_upgrade_request(req) {
-        return Err(if req.method() == Method::GET {
-            Refusal::NotUpgrade
-        } else {
-            Refusal::MethodNotAllowed
-        });
+        return Err(Refusal::NotUpgrade);
     }
     if shared.shutdown.is_draining() {
         return Err(Refusal::ShuttingDown);

@@ -105,7 +105,6 @@ async fn refusals_with_503_carry_retry_after() {
 /// RFC 6455 4.2.1: the opening handshake is a GET; the README promises
 /// 405 for another method.
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "reason: gateway bug: a POST (or DELETE) carrying the upgrade headers is upgraded (101) instead of refused with 405"]
 async fn an_upgrade_with_another_method_is_refused_with_405() {
     let backend = TestBackend::start(Framing::Varint, true).await;
     let gw = Gateway::start(GatewayOpts::new(backend.addr));
@@ -389,7 +388,6 @@ async fn sigint_drains_like_sigterm() {
 /// reach the backend before the session's `close{1001}` (the drain lets
 /// in-flight work finish).
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "reason: gateway bug: on SIGTERM a session sends close{1001} at once; client messages already sent but not yet read by the gateway are dropped (1 of 20 arrives)"]
 async fn messages_sent_just_before_sigterm_reach_the_backend() {
     drain("TERM", true).await;
 }

@@ -88,12 +88,21 @@ impl Session {
             return (end, true);
         }
         // Wait (bounded) for the client's close reply, so that it sees a
-        // clean close handshake.
+        // clean close handshake. On a drain, what the client sent before it
+        // saw our close still goes to the backend, ahead of the session's
+        // close: it was sent while the session was open.
+        let forward = end.reason == CloseReason::Shutdown;
         let reply = async {
             loop {
                 let (r, res) = (&mut read).await;
                 match res {
                     Ok(f) if f.opcode == OpCode::Close => break,
+                    Ok(f) if forward => {
+                        if !self.forward_late(&mut conn, f).await {
+                            break;
+                        }
+                        read.set(read_frame(r));
+                    }
                     Ok(_) => read.set(read_frame(r)),
                     Err(_) => break,
                 }
@@ -233,6 +242,30 @@ impl Session {
             end.takeover.is_some() || (self.resumable.is_some() && end.reason.is_connection_loss());
         if let (false, Some(frame)) = (continues, self.pending.take()) {
             self.link.send_within(frame, ADVISORY_SEND_DEADLINE).await;
+        }
+    }
+
+    /// A client frame that arrived after the gateway sent its close on a
+    /// drain: a complete data message goes to the backend. False when the
+    /// stream cannot go on (a bad frame, the link gone).
+    async fn forward_late(&mut self, conn: &mut Connection, frame: ClientFrame) -> bool {
+        let (max, deadline) = (self.shared.session.max_message, ADVISORY_SEND_DEADLINE);
+        let message = match frame.opcode {
+            OpCode::Text | OpCode::Binary | OpCode::Continuation => {
+                conn.assembler
+                    .push(frame.opcode, frame.fin, frame.payload, max)
+            }
+            // Pings and pongs need no answer once the close is out.
+            _ => return true,
+        };
+        match message {
+            Ok(None) => true,
+            Ok(Some((payload, text))) => {
+                self.received += 1;
+                let data = protocol::Frame::data(self.id.0, payload, text);
+                self.link.send_within(data, deadline).await
+            }
+            Err(_) => false,
         }
     }
 
