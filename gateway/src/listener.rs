@@ -8,6 +8,7 @@
 //! that can wait on a client.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -99,9 +100,19 @@ where
 {
     let timeout = shared.listen.http_header_timeout;
     let svc_shared = shared.clone();
+    // Set while a request is being answered: a drain waits for that answer
+    // (a 503, or a resume's 101), and cuts the connection otherwise.
+    let answering = Arc::new(AtomicBool::new(false));
+    let svc_answering = answering.clone();
     let service = service_fn(move |req| {
         let shared = svc_shared.clone();
-        async move { Ok::<_, std::convert::Infallible>(upgrade::handle(req, peer, &shared).await) }
+        let answering = svc_answering.clone();
+        async move {
+            answering.store(true, Ordering::Relaxed);
+            let resp = upgrade::handle(req, peer, &shared).await;
+            answering.store(false, Ordering::Relaxed);
+            Ok::<_, std::convert::Infallible>(resp)
+        }
     });
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
@@ -115,8 +126,13 @@ where
         r = conn.as_mut() => Some(r),
         () = &mut deadline => None,
         () = shared.shutdown.draining() => {
-            // Ends an idle connection now, an answer in progress after it.
-            conn.as_mut().graceful_shutdown();
+            // A connection waiting for (the rest of) its request is cut now;
+            // an answer in progress is finished first. (Not hyper's
+            // graceful_shutdown: it keeps reading a half-sent request, and it
+            // adds `Connection: close` to a 101, which clients reject.)
+            if !answering.load(Ordering::Relaxed) {
+                return;
+            }
             tokio::select! {
                 r = conn.as_mut() => Some(r),
                 () = &mut deadline => None,

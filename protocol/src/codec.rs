@@ -444,24 +444,94 @@ mod tests {
         assert!(codec.decode(&mut buf).unwrap().is_none());
     }
 
+    /// Deterministic pseudo-random numbers (xorshift).
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n as u64) as usize
+        }
+    }
+
     #[test]
-    fn garbage_is_a_typed_error_never_a_panic() {
-        // Deterministic pseudo-random garbage (xorshift), many lengths.
-        let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+    fn garbage_is_a_typed_error_never_a_panic_and_never_a_wrong_frame() {
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
         for framing in [Framing::Varint, Framing::U32Be] {
             let codec = FrameCodec::new(framing, 4096);
-            for round in 0..2000 {
-                let len = round % 64;
-                let mut bytes = Vec::with_capacity(len);
-                for _ in 0..len {
-                    state ^= state << 13;
-                    state ^= state >> 7;
-                    state ^= state << 17;
-                    bytes.push(state as u8);
-                }
+            for round in 0..4000 {
+                // Short inputs often, long ones (past the maximum) too.
+                let len = if round % 4 == 0 {
+                    rng.below(6000)
+                } else {
+                    rng.below(64)
+                };
+                let bytes: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
                 let mut buf = BytesMut::from(&bytes[..]);
-                // Any outcome is fine except a panic; errors must be typed.
-                while let Ok(Some(_)) = codec.decode(&mut buf) {}
+                loop {
+                    let before = buf.len();
+                    match codec.decode(&mut buf) {
+                        // A partial frame leaves the input untouched.
+                        Ok(None) => {
+                            assert_eq!(buf.len(), before);
+                            break;
+                        }
+                        // Whatever decodes re-encodes to a frame that
+                        // decodes the same: nothing is invented.
+                        Ok(Some(frame)) => {
+                            assert!(buf.len() < before, "a frame consumed nothing");
+                            let mut again = BytesMut::new();
+                            codec.encode(&frame, &mut again).unwrap();
+                            assert_eq!(codec.decode(&mut again).unwrap(), Some(frame));
+                        }
+                        Err(_) => break,
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn random_frames_split_anywhere_decode_to_themselves() {
+        let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+        for framing in [Framing::Varint, Framing::U32Be] {
+            let codec = FrameCodec::new(framing, 64 * 1024);
+            for _ in 0..200 {
+                let frames: Vec<Frame> = (0..rng.below(20) + 1)
+                    .map(|_| {
+                        let session = rng.next() >> rng.below(64);
+                        let payload: Vec<u8> =
+                            (0..rng.below(3000)).map(|_| rng.next() as u8).collect();
+                        match rng.below(3) {
+                            0 => Frame::data(session, Bytes::from(payload), false),
+                            1 => Frame::close(session, 4000, "x".repeat(rng.below(200))),
+                            _ => Frame::heartbeat(rng.next(), rng.below(2) == 0),
+                        }
+                    })
+                    .collect();
+                let mut wire = BytesMut::new();
+                for f in &frames {
+                    codec.encode(f, &mut wire).unwrap();
+                }
+                // Fed in random chunk sizes, as a socket would.
+                let mut buf = BytesMut::new();
+                let mut out = Vec::new();
+                let mut rest = &wire[..];
+                while !rest.is_empty() {
+                    let n = (rng.below(700) + 1).min(rest.len());
+                    buf.extend_from_slice(&rest[..n]);
+                    rest = &rest[n..];
+                    while let Some(f) = codec.decode(&mut buf).unwrap() {
+                        out.push(f);
+                    }
+                }
+                assert_eq!(out, frames);
+                assert!(buf.is_empty());
             }
         }
     }

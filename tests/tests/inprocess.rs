@@ -298,14 +298,20 @@ async fn a_resumable_client_whose_writes_stall_detaches_and_resumes_with_everyth
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_connection_that_never_sent_a_byte_does_not_hold_the_drain() {
+async fn connections_without_a_whole_request_do_not_hold_the_drain() {
     let backend = TestBackend::start(Framing::Varint, true).await;
     let c = config(backend.addr);
     assert_eq!(c.shutdown.drain_timeout, Duration::from_secs(10));
     let (gw, ws) = start(c).await;
     // Connected, silent: a port scanner, or a phone that lost its network
-    // right after the TCP handshake.
+    // right after the TCP handshake; and one that lost it halfway through
+    // its request.
     let _silent = tokio::net::TcpStream::connect(ws).await.unwrap();
+    let mut half = tokio::net::TcpStream::connect(ws).await.unwrap();
+    use tokio::io::AsyncWriteExt;
+    half.write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
     let began = Instant::now();
     gw.shutdown().await;

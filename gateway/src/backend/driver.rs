@@ -273,9 +273,12 @@ impl<R: AsyncRead + Unpin> Reader<'_, R> {
                 Ok(None) => break,
                 Err(e) => match e.session() {
                     Some(id) => {
-                        tracing::warn!(session = id, error = %e, "invalid frame from the backend; closing its session");
-                        let reason = format!("invalid frame from the backend: {e}");
-                        self.route(SessionId(id), ToClient::Invalid { reason });
+                        // The detail is for the logs: the client and the
+                        // backend get a fixed reason.
+                        let reason = "backend sent an undecodable frame".to_owned();
+                        if self.route(SessionId(id), ToClient::Invalid { reason }) {
+                            tracing::warn!(session = id, error = %e, "undecodable frame from the backend; closing its session");
+                        }
                         continue;
                     }
                     None => return Err(e.into()),
@@ -342,8 +345,9 @@ impl<R: AsyncRead + Unpin> Reader<'_, R> {
         Ok(())
     }
 
-    /// Offers one message to its session's mailbox.
-    fn route(&mut self, id: SessionId, msg: ToClient) {
+    /// Offers one message to its session's mailbox; false if no session
+    /// with that id is on this link (the frame is dropped and counted).
+    fn route(&mut self, id: SessionId, msg: ToClient) -> bool {
         if !self.routes.contains_key(&id) {
             // The session may have registered after this read began: the
             // registration was queued before its SessionOpen was written,
@@ -358,7 +362,7 @@ impl<R: AsyncRead + Unpin> Reader<'_, R> {
                 session = id.0,
                 "dropping backend frame for a session not on this link"
             );
-            return;
+            return false;
         };
         let offered = route.offer(msg);
         if !matches!(offered, Offered::Queued) {
@@ -366,6 +370,7 @@ impl<R: AsyncRead + Unpin> Reader<'_, R> {
                 route.evict(&offered);
             }
         }
+        true
     }
 }
 

@@ -241,22 +241,34 @@ pub(crate) fn backoff(failures: u32, min: Duration, max: Duration) -> Duration {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     #[test]
     fn backoff_doubles_with_jitter_and_caps() {
         let min = Duration::from_millis(100);
         let max = Duration::from_secs(10);
-        for _ in 0..100 {
-            let d0 = backoff(0, min, max);
-            assert!(d0 >= Duration::from_millis(50) && d0 <= min, "{d0:?}");
-            let d3 = backoff(3, min, max);
+        let ms = |d: Duration| d.as_millis() as u64;
+        let (mut d0, mut d3, mut d30) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..200 {
+            d0.push(ms(backoff(0, min, max)));
+            d3.push(ms(backoff(3, min, max)));
+            d30.push(ms(backoff(30, min, max)));
+        }
+        // Each delay lies in [half, all] of the doubled, capped value...
+        for (samples, lo, hi) in [(&d0, 50, 100), (&d3, 400, 800), (&d30, 5000, 10_000)] {
+            for d in samples.iter() {
+                assert!((lo..=hi).contains(d), "{d} ms not in {lo}..={hi}");
+            }
+            // ...and is spread over it: jitter, not one fixed point. 200
+            // uniform samples all in one quarter of the range would happen
+            // with probability 4 * 0.25^200.
+            let (min_seen, max_seen) = (samples.iter().min(), samples.iter().max());
+            let spread = max_seen.unwrap() - min_seen.unwrap();
             assert!(
-                d3 >= Duration::from_millis(400) && d3 <= Duration::from_millis(800),
-                "{d3:?}"
+                spread > (hi - lo) / 4,
+                "delays barely vary: {min_seen:?}..{max_seen:?}"
             );
-            let d30 = backoff(30, min, max);
-            assert!(d30 >= max / 2 && d30 <= max, "{d30:?}");
         }
     }
 }

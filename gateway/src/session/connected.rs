@@ -80,7 +80,7 @@ impl Session {
                 }
             },
         };
-        Box::pin(self.send_accepted(&end)).await;
+        let accepted_sent = Box::pin(self.send_accepted(&end)).await;
         if !end.can_write || !Box::pin(self.close_frame(&mut conn, &end)).await {
             return (end, false);
         }
@@ -91,10 +91,20 @@ impl Session {
         // clean close handshake. On a drain, what the client sent before it
         // saw our close still goes to the backend, ahead of the session's
         // close: it was sent while the session was open.
-        let forward = end.reason == CloseReason::Shutdown;
+        // Not past a message that could not be sent (no gap), nor once the
+        // backend has closed the session.
+        let forward = accepted_sent && end.reason == CloseReason::Shutdown;
         let reply = async {
+            let mut forward = forward;
             loop {
-                let (r, res) = (&mut read).await;
+                let (r, res) = tokio::select! {
+                    biased;
+                    _ = self.signals.eviction.wait(), if forward => {
+                        forward = false;
+                        continue;
+                    }
+                    done = &mut read => done,
+                };
                 match res {
                     Ok(f) if f.opcode == OpCode::Close => break,
                     Ok(f) if forward => {
@@ -236,12 +246,18 @@ impl Session {
     /// A client message accepted but still waiting for room goes out now if
     /// the link has room within a short wait: it was accepted, so the
     /// backend should see it before the close. A session that goes on (a
-    /// takeover, or a resumable session detaching) keeps it instead.
-    async fn send_accepted(&mut self, end: &End) {
+    /// takeover, or a resumable session detaching) keeps it instead: it
+    /// counts in `received`, so the client will not send it again. False
+    /// if a message was dropped.
+    async fn send_accepted(&mut self, end: &End) -> bool {
         let continues =
             end.takeover.is_some() || (self.resumable.is_some() && end.reason.is_connection_loss());
-        if let (false, Some(frame)) = (continues, self.pending.take()) {
-            self.link.send_within(frame, ADVISORY_SEND_DEADLINE).await;
+        if continues {
+            return true;
+        }
+        match self.pending.take() {
+            Some(frame) => self.link.send_within(frame, ADVISORY_SEND_DEADLINE).await,
+            None => true,
         }
     }
 
