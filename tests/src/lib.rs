@@ -315,6 +315,26 @@ impl Drop for Proc {
     }
 }
 
+/// Milliseconds, for typed settings.
+pub fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+/// Seconds, for typed settings.
+pub fn secs(n: u64) -> Duration {
+    Duration::from_secs(n)
+}
+
+/// KiB, for typed settings.
+pub fn kib(n: u64) -> gateway::config::ByteSize {
+    gateway::config::ByteSize(n << 10)
+}
+
+/// MiB, for typed settings.
+pub fn mib(n: u64) -> gateway::config::ByteSize {
+    gateway::config::ByteSize(n << 20)
+}
+
 /// A running gateway process.
 pub struct Gateway {
     pub proc: Proc,
@@ -331,8 +351,9 @@ pub struct GatewayOpts<'a> {
     pub certs: Option<&'a Certs>,
     pub admin: bool,
     pub framing: &'a str,
-    /// `--set key=value` pairs.
-    pub set: Vec<(&'a str, String)>,
+    /// Every other setting, typed; written to a configuration file that
+    /// the flags above override.
+    pub config: gateway::Config,
 }
 
 impl<'a> GatewayOpts<'a> {
@@ -344,15 +365,26 @@ impl<'a> GatewayOpts<'a> {
             certs: None,
             admin: true,
             framing: "varint",
-            set: Vec::new(),
+            config: gateway::Config::default(),
         }
     }
     pub fn tls(mut self, certs: &'a Certs) -> Self {
         self.certs = Some(certs);
         self
     }
-    pub fn set(mut self, key: &'a str, value: impl Into<String>) -> Self {
-        self.set.push((key, value.into()));
+    /// Changes the configuration: `.config(|c| c.resume.grace = secs(30))`.
+    pub fn config(mut self, f: impl FnOnce(&mut gateway::Config)) -> Self {
+        f(&mut self.config);
+        self
+    }
+    /// Links per backend endpoint (`--links`).
+    pub fn links(mut self, n: usize) -> Self {
+        self.links = n;
+        self
+    }
+    /// The backend's framing (`--framing`): `varint` or `u32be`.
+    pub fn framing(mut self, framing: &'a str) -> Self {
+        self.framing = framing;
         self
     }
 }
@@ -380,11 +412,15 @@ impl Gateway {
         }
         cmd.arg("--links").arg(o.links.to_string());
         cmd.arg("--framing").arg(o.framing);
-        for (k, v) in &o.set {
-            cmd.arg("--set").arg(format!("{k}={v}"));
-        }
+        // The typed configuration, as the file a user would write. It is
+        // read at start-up, before the process says it is listening.
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("gateway.toml");
+        std::fs::write(&file, toml::to_string(&o.config).unwrap()).unwrap();
+        cmd.arg("--config").arg(&file);
         cmd.env("RUST_LOG", "info");
         let (proc, lines) = Proc::spawn(cmd, expect);
+        drop(dir);
         let find = |kind: &str| {
             lines
                 .iter()

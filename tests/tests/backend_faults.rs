@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use gateway_tests::backend::{BackendOpts, HelloReply};
 use gateway_tests::client::{self, Client, Connect, Msg};
+use gateway_tests::{ms, secs};
 use gateway_tests::{python, repo_root, Event, Gateway, GatewayOpts, Proc, TestBackend};
 use protocol::Framing;
 
@@ -34,13 +35,11 @@ fn python_backend() -> (Proc, std::net::SocketAddr) {
 
 /// A gateway with two links to a fresh Python backend, and two clients,
 /// one on each link (sessions go to the least-loaded link).
-async fn two_links(set: &[(&'static str, &str)]) -> (Proc, Gateway, Client, Client) {
+async fn two_links(
+    configure: impl FnOnce(&mut gateway::Config),
+) -> (Proc, Gateway, Client, Client) {
     let (backend, addr) = python_backend();
-    let mut o = GatewayOpts::new(addr);
-    for (k, v) in set {
-        o = o.set(k, *v);
-    }
-    let gw = Gateway::start(o);
+    let gw = Gateway::start(GatewayOpts::new(addr).config(configure));
     gw.wait_links_up(2, T).await;
     let mut a = Client::connect(gw.ws.unwrap(), "/ws", &Connect::default()).await;
     a.echo("a").await;
@@ -60,7 +59,7 @@ async fn stats(gw: &Gateway) -> serde_json::Value {
 }
 
 async fn violation_drops_only_that_link(kind: &str) {
-    let (mut backend, gw, mut a, mut b) = two_links(&[]).await;
+    let (mut backend, gw, mut a, mut b) = two_links(|_| {}).await;
     a.send_text(&format!("cmd:violate:{kind}")).await;
     let (code, reason) = a.expect_close(T).await;
     assert_eq!(code, 1012, "{kind}: {reason}");
@@ -106,7 +105,7 @@ async fn backend_frame_above_the_maximum_drops_that_link_only() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_backend_message_over_the_size_limit_closes_only_that_session_with_1011() {
     let (mut backend, gw, mut a, mut b) =
-        two_links(&[("session.max_message_size", "\"64KiB\"")]).await;
+        two_links(|c| c.session.max_message_size = gateway_tests::kib(64)).await;
     a.send_text("cmd:big:65536").await;
     match a.recv_within(T).await {
         Some(Msg::Binary(m)) => assert_eq!(m.len(), 65536),
@@ -130,7 +129,7 @@ async fn a_backend_message_over_the_size_limit_closes_only_that_session_with_101
 /// `close{1011, "backend sent invalid UTF-8"}` to the backend, link stays.
 #[tokio::test(flavor = "multi_thread")]
 async fn invalid_utf8_from_the_python_backend_closes_only_that_session() {
-    let (mut backend, gw, mut a, mut b) = two_links(&[]).await;
+    let (mut backend, gw, mut a, mut b) = two_links(|_| {}).await;
     a.send_text("cmd:badutf8").await;
     assert_eq!(a.expect_close(T).await.0, 1011);
     b.echo("still here").await;
@@ -150,7 +149,7 @@ async fn invalid_utf8_from_the_python_backend_closes_only_that_session() {
 /// frame, and the session that asked for it carries on.
 #[tokio::test(flavor = "multi_thread")]
 async fn frames_for_unknown_sessions_are_dropped_and_counted() {
-    let (mut backend, gw, mut a, mut b) = two_links(&[]).await;
+    let (mut backend, gw, mut a, mut b) = two_links(|_| {}).await;
     let before = gw
         .metric_opt("gateway_link_late_frames")
         .await
@@ -179,7 +178,7 @@ async fn a_version_1_backend_sees_no_detached_or_attached() {
         ..BackendOpts::new(Framing::Varint, true)
     };
     let mut backend = TestBackend::start_with("127.0.0.1:0".parse().unwrap(), opts).await;
-    let gw = Gateway::start(GatewayOpts::new(backend.addr).set("backend.links_per_endpoint", "1"));
+    let gw = Gateway::start(GatewayOpts::new(backend.addr).links(1));
     gw.wait_ready(T).await;
     let resume = |v: String| Connect {
         headers: vec![("X-Wsgw-Resume", v)],
@@ -239,8 +238,8 @@ async fn link_heartbeats_are_answered_both_ways() {
         .unwrap();
     let gw = Gateway::start(
         GatewayOpts::new(addr)
-            .set("backend.heartbeat_interval", "\"100ms\"")
-            .set("backend.heartbeat_timeout", "\"400ms\""),
+            .config(|c| c.backend.heartbeat_interval = ms(100))
+            .config(|c| c.backend.heartbeat_timeout = ms(400)),
     );
     gw.wait_links_up(2, T).await;
     let mut c = Client::connect(gw.ws.unwrap(), "/ws", &Connect::default()).await;
@@ -278,9 +277,9 @@ async fn a_silent_link_is_declared_dead_after_the_heartbeat_timeout() {
     let mut backend = TestBackend::start(Framing::Varint, true).await;
     let gw = Gateway::start(
         GatewayOpts::new(backend.addr)
-            .set("backend.links_per_endpoint", "1")
-            .set("backend.heartbeat_interval", "\"200ms\"")
-            .set("backend.heartbeat_timeout", "\"1s\""),
+            .links(1)
+            .config(|c| c.backend.heartbeat_interval = ms(200))
+            .config(|c| c.backend.heartbeat_timeout = secs(1)),
     );
     gw.wait_ready(T).await;
     let mut c = Client::connect(gw.ws.unwrap(), "/ws", &Connect::default()).await;
@@ -310,10 +309,10 @@ async fn bad_handshake_is_retried_with_backoff(hello: HelloReply) {
     let backend = TestBackend::start_with("127.0.0.1:0".parse().unwrap(), opts).await;
     let gw = Gateway::start(
         GatewayOpts::new(backend.addr)
-            .set("backend.links_per_endpoint", "1")
-            .set("backend.handshake_timeout", "\"200ms\"")
-            .set("backend.reconnect_min", "\"50ms\"")
-            .set("backend.reconnect_max", "\"400ms\""),
+            .links(1)
+            .config(|c| c.backend.handshake_timeout = ms(200))
+            .config(|c| c.backend.reconnect_min = ms(50))
+            .config(|c| c.backend.reconnect_max = ms(400)),
     );
     let start = std::time::Instant::now();
     while backend.accepted() < 4 {

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use gateway_tests::client::{self, Client, Connect, Msg};
 use gateway_tests::{bin, Certs, Event, Gateway, GatewayOpts, TestBackend};
+use gateway_tests::{kib, mib, ms, secs};
 use protocol::Framing;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -30,8 +31,8 @@ async fn backend_death_closes_clients_with_1012_and_links_come_back_by_themselve
     let addr = backend.addr;
     let gw = Gateway::start(
         GatewayOpts::new(addr)
-            .set("backend.reconnect_min", "\"50ms\"")
-            .set("backend.reconnect_max", "\"500ms\""),
+            .config(|c| c.backend.reconnect_min = ms(50))
+            .config(|c| c.backend.reconnect_max = ms(500)),
     );
     gw.wait_ready(T).await;
     let plain = Connect::default();
@@ -70,9 +71,9 @@ async fn a_client_that_stops_reading_is_closed_as_slow_consumer_without_hurting_
     let mut backend = TestBackend::start(Framing::Varint, true).await;
     let gw = Gateway::start(
         GatewayOpts::new(backend.addr)
-            .set("backend.links_per_endpoint", "1")
-            .set("session.client_queue_messages", "64")
-            .set("session.client_queue_bytes", "\"1MiB\""),
+            .links(1)
+            .config(|c| c.session.client_queue_messages = 64)
+            .config(|c| c.session.client_queue_bytes = mib(1)),
     );
     gw.wait_ready(T).await;
     let plain = Connect::default();
@@ -143,8 +144,8 @@ async fn silent_and_half_handshakes_are_cut_at_the_configured_timeout() {
     let gw = Gateway::start(
         GatewayOpts::new(backend.addr)
             .tls(&certs)
-            .set("listen.tls_handshake_timeout", "\"1s\"")
-            .set("listen.http_header_timeout", "\"1s\""),
+            .config(|c| c.listen.tls_handshake_timeout = secs(1))
+            .config(|c| c.listen.http_header_timeout = secs(1)),
     );
     gw.wait_ready(T).await;
     let (lo, hi) = (Duration::from_millis(900), Duration::from_secs(3));
@@ -196,8 +197,8 @@ async fn a_client_that_stops_answering_pings_is_dropped_and_the_backend_told() {
     let mut backend = TestBackend::start(Framing::Varint, true).await;
     let gw = Gateway::start(
         GatewayOpts::new(backend.addr)
-            .set("session.ping_interval", "\"500ms\"")
-            .set("session.ping_timeout", "\"500ms\""),
+            .config(|c| c.session.ping_interval = ms(500))
+            .config(|c| c.session.ping_timeout = ms(500)),
     );
     gw.wait_ready(T).await;
     // A connected client that never reads again (so never answers a ping),
@@ -241,8 +242,9 @@ async fn a_client_that_stops_answering_pings_is_dropped_and_the_backend_told() {
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_closes_sessions_with_1001_tells_the_backend_and_exits() {
     let mut backend = TestBackend::start(Framing::Varint, true).await;
-    let mut gw =
-        Gateway::start(GatewayOpts::new(backend.addr).set("shutdown.drain_timeout", "\"5s\""));
+    let mut gw = Gateway::start(
+        GatewayOpts::new(backend.addr).config(|c| c.shutdown.drain_timeout = secs(5)),
+    );
     gw.wait_ready(T).await;
     let mut clients = Vec::new();
     let mut sessions = Vec::new();
@@ -385,15 +387,15 @@ async fn a_stuck_backend_pauses_clients_and_loses_nothing() {
     let mut backend = TestBackend::start(Framing::Varint, false).await;
     let gw = Gateway::start(
         GatewayOpts::new(backend.addr)
-            .set("backend.links_per_endpoint", "1")
-            .set("session.max_message_size", "\"64KiB\"")
-            .set("backend.max_frame_size", "\"68KiB\"")
-            .set("backend.link_queue_frames", "64")
-            .set("backend.link_queue_bytes", "\"256KiB\"")
+            .links(1)
+            .config(|c| c.session.max_message_size = kib(64))
+            .config(|c| c.backend.max_frame_size = kib(68))
+            .config(|c| c.backend.link_queue_frames = 64)
+            .config(|c| c.backend.link_queue_bytes = kib(256))
             // A paused client cannot answer pings; it must not be taken
             // for dead while the gateway is the one not reading.
-            .set("session.ping_interval", "\"300ms\"")
-            .set("session.ping_timeout", "\"300ms\""),
+            .config(|c| c.session.ping_interval = ms(300))
+            .config(|c| c.session.ping_timeout = ms(300)),
     );
     gw.wait_ready(T).await;
     let mut c = Client::connect(gw.ws.unwrap(), "/ws", &Connect::default()).await;

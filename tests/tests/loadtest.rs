@@ -5,6 +5,7 @@
 use std::process::Command;
 use std::time::Duration;
 
+use gateway_tests::ms;
 use gateway_tests::{assert_no_panic, bin, python, repo_root, Certs, Gateway, GatewayOpts, Proc};
 
 fn reference_backend(mode: &str) -> (Proc, std::net::SocketAddr) {
@@ -158,7 +159,7 @@ async fn loadtest_reports_connection_failures_by_kind() {
     let gw = Gateway::start(
         GatewayOpts::new(addr)
             .tls(&certs)
-            .set("listen.max_sessions", "5"),
+            .config(|c| c.listen.max_sessions = 5),
     );
     gw.wait_ready(Duration::from_secs(10)).await;
     // 10 connections against a cap of 5: 5 upgrades are refused (503).
@@ -403,7 +404,7 @@ async fn loadtest_catches_reordered_messages() {
 #[tokio::test(flavor = "multi_thread")]
 async fn loadtest_idle_and_handshake_scenarios_and_hdr_out() {
     let (_echo, addr) = reference_backend("echo");
-    let gw = Gateway::start(GatewayOpts::new(addr).set("session.ping_interval", "\"300ms\""));
+    let gw = Gateway::start(GatewayOpts::new(addr).config(|c| c.session.ping_interval = ms(300)));
     gw.wait_ready(Duration::from_secs(10)).await;
     let url = gw.ws_url("/ws");
     // Idle: held past several pings, then each still answers one message.

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use gateway_tests::client::{self, Client, Connect, Msg};
 use gateway_tests::raw::{Frame as RawFrame, Raw};
 use gateway_tests::{bin, Certs, Event, Gateway, GatewayOpts, TestBackend};
+use gateway_tests::{ms, secs};
 use protocol::Framing;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -53,8 +54,8 @@ async fn refusals_before_the_upgrade_are_405_400_and_410() {
     let backend = TestBackend::start(Framing::Varint, true).await;
     let gw = Gateway::start(
         GatewayOpts::new(backend.addr)
-            .set("listen.subprotocols", "[\"chat.v1\"]")
-            .set("listen.require_subprotocol", "true"),
+            .config(|c| c.listen.subprotocols = vec!["chat.v1".into()])
+            .config(|c| c.listen.require_subprotocol = true),
     );
     gw.wait_ready(T).await;
     let addr = gw.ws.unwrap();
@@ -85,7 +86,7 @@ async fn refusals_before_the_upgrade_are_405_400_and_410() {
 #[tokio::test(flavor = "multi_thread")]
 async fn refusals_with_503_carry_retry_after() {
     let backend = TestBackend::start(Framing::Varint, true).await;
-    let gw = Gateway::start(GatewayOpts::new(backend.addr).set("listen.max_sessions", "1"));
+    let gw = Gateway::start(GatewayOpts::new(backend.addr).config(|c| c.listen.max_sessions = 1));
     gw.wait_ready(T).await;
     let _held = Client::connect(gw.ws.unwrap(), "/ws", &Connect::default()).await;
     let (status, head) = raw_http(gw.ws.unwrap(), &upgrade("/ws", "")).await;
@@ -192,7 +193,7 @@ async fn wss_speaks_tls_1_2_and_1_3_and_chooses_http_1_1_by_alpn() {
 #[tokio::test(flavor = "multi_thread")]
 async fn with_resume_disabled_a_request_for_resume_gets_a_plain_session() {
     let mut backend = TestBackend::start(Framing::Varint, true).await;
-    let gw = Gateway::start(GatewayOpts::new(backend.addr).set("resume.enabled", "false"));
+    let gw = Gateway::start(GatewayOpts::new(backend.addr).config(|c| c.resume.enabled = false));
     gw.wait_ready(T).await;
     let opts = Connect {
         headers: vec![("X-Wsgw-Resume", "new".into())],
@@ -222,8 +223,8 @@ async fn a_resumable_client_that_goes_silent_detaches_on_ping_timeout_and_resume
     let mut backend = TestBackend::start(Framing::Varint, false).await;
     let gw = Gateway::start(
         GatewayOpts::new(backend.addr)
-            .set("session.ping_interval", "\"300ms\"")
-            .set("session.ping_timeout", "\"300ms\""),
+            .config(|c| c.session.ping_interval = ms(300))
+            .config(|c| c.session.ping_timeout = ms(300)),
     );
     gw.wait_ready(T).await;
     let opts = Connect {
@@ -264,8 +265,8 @@ async fn drain(signal: &str, in_flight: bool) {
     let mut backend = TestBackend::start(Framing::Varint, false).await;
     let mut gw = Gateway::start(
         GatewayOpts::new(backend.addr)
-            .set("shutdown.drain_timeout", "\"3s\"")
-            .set("session.close_timeout", "\"2s\""),
+            .config(|c| c.shutdown.drain_timeout = secs(3))
+            .config(|c| c.session.close_timeout = secs(2)),
     );
     gw.wait_ready(T).await;
     // A client that never reads: the gateway waits for its close reply, so
@@ -395,7 +396,9 @@ async fn messages_sent_just_before_sigterm_reach_the_backend() {
 #[tokio::test(flavor = "multi_thread")]
 async fn json_logs_are_one_object_per_line() {
     let mut backend = TestBackend::start(Framing::Varint, false).await;
-    let gw = Gateway::start(GatewayOpts::new(backend.addr).set("log.format", "\"json\""));
+    let gw = Gateway::start(
+        GatewayOpts::new(backend.addr).config(|c| c.log.format = gateway::config::LogFormat::Json),
+    );
     gw.wait_ready(T).await;
     // An ordinary client that comes and goes: logged at debug only.
     let mut plain = Client::connect(gw.ws.unwrap(), "/ws", &Connect::default()).await;

@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use gateway_tests::client::{self, Client, Connect, Msg};
+use gateway_tests::kib;
 use gateway_tests::{Certs, Gateway, GatewayOpts, TestBackend};
 use protocol::Framing;
 
@@ -47,7 +48,7 @@ async fn python_websockets_client_over_wss() {
 #[tokio::test(flavor = "multi_thread")]
 async fn push_reaches_only_its_session_and_closes_map_both_ways() {
     let mut backend = TestBackend::start(Framing::U32Be, false).await;
-    let gw = Gateway::start(GatewayOpts::new(backend.addr).set("backend.framing", "\"u32be\""));
+    let gw = Gateway::start(GatewayOpts::new(backend.addr).framing("u32be"));
     gw.wait_ready(T).await;
     let plain = Connect::default();
     let mut a = Client::connect(gw.ws.unwrap(), "/ws?who=a", &plain).await;
@@ -99,11 +100,10 @@ async fn session_open_carries_client_metadata_and_subprotocol() {
     let mut backend = TestBackend::start(Framing::Varint, true).await;
     let gw = Gateway::start(
         GatewayOpts::new(backend.addr)
-            .set("listen.subprotocols", "[\"chat.v2\", \"chat.v1\"]")
-            .set(
-                "session.forward_headers",
-                "[\"user-agent\", \"x-app-version\"]",
-            ),
+            .config(|c| c.listen.subprotocols = vec!["chat.v2".into(), "chat.v1".into()])
+            .config(|c| {
+                c.session.forward_headers = vec!["user-agent".into(), "x-app-version".into()]
+            }),
     );
     gw.wait_ready(T).await;
     // The gateway lists chat.v2 first; the client prefers chat.v1. The
@@ -160,8 +160,9 @@ async fn session_open_carries_client_metadata_and_subprotocol() {
 #[tokio::test(flavor = "multi_thread")]
 async fn oversized_and_invalid_messages_get_their_close_codes() {
     let mut backend = TestBackend::start(Framing::Varint, true).await;
-    let gw =
-        Gateway::start(GatewayOpts::new(backend.addr).set("session.max_message_size", "\"64KiB\""));
+    let gw = Gateway::start(
+        GatewayOpts::new(backend.addr).config(|c| c.session.max_message_size = kib(64)),
+    );
     gw.wait_ready(T).await;
     let plain = Connect::default();
 
@@ -232,7 +233,7 @@ async fn oversized_and_invalid_messages_get_their_close_codes() {
 #[tokio::test(flavor = "multi_thread")]
 async fn invalid_text_from_the_backend_closes_only_that_session_with_1011() {
     let mut backend = TestBackend::start(Framing::Varint, false).await;
-    let gw = Gateway::start(GatewayOpts::new(backend.addr).set("backend.links_per_endpoint", "1"));
+    let gw = Gateway::start(GatewayOpts::new(backend.addr).links(1));
     gw.wait_ready(T).await;
     let plain = Connect::default();
     let mut bad = Client::connect(gw.ws.unwrap(), "/ws", &plain).await;
@@ -264,7 +265,7 @@ async fn requests_that_are_not_upgrades_get_a_proper_http_answer() {
 #[tokio::test(flavor = "multi_thread")]
 async fn admission_cap_and_missing_backend_refuse_with_503() {
     let mut backend = TestBackend::start(Framing::Varint, true).await;
-    let gw = Gateway::start(GatewayOpts::new(backend.addr).set("listen.max_sessions", "2"));
+    let gw = Gateway::start(GatewayOpts::new(backend.addr).config(|c| c.listen.max_sessions = 2));
     gw.wait_ready(T).await;
     let plain = Connect::default();
     let _a = Client::connect(gw.ws.unwrap(), "/ws", &plain).await;
@@ -365,7 +366,7 @@ async fn backend_data_then_close_arrive_in_order() {
 #[tokio::test(flavor = "multi_thread")]
 async fn metrics_count_refusals_bytes_link_writes_and_refused_resumes() {
     let backend = TestBackend::start(Framing::Varint, true).await;
-    let gw = Gateway::start(GatewayOpts::new(backend.addr).set("listen.max_sessions", "2"));
+    let gw = Gateway::start(GatewayOpts::new(backend.addr).config(|c| c.listen.max_sessions = 2));
     gw.wait_ready(T).await;
     gw.wait_links_up(2, T).await;
     let plain = Connect::default();

@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use gateway_tests::client::{self, Client, Connect, Msg};
+use gateway_tests::{kib, mib, ms, secs};
 use gateway_tests::{Event, Gateway, GatewayOpts, TestBackend};
 use protocol::Framing;
 
@@ -40,18 +41,18 @@ async fn connect(gw: &Gateway, resume: Option<(&str, u64)>) -> Result<(Client, S
     }
 }
 
-fn gateway(backend: &TestBackend, grace: &str) -> Gateway {
+fn gateway(backend: &TestBackend, grace: Duration) -> Gateway {
     Gateway::start(
         GatewayOpts::new(backend.addr)
-            .set("backend.links_per_endpoint", "1")
-            .set("resume.grace", format!("\"{grace}\"")),
+            .links(1)
+            .config(|c| c.resume.grace = grace),
     )
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_lost_connection_resumes_with_nothing_lost_or_duplicated() {
     let mut backend = TestBackend::start(Framing::Varint, false).await;
-    let gw = gateway(&backend, "30s");
+    let gw = gateway(&backend, secs(30));
     gw.wait_ready(T).await;
     let (mut c, token, received) = connect(&gw, None).await.unwrap();
     assert_eq!(received, 0);
@@ -134,7 +135,7 @@ async fn a_lost_connection_resumes_with_nothing_lost_or_duplicated() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_resume_after_the_grace_period_is_told_the_session_is_lost() {
     let mut backend = TestBackend::start(Framing::Varint, false).await;
-    let gw = gateway(&backend, "500ms");
+    let gw = gateway(&backend, ms(500));
     gw.wait_ready(T).await;
     let (c, token, _) = connect(&gw, None).await.unwrap();
     let (s, _) = backend.next_open().await;
@@ -160,7 +161,7 @@ async fn a_resume_after_the_grace_period_is_told_the_session_is_lost() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_resume_while_the_old_connection_lives_takes_over() {
     let mut backend = TestBackend::start(Framing::Varint, false).await;
-    let gw = gateway(&backend, "30s");
+    let gw = gateway(&backend, secs(30));
     gw.wait_ready(T).await;
     let (mut old, token, _) = connect(&gw, None).await.unwrap();
     let (s, _) = backend.next_open().await;
@@ -184,8 +185,8 @@ async fn a_buffer_overflow_while_away_ends_the_session() {
     let mut backend = TestBackend::start(Framing::Varint, false).await;
     let gw = Gateway::start(
         GatewayOpts::new(backend.addr)
-            .set("resume.buffer_messages", "4")
-            .set("resume.grace", "\"30s\""),
+            .config(|c| c.resume.buffer_messages = 4)
+            .config(|c| c.resume.grace = secs(30)),
     );
     gw.wait_ready(T).await;
     let (c, token, _) = connect(&gw, None).await.unwrap();
@@ -243,9 +244,9 @@ async fn replayed_counts_are_exact_and_a_position_no_longer_buffered_is_refused(
     let mut backend = TestBackend::start(Framing::Varint, false).await;
     let gw = Gateway::start(
         GatewayOpts::new(backend.addr)
-            .set("backend.links_per_endpoint", "1")
-            .set("resume.buffer_messages", "4")
-            .set("resume.grace", "\"30s\""),
+            .links(1)
+            .config(|c| c.resume.buffer_messages = 4)
+            .config(|c| c.resume.grace = secs(30)),
     );
     gw.wait_ready(T).await;
     // Delivered 10, the buffer holds the last 4 (6..=9): the client claims
@@ -283,7 +284,7 @@ async fn replayed_counts_are_exact_and_a_position_no_longer_buffered_is_refused(
 #[tokio::test(flavor = "multi_thread")]
 async fn plain_sessions_still_end_when_the_connection_is_lost() {
     let mut backend = TestBackend::start(Framing::Varint, false).await;
-    let gw = gateway(&backend, "30s");
+    let gw = gateway(&backend, secs(30));
     gw.wait_ready(T).await;
     let c = Client::connect(gw.ws.unwrap(), "/ws", &Connect::default()).await;
     let (s, _) = backend.next_open().await;
@@ -300,11 +301,11 @@ async fn a_resume_takes_over_a_connection_stuck_in_a_write() {
     let mut backend = TestBackend::start(Framing::Varint, false).await;
     let gw = Gateway::start(
         GatewayOpts::new(backend.addr)
-            .set("resume.grace", "\"30s\"")
-            .set("resume.buffer_messages", "4000")
-            .set("resume.buffer_bytes", "\"64MiB\"")
-            .set("session.client_queue_messages", "4000")
-            .set("session.client_queue_bytes", "\"64MiB\""),
+            .config(|c| c.resume.grace = secs(30))
+            .config(|c| c.resume.buffer_messages = 4000)
+            .config(|c| c.resume.buffer_bytes = mib(64))
+            .config(|c| c.session.client_queue_messages = 4000)
+            .config(|c| c.session.client_queue_bytes = mib(64)),
     );
     gw.wait_ready(T).await;
     let (old, token, _) = connect(&gw, None).await.unwrap();
@@ -351,7 +352,8 @@ async fn a_resume_takes_over_a_connection_stuck_in_a_write() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_busy_session_resumes_after_its_buffer_filled_with_delivered_messages() {
     let mut backend = TestBackend::start(Framing::Varint, false).await;
-    let gw = Gateway::start(GatewayOpts::new(backend.addr).set("resume.buffer_messages", "16"));
+    let gw =
+        Gateway::start(GatewayOpts::new(backend.addr).config(|c| c.resume.buffer_messages = 16));
     gw.wait_ready(T).await;
     let (mut c, token, _) = connect(&gw, None).await.unwrap();
     let (s, _) = backend.next_open().await;
@@ -382,8 +384,8 @@ async fn beyond_max_detached_a_lost_session_ends_at_once() {
     let mut backend = TestBackend::start(Framing::Varint, false).await;
     let gw = Gateway::start(
         GatewayOpts::new(backend.addr)
-            .set("resume.grace", "\"30s\"")
-            .set("resume.max_detached", "2"),
+            .config(|c| c.resume.grace = secs(30))
+            .config(|c| c.resume.max_detached = 2),
     );
     gw.wait_ready(T).await;
     let mut clients = Vec::new();
@@ -415,8 +417,8 @@ async fn beyond_max_detached_bytes_a_detached_session_ends() {
     let mut backend = TestBackend::start(Framing::Varint, false).await;
     let gw = Gateway::start(
         GatewayOpts::new(backend.addr)
-            .set("resume.grace", "\"30s\"")
-            .set("resume.max_detached_bytes", "\"4KiB\""),
+            .config(|c| c.resume.grace = secs(30))
+            .config(|c| c.resume.max_detached_bytes = kib(4)),
     );
     gw.wait_ready(T).await;
     let (c, _, _) = connect(&gw, None).await.unwrap();

@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use gateway_tests::raw::Raw;
+use gateway_tests::secs;
 use gateway_tests::{Event, Gateway, GatewayOpts, TestBackend};
 use protocol::Framing;
 
@@ -30,8 +31,8 @@ async fn ten_thousand_detached_sessions_stay_within_the_documented_bound() {
     let mut backend = TestBackend::start(Framing::Varint, false).await;
     let gw = Gateway::start(
         GatewayOpts::new(backend.addr)
-            .set("listen.max_sessions", "12000")
-            .set("resume.grace", "\"120s\""),
+            .config(|c| c.listen.max_sessions = 12000)
+            .config(|c| c.resume.grace = secs(120)),
     );
     gw.wait_ready(Duration::from_secs(10)).await;
     let addr = gw.ws.unwrap();

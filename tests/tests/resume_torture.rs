@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use gateway_tests::raw::{Frame, Raw};
+use gateway_tests::secs;
 use gateway_tests::{Event, Gateway, GatewayOpts, TestBackend};
 use protocol::Framing;
 
@@ -114,8 +115,8 @@ async fn random_cuts_lose_nothing_and_duplicate_nothing_in_either_direction() {
     let mut backend = TestBackend::start(Framing::Varint, true).await;
     let gw = Gateway::start(
         GatewayOpts::new(backend.addr)
-            .set("resume.grace", "\"30s\"")
-            .set("resume.buffer_messages", "1024"),
+            .config(|c| c.resume.grace = secs(30))
+            .config(|c| c.resume.buffer_messages = 1024),
     );
     gw.wait_ready(Duration::from_secs(10)).await;
     let addr = gw.ws.unwrap();
