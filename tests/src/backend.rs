@@ -426,7 +426,7 @@ async fn link(mut stream: tokio::net::TcpStream, n: usize, shared: Shared) {
                         continue;
                     };
                     if check.instance.is_none() && !matches!(body, Body::Hello(_)) {
-                        check.violation(format!("first frame is {} not hello", body_kind(&body)));
+                        check.violation(format!("first frame is {} not hello", body.kind()));
                     }
                     match body {
                         Body::Hello(h) => {
@@ -560,17 +560,4 @@ async fn link(mut stream: tokio::net::TcpStream, n: usize, shared: Shared) {
         r.remove(&id);
     }
     let _ = events.send(Event::LinkClosed(n));
-}
-
-fn body_kind(b: &Body) -> &'static str {
-    match b {
-        Body::Hello(_) => "hello",
-        Body::HelloAck(_) => "hello_ack",
-        Body::Open(_) => "open",
-        Body::Data(_) => "data",
-        Body::Close(_) => "close",
-        Body::Heartbeat(_) => "heartbeat",
-        Body::Detached(_) => "detached",
-        Body::Attached(_) => "attached",
-    }
 }

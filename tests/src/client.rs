@@ -44,6 +44,16 @@ pub struct Connect<'a> {
     pub headers: Vec<(&'a str, String)>,
 }
 
+impl Connect<'_> {
+    /// Asks for a resumable session (`"new"`) or resumes one (a token).
+    pub fn resume(value: impl Into<String>) -> Self {
+        Self {
+            headers: vec![("X-Wsgw-Resume", value.into())],
+            ..Self::default()
+        }
+    }
+}
+
 /// Connects to `addr` and upgrades at `path_and_query`. Returns the
 /// socket and the 101 response, or the HTTP status of a refusal.
 pub async fn connect(

@@ -180,11 +180,7 @@ async fn a_version_1_backend_sees_no_detached_or_attached() {
     let mut backend = TestBackend::start_with("127.0.0.1:0".parse().unwrap(), opts).await;
     let gw = Gateway::start(GatewayOpts::new(backend.addr).links(1));
     gw.wait_ready(T).await;
-    let resume = |v: String| Connect {
-        headers: vec![("X-Wsgw-Resume", v)],
-        ..Connect::default()
-    };
-    let (ws, resp) = client::connect(gw.ws.unwrap(), "/ws", &resume("new".into()))
+    let (ws, resp) = client::connect(gw.ws.unwrap(), "/ws", &Connect::resume("new"))
         .await
         .unwrap();
     let token = resp.headers()["x-wsgw-resume"].to_str().unwrap().to_owned();
@@ -194,7 +190,7 @@ async fn a_version_1_backend_sees_no_detached_or_attached() {
     drop(c);
     gw.wait_metric("gateway_sessions_detached", |v| v == 1.0, T)
         .await;
-    let mut opts = resume(token);
+    let mut opts = Connect::resume(token);
     opts.headers.push(("X-Wsgw-Received", "1".into()));
     let (ws, _) = client::connect(gw.ws.unwrap(), "/ws", &opts).await.unwrap();
     let mut c = Client::from_ws(ws);

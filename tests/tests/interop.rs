@@ -107,11 +107,7 @@ async fn python_backend_sees_detach_and_attach() {
     let (mut backend, addr) = python_backend("varint");
     let gw = Gateway::start(GatewayOpts::new(addr));
     gw.wait_ready(T).await;
-    let resume = |v: String| Connect {
-        headers: vec![("X-Wsgw-Resume", v)],
-        ..Connect::default()
-    };
-    let (ws, resp) = client::connect(gw.ws.unwrap(), "/ws", &resume("new".into()))
+    let (ws, resp) = client::connect(gw.ws.unwrap(), "/ws", &Connect::resume("new"))
         .await
         .unwrap();
     let token = resp.headers()["x-wsgw-resume"].to_str().unwrap().to_owned();
@@ -120,7 +116,7 @@ async fn python_backend_sees_detach_and_attach() {
     drop(c);
     gw.wait_metric("gateway_sessions_detached", |v| v == 1.0, T)
         .await;
-    let mut opts = resume(token);
+    let mut opts = Connect::resume(token);
     opts.headers.push(("X-Wsgw-Received", "1".into()));
     let (ws, resp) = client::connect(gw.ws.unwrap(), "/ws", &opts).await.unwrap();
     assert_eq!(resp.headers()["x-wsgw-received"], "1");
