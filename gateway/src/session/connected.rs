@@ -3,13 +3,14 @@
 //! iterations, is in `connection.rs`.)
 
 use fastwebsockets::{Frame as WsFrame, OpCode, Payload, WebSocket, WebSocketError};
+use std::future::Future;
 use std::ops::ControlFlow;
 use std::pin::{pin, Pin};
 use tokio::io::{ReadHalf, WriteHalf};
 use tokio::time::{Instant, Sleep};
 
 use super::client::{on_client_frame, ws_error_end};
-use super::connection::{linger, read_frame, ClientFrame, Connection};
+use super::connection::{linger, read_frame, ClientFrame, Connection, Reader};
 use super::signals::{stale, Listen, Signal};
 use super::{End, Io, Session};
 use crate::backend::{Gone, LinkGone, ToClient, TrySend, ADVISORY_SEND_DEADLINE};
@@ -87,39 +88,48 @@ impl Session {
         if !conn.reading {
             return (end, true);
         }
-        // Wait (bounded) for the client's close reply, so that it sees a
-        // clean close handshake. On a drain, what the client sent before it
-        // saw our close still goes to the backend, ahead of the session's
-        // close: it was sent while the session was open.
-        // Not past a message that could not be sent (no gap), nor once the
-        // backend has closed the session.
+        // Not past a message that could not be sent (no gap).
         let forward = accepted_sent && end.reason == CloseReason::Shutdown;
-        let reply = async {
-            let mut forward = forward;
-            loop {
-                let (r, res) = tokio::select! {
-                    biased;
-                    _ = self.signals.eviction.wait(), if forward => {
-                        forward = false;
-                        continue;
-                    }
-                    done = &mut read => done,
-                };
-                match res {
-                    Ok(f) if f.opcode == OpCode::Close => break,
-                    Ok(f) if forward => {
-                        if !self.forward_late(&mut conn, f).await {
-                            break;
-                        }
-                        read.set(read_frame(r));
-                    }
-                    Ok(_) => read.set(read_frame(r)),
-                    Err(_) => break,
-                }
-            }
-        };
+        let reply = self.close_reply(&mut conn, read, read_frame, forward);
         let _ = Box::pin(tokio::time::timeout(close_timeout, reply)).await;
         (end, false)
+    }
+
+    /// Waits for the client's close reply, so that it sees a clean close
+    /// handshake. With `forward` (a drain), what the client sent before it
+    /// saw our close still goes to the backend, ahead of the session's
+    /// close: it was sent while the session was open; not once the backend
+    /// has closed the session.
+    async fn close_reply<'r, F>(
+        &mut self,
+        conn: &mut Connection,
+        mut read: Pin<&mut F>,
+        next: impl Fn(Reader<'r>) -> F,
+        mut forward: bool,
+    ) where
+        F: Future<Output = (Reader<'r>, Result<ClientFrame, WebSocketError>)>,
+    {
+        loop {
+            let (r, res) = tokio::select! {
+                biased;
+                _ = self.signals.eviction.wait(), if forward => {
+                    forward = false;
+                    continue;
+                }
+                done = &mut read => done,
+            };
+            match res {
+                Ok(f) if f.opcode == OpCode::Close => return,
+                Ok(f) if forward => {
+                    if !self.forward_late(conn, f).await {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => return,
+            }
+            read.set(next(r));
+        }
     }
 
     /// A resumed connection first gets what the client missed.
