@@ -120,7 +120,8 @@ impl Refusal {
     }
 }
 
-/// Why a resume got HTTP 410 ("session lost: start a new one and resync").
+/// Why a resume was refused: HTTP 410 ("session lost: start a new one and
+/// resync"), or 400 for [`ResumeRefusal::BadPosition`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum ResumeRefusal {
     /// `resume.enabled` is false.
@@ -129,7 +130,8 @@ pub(crate) enum ResumeRefusal {
     Unknown,
     /// Messages the client missed are no longer buffered.
     Gap,
-    /// The client claims more messages than were ever sent.
+    /// The client claims more messages than were ever delivered (400; the
+    /// session goes on).
     BadPosition,
     /// The credential was replaced by another resume meanwhile.
     Stale,
@@ -151,9 +153,17 @@ impl ResumeRefusal {
         }
     }
 
-    /// The answer to send.
+    /// The answer to send: 410 ("session lost: start a new one and
+    /// resync"), except for a position the gateway never delivered, a
+    /// client bug that leaves the session as it was (400).
     pub(crate) fn response(self) -> Response<Body> {
-        let mut r = plain(StatusCode::GONE, "session lost: start a new session\n");
+        let mut r = match self {
+            Self::BadPosition => plain(
+                StatusCode::BAD_REQUEST,
+                "X-Wsgw-Received is more than the gateway delivered; the session is unchanged\n",
+            ),
+            _ => plain(StatusCode::GONE, "session lost: start a new session\n"),
+        };
         r.headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
         r

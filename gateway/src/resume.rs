@@ -28,6 +28,9 @@ use crate::refusal::ResumeRefusal;
 
 /// Request and response header carrying the resume credential.
 pub(crate) const RESUME_HEADER: &str = "x-wsgw-resume";
+/// Response header: how long (milliseconds) the session waits for a resume
+/// once its connection is lost (`resume.grace`).
+pub(crate) const GRACE_HEADER: &str = "x-wsgw-grace-ms";
 /// Request header: backend messages the client has received in the session.
 /// Response header: client messages the gateway has received.
 pub(crate) const RECEIVED_HEADER: &str = "x-wsgw-received";

@@ -98,7 +98,7 @@ fn open_session(
     let id = shared.pool.next_session_id();
     let resume = resumable.then(|| shared.resumable.register(id));
     if let Some((token, _)) = &resume {
-        add_resume_headers(&mut parts.headers, token, 0);
+        add_resume_headers(&mut parts.headers, token, 0, shared);
     }
     // A debug-level span: entering it on every poll costs time on the data
     // path, so at the default info level it is disabled, and the few
@@ -171,11 +171,18 @@ fn resume_ask<B>(req: &Request<B>) -> Result<Ask, &'static str> {
     Ok(Ask::Resume(token, position))
 }
 
-fn add_resume_headers(headers: &mut hyper::HeaderMap, token: &Token, received: u64) {
+fn add_resume_headers(
+    headers: &mut hyper::HeaderMap,
+    token: &Token,
+    received: u64,
+    shared: &Shared,
+) {
     if let Ok(v) = HeaderValue::from_str(token.as_str()) {
         headers.insert(resume::RESUME_HEADER, v);
     }
     headers.insert(resume::RECEIVED_HEADER, HeaderValue::from(received));
+    let grace_ms = u64::try_from(shared.resume.grace.as_millis()).unwrap_or(u64::MAX);
+    headers.insert(resume::GRACE_HEADER, HeaderValue::from(grace_ms));
 }
 
 /// A resume: hand the connection to the session holding the credential, or
@@ -218,7 +225,12 @@ async fn resume(
     match tokio::time::timeout(wait, answer).await {
         Ok(Some(Ok(attached))) => {
             let (mut parts, _) = response.into_parts();
-            add_resume_headers(&mut parts.headers, &attached.token, attached.received);
+            add_resume_headers(
+                &mut parts.headers,
+                &attached.token,
+                attached.received,
+                shared,
+            );
             Response::from_parts(parts, Body::default())
         }
         Ok(Some(Err(why))) => lost(why),

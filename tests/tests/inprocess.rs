@@ -44,21 +44,24 @@ async fn start(config: Config) -> (Gateway, SocketAddr) {
 }
 
 /// A client over an in-memory stream of `buffer` bytes each way, asking for
-/// `headers`: the WebSocket and the values of the 101's resume headers.
-async fn connect_in_memory(
+/// `headers`: the WebSocket and the values of the 101's resume headers
+/// (credential, received count, grace in ms), or the refusal's status.
+async fn try_connect_in_memory(
     gw: &Gateway,
     buffer: usize,
     headers: &[(&str, String)],
-) -> (Client, String, u64) {
+) -> Result<(Client, String, u64, u64), u16> {
     let stream = gw.connect_in_memory("10.9.8.7:4321".parse().unwrap(), buffer);
     let mut req = upgrade_request("http://localhost/ws", "localhost");
     for (k, v) in headers {
         req = req.header(*k, v);
     }
     let req = req.body(Empty::<Bytes>::new()).unwrap();
-    let (ws, resp) = fastwebsockets::handshake::client(&SpawnExecutor, req, stream)
-        .await
-        .unwrap();
+    let (ws, resp) = match fastwebsockets::handshake::client(&SpawnExecutor, req, stream).await {
+        Ok(pair) => pair,
+        Err(fastwebsockets::WebSocketError::InvalidStatusCode(status)) => return Err(status),
+        Err(e) => panic!("handshake: {e}"),
+    };
     let header = |name: &str| {
         resp.headers()
             .get(name)
@@ -66,7 +69,25 @@ async fn connect_in_memory(
             .unwrap_or_default()
     };
     let received = header("x-wsgw-received").parse().unwrap_or(0);
-    (Client::from_ws(ws), header("x-wsgw-resume"), received)
+    let grace = header("x-wsgw-grace-ms").parse().unwrap_or(0);
+    Ok((
+        Client::from_ws(ws),
+        header("x-wsgw-resume"),
+        received,
+        grace,
+    ))
+}
+
+/// As [`try_connect_in_memory`], for a connection that must succeed.
+async fn connect_in_memory(
+    gw: &Gateway,
+    buffer: usize,
+    headers: &[(&str, String)],
+) -> (Client, String, u64) {
+    let (c, token, received, _) = try_connect_in_memory(gw, buffer, headers)
+        .await
+        .unwrap_or_else(|status| panic!("refused with {status}"));
+    (c, token, received)
 }
 
 /// The next `Detached` event of `session`: its reason.
@@ -350,4 +371,74 @@ async fn a_client_too_slow_to_send_its_request_is_cut_and_counted_as_refused() {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum();
     assert_eq!(refused, 1.0, "{body}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_resume_claiming_more_than_was_delivered_gets_400_and_the_session_goes_on() {
+    let mut backend = TestBackend::start(Framing::Varint, false).await;
+    let (gw, _) = start(config(backend.addr)).await;
+    let new = [("X-Wsgw-Resume", "new".to_owned())];
+    let (mut c, token, _, grace) = try_connect_in_memory(&gw, 64 * 1024, &new).await.unwrap();
+    // The client is told how long a resume is worth trying.
+    assert_eq!(grace, 60_000);
+    let (s, _) = backend.next_open().await;
+    for i in 0..3u8 {
+        backend.push(s, &[i], false);
+        assert_eq!(c.recv().await, Some(Msg::Binary(vec![i])));
+    }
+    drop(c);
+    detached(&mut backend, s).await;
+    let began = Instant::now();
+
+    // A client bug: it claims 99 messages. Refused, and nothing changes.
+    let bad = [
+        ("X-Wsgw-Resume", token.clone()),
+        ("X-Wsgw-Received", "99".to_owned()),
+    ];
+    assert_eq!(
+        try_connect_in_memory(&gw, 64 * 1024, &bad).await.err(),
+        Some(400)
+    );
+    // The same credential still works, from the right position.
+    let good = [
+        ("X-Wsgw-Resume", token),
+        ("X-Wsgw-Received", "3".to_owned()),
+    ];
+    let (mut c, _, _) = connect_in_memory(&gw, 64 * 1024, &good).await;
+    let replayed = backend
+        .wait_for(|e| match e {
+            Event::Attached { session, replayed } if *session == s => Some(*replayed),
+            _ => None,
+        })
+        .await;
+    assert_eq!(replayed, 0);
+    backend.push(s, b"after", false);
+    assert_eq!(c.recv().await, Some(Msg::Binary(b"after".to_vec())));
+    assert_eq!(close_seen(&mut backend, s), None);
+    assert!(began.elapsed() < Duration::from_secs(1));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_refused_resume_does_not_extend_the_grace_period() {
+    let mut backend = TestBackend::start(Framing::Varint, false).await;
+    let (gw, _) = start(config(backend.addr)).await;
+    let new = [("X-Wsgw-Resume", "new".to_owned())];
+    let (c, token, _) = connect_in_memory(&gw, 64 * 1024, &new).await;
+    let (s, _) = backend.next_open().await;
+    drop(c);
+    detached(&mut backend, s).await;
+    tokio::time::sleep(Duration::from_secs(50)).await;
+    let bad = [
+        ("X-Wsgw-Resume", token),
+        ("X-Wsgw-Received", "1".to_owned()),
+    ];
+    assert_eq!(
+        try_connect_in_memory(&gw, 64 * 1024, &bad).await.err(),
+        Some(400)
+    );
+    // Still 60 s after the loss, not 60 s after the refused resume.
+    tokio::time::sleep(Duration::from_millis(10_100)).await;
+    let (code, reason) = close_seen(&mut backend, s).expect("expired at 60 s");
+    assert_eq!(code, 1006);
+    assert!(reason.contains("resume.grace"), "{reason}");
 }

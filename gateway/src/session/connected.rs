@@ -166,7 +166,7 @@ impl Session {
             }
             Signal::Drain => Step::Break(End::clean(CloseReason::Shutdown)),
             // Single use per attach: the newer connection wins.
-            Signal::Attach(req) => match stale(req, self.token()) {
+            Signal::Attach(req) => match stale(req, self.token(), self.delivered()) {
                 Some(req) => Step::Break(End::clean(CloseReason::TakenOver).taken_over(req)),
                 None => Step::Continue(()),
             },
@@ -303,6 +303,11 @@ impl Session {
         let frame = WsFrame::close(c.code, c.reason.as_bytes());
         let limit = self.shared.session.close_timeout;
         conn.write_flush(frame, limit).await.is_ok()
+    }
+
+    /// Backend messages delivered to the client so far, if resumable.
+    pub(super) fn delivered(&self) -> Option<u64> {
+        self.resumable.as_ref().map(|r| r.ring.next_seq())
     }
 
     /// The session's current resume credential, if it is resumable.

@@ -120,7 +120,9 @@ async fn interruptible(
                 // is why the write stalls) is being replaced. Abandon the
                 // write; the ring holds what was in flight.
                 Signal::Attach(req) => {
-                    if let Some(req) = stale(req, token) {
+                    // The delivered count moves during this write: the position is
+                    // checked once the write is abandoned, in attach.
+                    if let Some(req) = stale(req, token, None) {
                         return Err(End::broken(CloseReason::TakenOver).taken_over(req));
                     }
                 }

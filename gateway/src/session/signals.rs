@@ -91,12 +91,23 @@ async fn recv(rx: &mut Option<mpsc::Receiver<AttachRequest>>) -> Option<AttachRe
 }
 
 /// A resume request that must not touch the session: it presents a
-/// credential already replaced, or its requester stopped waiting. It is
-/// refused (410) and dropped.
-pub(super) fn stale(req: AttachRequest, token: Option<&Token>) -> Option<AttachRequest> {
-    if req.reply.is_closed() || token != Some(&req.token) {
-        let _ = req.reply.send(Err(crate::refusal::ResumeRefusal::Stale));
-        return None;
-    }
-    Some(req)
+/// credential already replaced (410), or its requester stopped waiting, or
+/// it claims more messages than the session has delivered so far (400;
+/// `delivered` is `None` where the count is not known yet). It is refused
+/// and dropped.
+pub(super) fn stale(
+    req: AttachRequest,
+    token: Option<&Token>,
+    delivered: Option<u64>,
+) -> Option<AttachRequest> {
+    use crate::refusal::ResumeRefusal;
+    let refusal = if req.reply.is_closed() || token != Some(&req.token) {
+        ResumeRefusal::Stale
+    } else if delivered.is_some_and(|d| req.position > d) {
+        ResumeRefusal::BadPosition
+    } else {
+        return Some(req);
+    };
+    let _ = req.reply.send(Err(refusal));
+    None
 }
