@@ -206,7 +206,22 @@ async fn bind(
         ("listen.wss", &listen.wss, true),
     ] {
         for addr in list {
-            let (l, local) = bind_one(*addr, key).await?;
+            let err = |source| StartError::Bind {
+                addr: *addr,
+                key,
+                source,
+            };
+            let socket = if addr.is_ipv4() {
+                tokio::net::TcpSocket::new_v4()
+            } else {
+                tokio::net::TcpSocket::new_v6()
+            }
+            .map_err(err)?;
+            // As std's bind does: a restarted gateway can bind at once.
+            socket.set_reuseaddr(true).map_err(err)?;
+            socket.bind(*addr).map_err(err)?;
+            let l = socket.listen(listen.backlog).map_err(err)?;
+            let local = l.local_addr().map_err(err)?;
             bound.push((l, local, is_tls));
         }
     }

@@ -41,6 +41,7 @@ pub(crate) struct ListenSettings {
     pub(crate) tls_handshake_timeout: Duration,
     pub(crate) http_header_timeout: Duration,
     pub(crate) max_sessions: usize,
+    pub(crate) backlog: u32,
 }
 
 /// Per-session limits and timers.
@@ -122,6 +123,7 @@ impl Settings {
                 tls_handshake_timeout: l.tls_handshake_timeout,
                 http_header_timeout: l.http_header_timeout,
                 max_sessions: l.max_sessions,
+                backlog: l.backlog,
             },
             tls,
             session: SessionSettings {

@@ -442,3 +442,34 @@ async fn a_refused_resume_does_not_extend_the_grace_period() {
     assert_eq!(code, 1006);
     assert!(reason.contains("resume.grace"), "{reason}");
 }
+
+/// The listen backlog the kernel holds for a listening port, from `ss`
+/// (its Send-Q column is the backlog for a listening socket).
+fn backlog_of(port: u16) -> u32 {
+    let out = std::process::Command::new("ss")
+        .args(["-ltnH", &format!("sport = :{port}")])
+        .output()
+        .expect("ss (iproute2) is needed to read a listen backlog");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .next()
+        .unwrap_or_else(|| panic!("no listener on {port}: {text}"));
+    line.split_whitespace().nth(2).unwrap().parse().unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_listen_backlog_is_the_configured_one() {
+    let backend = TestBackend::start(Framing::Varint, true).await;
+    let somaxconn: u32 = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let (_gw, ws) = start(config(backend.addr)).await;
+    assert_eq!(backlog_of(ws.port()), 4096.min(somaxconn), "the default");
+    let mut c = config(backend.addr);
+    c.listen.backlog = 700;
+    let (_gw, ws) = start(c).await;
+    assert_eq!(backlog_of(ws.port()), 700.min(somaxconn));
+}

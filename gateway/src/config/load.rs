@@ -155,6 +155,9 @@ impl Config {
                 format!("{p:?} must start with '/'"),
             ));
         }
+        if self.listen.backlog == 0 {
+            return Err(invalid("listen.backlog", "must be at least 1"));
+        }
         if self.listen.max_sessions == 0 {
             return Err(invalid("listen.max_sessions", "must be at least 1"));
         }

@@ -112,6 +112,10 @@ pub struct ListenConfig {
     pub http_header_timeout: Duration,
     /// Cap on concurrent sessions; beyond it the upgrade gets HTTP 503.
     pub max_sessions: usize,
+    /// Listen backlog of the public listeners: connections the kernel holds
+    /// completed before the gateway accepts them. The kernel caps it at
+    /// `net.core.somaxconn`.
+    pub backlog: u32,
 }
 
 /// Certificate and key for the wss listeners.
@@ -276,6 +280,10 @@ impl Default for ListenConfig {
             // The box caps a process at 20,000 open files; leave room for
             // links, listeners and the admin port.
             max_sessions: 19_000,
+            // A reconnect storm (every phone after a deploy) arrives at once;
+            // 128 made the kernel drop SYNs at 3,000 simultaneous connects.
+            // 4096 is Linux's default somaxconn since 5.4.
+            backlog: 4096,
         }
     }
 }
