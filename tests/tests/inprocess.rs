@@ -473,3 +473,38 @@ async fn the_listen_backlog_is_the_configured_one() {
     let (_gw, ws) = start(c).await;
     assert_eq!(backlog_of(ws.port()), 700.min(somaxconn));
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_bad_resume_during_a_write_leaves_the_live_connection_alone() {
+    let mut backend = TestBackend::start(Framing::Varint, false).await;
+    let (gw, _) = start(config(backend.addr)).await;
+    let new = [("X-Wsgw-Resume", "new".to_owned())];
+    // A 4 KiB network: the gateway is mid-write while the client waits.
+    let (mut c, token, _) = connect_in_memory(&gw, 4096, &new).await;
+    let (s, _) = backend.next_open().await;
+    const N: usize = 20;
+    for i in 0..N {
+        let mut m = vec![0u8; 1024];
+        m[..8].copy_from_slice(&(i as u64).to_be_bytes());
+        backend.push(s, &m, false);
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let bad = [
+        ("X-Wsgw-Resume", token),
+        ("X-Wsgw-Received", "999".to_owned()),
+    ];
+    assert_eq!(
+        try_connect_in_memory(&gw, 64 * 1024, &bad).await.err(),
+        Some(400)
+    );
+    // The live connection goes on: everything arrives, in order.
+    for i in 0..N {
+        match c.recv().await {
+            Some(Msg::Binary(m)) => {
+                assert_eq!(u64::from_be_bytes(m[..8].try_into().unwrap()), i as u64)
+            }
+            other => panic!("message {i}: {other:?}"),
+        }
+    }
+    assert!(!detached_seen(&mut backend, s), "the session detached");
+}

@@ -3,6 +3,7 @@
 use std::future::Future;
 use std::ops::ControlFlow;
 use std::pin::{pin, Pin};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use fastwebsockets::{Frame as WsFrame, OpCode, Payload};
@@ -42,15 +43,24 @@ impl Session {
         } else {
             CloseReason::SlowConsumer
         };
+        // Messages the client may have so far, kept current while the write
+        // runs, for checking a resume's position meanwhile.
+        let delivered = AtomicU64::new(ring.as_ref().map_or(0, |r| r.next_seq()));
         let written = {
             let write = pin!(write_batch(
                 &mut conn.writer,
                 first,
                 &mut self.queue,
                 ring,
-                max_message
+                max_message,
+                &delivered,
             ));
-            interruptible(write, &mut self.signals, token, deadline, stalled).await
+            let watch = Watch {
+                signals: &mut self.signals,
+                token,
+                delivered: &delivered,
+            };
+            interruptible(write, watch, deadline, stalled).await
         };
         match written {
             Err(end) => ControlFlow::Break(end),
@@ -92,11 +102,15 @@ impl Session {
 /// away meanwhile (the rest of the queue is then delivered after it).
 async fn interruptible(
     mut write: Pin<&mut impl Future<Output = Result<(), End>>>,
-    signals: &mut Signals,
-    token: Option<&Token>,
+    watch: Watch<'_>,
     deadline: Duration,
     stalled: CloseReason,
 ) -> Result<bool, End> {
+    let Watch {
+        signals,
+        token,
+        delivered,
+    } = watch;
     let mut timer = pin!(tokio::time::sleep(deadline));
     let mut route_gone = false;
     loop {
@@ -120,9 +134,9 @@ async fn interruptible(
                 // is why the write stalls) is being replaced. Abandon the
                 // write; the ring holds what was in flight.
                 Signal::Attach(req) => {
-                    // The delivered count moves during this write: the position is
-                    // checked once the write is abandoned, in attach.
-                    if let Some(req) = stale(req, token, None) {
+                    // The count moves during this write: read it as it is now.
+                    let delivered = token.map(|_| delivered.load(Ordering::Relaxed));
+                    if let Some(req) = stale(req, token, delivered) {
                         return Err(End::broken(CloseReason::TakenOver).taken_over(req));
                     }
                 }
@@ -133,19 +147,33 @@ async fn interruptible(
     }
 }
 
+/// What a write to the client watches: the session's signals, and for a
+/// resumable session its credential and how many messages the client may
+/// have.
+struct Watch<'a> {
+    signals: &'a mut Signals,
+    token: Option<&'a Token>,
+    delivered: &'a AtomicU64,
+}
+
 /// Writes `first` and up to a batch of what is queued behind it, then
-/// flushes.
+/// flushes. `delivered` follows the messages written so far: a client cannot
+/// have a message whose write has not finished.
 async fn write_batch(
     writer: &mut Writer,
     first: ToClient,
     queue: &mut Queue,
     mut ring: Option<&mut Ring>,
     max_message: usize,
+    delivered: &AtomicU64,
 ) -> Result<(), End> {
     let mut msg = Some(first);
     let mut written = 0;
     while let Some(m) = msg.take() {
         write_one(writer, m, ring.as_deref_mut(), max_message).await?;
+        if let Some(r) = ring.as_deref() {
+            delivered.store(r.next_seq(), Ordering::Relaxed);
+        }
         queue.written();
         written += 1;
         if written < WRITE_BATCH {

@@ -9,7 +9,7 @@ use tracing::debug;
 
 use super::deliver::check_backend_message;
 use super::signals::{stale, Listen, Signal};
-use super::{Away, Io, Session};
+use super::{Io, Session};
 use crate::backend::{Gone, ToClient, TrySend, ADVISORY_SEND_DEADLINE};
 use crate::close::CloseReason;
 use crate::refusal::ResumeRefusal;
@@ -64,28 +64,9 @@ impl Session {
             ));
         }
         self.shared.metrics.detached(1);
-        // A client whose resume was refused (400) is still in the same
-        // absence: same deadline, same messages kept, the backend already
-        // told.
-        let (away, first) = match self.resumable.as_mut() {
-            Some(r) => match r.away {
-                Some(away) => (away, false),
-                None => {
-                    let away = Away {
-                        from_seq: r.ring.next_seq(),
-                        until: tokio::time::Instant::now() + grace,
-                    };
-                    r.away = Some(away);
-                    (away, true)
-                }
-            },
-            None => return Err(why.clone()),
-        };
-        let mut grace = pin!(tokio::time::sleep_until(away.until));
-        if first {
-            Box::pin(self.tell_detached(why)).await;
-        }
-        let outcome = self.detached_loop(grace.as_mut(), away.from_seq).await;
+        let mut grace = pin!(tokio::time::sleep(grace));
+        Box::pin(self.tell_detached(why)).await;
+        let outcome = self.detached_loop(grace.as_mut()).await;
         let ring_bytes = self.resumable.as_ref().map_or(0, |r| r.ring.bytes());
         self.shared.detached.release(ring_bytes + pending_bytes);
         self.shared.metrics.detached(-1);
@@ -111,8 +92,8 @@ impl Session {
     async fn detached_loop(
         &mut self,
         mut grace: std::pin::Pin<&mut tokio::time::Sleep>,
-        detached_from: u64,
     ) -> Result<AttachRequest, CloseReason> {
+        let detached_from = self.resumable.as_ref().map_or(0, |r| r.ring.next_seq());
         loop {
             if self.shared.shutdown.is_draining() {
                 return Err(CloseReason::Shutdown);
@@ -207,14 +188,16 @@ impl Session {
 
     /// Serves a resume request: checks the position, rotates the
     /// credential, answers the upgrade handler, and returns the new
-    /// connection; `None` when the request was refused without touching
-    /// the session (a position above what was delivered: 400).
+    /// connection.
     pub(super) async fn attach(
         &mut self,
         req: AttachRequest,
-    ) -> Result<Option<WebSocket<Io>>, CloseReason> {
+    ) -> Result<WebSocket<Io>, CloseReason> {
         self.shared.metrics.resume_attempt();
-        let Some(req) = stale(req, self.token(), None) else {
+        // Positions above what was delivered were refused (400) before
+        // the session was touched (see `stale`); `since` below can only
+        // find a gap.
+        let Some(req) = stale(req, self.token(), self.delivered()) else {
             return Err(CloseReason::ResumeLost(
                 "a stale resume arrived while the connection was lost",
             ));
@@ -224,10 +207,6 @@ impl Session {
         };
         let missed = match r.ring.since(req.position) {
             Ok(m) => m,
-            Err(ResumeRefusal::BadPosition) => {
-                let _ = req.reply.send(Err(ResumeRefusal::BadPosition));
-                return Ok(None);
-            }
             Err(refused) => {
                 let _ = req.reply.send(Err(refused));
                 return Err(CloseReason::ResumeLost(
@@ -263,7 +242,6 @@ impl Session {
         }
         debug!(session = self.id.0, replayed, "session resumed");
         r.replay = missed;
-        r.away = None;
-        Ok(Some(ws))
+        Ok(ws)
     }
 }

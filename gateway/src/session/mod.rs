@@ -86,19 +86,6 @@ struct Resumable {
     ring: Ring,
     /// Messages to write first on a resumed connection.
     replay: Vec<(Bytes, bool)>,
-    /// Set while the client is away: from the loss of its connection until
-    /// a resume succeeds (a refused resume does not end it).
-    away: Option<Away>,
-}
-
-/// One absence of a resumable session's client.
-#[derive(Debug, Clone, Copy)]
-struct Away {
-    /// The first backend message that arrived while away; from it on,
-    /// nothing may be dropped from the ring.
-    from_seq: u64,
-    /// When the session ends unless resumed (`resume.grace` after the loss).
-    until: tokio::time::Instant,
 }
 
 /// How a client connection ended, and whether a close frame can still be
@@ -163,7 +150,6 @@ pub(crate) async fn run(ws: WebSocket<Io>, start: SessionStart, shared: Arc<Shar
         token,
         ring: Ring::new(rc.buffer_messages, rc.buffer_bytes),
         replay: Vec::new(),
-        away: None,
     });
     let mut session = Session {
         id,
@@ -204,21 +190,14 @@ impl Session {
             }
             (reason, _) => reason,
         };
-        let mut request = match end.takeover {
+        let request = match end.takeover {
             Some(req) => req,
             None if reason.is_connection_loss() && self.resumable.is_some() => {
                 self.detached(&reason).await?
             }
             None => return Err(reason),
         };
-        loop {
-            match self.attach(request).await? {
-                Some(ws) => return Ok(ws),
-                // Refused without touching the session (400): the client
-                // is still away; wait for its next resume.
-                None => request = self.detached(&CloseReason::ClientLost).await?,
-            }
-        }
+        self.attach(request).await
     }
 
     /// Tells the backend (when it should hear it), leaves the link, and
