@@ -110,6 +110,28 @@ fn detached_seen(backend: &mut TestBackend, session: u64) -> bool {
     false
 }
 
+/// Pushes `n` binary messages of `size` bytes to `session`, each starting
+/// with its number (big-endian u64).
+fn push_numbered(backend: &TestBackend, session: u64, n: usize, size: usize) {
+    for i in 0..n {
+        let mut m = vec![0u8; size];
+        m[..8].copy_from_slice(&(i as u64).to_be_bytes());
+        backend.push(session, &m, false);
+    }
+}
+
+/// Receives messages 0..n pushed by [`push_numbered`], in order.
+async fn expect_numbered(client: &mut Client, n: usize) {
+    for i in 0..n {
+        match client.recv().await {
+            Some(Msg::Binary(m)) => {
+                assert_eq!(u64::from_be_bytes(m[..8].try_into().unwrap()), i as u64)
+            }
+            other => panic!("message {i}: {other:?}"),
+        }
+    }
+}
+
 /// The close the backend received for `session`, if any, without waiting.
 fn close_seen(backend: &mut TestBackend, session: u64) -> Option<(u32, String)> {
     while let Ok(e) = backend.events.try_recv() {
@@ -213,24 +235,13 @@ async fn a_backend_close_while_a_write_to_the_client_is_stalled_reaches_the_clie
     // 12.5 MiB towards a client that is not reading: far more than the
     // socket buffers hold, so the gateway's write to it stalls.
     const N: usize = 400;
-    for i in 0..N {
-        let mut m = vec![0u8; 32 * 1024];
-        m[..8].copy_from_slice(&(i as u64).to_be_bytes());
-        backend.push(s, &m, false);
-    }
+    push_numbered(&backend, s, N, 32 * 1024);
     // The backend ends the session while that write is stuck.
     backend.close(s, 4000, "done");
     tokio::time::sleep(Duration::from_secs(1)).await;
 
     // The client reads: everything, in order, then the backend's close.
-    for i in 0..N {
-        match client.recv().await {
-            Some(Msg::Binary(m)) => {
-                assert_eq!(u64::from_be_bytes(m[..8].try_into().unwrap()), i as u64)
-            }
-            other => panic!("message {i}: {other:?}"),
-        }
-    }
+    expect_numbered(&mut client, N).await;
     assert_eq!(
         client.recv().await,
         Some(Msg::Close(4000, "done".to_owned()))
@@ -283,11 +294,7 @@ async fn a_resumable_client_whose_writes_stall_detaches_and_resumes_with_everyth
     let (_stalled, token, _) = connect_in_memory(&gw, 4096, &new).await;
     let (s, _) = backend.next_open().await;
     const N: usize = 20;
-    for i in 0..N {
-        let mut m = vec![0u8; 1024];
-        m[..8].copy_from_slice(&(i as u64).to_be_bytes());
-        backend.push(s, &m, false);
-    }
+    push_numbered(&backend, s, N, 1024);
     tokio::time::sleep(Duration::from_millis(19_900)).await;
     assert!(!detached_seen(&mut backend, s), "detached too early");
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -301,14 +308,7 @@ async fn a_resumable_client_whose_writes_stall_detaches_and_resumes_with_everyth
     let (mut client, next_token, received) = connect_in_memory(&gw, 64 * 1024, &resume).await;
     assert_eq!(next_token.len(), 32);
     assert_eq!(received, 0);
-    for i in 0..N {
-        match client.recv().await {
-            Some(Msg::Binary(m)) => {
-                assert_eq!(u64::from_be_bytes(m[..8].try_into().unwrap()), i as u64)
-            }
-            other => panic!("message {i}: {other:?}"),
-        }
-    }
+    expect_numbered(&mut client, N).await;
     let replayed = backend
         .wait_for(|e| match e {
             Event::Attached { session, replayed } if *session == s => Some(*replayed),
@@ -483,11 +483,7 @@ async fn a_bad_resume_during_a_write_leaves_the_live_connection_alone() {
     let (mut c, token, _) = connect_in_memory(&gw, 4096, &new).await;
     let (s, _) = backend.next_open().await;
     const N: usize = 20;
-    for i in 0..N {
-        let mut m = vec![0u8; 1024];
-        m[..8].copy_from_slice(&(i as u64).to_be_bytes());
-        backend.push(s, &m, false);
-    }
+    push_numbered(&backend, s, N, 1024);
     tokio::time::sleep(Duration::from_millis(100)).await;
     let bad = [
         ("X-Wsgw-Resume", token),
@@ -498,13 +494,6 @@ async fn a_bad_resume_during_a_write_leaves_the_live_connection_alone() {
         Some(400)
     );
     // The live connection goes on: everything arrives, in order.
-    for i in 0..N {
-        match c.recv().await {
-            Some(Msg::Binary(m)) => {
-                assert_eq!(u64::from_be_bytes(m[..8].try_into().unwrap()), i as u64)
-            }
-            other => panic!("message {i}: {other:?}"),
-        }
-    }
+    expect_numbered(&mut c, N).await;
     assert!(!detached_seen(&mut backend, s), "the session detached");
 }
