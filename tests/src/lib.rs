@@ -390,6 +390,31 @@ impl<'a> GatewayOpts<'a> {
 }
 
 impl Gateway {
+    /// A resumable session that echoes one message, loses its connection
+    /// (no close), is seen detached, and resumes having received that one
+    /// message: the resumed client and the resume's 101.
+    pub async fn echo_drop_and_resume(
+        &self,
+    ) -> (client::Client, hyper::Response<hyper::body::Incoming>) {
+        use client::{Client, Connect};
+        let limit = Duration::from_secs(10);
+        let (ws, resp) = client::connect(self.ws.unwrap(), "/ws", &Connect::resume("new"))
+            .await
+            .unwrap();
+        let token = resp.headers()["x-wsgw-resume"].to_str().unwrap().to_owned();
+        let mut c = Client::from_ws(ws);
+        c.echo("before").await;
+        drop(c);
+        self.wait_metric("gateway_sessions_detached", |v| v == 1.0, limit)
+            .await;
+        let mut opts = Connect::resume(token);
+        opts.headers.push(("X-Wsgw-Received", "1".into()));
+        let (ws, resp) = client::connect(self.ws.unwrap(), "/ws", &opts)
+            .await
+            .unwrap();
+        (Client::from_ws(ws), resp)
+    }
+
     pub fn start(o: GatewayOpts<'_>) -> Self {
         let mut cmd = Command::new(bin("gateway"));
         let mut expect = 0;

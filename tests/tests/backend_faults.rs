@@ -180,20 +180,8 @@ async fn a_version_1_backend_sees_no_detached_or_attached() {
     let mut backend = TestBackend::start_with("127.0.0.1:0".parse().unwrap(), opts).await;
     let gw = Gateway::start(GatewayOpts::new(backend.addr).links(1));
     gw.wait_ready(T).await;
-    let (ws, resp) = client::connect(gw.ws.unwrap(), "/ws", &Connect::resume("new"))
-        .await
-        .unwrap();
-    let token = resp.headers()["x-wsgw-resume"].to_str().unwrap().to_owned();
+    let (mut c, _) = gw.echo_drop_and_resume().await;
     let (s, _) = backend.next_open().await;
-    let mut c = Client::from_ws(ws);
-    c.echo("before").await;
-    drop(c);
-    gw.wait_metric("gateway_sessions_detached", |v| v == 1.0, T)
-        .await;
-    let mut opts = Connect::resume(token);
-    opts.headers.push(("X-Wsgw-Received", "1".into()));
-    let (ws, _) = client::connect(gw.ws.unwrap(), "/ws", &opts).await.unwrap();
-    let mut c = Client::from_ws(ws);
     c.echo("after").await;
     gw.wait_metric(
         "gateway_resumes_total{result=\"succeeded\"",

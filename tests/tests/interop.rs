@@ -107,20 +107,8 @@ async fn python_backend_sees_detach_and_attach() {
     let (mut backend, addr) = python_backend("varint");
     let gw = Gateway::start(GatewayOpts::new(addr));
     gw.wait_ready(T).await;
-    let (ws, resp) = client::connect(gw.ws.unwrap(), "/ws", &Connect::resume("new"))
-        .await
-        .unwrap();
-    let token = resp.headers()["x-wsgw-resume"].to_str().unwrap().to_owned();
-    let mut c = Client::from_ws(ws);
-    c.echo("before").await;
-    drop(c);
-    gw.wait_metric("gateway_sessions_detached", |v| v == 1.0, T)
-        .await;
-    let mut opts = Connect::resume(token);
-    opts.headers.push(("X-Wsgw-Received", "1".into()));
-    let (ws, resp) = client::connect(gw.ws.unwrap(), "/ws", &opts).await.unwrap();
+    let (mut c, resp) = gw.echo_drop_and_resume().await;
     assert_eq!(resp.headers()["x-wsgw-received"], "1");
-    let mut c = Client::from_ws(ws);
     c.send_text("cmd:stats").await;
     let Some(Msg::Text(stats)) = c.recv_within(T).await else {
         panic!("no stats")
