@@ -101,11 +101,11 @@ async fn ten_thousand_detached_sessions_stay_within_the_documented_bound() {
     let per_session = (grew_kib.saturating_sub(held_kib)) as f64 / SESSIONS as f64;
     println!("RSS grew {grew_kib} KiB: {held_kib} KiB buffered messages + {per_session:.2} KiB per detached session");
     // The documented bound (README, "Memory bounds"): buffered bytes plus
-    // at most 20 KiB per detached session (RSS keeps what the connection
+    // at most 21 KiB per detached session (RSS keeps what the connection
     // used before it was lost).
     assert!(
-        per_session <= 20.0,
-        "{per_session:.2} KiB per detached session exceeds the documented 20 KiB"
+        per_session <= 21.0,
+        "{per_session:.2} KiB per detached session exceeds the documented 21 KiB"
     );
     assert_eq!(
         gw.metric("gateway_sessions_detached").await,
