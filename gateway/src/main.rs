@@ -34,7 +34,11 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let warnings = config.warnings();
     if args.check_config {
+        for w in &warnings {
+            eprintln!("gateway: warning: {w}");
+        }
         // Certificates are part of the configuration: load them too.
         if let Err(e) = config.check_files() {
             eprintln!("gateway: configuration error: {e}");
@@ -45,6 +49,9 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     init_logging(&config);
+    for w in &warnings {
+        tracing::warn!("{w}");
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

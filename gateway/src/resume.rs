@@ -162,26 +162,42 @@ impl Ring {
     }
 
     /// Appends message number `delivered`; evicts the oldest beyond the
-    /// bounds. Returns the bytes evicted and whether anything was.
-    pub(crate) fn push(&mut self, payload: &Bytes, text: bool) -> (usize, bool) {
+    /// bounds, but none numbered `keep_from` or later (`u64::MAX` lets any
+    /// go). Returns the bytes evicted.
+    pub(crate) fn push(&mut self, payload: &Bytes, text: bool, keep_from: u64) -> usize {
         let (max_messages, max_bytes) = (self.max_messages, self.max_bytes);
         self.items
             .push_back((Bytes::copy_from_slice(payload), text));
         self.bytes += payload.len();
         self.delivered += 1;
         let mut freed = 0;
-        let mut evicted = false;
-        while self.items.len() > max_messages || self.bytes > max_bytes {
+        while (self.items.len() > max_messages || self.bytes > max_bytes)
+            && self.oldest_held() < keep_from
+        {
             match self.items.pop_front() {
                 Some((p, _)) => {
                     self.bytes -= p.len();
                     freed += p.len();
-                    evicted = true;
                 }
                 None => break,
             }
         }
-        (freed, evicted)
+        freed
+    }
+
+    /// Whether one more message can be kept without evicting any numbered
+    /// `from` or later: fewer than the bounds hold are that recent. (The
+    /// one pushed may take the bytes over the bound by its own size.)
+    pub(crate) fn has_room_after(&self, from: u64) -> bool {
+        let recent = usize::try_from(self.delivered.saturating_sub(from)).unwrap_or(usize::MAX);
+        let recent_bytes: usize = self
+            .items
+            .iter()
+            .rev()
+            .take(recent)
+            .map(|(p, _)| p.len())
+            .sum();
+        recent < self.max_messages && recent_bytes < self.max_bytes
     }
 
     /// Sequence number of the next message (messages delivered so far).
@@ -265,7 +281,7 @@ mod tests {
     fn ring_replays_from_a_held_position_and_refuses_gaps() {
         let mut r = Ring::new(4, 1 << 20);
         for i in 0..10u8 {
-            r.push(&Bytes::from(vec![i]), false);
+            r.push(&Bytes::from(vec![i]), false, u64::MAX);
         }
         assert_eq!(r.delivered, 10);
         let since = r.since(7).unwrap();
@@ -282,11 +298,33 @@ mod tests {
     #[test]
     fn ring_is_bounded_by_bytes() {
         let mut r = Ring::new(100, 100);
-        let (freed, evicted) = r.push(&Bytes::from(vec![0; 60]), true);
-        assert_eq!((freed, evicted), (0, false));
-        let (freed, evicted) = r.push(&Bytes::from(vec![0; 60]), true);
-        assert_eq!((freed, evicted), (60, true));
+        assert_eq!(r.push(&Bytes::from(vec![0; 60]), true, u64::MAX), 0);
+        assert_eq!(r.push(&Bytes::from(vec![0; 60]), true, u64::MAX), 60);
         assert_eq!(r.bytes(), 60);
+    }
+
+    #[test]
+    fn while_detached_the_ring_keeps_what_the_client_never_saw() {
+        let mut r = Ring::new(3, 1 << 20);
+        for i in 0..3u8 {
+            r.push(&Bytes::from(vec![i]), false, u64::MAX);
+        }
+        // Detached after 3 messages: older ones may go, newer ones stay.
+        let from = r.next_seq();
+        for i in 3..6u8 {
+            assert!(r.has_room_after(from));
+            r.push(&Bytes::from(vec![i]), false, from);
+        }
+        assert!(!r.has_room_after(from), "full of messages never seen");
+        assert_eq!(r.oldest_held(), 3);
+        // Bytes: one over the bound is kept rather than lose a new one.
+        let mut r = Ring::new(10, 100);
+        r.push(&Bytes::from(vec![0; 60]), false, 0);
+        assert!(r.has_room_after(0));
+        r.push(&Bytes::from(vec![0; 60]), false, 0);
+        assert_eq!(r.bytes(), 120);
+        assert!(!r.has_room_after(0));
+        assert_eq!(r.since(0).unwrap().len(), 2);
     }
 
     #[test]

@@ -11,7 +11,7 @@ use std::time::Duration;
 use hyper::header::HeaderName;
 use protocol::FrameCodec;
 
-use crate::backend::{LinkSettings, MailboxLimits, PoolSettings};
+use crate::backend::{LinkSettings, PoolSettings};
 use crate::config::{Config, ConfigError};
 use crate::tls;
 
@@ -157,11 +157,7 @@ impl Settings {
                     heartbeat_timeout: b.heartbeat_timeout,
                     queue_frames: b.link_queue_frames,
                     queue_bytes: b.link_queue_bytes.bytes(),
-                    mailbox: MailboxLimits {
-                        messages: s.client_queue_messages,
-                        // validate() guarantees it is at least max_message.
-                        bytes: s.client_queue_bytes.bytes(),
-                    },
+                    mailbox_bytes: s.client_queue_bytes.bytes(),
                 },
             },
             admin: config.admin.listen,

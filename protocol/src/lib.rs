@@ -114,6 +114,16 @@ impl Frame {
         }
     }
 
+    /// Moves a data payload into an allocation of its own size. A payload
+    /// taken from a read buffer without copying keeps that whole buffer
+    /// alive; a frame that is going to wait in a queue is compacted so that
+    /// the queue holds what it counts.
+    pub fn compact(&mut self) {
+        if let Some(Body::Data(d)) = &mut self.body {
+            d.payload = Bytes::copy_from_slice(&d.payload);
+        }
+    }
+
     fn link(body: Body) -> Self {
         Self {
             session_id: LINK_SESSION_ID,

@@ -226,7 +226,6 @@ async fn a_backend_close_while_a_write_to_the_client_is_stalled_reaches_the_clie
     let mut backend = TestBackend::start(Framing::Varint, false).await;
     let mut c = config(backend.addr);
     // Room for everything below, so that the client is not a slow consumer.
-    c.session.client_queue_messages = 1024;
     c.session.client_queue_bytes = gateway::config::ByteSize(64 << 20);
     let (_gw, ws) = start(c).await;
     let mut client = Client::connect(ws, "/ws", &Connect::default()).await;

@@ -178,14 +178,18 @@ async fn a_resume_while_the_old_connection_lives_takes_over() {
     assert_eq!(new.recv_within(T).await, Some(Msg::Text("two".into())));
 }
 
-/// More arrived while the client was away than the buffer holds: the
-/// session cannot be resumed without a gap, so it ends at once.
+/// A backend burst while the client is away, bigger than the replay
+/// buffer: what the buffer cannot hold waits in the client queue, and the
+/// resume gets every message, in order. Only when the client queue is full
+/// too does the session end.
 #[tokio::test(flavor = "multi_thread")]
-async fn a_buffer_overflow_while_away_ends_the_session() {
+async fn a_burst_while_away_waits_for_the_resume_until_the_client_queue_is_full() {
     let mut backend = TestBackend::start(Framing::Varint, false).await;
     let gw = Gateway::start(
         GatewayOpts::new(backend.addr)
             .config(|c| c.resume.buffer_messages = 4)
+            .config(|c| c.session.max_message_size = kib(1))
+            .config(|c| c.session.client_queue_bytes = kib(16))
             .config(|c| c.resume.grace = secs(30)),
     );
     gw.wait_ready(T).await;
@@ -195,13 +199,28 @@ async fn a_buffer_overflow_while_away_ends_the_session() {
     backend
         .wait_for(|e| matches!(e, Event::Detached { .. }).then_some(()))
         .await;
-    for i in 0..5u8 {
-        backend.push(s, &[i], false);
+    // 90 messages of 100 B arrive at once: they fit the 16 KiB client
+    // queue (90 x 164 B); 4 move to the ring, the rest wait in the queue.
+    for i in 0..90u8 {
+        backend.push(s, &[i; 100], false);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (mut c, token, _) = connect(&gw, Some((&token, 0))).await.unwrap();
+    for i in 0..90u8 {
+        assert_eq!(c.recv_within(T).await, Some(Msg::Binary(vec![i; 100])));
+    }
+    drop(c);
+    backend
+        .wait_for(|e| matches!(e, Event::Detached { .. }).then_some(()))
+        .await;
+    // 200 messages: more than ring and client queue hold together.
+    for i in 0..200u8 {
+        backend.push(s, &[i; 100], false);
     }
     let (code, reason) = backend.wait_close(s).await;
     assert_eq!(code, 1006);
-    assert!(reason.contains("buffer"), "{reason}");
-    assert_eq!(connect(&gw, Some((&token, 0))).await.err(), Some(410));
+    assert!(reason.contains("full while detached"), "{reason}");
+    assert_eq!(connect(&gw, Some((&token, 90))).await.err(), Some(410));
 }
 
 /// Opens a resumable session, has the backend send it `n` messages that the
@@ -304,7 +323,6 @@ async fn a_resume_takes_over_a_connection_stuck_in_a_write() {
             .config(|c| c.resume.grace = secs(30))
             .config(|c| c.resume.buffer_messages = 4000)
             .config(|c| c.resume.buffer_bytes = mib(64))
-            .config(|c| c.session.client_queue_messages = 4000)
             .config(|c| c.session.client_queue_bytes = mib(64)),
     );
     gw.wait_ready(T).await;

@@ -7,7 +7,7 @@ use protocol::Framing;
 use tokio::io::DuplexStream;
 
 use super::*;
-use crate::backend::{Gone, Mailbox, MailboxLimits, TrySend};
+use crate::backend::{Gone, Mailbox, TrySend, QUEUED_OVERHEAD};
 
 fn settings() -> LinkSettings {
     LinkSettings {
@@ -16,10 +16,7 @@ fn settings() -> LinkSettings {
         heartbeat_timeout: Duration::from_secs(14),
         queue_frames: 16,
         queue_bytes: 1 << 20,
-        mailbox: MailboxLimits {
-            messages: 4,
-            bytes: 1024,
-        },
+        mailbox_bytes: 4 * (QUEUED_OVERHEAD + 64),
     }
 }
 

@@ -15,8 +15,8 @@ use protocol::{Frame, FrameCodec, SessionId};
 use tokio::sync::{mpsc, Semaphore};
 
 use super::driver::{Control, DriverQueues, Outbound};
-use super::mailbox::{Mailbox, MailboxLimits};
-use super::LinkSettings;
+use super::mailbox::Mailbox;
+use super::{LinkSettings, BACKING_UP_DEPTH, QUEUED_OVERHEAD};
 
 /// Outcome of [`LinkHandle::try_send`].
 pub(crate) enum TrySend {
@@ -55,7 +55,9 @@ struct Shared {
     control: mpsc::UnboundedSender<Control>,
     budget: Semaphore,
     sessions: AtomicUsize,
-    limits: MailboxLimits,
+    mailbox_bytes: usize,
+    /// The whole byte budget: no frame costs more.
+    queue_bytes: usize,
 }
 
 impl LinkHandle {
@@ -72,7 +74,8 @@ impl LinkHandle {
                 control: control_tx,
                 budget: Semaphore::new(s.queue_bytes),
                 sessions: AtomicUsize::new(0),
-                limits: s.mailbox,
+                mailbox_bytes: s.mailbox_bytes,
+                queue_bytes: s.queue_bytes,
             }),
         };
         (
@@ -115,7 +118,7 @@ impl LinkHandle {
     /// Puts a session on the link; its backend frames arrive in the mailbox.
     /// Must be called before the session's `SessionOpen` is sent.
     pub(crate) fn register(&self, id: SessionId) -> Result<Mailbox, LinkGone> {
-        let (mailbox, route) = Mailbox::new(self.shared.limits);
+        let (mailbox, route) = Mailbox::new(self.shared.mailbox_bytes);
         self.shared
             .control
             .send(Control::Register(id, route))
@@ -130,7 +133,8 @@ impl LinkHandle {
     }
 
     /// Queues `frame` if there is room now; gives it back if not.
-    pub(crate) fn try_send(&self, frame: Frame) -> TrySend {
+    pub(crate) fn try_send(&self, mut frame: Frame) -> TrySend {
+        self.compact_if_backing_up(&mut frame);
         let cost = self.cost_of(&frame);
         let Ok(budget) = self.shared.budget.try_acquire_many(cost) else {
             return if self.shared.budget.is_closed() {
@@ -165,7 +169,8 @@ impl LinkHandle {
             .await
             .map_err(|_| LinkGone)?;
         let slot = self.shared.tx.reserve().await.map_err(|_| LinkGone)?;
-        if let Some(frame) = pending.take() {
+        if let Some(mut frame) = pending.take() {
+            self.compact_if_backing_up(&mut frame);
             budget.forget();
             slot.send(Outbound { frame, cost });
         }
@@ -192,11 +197,23 @@ impl LinkHandle {
         self.shared.budget.close();
     }
 
-    /// What a frame costs of the link's byte budget: its length on the wire.
+    /// What a frame costs of the link's byte budget: its length on the wire
+    /// and what holding it costs besides (see [`QUEUED_OVERHEAD`]); at most
+    /// the whole budget, so that any frame can be sent on an idle link.
     fn cost_of(&self, frame: &Frame) -> u32 {
-        // Fits: frames are limited to max_frame_size, validated below 4 GiB;
-        // an oversized frame saturates and waits for a budget it can never
-        // get only if validation was bypassed.
-        u32::try_from(self.shared.codec.wire_len(frame)).unwrap_or(u32::MAX)
+        let cost =
+            (self.shared.codec.wire_len(frame) + QUEUED_OVERHEAD).min(self.shared.queue_bytes);
+        // Fits: link_queue_bytes is validated below 4 GiB.
+        u32::try_from(cost).unwrap_or(u32::MAX)
+    }
+
+    /// A frame joining a queue that is backing up will wait: it must not
+    /// keep the client's read buffer it was cut from alive meanwhile, or the
+    /// link's queue would hold about twice what its budget counts.
+    fn compact_if_backing_up(&self, frame: &mut Frame) {
+        let queued = self.shared.tx.max_capacity() - self.shared.tx.capacity();
+        if queued >= BACKING_UP_DEPTH {
+            frame.compact();
+        }
     }
 }

@@ -2,8 +2,12 @@
 //!
 //! The link's reader holds a [`Route`] per session and hands it each backend
 //! frame with [`Route::offer`], which never waits: a mailbox bounded by
-//! messages and by bytes either takes the frame or is full, and then the
-//! session is evicted as a slow consumer. The session holds the
+//! bytes (each message counting its payload and [`QUEUED_OVERHEAD`]) either
+//! takes the frame or is full, and then the session is evicted as a slow
+//! consumer. There is no bound on the number of messages: a burst of many
+//! small messages costs what it holds, so a client that reads is never
+//! taken for a slow one while the burst fits the bytes; a client that does
+//! not read is found by the session's write timeout. The session holds the
 //! [`Mailbox`]: the messages in order, and an eviction signal that fires
 //! once when the reader takes the session off the link.
 
@@ -13,19 +17,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 
-/// A session whose mailbox already holds this many messages is lagging; its
-/// payloads are copied out of the shared read buffer so that it does not pin
-/// 64 KiB read chunks while it catches up.
-const LAGGING_DEPTH: usize = 4;
-
-/// Bounds of a session's mailbox.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct MailboxLimits {
-    /// Messages queued towards one client.
-    pub(crate) messages: usize,
-    /// Payload bytes queued towards one client.
-    pub(crate) bytes: usize,
-}
+use super::{BACKING_UP_DEPTH, QUEUED_OVERHEAD};
 
 /// What the reader delivers to a session.
 #[derive(Debug)]
@@ -53,12 +45,13 @@ pub(crate) enum ToClient {
 }
 
 impl ToClient {
-    /// Payload bytes it holds of the mailbox's byte bound.
-    fn len(&self) -> usize {
-        match self {
-            Self::Data { payload, .. } => payload.len(),
-            Self::Close { .. } | Self::Invalid { .. } => 0,
-        }
+    /// What it costs of the mailbox's byte bound: what holding it takes.
+    fn cost(&self) -> usize {
+        QUEUED_OVERHEAD
+            + match self {
+                Self::Data { payload, .. } => payload.len(),
+                Self::Close { reason, .. } | Self::Invalid { reason } => reason.len(),
+            }
     }
 }
 
@@ -92,12 +85,11 @@ pub(crate) struct Mailbox {
     pub(crate) eviction: Eviction,
 }
 
-/// Backend messages for one session, in order, bounded by messages and by
-/// payload bytes.
+/// Backend messages for one session, in order, bounded by bytes.
 pub(crate) struct Queue {
     rx: mpsc::Receiver<ToClient>,
-    /// Payload bytes in `rx` and in the session's hand, shared with the
-    /// route.
+    /// Bytes (see [`ToClient::cost`]) in `rx` and in the session's hand,
+    /// shared with the route.
     queued_bytes: Arc<AtomicUsize>,
     /// Bytes of the message the session took last and has not yet written:
     /// a message counts against the bound until it is written (or the
@@ -132,16 +124,19 @@ pub(super) enum Offered {
 }
 
 impl Mailbox {
-    /// A mailbox and the route the link's reader keeps for it.
-    pub(super) fn new(limits: MailboxLimits) -> (Self, Route) {
-        let (tx, rx) = mpsc::channel(limits.messages);
+    /// A mailbox holding at most `bytes`, and the route the link's reader
+    /// keeps for it.
+    pub(super) fn new(bytes: usize) -> (Self, Route) {
+        // The byte bound is reached before this many messages are queued;
+        // the channel's own bound only tells `lagging` the depth.
+        let (tx, rx) = mpsc::channel(bytes / QUEUED_OVERHEAD + 1);
         let (evict_tx, evict_rx) = oneshot::channel();
         let queued_bytes = Arc::new(AtomicUsize::new(0));
         let route = Route {
             tx,
             queued_bytes: queued_bytes.clone(),
             evict: evict_tx,
-            byte_limit: limits.bytes,
+            byte_limit: bytes,
         };
         let mailbox = Self {
             queue: Queue {
@@ -187,7 +182,7 @@ impl Queue {
         // A message taken and never written (its write was abandoned)
         // stops counting when the next one is taken.
         self.written();
-        self.in_hand = msg.len();
+        self.in_hand = msg.cost();
     }
 }
 
@@ -215,8 +210,9 @@ impl Eviction {
 }
 
 impl Route {
-    /// Queues one backend message without waiting; a mailbox over either
-    /// bound evicts its session as a slow consumer.
+    /// Queues one backend message without waiting; a mailbox over its byte
+    /// bound evicts its session as a slow consumer. A message always fits in
+    /// an empty mailbox.
     pub(super) fn offer(&self, msg: ToClient) -> Offered {
         let is_close = matches!(msg, ToClient::Close { .. } | ToClient::Invalid { .. });
         let msg = match msg {
@@ -226,9 +222,9 @@ impl Route {
             },
             other => other,
         };
-        let len = msg.len();
-        let queued = self.queued_bytes.fetch_add(len, Ordering::Relaxed) + len;
-        if queued > self.byte_limit {
+        let cost = msg.cost();
+        let queued = self.queued_bytes.fetch_add(cost, Ordering::Relaxed) + cost;
+        if queued > self.byte_limit && queued > cost {
             return Offered::Dropped;
         }
         match self.tx.try_send(msg) {
@@ -251,7 +247,7 @@ impl Route {
     }
 
     fn lagging(&self) -> bool {
-        self.tx.max_capacity() - self.tx.capacity() >= LAGGING_DEPTH
+        self.tx.max_capacity() - self.tx.capacity() >= BACKING_UP_DEPTH
     }
 }
 
@@ -267,12 +263,14 @@ mod tests {
         }
     }
 
+    /// A payload of `n` bytes costs this much of the bound.
+    fn cost(n: usize) -> usize {
+        n + QUEUED_OVERHEAD
+    }
+
     #[tokio::test]
     async fn a_full_mailbox_evicts_its_session_as_a_slow_consumer() {
-        let (mut mb, route) = Mailbox::new(MailboxLimits {
-            messages: 2,
-            bytes: 1 << 20,
-        });
+        let (mut mb, route) = Mailbox::new(2 * cost(1));
         assert!(matches!(route.offer(data(1)), Offered::Queued));
         assert!(matches!(route.offer(data(1)), Offered::Queued));
         let third = route.offer(data(1));
@@ -286,12 +284,36 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_burst_of_many_small_messages_is_bounded_by_bytes_only() {
+        // 10,000 messages of 100 B fit in 2 MiB: none is refused for their
+        // number, and the bytes counted are what they hold.
+        let (mut mb, route) = Mailbox::new(2 << 20);
+        for _ in 0..10_000 {
+            assert!(matches!(route.offer(data(100)), Offered::Queued));
+        }
+        assert_eq!(
+            mb.queue.queued_bytes.load(Ordering::Relaxed),
+            10_000 * cost(100)
+        );
+        for _ in 0..10_000 {
+            assert!(mb.queue.try_recv().is_some());
+        }
+        mb.queue.written();
+        assert_eq!(mb.queue.queued_bytes.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test]
+    async fn one_message_always_fits_an_empty_mailbox() {
+        let (mut mb, route) = Mailbox::new(100);
+        assert!(matches!(route.offer(data(100)), Offered::Queued));
+        assert!(matches!(route.offer(data(1)), Offered::Dropped));
+        assert!(mb.queue.try_recv().is_some());
+    }
+
+    #[tokio::test]
     async fn bytes_are_counted_until_the_session_has_written_them() {
         for written in [false, true] {
-            let (mut mb, route) = Mailbox::new(MailboxLimits {
-                messages: 10,
-                bytes: 100,
-            });
+            let (mut mb, route) = Mailbox::new(cost(60) + cost(40));
             assert!(matches!(route.offer(data(60)), Offered::Queued));
             assert!(matches!(route.offer(data(40)), Offered::Queued));
             assert!(mb.queue.recv().await.is_some());
@@ -307,10 +329,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_backend_close_ends_the_route_after_its_data() {
-        let (mut mb, route) = Mailbox::new(MailboxLimits {
-            messages: 10,
-            bytes: 100,
-        });
+        let (mut mb, route) = Mailbox::new(1000);
         assert!(matches!(route.offer(data(1)), Offered::Queued));
         let close = route.offer(ToClient::Close {
             code: 4000,
@@ -328,10 +347,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_dropped_route_reads_as_a_lost_link() {
-        let (mut mb, route) = Mailbox::new(MailboxLimits {
-            messages: 10,
-            bytes: 100,
-        });
+        let (mut mb, route) = Mailbox::new(1000);
         drop(route);
         assert_eq!(mb.eviction.wait().await, Gone::LinkLost);
         assert!(mb.queue.recv().await.is_none());

@@ -10,7 +10,7 @@
 //! 2. [`driver`]: [`LinkDriver`], the one task that owns the socket. Its
 //!    writer batches queued frames into one write; its reader decodes
 //!    backend frames and hands each to its session's [`Mailbox`].
-//! 3. [`mailbox`]: a session's receiving end, bounded by messages and bytes,
+//! 3. [`mailbox`]: a session's receiving end, bounded by bytes,
 //!    and the eviction signal the reader raises when it takes the session
 //!    off the link.
 //! 4. [`handshake`]: `Hello` / `HelloAck`, before the driver starts.
@@ -29,7 +29,7 @@ mod pool;
 
 pub(crate) use driver::LinkDriver;
 pub(crate) use link::{LinkGone, LinkHandle, TrySend};
-pub(crate) use mailbox::{Eviction, Gone, Mailbox, MailboxLimits, Queue, ToClient};
+pub(crate) use mailbox::{Eviction, Gone, Mailbox, Queue, ToClient};
 pub(crate) use pool::{Lease, Pool, PoolSettings};
 
 /// How long a frame that only informs the backend (a session's close after
@@ -38,6 +38,17 @@ pub(crate) use pool::{Lease, Pool, PoolSettings};
 /// frame is dropped: a stuck link must not hold a session's end, and the
 /// backend learns of a lost link by itself.
 pub(crate) const ADVISORY_SEND_DEADLINE: Duration = Duration::from_secs(1);
+
+/// What a queued message or frame costs of a byte bound besides its
+/// payload: its queue slot (a `Frame` or `ToClient`, at most 64 bytes, see
+/// the tests) and the allocator's header and rounding of its payload. With
+/// it a bound on bytes is a bound on memory, also for tiny messages.
+pub(crate) const QUEUED_OVERHEAD: usize = 64;
+
+/// A queue that already holds this many entries is backing up: what joins
+/// it now will wait, so its payload is copied out of the shared read buffer
+/// it came in (`Frame::compact`) rather than keep that buffer alive.
+pub(crate) const BACKING_UP_DEPTH: usize = 4;
 
 /// Why a link ended.
 #[derive(Debug, thiserror::Error)]
@@ -81,6 +92,7 @@ pub(crate) struct LinkSettings {
     pub(crate) queue_frames: usize,
     /// Bytes (on the wire) queued towards the backend before senders wait.
     pub(crate) queue_bytes: usize,
-    /// Bounds of each session's mailbox.
-    pub(crate) mailbox: MailboxLimits,
+    /// Bytes each session's mailbox holds (see [`QUEUED_OVERHEAD`]) before
+    /// the session is a slow consumer.
+    pub(crate) mailbox_bytes: usize,
 }

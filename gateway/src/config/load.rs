@@ -121,6 +121,21 @@ impl Config {
         Ok(config)
     }
 
+    /// What is set but has no effect: retired keys. Logged at start and by
+    /// `--check-config`.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.session.client_queue_messages.is_some() {
+            out.push(
+                "session.client_queue_messages is retired and ignored: the queue towards a \
+                 client is bounded by session.client_queue_bytes only (each message counts \
+                 its payload and 64 bytes)"
+                    .to_owned(),
+            );
+        }
+        out
+    }
+
     /// Checks cross-field rules that types cannot express.
     pub fn validate(&self) -> Result<(), ConfigError> {
         fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
@@ -215,12 +230,6 @@ impl Config {
             if self.resume.buffer_messages == 0 {
                 return Err(invalid("resume.buffer_messages", "must be at least 1"));
             }
-        }
-        if self.session.client_queue_messages == 0 {
-            return Err(invalid(
-                "session.client_queue_messages",
-                "must be at least 1",
-            ));
         }
         if self.session.client_queue_bytes.bytes() < max_msg {
             return Err(invalid(

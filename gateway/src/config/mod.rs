@@ -135,9 +135,13 @@ pub struct SessionConfig {
     /// Largest client message after reassembling fragments (close 1009), and
     /// largest backend payload forwarded to a client.
     pub max_message_size: ByteSize,
-    /// Messages queued towards one client before it is a slow consumer.
-    pub client_queue_messages: usize,
-    /// Bytes queued towards one client before it is a slow consumer.
+    /// Retired: the queue towards a client is bounded by bytes only (a
+    /// burst of many small messages is not a slow client). Accepted so that
+    /// old configurations still start; ignored, with a warning.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_queue_messages: Option<usize>,
+    /// Bytes queued towards one client (each message counts its payload and
+    /// 64 bytes) before it is a slow consumer.
     pub client_queue_bytes: ByteSize,
     /// Idle time after which the gateway pings the client.
     #[serde(with = "humantime_serde")]
@@ -292,7 +296,7 @@ impl Default for SessionConfig {
     fn default() -> Self {
         Self {
             max_message_size: ByteSize(1 << 20),
-            client_queue_messages: 256,
+            client_queue_messages: None,
             client_queue_bytes: ByteSize(4 << 20),
             // Carrier NATs drop idle flows after 30 s to a few minutes; a
             // 20 s ping keeps them open and finds dead phones within 40 s.

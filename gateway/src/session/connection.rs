@@ -6,19 +6,53 @@
 //! the next read only after one completed); it is never dropped midway
 //! except when the connection is torn down.
 
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::BytesMut;
 use fastwebsockets::{
     Frame as WsFrame, OpCode, Payload, Role, WebSocketError, WebSocketRead, WebSocketWrite,
 };
-use tokio::io::{AsyncReadExt, ReadHalf, WriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, ReadBuf, ReadHalf, WriteHalf};
 use tokio::time::Instant;
 
 use super::assemble::Assembler;
 use super::Io;
 
-pub(super) type Reader<'a> = WebSocketRead<&'a mut ReadHalf<Io>>;
+pub(super) type Reader<'a> = WebSocketRead<ReadCap<&'a mut ReadHalf<Io>>>;
+
+/// The most one read from a client takes from its socket.
+const MAX_READ: usize = 64 * 1024;
+
+/// Caps every read at [`MAX_READ`]. fastwebsockets reads into all the spare
+/// room of its buffer, and that buffer doubles whenever its unread tail
+/// outgrows what was consumed: against a client that sends flat out, its
+/// read-ahead grew to megabytes per connection (a stuck backend measured
+/// 1.5 to 2 times `link_queue_bytes` in the gateway). With reads capped,
+/// what a connection holds beyond the frame being read stays near 64 KiB;
+/// the rest waits in the kernel, which is also what pauses the client.
+pub(super) struct ReadCap<R>(R);
+
+impl<R: AsyncRead + Unpin> AsyncRead for ReadCap<R> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let max = buf.remaining().min(MAX_READ);
+        // Initialised first, so that marking the bytes read as filled
+        // needs no unsafe code.
+        buf.initialize_unfilled_to(max);
+        let mut part = buf.take(max);
+        let res = Pin::new(&mut self.0).poll_read(cx, &mut part);
+        let n = part.filled().len();
+        if let Poll::Ready(Ok(())) = res {
+            buf.advance(n);
+        }
+        res
+    }
+}
 pub(super) type Writer = WebSocketWrite<WriteHalf<Io>>;
 
 /// One complete frame from the client, with its payload owned.
@@ -69,7 +103,7 @@ impl Connection {
         max_message: usize,
     ) -> (Reader<'r>, Self) {
         let (mut reader, mut writer) =
-            fastwebsockets::after_handshake_split(raw_read, raw_write, Role::Server);
+            fastwebsockets::after_handshake_split(ReadCap(raw_read), raw_write, Role::Server);
         // The gateway answers pings and closes itself: it must see them to
         // keep liveness and to map closes through its table.
         reader.set_auto_close(false);

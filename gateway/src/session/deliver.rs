@@ -199,7 +199,7 @@ async fn write_one(
         ToClient::Data { payload, text } => {
             check_backend_message(&payload, text, max_message).map_err(End::clean)?;
             if let Some(ring) = ring {
-                ring.push(&payload, text);
+                ring.push(&payload, text, u64::MAX);
             }
             let opcode = if text { OpCode::Text } else { OpCode::Binary };
             let frame = WsFrame::new(true, opcode, None, Payload::Borrowed(&payload));

@@ -95,13 +95,27 @@ impl Session {
     ) -> Result<AttachRequest, CloseReason> {
         let detached_from = self.resumable.as_ref().map_or(0, |r| r.ring.next_seq());
         loop {
+            // Messages that arrived while detached are never evicted from
+            // the ring (the client has not seen them); once it is full of
+            // them the rest wait in the client queue, whose bound still
+            // holds.
+            let ring_room = self
+                .resumable
+                .as_ref()
+                .is_some_and(|r| r.ring.has_room_after(detached_from));
             if self.shared.shutdown.is_draining() {
                 return Err(CloseReason::Shutdown);
             }
             tokio::select! {
                 biased;
                 s = self.signals.next(Listen::ALL) => match s {
-                    Signal::Evicted(Gone::SlowConsumer) => return Err(CloseReason::SlowConsumer),
+                    // Not a slow client: the ring and the client queue
+                    // behind it are full while nobody can read.
+                    Signal::Evicted(Gone::SlowConsumer) => {
+                        return Err(CloseReason::ResumeLost(
+                            "replay buffer and client queue full while detached",
+                        ));
+                    }
                     Signal::Evicted(Gone::LinkLost) => return Err(CloseReason::LinkLost),
                     // Its close is in the queue, right behind its data.
                     Signal::Evicted(Gone::BackendClosed) => {}
@@ -124,12 +138,18 @@ impl Session {
                         return Err(CloseReason::LinkLost);
                     }
                 }
-                msg = self.queue.recv() => {
+                msg = self.queue.recv(), if ring_room => {
                     if let Some(msg) = msg {
                         self.hold_while_detached(msg, detached_from)?;
                     }
                 }
                 _ = &mut grace => {
+                    // The backend closed it meanwhile (its close waits
+                    // behind data the ring had no room for): end as the
+                    // backend said, without telling it again.
+                    if self.signals.eviction.gone() == Some(Gone::BackendClosed) {
+                        return Err(self.after_gone(Gone::BackendClosed));
+                    }
                     return Err(CloseReason::ResumeLost(
                         "client did not resume within resume.grace",
                     ));
@@ -150,7 +170,8 @@ impl Session {
     }
 
     /// Keeps a backend message that arrived while detached for replay, if
-    /// the ring and the gateway-wide budget allow.
+    /// the gateway-wide budget allows (the caller took it only when the
+    /// ring had room).
     fn hold_while_detached(
         &mut self,
         msg: ToClient,
@@ -175,14 +196,11 @@ impl Session {
         let Some(r) = self.resumable.as_mut() else {
             return Err(CloseReason::ResumeLost("not resumable"));
         };
-        let (freed, _) = r.ring.push(&payload, text);
-        budget.shrink(freed);
         // Older messages, sent before the connection was lost, may go (a
         // client that missed them is refused with 410 on resume); one that
         // arrived while detached may not.
-        if r.ring.oldest_held() > detached_from {
-            return Err(CloseReason::ResumeLost("replay buffer full while detached"));
-        }
+        let freed = r.ring.push(&payload, text, detached_from);
+        budget.shrink(freed);
         Ok(())
     }
 
