@@ -113,6 +113,12 @@ impl Gateway {
         let metrics =
             Arc::new(metrics::Metrics::new().map_err(|e| StartError::Metrics(e.to_string()))?);
         let shutdown = Shutdown::new();
+        // Backend logs name the gateway by these two (its `Hello`).
+        tracing::info!(
+            gateway_id = settings.backend.hello.gateway_id,
+            instance_id = settings.backend.hello.instance_id,
+            "gateway starting"
+        );
         let pool = backend::Pool::start(settings.backend, metrics.clone(), &shutdown);
         let listeners = bind(&settings.listen).await?;
         let admin = match settings.admin {

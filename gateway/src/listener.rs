@@ -37,6 +37,10 @@ pub(crate) async fn accept_loop(
         };
         match accepted {
             Ok((tcp, peer)) => {
+                // An IPv6 listener that also accepts IPv4 sees IPv4 clients
+                // as `::ffff:a.b.c.d`; the backend contract promises
+                // "a.b.c.d:port" for them (`SessionOpen.remote_addr`).
+                let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
                 let task = connection(tcp, peer, tls.clone(), shared.clone());
                 shared.shutdown.spawn_session(task);
             }

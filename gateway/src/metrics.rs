@@ -24,6 +24,7 @@ pub(crate) struct Metrics {
     bytes: Counter<u64>,
     links_up: UpDownCounter<i64>,
     link_connects: Counter<u64>,
+    link_handshake_failures: Counter<u64>,
     link_writes: Counter<u64>,
     link_frames_written: Counter<u64>,
     late_frames: Counter<u64>,
@@ -76,6 +77,13 @@ impl Metrics {
             link_connects: meter
                 .u64_counter("gateway.link.connects")
                 .with_description("Backend link connection attempts, by endpoint and result")
+                .build(),
+            link_handshake_failures: meter
+                .u64_counter("gateway.link.handshake_failures")
+                .with_description(
+                    "Backend link handshakes that failed (an incompatible or misconfigured \
+                     backend), by endpoint and reason",
+                )
                 .build(),
             link_writes: meter
                 .u64_counter("gateway.link.writes")
@@ -168,6 +176,16 @@ impl Metrics {
             &[
                 KeyValue::new("endpoint", endpoint.to_owned()),
                 KeyValue::new("result", result),
+            ],
+        );
+    }
+
+    pub(crate) fn link_handshake_failed(&self, endpoint: &str, reason: &'static str) {
+        self.link_handshake_failures.add(
+            1,
+            &[
+                KeyValue::new("endpoint", endpoint.to_owned()),
+                KeyValue::new("reason", reason),
             ],
         );
     }

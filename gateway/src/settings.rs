@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::header::HeaderName;
-use protocol::FrameCodec;
+use protocol::{pb, FrameCodec};
 
 use crate::backend::{LinkSettings, PoolSettings};
 use crate::config::{Config, ConfigError};
@@ -146,7 +146,20 @@ impl Settings {
             backend: PoolSettings {
                 endpoints: b.endpoints.clone(),
                 links_per_endpoint: b.links_per_endpoint,
-                gateway_id: config.gateway_id(),
+                hello: pb::Hello {
+                    min_version: protocol::MIN_PROTOCOL_VERSION,
+                    max_version: protocol::PROTOCOL_VERSION,
+                    gateway_id: config.gateway_id(),
+                    link_index: 0,
+                    instance_id: new_instance_id(),
+                    heartbeat_interval_ms: millis(b.heartbeat_interval),
+                    heartbeat_timeout_ms: millis(b.heartbeat_timeout),
+                    // validate() keeps both below 4 GiB.
+                    max_frame_size: u32::try_from(b.max_frame_size.bytes()).unwrap_or(u32::MAX),
+                    max_message_size: u32::try_from(max_message).unwrap_or(u32::MAX),
+                    client_queue_bytes: u64::try_from(s.client_queue_bytes.bytes())
+                        .unwrap_or(u64::MAX),
+                },
                 connect_timeout: b.connect_timeout,
                 handshake_timeout: b.handshake_timeout,
                 reconnect_min: b.reconnect_min,
@@ -164,4 +177,19 @@ impl Settings {
             drain_timeout: config.shutdown.drain_timeout,
         })
     }
+}
+
+/// A fresh random id for this process, sent as `Hello.instance_id`: 128
+/// bits from `rand`'s thread RNG (a CSPRNG seeded by the operating system),
+/// as 32 lowercase hex digits. With a host name as `gateway_id` and session
+/// ids counting from 1 in every process, this is what keeps
+/// (instance, session id) unique across restarts and across gateways
+/// sharing a host; 128 bits make a collision between any two processes
+/// negligible.
+fn new_instance_id() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }

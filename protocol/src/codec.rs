@@ -306,12 +306,68 @@ mod tests {
 
     fn sample_frames() -> Vec<Frame> {
         vec![
-            Frame::hello("gw-1", 3),
+            Frame::hello(full_hello()),
             Frame::data(42, Bytes::from_static(b"hello"), true),
             Frame::data(7, Bytes::from(vec![0u8; 300]), false),
             Frame::close(42, 1000, "bye"),
             Frame::heartbeat(9, true),
         ]
+    }
+
+    fn full_hello() -> crate::pb::Hello {
+        crate::pb::Hello {
+            min_version: 1,
+            max_version: 2,
+            gateway_id: "gw-1".into(),
+            link_index: 3,
+            instance_id: "0123456789abcdef0123456789abcdef".into(),
+            heartbeat_interval_ms: 5000,
+            heartbeat_timeout_ms: 15_000,
+            max_frame_size: 1_052_672,
+            max_message_size: 1 << 20,
+            client_queue_bytes: 4 << 20,
+        }
+    }
+
+    /// `Hello` as it was before fields 5 to 10 were added: what an old
+    /// backend's generated code knows.
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct OldHello {
+        #[prost(uint32, tag = "1")]
+        min_version: u32,
+        #[prost(uint32, tag = "2")]
+        max_version: u32,
+        #[prost(string, tag = "3")]
+        gateway_id: String,
+        #[prost(uint32, tag = "4")]
+        link_index: u32,
+    }
+
+    /// The fields added to `Hello` are invisible to a backend built from
+    /// the old schema, and an old gateway's `Hello` reads as all of them
+    /// unset (0, empty), which the README says to expect.
+    #[test]
+    fn hello_fields_added_within_version_1_are_compatible_both_ways() {
+        let new = full_hello();
+        let old = OldHello::decode(new.encode_to_vec().as_slice()).unwrap();
+        assert_eq!(
+            (
+                old.min_version,
+                old.max_version,
+                old.gateway_id.as_str(),
+                old.link_index
+            ),
+            (1, 2, "gw-1", 3)
+        );
+        let back = crate::pb::Hello::decode(old.encode_to_vec().as_slice()).unwrap();
+        assert_eq!(back.gateway_id, "gw-1");
+        assert_eq!(back.instance_id, "");
+        assert_eq!(
+            (back.heartbeat_interval_ms, back.heartbeat_timeout_ms),
+            (0, 0)
+        );
+        assert_eq!((back.max_frame_size, back.max_message_size), (0, 0));
+        assert_eq!(back.client_queue_bytes, 0);
     }
 
     fn encode_all(codec: &FrameCodec, frames: &[Frame]) -> BytesMut {

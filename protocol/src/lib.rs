@@ -37,7 +37,9 @@ pub const MIN_PROTOCOL_VERSION: u32 = 1;
 pub const LINK_SESSION_ID: u64 = 0;
 
 /// A session's id on a link: non-zero (0 is [`LINK_SESSION_ID`]), chosen by
-/// the gateway, unique for the life of one gateway process.
+/// the gateway, unique for the life of one gateway process (across all its
+/// links); another process reuses the same ids, so only
+/// (`Hello.instance_id`, id) is unique across processes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SessionId(pub u64);
 
@@ -48,15 +50,10 @@ impl std::fmt::Display for SessionId {
 }
 
 impl Frame {
-    /// A link-level `Hello` offering [`MIN_PROTOCOL_VERSION`] to
-    /// [`PROTOCOL_VERSION`].
-    pub fn hello(gateway_id: &str, link_index: u32) -> Self {
-        Self::link(Body::Hello(pb::Hello {
-            min_version: MIN_PROTOCOL_VERSION,
-            max_version: PROTOCOL_VERSION,
-            gateway_id: gateway_id.to_owned(),
-            link_index,
-        }))
+    /// A link-level `Hello`. A gateway offers [`MIN_PROTOCOL_VERSION`] to
+    /// [`PROTOCOL_VERSION`]; the caller fills in the rest.
+    pub fn hello(hello: pb::Hello) -> Self {
+        Self::link(Body::Hello(hello))
     }
 
     /// A link-level `HelloAck` choosing `version`.

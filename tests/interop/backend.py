@@ -55,7 +55,16 @@ Behaviour per session:
                                ``bodyless`` (frame with no body),
                                ``empty`` (zero-length frame),
                                ``hello`` (send a hello),
+                               ``hello_ack`` (a second hello_ack),
+                               ``heartbeat_session`` (heartbeat for this
+                               session), ``detached`` / ``attached`` (the
+                               gateway's frames, sent by us),
+                               ``badutf8_link`` (a hello_ack whose
+                               backend_id is not UTF-8),
                                ``oversize`` (announce a frame above --max-frame)
+  ``cmd:badclose``             send ``close`` for this session with a reason
+                               that is not UTF-8 (the gateway must end only
+                               this session and send us ``close{1011, ...}``)
   ``cmd:foreign``              send data for a session id never opened on this
                                link (the gateway must drop it silently), then
                                echo ``foreign-sent`` so the test can continue
@@ -261,10 +270,23 @@ class Hello:
     max_version: int = 0
     gateway_id: str = ""
     link_index: int = 0
+    # Fields 5-10, added within version 1; 0 / "" from an older gateway.
+    instance_id: str = ""
+    heartbeat_interval_ms: int = 0
+    heartbeat_timeout_ms: int = 0
+    max_frame_size: int = 0
+    max_message_size: int = 0
+    client_queue_bytes: int = 0
 
     def encode(self) -> bytes:
         return (enc_uint(1, self.min_version) + enc_uint(2, self.max_version)
-                + enc_str(3, self.gateway_id) + enc_uint(4, self.link_index))
+                + enc_str(3, self.gateway_id) + enc_uint(4, self.link_index)
+                + enc_str(5, self.instance_id)
+                + enc_uint(6, self.heartbeat_interval_ms)
+                + enc_uint(7, self.heartbeat_timeout_ms)
+                + enc_uint(8, self.max_frame_size)
+                + enc_uint(9, self.max_message_size)
+                + enc_uint(10, self.client_queue_bytes))
 
     @classmethod
     def decode(cls, buf: bytes) -> "Hello":
@@ -278,6 +300,18 @@ class Hello:
                 _want(fno, wt, WT_LEN, "Hello"); m.gateway_id = _utf8(v, "Hello.gateway_id")
             elif fno == 4:
                 _want(fno, wt, WT_VARINT, "Hello"); m.link_index = v & U32_MASK
+            elif fno == 5:
+                _want(fno, wt, WT_LEN, "Hello"); m.instance_id = _utf8(v, "Hello.instance_id")
+            elif fno == 6:
+                _want(fno, wt, WT_VARINT, "Hello"); m.heartbeat_interval_ms = v
+            elif fno == 7:
+                _want(fno, wt, WT_VARINT, "Hello"); m.heartbeat_timeout_ms = v
+            elif fno == 8:
+                _want(fno, wt, WT_VARINT, "Hello"); m.max_frame_size = v & U32_MASK
+            elif fno == 9:
+                _want(fno, wt, WT_VARINT, "Hello"); m.max_message_size = v & U32_MASK
+            elif fno == 10:
+                _want(fno, wt, WT_VARINT, "Hello"); m.client_queue_bytes = v
         return m
 
 
@@ -591,6 +625,8 @@ class Backend:
         # the last 100 [kind, session_id, detail] for detached/attached, where
         # detail is the detach reason or the number of replayed messages
         self.events: collections.deque = collections.deque(maxlen=100)
+        # the last 100 hellos, as dicts of their fields
+        self.hellos: collections.deque = collections.deque(maxlen=100)
         self._link_ids = itertools.count(1)
         self.stopping = False
 
@@ -614,6 +650,7 @@ class Backend:
             # [kind, session_id, detail]: detail is the reason of a "detached",
             # the replayed count of an "attached"
             "events": [list(e) for e in self.events],
+            "hellos": list(self.hellos),
             "framing": self.framing,
         }
 
@@ -750,8 +787,15 @@ class Link:
         h = frame.body
         assert isinstance(h, Hello)
         self.hello = h
-        self.log(f"hello from gateway {h.gateway_id!r} link_index={h.link_index} "
-                 f"versions [{h.min_version}, {h.max_version}]")
+        self.b.hellos.append(dict(h.__dict__))
+        self.log(f"hello from gateway {h.gateway_id!r} instance {h.instance_id!r} "
+                 f"link_index={h.link_index} versions [{h.min_version}, {h.max_version}] "
+                 f"heartbeat {h.heartbeat_interval_ms} ms max_frame {h.max_frame_size}")
+        if h.max_frame_size and h.max_frame_size != self.b.max_frame:
+            # Not a violation (the gateway may be configured differently);
+            # the README says both sides must use the same maximum.
+            self.log(f"gateway max_frame_size {h.max_frame_size} differs from ours "
+                     f"({self.b.max_frame})")
         version, err = choose_version(h.min_version, h.max_version)
         if not version:
             await self.send(Frame(0, "hello_ack", HelloAck(0, BACKEND_ID, err)))
@@ -863,15 +907,23 @@ class Link:
                 foreign = (1 << 63) + self.id  # never chosen by the gateway in tests
                 await self.send(Frame(foreign, "data", Data(b"foreign", False)))
                 await self.send_data(sid, b"foreign-sent", True)
+            elif cmd == "badclose":
+                # close for this session whose reason is not UTF-8: framed
+                # correctly, so the gateway must end only this session
+                # (close{1011} back to us) and keep the link.
+                body = enc_uint(1, sid) + enc_bytes(
+                    6, enc_uint(1, 1000) + enc_bytes(2, b"bye \xff"), always=True)
+                await self.send_raw(frame_prefix(self.b.framing, len(body)) + body)
             elif cmd == "violate":
-                await self.violate(parts[2] if len(parts) > 2 else "")
+                await self.violate(sid, parts[2] if len(parts) > 2 else "")
             else:
                 await self.send_data(sid, f"cmd-error: unknown command {text!r}".encode(), True)
         except (ValueError, IndexError) as e:
             await self.send_data(sid, f"cmd-error: {text!r}: {e}".encode(), True)
 
-    async def violate(self, kind: str) -> None:
-        """Deliberately break the protocol (the gateway must close the link)."""
+    async def violate(self, sid: int, kind: str) -> None:
+        """Deliberately break the protocol (the gateway must close the link);
+        ``sid`` is the session that asked for it."""
         self.log(f"deliberately sending a '{kind}' violation")
         if kind == "session0":
             await self.send(Frame(0, "data", Data(b"oops", False)))
@@ -881,6 +933,19 @@ class Link:
             await self.send_raw(frame_prefix(self.b.framing, 0))
         elif kind == "hello":
             await self.send(Frame(0, "hello", Hello(1, 1, "backend", 0)))
+        elif kind == "hello_ack":
+            await self.send(Frame(0, "hello_ack", HelloAck(self.version, BACKEND_ID)))
+        elif kind == "heartbeat_session":
+            await self.send(Frame(sid, "heartbeat", Heartbeat(1, False)))
+        elif kind == "detached":
+            await self.send(Frame(sid, "detached", SessionDetached("backend", 1000)))
+        elif kind == "attached":
+            await self.send(Frame(sid, "attached", SessionAttached("1.2.3.4:5", 0)))
+        elif kind == "badutf8_link":
+            # A link frame (session 0) with a string that is not UTF-8.
+            ack = enc_uint(1, self.version) + enc_bytes(2, b"be \xff")
+            body = enc_bytes(3, ack, always=True)
+            await self.send_raw(frame_prefix(self.b.framing, len(body)) + body)
         elif kind == "oversize":
             # Announce one byte more than allowed and send nothing else: the
             # gateway must refuse on the prefix alone, before any body.
@@ -1012,6 +1077,7 @@ def self_test() -> int:
     # Every message round-trips.
     samples = [
         Frame(0, "hello", Hello(1, 3, "gw-1", 2)),
+        Frame(0, "hello", Hello(1, 2, "gw-1", 2, "ab" * 16, 5000, 15000, 1_052_672, 1 << 20, 4 << 20)),
         Frame(0, "hello_ack", HelloAck(1, "be", "")),
         Frame(0, "hello_ack", HelloAck(0, "be", "no")),
         Frame(42, "open", SessionOpen("127.0.0.1:5555", "/ws?a=1", "chat",

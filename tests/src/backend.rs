@@ -69,7 +69,8 @@ enum SessionState {
 }
 
 /// Every session id any link ever opened, keyed by (gateway instance, id):
-/// ids are unique per instance for its lifetime, never reused.
+/// ids are unique per instance (`Hello.instance_id`) for its lifetime, never
+/// reused; a restarted gateway counts from 1 again under a new instance id.
 type Sessions = Arc<Mutex<HashMap<(String, u64), SessionState>>>;
 
 /// How a [`TestBackend`] answers the gateway's `hello`.
@@ -324,7 +325,7 @@ async fn bind_reusing(addr: SocketAddr) -> TcpListener {
 /// One link's view of the contract: what it has seen so far.
 struct LinkCheck {
     n: usize,
-    /// The gateway instance's name, from its `hello`.
+    /// The gateway process's `instance_id`, from its `hello`.
     instance: Option<String>,
     /// The version this backend chose in its `hello_ack`.
     version: u32,
@@ -444,7 +445,17 @@ async fn link(mut stream: tokio::net::TcpStream, n: usize, shared: Shared) {
                                 ));
                             }
                             let version = h.max_version.min(shared.opts.max_version);
-                            check.instance = Some(h.gateway_id);
+                            if h.instance_id.is_empty()
+                                || h.heartbeat_interval_ms == 0
+                                || h.heartbeat_timeout_ms <= h.heartbeat_interval_ms
+                                || h.max_frame_size == 0
+                                || h.max_message_size == 0
+                                || h.max_message_size >= h.max_frame_size
+                                || h.client_queue_bytes < u64::from(h.max_message_size)
+                            {
+                                check.violation(format!("hello without its identity or limits: {h:?}"));
+                            }
+                            check.instance = Some(h.instance_id);
                             check.version = version;
                             match shared.opts.hello {
                                 HelloReply::Normal => {

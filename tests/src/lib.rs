@@ -111,6 +111,18 @@ pub fn python() -> PathBuf {
     p
 }
 
+/// The independent Python backend's `cmd:stats` (tests/interop/backend.py),
+/// asked through a fresh session on `gw`.
+pub async fn python_backend_stats(gw: &Gateway) -> serde_json::Value {
+    use client::{Client, Connect, Msg};
+    let mut c = Client::connect(gw.ws.unwrap(), "/ws", &Connect::default()).await;
+    c.send_text("cmd:stats").await;
+    let Some(Msg::Text(s)) = c.recv_within(Duration::from_secs(10)).await else {
+        panic!("no stats from the Python backend")
+    };
+    serde_json::from_str(&s).unwrap()
+}
+
 /// Runs the Python `websockets` client (tests/interop/ws_client.py) against
 /// `url`, trusting `ca`; asserts it succeeded and returns its JSON report.
 pub async fn python_ws_client(url: &str, ca: &Path) -> serde_json::Value {

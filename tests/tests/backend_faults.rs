@@ -10,19 +10,23 @@ use std::time::Duration;
 
 use gateway_tests::backend::{BackendOpts, HelloReply};
 use gateway_tests::client::{self, Client, Connect, Msg};
-use gateway_tests::{ms, secs};
+use gateway_tests::{ms, python_backend_stats as stats, secs};
 use gateway_tests::{python, repo_root, Event, Gateway, GatewayOpts, Proc, TestBackend};
 use protocol::Framing;
 
 const T: Duration = Duration::from_secs(10);
 
 fn python_backend() -> (Proc, std::net::SocketAddr) {
+    python_backend_framed("varint")
+}
+
+fn python_backend_framed(framing: &str) -> (Proc, std::net::SocketAddr) {
     let mut cmd = Command::new(python());
     cmd.arg(repo_root().join("tests/interop/backend.py")).args([
         "--listen",
         "127.0.0.1:0",
         "--framing",
-        "varint",
+        framing,
     ]);
     let (proc, lines) = Proc::spawn(cmd, 1);
     let addr = lines[0]
@@ -48,14 +52,20 @@ async fn two_links(
     (backend, gw, a, b)
 }
 
-/// The Python backend's counters, asked through a fresh session.
-async fn stats(gw: &Gateway) -> serde_json::Value {
-    let mut c = Client::connect(gw.ws.unwrap(), "/ws", &Connect::default()).await;
-    c.send_text("cmd:stats").await;
-    let Some(Msg::Text(s)) = c.recv_within(T).await else {
-        panic!("no stats")
-    };
-    serde_json::from_str(&s).unwrap()
+/// Polls the Python backend's stats until it has received a `close` with
+/// `code` and `reason`: the client's close and the backend's travel
+/// separately, and the stats session may be on the other link.
+async fn wait_backend_close(gw: &Gateway, code: u32, reason: &str) -> serde_json::Value {
+    let start = std::time::Instant::now();
+    loop {
+        let s = stats(gw).await;
+        let closes = s["closes"].as_array().unwrap();
+        if closes.iter().any(|c| c[1] == code && c[2] == reason) {
+            return s;
+        }
+        assert!(start.elapsed() < T, "no close{{{code}, {reason:?}}}: {s}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 async fn violation_drops_only_that_link(kind: &str) {
@@ -99,6 +109,46 @@ async fn backend_frame_above_the_maximum_drops_that_link_only() {
     violation_drops_only_that_link("oversize").await;
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_hello_ack_drops_that_link_only() {
+    violation_drops_only_that_link("hello_ack").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn backend_heartbeat_with_a_session_id_drops_that_link_only() {
+    violation_drops_only_that_link("heartbeat_session").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn backend_detached_drops_that_link_only() {
+    violation_drops_only_that_link("detached").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn backend_attached_drops_that_link_only() {
+    violation_drops_only_that_link("attached").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_link_frame_with_a_non_utf8_string_drops_that_link_only() {
+    violation_drops_only_that_link("badutf8_link").await;
+}
+
+/// A session frame whose string field is not UTF-8 (a `close` reason) is
+/// framed correctly: only its session ends (1011 to the client,
+/// `close{1011, "backend sent an undecodable frame"}` to the backend).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_session_frame_with_a_non_utf8_string_closes_only_that_session() {
+    let (mut backend, gw, mut a, mut b) = two_links(|_| {}).await;
+    a.send_text("cmd:badclose").await;
+    assert_eq!(a.expect_close(T).await.0, 1011);
+    b.echo("still here").await;
+    let s = wait_backend_close(&gw, 1011, "backend sent an undecodable frame").await;
+    assert_eq!(s["violations"], 0, "{s}");
+    assert_eq!(s["links_total"], 2, "the link stayed up: {s}");
+    backend.stop_cleanly(T);
+}
+
 /// A backend message over `session.max_message_size` (but within the frame
 /// limit): that session ends with 1011, the backend is told, the link and
 /// the other sessions stay; a message of exactly the limit goes through.
@@ -114,12 +164,9 @@ async fn a_backend_message_over_the_size_limit_closes_only_that_session_with_101
     a.send_text("cmd:big:65537").await;
     assert_eq!(a.expect_close(T).await.0, 1011);
     b.echo("still here").await;
-    let s = stats(&gw).await;
-    let closes = s["closes"].as_array().unwrap();
-    assert!(
-        closes.iter().any(|c| c[1] == 1011),
-        "the backend is told with close{{1011}}: {s}"
-    );
+    // The backend is told, with the reason protocol/README.md lists.
+    let why = "backend message larger than session.max_message_size";
+    let s = wait_backend_close(&gw, 1011, why).await;
     assert_eq!(s["violations"], 0, "{s}");
     assert_eq!(s["links_total"], 2, "the link stayed up: {s}");
     backend.stop_cleanly(T);
@@ -133,14 +180,7 @@ async fn invalid_utf8_from_the_python_backend_closes_only_that_session() {
     a.send_text("cmd:badutf8").await;
     assert_eq!(a.expect_close(T).await.0, 1011);
     b.echo("still here").await;
-    let s = stats(&gw).await;
-    let closes = s["closes"].as_array().unwrap();
-    assert!(
-        closes
-            .iter()
-            .any(|c| c[1] == 1011 && c[2] == "backend sent invalid UTF-8"),
-        "{s}"
-    );
+    let s = wait_backend_close(&gw, 1011, "backend sent invalid UTF-8").await;
     assert_eq!(s["links_total"], 2, "the link stayed up: {s}");
     backend.stop_cleanly(T);
 }
@@ -283,9 +323,37 @@ async fn a_silent_link_is_declared_dead_after_the_heartbeat_timeout() {
     assert!(backend.accepted() >= 2, "a new link was connected");
 }
 
+/// Lines of the gateway's log that report a failed handshake at error level.
+fn handshake_errors(gw: &Gateway) -> Vec<String> {
+    gw.proc
+        .stderr()
+        .lines()
+        .filter(|l| l.contains(" ERROR ") && l.contains("backend handshake failed"))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Every failed attempt so far has its own error line (one attempt may be
+/// under way), each naming the problem in `words`.
+fn assert_an_error_per_attempt(gw: &Gateway, attempts: usize, words: &[&str]) {
+    let errors = handshake_errors(gw);
+    assert!(
+        (attempts.saturating_sub(1)..=attempts).contains(&errors.len()),
+        "{} error lines for {attempts} attempts:\n{}",
+        errors.len(),
+        gw.proc.stderr()
+    );
+    for line in &errors {
+        for w in words {
+            assert!(line.contains(w), "{w:?} not in {line:?}");
+        }
+    }
+}
+
 /// A late, refusing or out-of-range `hello_ack`: the gateway closes the
-/// link, is not ready, and retries with backoff (not in a tight loop).
-async fn bad_handshake_is_retried_with_backoff(hello: HelloReply) {
+/// link, is not ready, retries with backoff (not in a tight loop), and
+/// says at error level, on every attempt, what is wrong.
+async fn bad_handshake_is_retried_with_backoff(hello: HelloReply, words: &[&str], label: &str) {
     let opts = BackendOpts {
         hello,
         ..BackendOpts::new(Framing::Varint, true)
@@ -323,19 +391,68 @@ async fn bad_handshake_is_retried_with_backoff(hello: HelloReply) {
         Err(e) => panic!("expected 503, got {e}"),
         Ok(_) => panic!("expected 503, got an upgrade"),
     }
+    assert_an_error_per_attempt(&gw, backend.accepted(), words);
+    let metric = format!(
+        "gateway_link_handshake_failures_total{{endpoint=\"{}\",reason=\"{label}\"",
+        backend.addr
+    );
+    gw.wait_metric(&metric, |v| v >= 4.0, T).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_late_hello_ack_is_retried_with_backoff() {
-    bad_handshake_is_retried_with_backoff(HelloReply::Silent).await;
+    let words = ["no hello_ack within 200ms", "backend.handshake_timeout"];
+    bad_handshake_is_retried_with_backoff(HelloReply::Silent, &words, "timeout").await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_refusing_hello_ack_is_retried_with_backoff() {
-    bad_handshake_is_retried_with_backoff(HelloReply::Refuse).await;
+    let words = [
+        "refused every protocol version",
+        "no common version (test)",
+        "upgrade",
+    ];
+    bad_handshake_is_retried_with_backoff(HelloReply::Refuse, &words, "refused").await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_hello_ack_outside_the_offered_range_is_retried_with_backoff() {
-    bad_handshake_is_retried_with_backoff(HelloReply::Version(7)).await;
+    let words = ["chose protocol version 7", "fix the backend"];
+    bad_handshake_is_retried_with_backoff(HelloReply::Version(7), &words, "bad_version").await;
+}
+
+/// A backend on the other framing (the independent Python backend with
+/// u32be, the gateway with varint): it cannot read the `hello` and closes
+/// the link; the gateway says so at error level on every attempt, naming
+/// `backend.framing`.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_backend_on_the_other_framing_is_an_error_on_every_attempt() {
+    let (mut backend, addr) = python_backend_framed("u32be");
+    let gw = Gateway::start(
+        GatewayOpts::new(addr)
+            .links(1)
+            .config(|c| c.backend.reconnect_min = ms(50))
+            .config(|c| c.backend.reconnect_max = ms(200)),
+    );
+    let start = std::time::Instant::now();
+    while handshake_errors(&gw).len() < 3 {
+        assert!(start.elapsed() < T, "{}", gw.proc.stderr());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for line in handshake_errors(&gw) {
+        assert!(line.contains("varint framing (backend.framing)"), "{line}");
+    }
+    let (status, _) = gw.admin_get("/readyz").await;
+    assert_eq!(status, 503);
+    drop(gw);
+    // The backend saw the mismatch too: it read the hello's varint prefix
+    // and first bytes as a 4-byte length far above any maximum (see
+    // protocol/README.md, "Recognising a framing mismatch").
+    backend.sigterm();
+    assert_eq!(backend.wait_exit(T), Some(1), "violations make it exit 1");
+    assert!(
+        backend.stderr().contains("above maximum"),
+        "{}",
+        backend.stderr()
+    );
 }

@@ -119,3 +119,65 @@ async fn python_backend_sees_detach_and_attach() {
     assert_eq!(stats["violations"], 0, "{stats}\n{}", backend.stderr());
     backend.stop_cleanly(T);
 }
+
+/// What the independent backend reads in `Hello`: the configured name,
+/// heartbeat and limits, each link's index, and one instance id per
+/// gateway process, which a restarted gateway does not reuse (its session
+/// ids start again at 1, so only (instance_id, session_id) is unique).
+#[tokio::test(flavor = "multi_thread")]
+async fn hello_carries_the_configured_values_and_a_fresh_instance_id_per_process() {
+    let (mut backend, addr) = python_backend("varint");
+    let start = || {
+        let gw = Gateway::start(GatewayOpts::new(addr).config(|c| {
+            c.backend.gateway_id = "gw-test".into();
+            c.backend.heartbeat_interval = gateway_tests::ms(1500);
+            c.backend.heartbeat_timeout = gateway_tests::ms(4500);
+            c.backend.max_frame_size = gateway_tests::kib(300);
+            c.session.max_message_size = gateway_tests::kib(256);
+            c.session.client_queue_bytes = gateway_tests::kib(512);
+        }));
+        gw
+    };
+    let hellos = |s: &serde_json::Value| s["hellos"].as_array().unwrap().clone();
+    let mut first = start();
+    first.wait_links_up(2, T).await;
+    let seen = hellos(&gateway_tests::python_backend_stats(&first).await);
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    let mut indexes: Vec<u64> = seen
+        .iter()
+        .map(|h| h["link_index"].as_u64().unwrap())
+        .collect();
+    indexes.sort_unstable();
+    assert_eq!(indexes, [0, 1]);
+    for h in &seen {
+        assert_eq!(h["gateway_id"], "gw-test", "{h}");
+        assert_eq!(
+            (h["min_version"].as_u64(), h["max_version"].as_u64()),
+            (Some(1), Some(2))
+        );
+        assert_eq!(h["heartbeat_interval_ms"], 1500, "{h}");
+        assert_eq!(h["heartbeat_timeout_ms"], 4500, "{h}");
+        assert_eq!(h["max_frame_size"], 300 * 1024, "{h}");
+        assert_eq!(h["max_message_size"], 256 * 1024, "{h}");
+        assert_eq!(h["client_queue_bytes"], 512 * 1024, "{h}");
+        let id = h["instance_id"].as_str().unwrap();
+        assert!(
+            id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()),
+            "{id:?}"
+        );
+    }
+    let instance = seen[0]["instance_id"].clone();
+    assert_eq!(seen[1]["instance_id"], instance, "one id for all links");
+    first.proc.stop_cleanly(T);
+
+    let second = start();
+    second.wait_links_up(2, T).await;
+    let all = hellos(&gateway_tests::python_backend_stats(&second).await);
+    assert_eq!(all.len(), 4, "{all:?}");
+    for h in &all[2..] {
+        assert_eq!(h["gateway_id"], "gw-test", "same name, same host");
+        assert_ne!(h["instance_id"], instance, "a restarted gateway: {h}");
+    }
+    assert_eq!(all[2]["instance_id"], all[3]["instance_id"]);
+    backend.stop_cleanly(T);
+}

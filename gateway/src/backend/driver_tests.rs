@@ -151,7 +151,7 @@ async fn a_protocol_violation_ends_the_link_and_its_sessions_learn_it_was_lost()
     let mut mailbox = handle.register(SessionId(1)).unwrap();
     let backend_side = async move {
         // A backend must never send Hello.
-        write(&mut backend, Frame::hello("backend", 0)).await;
+        write(&mut backend, Frame::hello(protocol::pb::Hello::default())).await;
         backend
     };
     let (end, _backend) = tokio::join!(d.run(CancellationToken::new()), backend_side);

@@ -58,7 +58,7 @@ pub(crate) enum LinkError {
     Connect(std::io::Error),
     /// The backend did not answer `Hello` properly.
     #[error("handshake failed: {0}")]
-    Handshake(String),
+    Handshake(#[from] handshake::HandshakeError),
     /// Reading or writing the socket failed.
     #[error("io error: {0}")]
     Io(#[from] std::io::Error),

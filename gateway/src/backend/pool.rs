@@ -10,9 +10,9 @@ use std::time::Duration;
 use rand::Rng;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn, Instrument};
+use tracing::{error, info, warn, Instrument};
 
-use protocol::SessionId;
+use protocol::{pb, SessionId};
 
 use super::handshake::{handshake, Handshaken};
 use super::{LinkDriver, LinkError, LinkHandle, LinkSettings};
@@ -59,7 +59,8 @@ impl Drop for Lease {
 pub(crate) struct PoolSettings {
     pub(crate) endpoints: Vec<String>,
     pub(crate) links_per_endpoint: usize,
-    pub(crate) gateway_id: String,
+    /// What every link's `Hello` says, but for its `link_index`.
+    pub(crate) hello: pb::Hello,
     pub(crate) connect_timeout: Duration,
     pub(crate) handshake_timeout: Duration,
     pub(crate) reconnect_min: Duration,
@@ -179,9 +180,14 @@ async fn supervise(
             }
             Err(e) => {
                 metrics.link_connect(&slot.endpoint, false);
-                // The first failure after a good run is worth a warning;
-                // repeated ones during an outage are not news.
-                if failures == 0 {
+                // A backend that does not speak the protocol as configured
+                // will not heal by retrying: every attempt says so.
+                if let LinkError::Handshake(h) = &e {
+                    metrics.link_handshake_failed(&slot.endpoint, h.label());
+                    error!(error = %h, "backend handshake failed; retrying with backoff");
+                } else if failures == 0 {
+                    // The first failure after a good run is worth a
+                    // warning; repeated ones during an outage are not news.
                     warn!(error = %e, "link connect failed; retrying with backoff");
                 } else {
                     tracing::debug!(error = %e, failures, "link connect failed again");
@@ -210,14 +216,11 @@ async fn connect(slot: &Slot, s: &PoolSettings) -> Result<(TcpStream, Handshaken
     // Nagle would hold small frames back waiting for ACKs; the writer
     // batches by itself.
     let _ = stream.set_nodelay(true);
-    let hs = handshake(
-        &mut stream,
-        &s.link.codec,
-        &s.gateway_id,
-        slot.index,
-        s.handshake_timeout,
-    )
-    .await?;
+    let hello = pb::Hello {
+        link_index: slot.index,
+        ..s.hello.clone()
+    };
+    let hs = handshake(&mut stream, &s.link.codec, &hello, s.handshake_timeout).await?;
     Ok((stream, hs))
 }
 
