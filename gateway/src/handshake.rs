@@ -7,12 +7,28 @@
 //! without `Host`, and fastwebsockets only checks that some
 //! `Sec-WebSocket-Key` exists (any text) and that the first
 //! `Sec-WebSocket-Version` is `13`.
+//!
+//! The limits on the request head as a whole (bytes, header count) are
+//! hyper's, set from [`MAX_REQUEST_HEAD_BYTES`] and [`MAX_REQUEST_HEADERS`].
 
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::http::uri::Authority;
 use hyper::{Request, Version};
 
 use crate::refusal::Refusal;
+
+/// Largest request head (request line, headers, blank line) hyper reads
+/// before answering 431. A WebSocket upgrade from an app is well under
+/// 1 KiB; load balancers and CDNs add a few hundred bytes, a bearer token a
+/// few KiB. 16 KiB is what Node.js and HAProxy (`tune.bufsize`) allow; it
+/// also bounds what a connection can make the gateway buffer before it
+/// knows whether there will be a session.
+pub(crate) const MAX_REQUEST_HEAD_BYTES: usize = 16 * 1024;
+
+/// Most header fields in one request; hyper answers 431 beyond it. An
+/// upgrade carries about 10 and proxies add under 20: 64 leaves room, and
+/// caps the per-request work of parsing and looking up headers.
+pub(crate) const MAX_REQUEST_HEADERS: usize = 64;
 
 /// The WebSocket version the gateway speaks (RFC 6455 4.2.1 item 6); the
 /// 426 answer to any other lists it.

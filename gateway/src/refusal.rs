@@ -39,6 +39,11 @@ pub(crate) enum Refusal {
     /// A missing or other `Sec-WebSocket-Version` than 13 (426, listing
     /// 13).
     UnsupportedVersion,
+    /// A request head over `handshake::MAX_REQUEST_HEAD_BYTES` or with
+    /// more than `handshake::MAX_REQUEST_HEADERS` fields (431). hyper sends
+    /// that answer itself, before any request reaches the gateway; this
+    /// variant only counts it.
+    HeadersTooLarge,
     /// An invalid resume header (400).
     BadResume(&'static str),
     /// No acceptable subprotocol while one is required (400).
@@ -60,6 +65,7 @@ impl Refusal {
             Self::NotFound => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::NotUpgrade | Self::UnsupportedVersion => StatusCode::UPGRADE_REQUIRED,
+            Self::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Self::BadUpgrade(_) | Self::BadResume(_) | Self::NoSubprotocol => {
                 StatusCode::BAD_REQUEST
             }
@@ -83,6 +89,9 @@ impl Refusal {
             | Self::NoSubprotocol => "bad_request",
             Self::NotFound => "not_found",
             Self::NotUpgrade => "not_upgrade",
+            // Its own label: the one refusal that may mean the cap is too
+            // tight for what a proxy in front adds.
+            Self::HeadersTooLarge => "headers_too_large",
             Self::ShuttingDown => "shutting_down",
             Self::AtCapacity => "at_capacity",
             Self::NoBackend => "no_backend",
@@ -99,6 +108,7 @@ impl Refusal {
             Self::NotUpgrade => "this endpoint speaks WebSocket only\n".into(),
             Self::BadUpgrade(e) => format!("invalid WebSocket upgrade: {e}\n").into(),
             Self::UnsupportedVersion => "this gateway speaks WebSocket version 13 only\n".into(),
+            Self::HeadersTooLarge => "request header fields too large\n".into(),
             Self::BadResume(why) => (*why).into(),
             Self::NoSubprotocol => "no acceptable subprotocol (Sec-WebSocket-Protocol)\n".into(),
             Self::ShuttingDown => "gateway shutting down\n".into(),

@@ -6,7 +6,8 @@
 //! (405), not an upgrade (426), a malformed handshake (400) or another
 //! WebSocket version (426; both in `handshake.rs`), at the session cap or no
 //! backend link up (503 with `Retry-After`), no acceptable subprotocol when
-//! one is required (400).
+//! one is required (400). (A request head too large is answered 431 by hyper
+//! before it gets here; see `listener.rs`.)
 
 use std::net::SocketAddr;
 use std::sync::Arc;
