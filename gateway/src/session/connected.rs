@@ -2,15 +2,15 @@
 //! event. (The connection itself, and why its read future is kept across
 //! iterations, is in `connection.rs`.)
 
-use fastwebsockets::{Frame as WsFrame, OpCode, Payload, WebSocket, WebSocketError};
+use fastwebsockets::{Frame as WsFrame, OpCode, Payload, WebSocket};
 use std::future::Future;
 use std::ops::ControlFlow;
 use std::pin::{pin, Pin};
 use tokio::io::{ReadHalf, WriteHalf};
 use tokio::time::{Instant, Sleep};
 
-use super::client::{on_client_frame, ws_error_end};
-use super::connection::{linger, read_frame, ClientFrame, Connection, Reader};
+use super::client::{on_client_frame, read_error_end};
+use super::connection::{linger, read_frame, ClientFrame, Connection, ReadError, Reader};
 use super::signals::{stale, Listen, Signal};
 use super::{End, Io, Session};
 use crate::backend::{Gone, LinkGone, ToClient, TrySend, ADVISORY_SEND_DEADLINE};
@@ -107,7 +107,7 @@ impl Session {
         next: impl Fn(Reader<'r>) -> F,
         mut forward: bool,
     ) where
-        F: Future<Output = (Reader<'r>, Result<ClientFrame, WebSocketError>)>,
+        F: Future<Output = (Reader<'r>, Result<ClientFrame, ReadError>)>,
     {
         loop {
             let (r, res) = tokio::select! {
@@ -187,7 +187,7 @@ impl Session {
     async fn on_client_frame(
         &mut self,
         conn: &mut Connection,
-        frame: Result<ClientFrame, WebSocketError>,
+        frame: Result<ClientFrame, ReadError>,
     ) -> Step {
         conn.last_heard = Instant::now();
         conn.ping_sent = false;
@@ -195,7 +195,7 @@ impl Session {
             Ok(f) => f,
             Err(e) => {
                 conn.reading = false;
-                return Step::Break(ws_error_end(e));
+                return Step::Break(read_error_end(e));
             }
         };
         let cfg = &self.shared.session;
