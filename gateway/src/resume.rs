@@ -250,21 +250,6 @@ impl Ring {
         freed
     }
 
-    /// Whether one more message can be kept without evicting any numbered
-    /// `from` or later: fewer than the bounds hold are that recent. (The
-    /// one pushed may take the bytes over the bound by its own size.)
-    pub(crate) fn has_room_after(&self, from: u64) -> bool {
-        let recent = usize::try_from(self.delivered.saturating_sub(from)).unwrap_or(usize::MAX);
-        let recent_bytes: usize = self
-            .items
-            .iter()
-            .rev()
-            .take(recent)
-            .map(|(p, _)| p.len())
-            .sum();
-        recent < self.max_messages && recent_bytes < self.max_bytes
-    }
-
     /// Sequence number of the next message (messages delivered so far).
     pub(crate) fn next_seq(&self) -> u64 {
         self.delivered
@@ -377,18 +362,16 @@ mod tests {
         // Detached after 3 messages: older ones may go, newer ones stay.
         let from = r.next_seq();
         for i in 3..6u8 {
-            assert!(r.has_room_after(from));
             r.push(&Bytes::from(vec![i]), false, from);
         }
-        assert!(!r.has_room_after(from), "full of messages never seen");
-        assert_eq!(r.oldest_held(), 3);
-        // Bytes: one over the bound is kept rather than lose a new one.
+        assert_eq!(r.oldest_held(), 3, "only messages from before go");
+        // Beyond the bounds, nothing the client never saw goes.
+        r.push(&Bytes::from(vec![6]), false, from);
+        assert_eq!(r.since(3).unwrap().len(), 4);
         let mut r = Ring::new(10, 100);
         r.push(&Bytes::from(vec![0; 60]), false, 0);
-        assert!(r.has_room_after(0));
         r.push(&Bytes::from(vec![0; 60]), false, 0);
         assert_eq!(r.bytes(), 120);
-        assert!(!r.has_room_after(0));
         assert_eq!(r.since(0).unwrap().len(), 2);
     }
 

@@ -98,7 +98,7 @@ impl Session {
 
 /// Runs a write to the client to its end, unless the link reader evicts
 /// the session as a slow consumer, a resume takes the session over, or the
-/// client has not taken it by `deadline`. Returns whether the route went
+/// client takes no message for `deadline`. Returns whether the route went
 /// away meanwhile (the rest of the queue is then delivered after it).
 async fn interruptible(
     mut write: Pin<&mut impl Future<Output = Result<(), End>>>,
@@ -111,7 +111,10 @@ async fn interruptible(
         token,
         delivered,
     } = watch;
+    // The client must take a message at least every `deadline`: a slow
+    // link that keeps taking messages is not a stalled client.
     let mut timer = pin!(tokio::time::sleep(deadline));
+    let mut progress = delivered.load(Ordering::Relaxed);
     let mut route_gone = false;
     loop {
         let listen = Listen {
@@ -142,7 +145,14 @@ async fn interruptible(
                 }
                 Signal::Drain | Signal::AttachClosed => {}
             },
-            _ = &mut timer => return Err(End::broken(stalled)),
+            _ = &mut timer => {
+                let now = delivered.load(Ordering::Relaxed);
+                if now == progress {
+                    return Err(End::broken(stalled));
+                }
+                progress = now;
+                timer.as_mut().reset(tokio::time::Instant::now() + deadline);
+            }
         }
     }
 }
@@ -171,8 +181,12 @@ async fn write_batch(
     let mut written = 0;
     while let Some(m) = msg.take() {
         write_one(writer, m, ring.as_deref_mut(), max_message).await?;
-        if let Some(r) = ring.as_deref() {
-            delivered.store(r.next_seq(), Ordering::Relaxed);
+        match ring.as_deref() {
+            Some(r) => delivered.store(r.next_seq(), Ordering::Relaxed),
+            // Not a position, only progress (see `interruptible`).
+            None => {
+                delivered.fetch_add(1, Ordering::Relaxed);
+            }
         }
         queue.written();
         written += 1;
