@@ -210,8 +210,8 @@ impl LinkHandle {
     /// and what holding it costs besides (see [`QUEUED_FRAME_OVERHEAD`]); at most
     /// the whole budget, so that any frame can be sent on an idle link.
     fn cost_of(&self, frame: &Frame) -> u32 {
-        let cost =
-            (self.shared.codec.wire_len(frame) + QUEUED_FRAME_OVERHEAD).min(self.shared.queue_bytes);
+        let cost = (self.shared.codec.wire_len(frame) + QUEUED_FRAME_OVERHEAD)
+            .min(self.shared.queue_bytes);
         // Fits: link_queue_bytes is validated below 4 GiB.
         u32::try_from(cost).unwrap_or(u32::MAX)
     }
