@@ -67,7 +67,6 @@ pub(crate) struct SessionSettings {
 pub(crate) struct ResumeSettings {
     pub(crate) enabled: bool,
     pub(crate) grace: Duration,
-    pub(crate) buffer_messages: usize,
     pub(crate) buffer_bytes: usize,
     pub(crate) max_detached: usize,
     pub(crate) max_detached_bytes: usize,
@@ -141,7 +140,6 @@ impl Settings {
             resume: ResumeSettings {
                 enabled: r.enabled,
                 grace: r.grace,
-                buffer_messages: r.buffer_messages,
                 buffer_bytes: r.buffer_bytes.bytes(),
                 max_detached: r.max_detached,
                 max_detached_bytes: r.max_detached_bytes.bytes(),

@@ -341,6 +341,29 @@ fn bad_configuration_exits_non_zero_naming_the_key() {
     assert!(err.contains("links_per_endpont"), "{err}");
 }
 
+/// Retired keys still start the gateway (an old configuration must not
+/// stop a deploy), and each says, as a warning, that it is ignored.
+#[test]
+fn retired_keys_are_accepted_with_a_warning() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("old.toml");
+    std::fs::write(
+        &path,
+        "[listen]\nws = [\"127.0.0.1:0\"]\n[backend]\nendpoints = [\"127.0.0.1:1\"]\n\
+         [session]\nclient_queue_messages = 256\n[resume]\nbuffer_messages = 256\n",
+    )
+    .unwrap();
+    let (code, err) = run_gateway(&["--check-config", "--config", path.to_str().unwrap()], &[]);
+    assert_eq!(code, 0, "{err}");
+    for key in ["session.client_queue_messages", "resume.buffer_messages"] {
+        assert!(
+            err.lines()
+                .any(|l| l.contains("warning") && l.contains(key) && l.contains("ignored")),
+            "no warning for {key}: {err}"
+        );
+    }
+}
+
 #[test]
 fn example_configuration_checks_out() {
     let example = gateway_tests::repo_root().join("deploy/gateway.example.toml");

@@ -254,7 +254,8 @@ async fn a_burst_while_away_is_kept_for_the_resume_up_to_the_client_queue() {
     let mut backend = TestBackend::start(Framing::Varint, false).await;
     let gw = Gateway::start(
         GatewayOpts::new(backend.addr)
-            .config(|c| c.resume.buffer_messages = 4)
+            // Four 100 B messages (each counts 100 + 64 bytes).
+            .config(|c| c.resume.buffer_bytes = gateway::config::ByteSize(4 * 164))
             .config(|c| c.session.max_message_size = kib(1))
             .config(|c| c.session.client_queue_bytes = kib(16))
             .config(|c| c.resume.grace = secs(30)),
@@ -336,7 +337,8 @@ async fn replayed_counts_are_exact_and_a_position_no_longer_buffered_is_refused(
     let gw = Gateway::start(
         GatewayOpts::new(backend.addr)
             .links(1)
-            .config(|c| c.resume.buffer_messages = 4)
+            // Four 1-byte messages (each counts 1 + 64 bytes).
+            .config(|c| c.resume.buffer_bytes = gateway::config::ByteSize(4 * 65))
             .config(|c| c.resume.grace = secs(30)),
     );
     gw.wait_ready(T).await;
@@ -393,7 +395,6 @@ async fn a_resume_takes_over_a_connection_stuck_in_a_write() {
     let gw = Gateway::start(
         GatewayOpts::new(backend.addr)
             .config(|c| c.resume.grace = secs(30))
-            .config(|c| c.resume.buffer_messages = 4000)
             .config(|c| c.resume.buffer_bytes = mib(64))
             .config(|c| c.session.client_queue_bytes = mib(64))
             // The old connection is not waited for: not its write, not its
@@ -445,8 +446,10 @@ async fn a_resume_takes_over_a_connection_stuck_in_a_write() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_busy_session_resumes_after_its_buffer_filled_with_delivered_messages() {
     let mut backend = TestBackend::start(Framing::Varint, false).await;
-    let gw =
-        Gateway::start(GatewayOpts::new(backend.addr).config(|c| c.resume.buffer_messages = 16));
+    let gw = Gateway::start(
+        GatewayOpts::new(backend.addr)
+            .config(|c| c.resume.buffer_bytes = gateway::config::ByteSize(16 * 65)),
+    );
     gw.wait_ready(T).await;
     let (mut c, token, _) = connect(&gw, None).await.unwrap();
     let (s, _) = backend.next_open().await;
