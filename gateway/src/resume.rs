@@ -100,6 +100,20 @@ impl Credentials {
                 .is_some_and(|(t, until)| t == token && Instant::now() < *until)
     }
 
+    /// Keeps a token that a resume presented, not yet proven spent, good
+    /// until at least `until` (the session is detached and waits that
+    /// long).
+    pub(crate) fn extend_unproven(&mut self, until: Instant) {
+        if let Some((_, u)) = self.unproven.as_mut() {
+            *u = (*u).max(until);
+        }
+    }
+
+    /// Whether a token a resume presented is still unproven.
+    pub(crate) fn has_unproven(&self) -> bool {
+        self.unproven.is_some()
+    }
+
     /// Every token that may still be registered for the session.
     pub(crate) fn all(&self) -> impl Iterator<Item = &Token> {
         std::iter::once(&self.current).chain(self.unproven.as_ref().map(|(t, _)| t))
@@ -244,7 +258,10 @@ impl Ring {
         self.bytes += payload.len();
         self.delivered += 1;
         let mut freed = 0;
-        while self.cost() > self.max_bytes && self.oldest_held() < keep_from {
+        // The newest message always stays, even one larger than the bound
+        // (up to `max_message_size`): it may be the one a resume needs.
+        while self.cost() > self.max_bytes && self.items.len() > 1 && self.oldest_held() < keep_from
+        {
             match self.items.pop_front() {
                 Some((p, _)) => {
                     self.bytes -= p.len();

@@ -216,6 +216,43 @@ async fn the_presented_token_survives_a_lost_101_until_the_new_connection_proves
     c2.echo("three").await;
 }
 
+/// The handshake is cut before the client reads the 101 (it sent its
+/// resume request and lost the connection): the session stays reachable
+/// with the token the client still holds, and a later resume with it gets
+/// everything.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_resume_whose_handshake_is_cut_leaves_the_session_reachable() {
+    use tokio::io::AsyncWriteExt;
+    let mut backend = TestBackend::start(Framing::Varint, true).await;
+    let gw = gateway(&backend, secs(30));
+    gw.wait_ready(T).await;
+    let (mut c, t1, _) = connect(&gw, None).await.unwrap();
+    let (s, _) = backend.next_open().await;
+    c.echo("one").await;
+    drop(c);
+    backend
+        .wait_for(|e| matches!(e, Event::Detached { session, .. } if *session == s).then_some(()))
+        .await;
+    for _ in 0..3 {
+        let request = gateway_tests::raw::upgrade_request(
+            "/ws",
+            &format!("X-Wsgw-Resume: {t1}\r\nX-Wsgw-Received: 1\r\n"),
+        );
+        let mut tcp = tokio::net::TcpStream::connect(gw.ws.unwrap())
+            .await
+            .unwrap();
+        tcp.write_all(request.as_bytes()).await.unwrap();
+        // Gone before the 101 could be read.
+        drop(tcp);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (mut c, _, received) = connect(&gw, Some((&t1, 1)))
+        .await
+        .expect("the session survives cut resume handshakes");
+    assert_eq!(received, 1);
+    c.echo("two").await;
+}
+
 /// The phone changed networks: its old connection went silent without a
 /// FIN (it never answers the close). A resume gets its 101 within a round
 /// trip, not after `close_timeout`.

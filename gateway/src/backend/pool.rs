@@ -3,7 +3,7 @@
 //! with exponential backoff and jitter), and placement of new sessions on
 //! the least-loaded link that is up.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -35,6 +35,10 @@ struct Slot {
     endpoint: String,
     index: u32,
     current: Mutex<Option<LinkHandle>>,
+    /// The supervisor's failure count (links that broke before they were
+    /// stable, failed connects): among links not yet stable, placement
+    /// prefers the fewest.
+    failures: AtomicU32,
 }
 
 /// A session's claim on a link; counts towards the link's load until dropped.
@@ -88,6 +92,7 @@ impl Pool {
                     endpoint: endpoint.clone(),
                     index,
                     current: Mutex::new(None),
+                    failures: AtomicU32::new(0),
                 }));
             }
         }
@@ -109,18 +114,27 @@ impl Pool {
         })
     }
 
-    /// Places a new session on the least-loaded stable link that is up, or
-    /// the least-loaded link that is up when none is stable yet (at start):
-    /// a link that has just come back may be an endpoint that flaps, and a
-    /// session placed there would end with 1012 when it breaks again.
+    /// Places a new session on the least-loaded stable link that is up;
+    /// when none is stable yet (at start, or after every backend
+    /// restarted), on one whose supervisor saw the fewest failures, then
+    /// the least loaded. A link that has just come back may be an endpoint
+    /// that flaps, and a session placed there would end with 1012 when it
+    /// breaks again.
     pub(crate) fn lease(&self) -> Option<Lease> {
         let stable_after = self.stable_after;
-        let best = self
+        let (_, best) = self
             .slots
             .iter()
-            .filter_map(|s| s.current.lock().ok().and_then(|c| c.clone()))
-            .filter(LinkHandle::is_up)
-            .min_by_key(|l| (!l.has_been_up_for(stable_after), l.load()))?;
+            .filter_map(|s| {
+                let link = s.current.lock().ok().and_then(|c| c.clone())?;
+                let failures = s.failures.load(Ordering::Relaxed);
+                Some((failures, link))
+            })
+            .filter(|(_, l)| l.is_up())
+            .min_by_key(|(failures, l)| {
+                let stable = l.has_been_up_for(stable_after);
+                (!stable, if stable { 0 } else { *failures }, l.load())
+            })?;
         best.add_load();
         Some(Lease { handle: best })
     }
@@ -180,6 +194,7 @@ async fn supervise(
                 let up = tokio::time::Instant::now();
                 let end = driver.run(shutdown.clone()).await;
                 failures = after_link(failures, up.elapsed(), s.stable_after);
+                slot.failures.store(failures, Ordering::Relaxed);
                 set_current(&slot, None);
                 metrics.link_up(&slot.endpoint, -1);
                 if matches!(end, LinkError::Shutdown) {
@@ -203,6 +218,7 @@ async fn supervise(
                     tracing::debug!(error = %e, failures, "link connect failed again");
                 }
                 failures = failures.saturating_add(1);
+                slot.failures.store(failures, Ordering::Relaxed);
             }
         }
         let delay = backoff(failures, s.reconnect_min, s.reconnect_max);
@@ -251,8 +267,8 @@ fn after_link(failures: u32, up_for: Duration, stable_after: Duration) -> u32 {
     }
 }
 
-/// Delay before reconnect attempt number `failures` (0 = right after a link
-/// that was up went down): doubling from `min`, capped at `max`, with "equal
+/// Delay before reconnect attempt number `failures` (0 = right after a
+/// stable link went down): doubling from `min`, capped at `max`, with "equal
 /// jitter" (between half and all of it) so that many gateways restarting
 /// together do not reconnect in lockstep.
 pub(crate) fn backoff(failures: u32, min: Duration, max: Duration) -> Duration {

@@ -53,6 +53,20 @@ impl Session {
         let mut read = pin!(read_frame(reader));
         // Created once and re-armed when it fires, not per message.
         let mut ping = pin!(tokio::time::sleep(ping_interval));
+        // A resumed connection whose client has not shown yet that the 101
+        // reached it is pinged at once: the pong proves it within a round
+        // trip (and spends the token the resume presented), and a 101 lost
+        // on the way is found within `ping_timeout`.
+        if self
+            .resumable
+            .as_ref()
+            .is_some_and(|r| r.creds.has_unproven())
+        {
+            if let Some(earlier) = conn.last_heard.checked_sub(ping_interval) {
+                conn.last_heard = earlier;
+            }
+            ping.as_mut().reset(Instant::now());
+        }
         // `notify_waiters` only reaches waiters that existed when it was
         // called; a session that starts during shutdown sees the token. (A
         // resumed connection still gets its replay first.)

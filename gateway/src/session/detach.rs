@@ -46,6 +46,7 @@ impl Session {
     pub(super) async fn detached(
         &mut self,
         why: &CloseReason,
+        tell: bool,
     ) -> Result<AttachRequest, CloseReason> {
         let rc = &self.shared.resume;
         let (grace, max_detached, max_bytes) = (rc.grace, rc.max_detached, rc.max_detached_bytes);
@@ -65,7 +66,14 @@ impl Session {
         }
         self.shared.metrics.detached(1);
         let mut grace = pin!(tokio::time::sleep(grace));
-        Box::pin(self.tell_detached(why)).await;
+        // A token a resume presented, not yet proven spent, stays good for
+        // as long as the session waits.
+        if let Some(r) = self.resumable.as_mut() {
+            r.creds.extend_unproven(grace.deadline());
+        }
+        if tell {
+            Box::pin(self.tell_detached(why)).await;
+        }
         let outcome = self.detached_loop(grace.as_mut()).await;
         let ring_bytes = self.resumable.as_ref().map_or(0, |r| r.ring.bytes());
         self.shared.detached.release(ring_bytes + pending_bytes);
@@ -204,30 +212,30 @@ impl Session {
 
     /// Serves a resume request: checks the position, rotates the
     /// credential, answers the upgrade handler, and returns the new
-    /// connection.
+    /// connection. `Err(Ok(..))`: the request came to nothing but the
+    /// session goes on, detached (a stale request, a handshake cut before
+    /// the 101 went out); `Err(Err(..))`: the session is over.
     pub(super) async fn attach(
         &mut self,
         req: AttachRequest,
-    ) -> Result<WebSocket<Io>, CloseReason> {
+    ) -> Result<WebSocket<Io>, Result<CloseReason, CloseReason>> {
         self.shared.metrics.resume_attempt();
         // Positions above what was delivered were refused (400) before
         // the session was touched (see `stale`); `since` below can only
         // find a gap.
         let Some(req) = stale(req, self.token(), self.delivered()) else {
-            return Err(CloseReason::ResumeLost(
-                "a stale resume arrived while the connection was lost",
-            ));
+            return Err(Ok(CloseReason::ClientLost));
         };
         let Some(r) = self.resumable.as_mut() else {
-            return Err(CloseReason::ResumeLost("not resumable"));
+            return Err(Err(CloseReason::ResumeLost("not resumable")));
         };
         let missed = match r.ring.since(req.position) {
             Ok(m) => m,
             Err(refused) => {
                 let _ = req.reply.send(Err(refused));
-                return Err(CloseReason::ResumeLost(
+                return Err(Err(CloseReason::ResumeLost(
                     "the client resumed from a position no longer held",
-                ));
+                )));
             }
         };
         // The presented token keeps working until the new connection shows
@@ -240,22 +248,21 @@ impl Session {
             .is_none()
         {
             let _ = req.reply.send(Err(ResumeRefusal::Gap));
-            return Err(CloseReason::ResumeLost("credential vanished"));
+            return Err(Err(CloseReason::ResumeLost("credential vanished")));
         }
         let answer = Attached {
             token: r.creds.current().clone(),
             received: self.received,
         };
+        // From here a failure is a handshake cut on the way: the client
+        // never got this 101 and still holds the token it presented, which
+        // stays good, so the session stays reachable.
         if req.reply.send(Ok(answer)).is_err() {
-            return Err(CloseReason::ResumeLost(
-                "the resuming client went away before the answer",
-            ));
+            return Err(Ok(CloseReason::ClientLost));
         }
         let handoff = self.shared.resume.handoff_timeout;
         let Ok(Ok(ws)) = tokio::time::timeout(handoff, req.upgrade).await else {
-            return Err(CloseReason::ResumeLost(
-                "the resuming connection did not complete the upgrade",
-            ));
+            return Err(Ok(CloseReason::ClientLost));
         };
         let replayed = missed.len() as u64;
         self.shared.metrics.resume_succeeded(replayed);

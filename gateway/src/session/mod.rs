@@ -190,14 +190,26 @@ impl Session {
             }
             (reason, _) => reason,
         };
-        let request = match end.takeover {
+        // The backend hears `detached` unless this is a takeover.
+        let mut told = end.takeover.is_none();
+        let mut request = match end.takeover {
             Some(req) => req,
             None if reason.is_connection_loss() && self.resumable.is_some() => {
-                self.detached(&reason).await?
+                self.detached(&reason, true).await?
             }
             None => return Err(reason),
         };
-        self.attach(request).await
+        loop {
+            match Box::pin(self.attach(request)).await {
+                Ok(ws) => return Ok(ws),
+                Err(Err(reason)) => return Err(reason),
+                // The resume came to nothing: wait for the next one.
+                Err(Ok(why)) => {
+                    request = self.detached(&why, !told).await?;
+                    told = true;
+                }
+            }
+        }
     }
 
     /// Tells the backend (when it should hear it), leaves the link, and
