@@ -116,6 +116,10 @@ pub struct ListenConfig {
     /// completed before the gateway accepts them. The kernel caps it at
     /// `net.core.somaxconn`.
     pub backlog: u32,
+    /// Most TLS handshakes in progress at once; further wss connections
+    /// wait for a slot (once their ClientHello starts to arrive) within
+    /// `tls_handshake_timeout`.
+    pub max_handshakes: usize,
 }
 
 /// Certificate and key for the wss listeners.
@@ -288,6 +292,8 @@ impl Default for ListenConfig {
             // 128 made the kernel drop SYNs at 3,000 simultaneous connects.
             // 4096 is Linux's default somaxconn since 5.4.
             backlog: 4096,
+            // MAX_HANDSHAKES_DEFAULT
+            max_handshakes: 256,
         }
     }
 }
