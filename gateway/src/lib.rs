@@ -9,9 +9,10 @@
 //!    under `listen.tls_handshake_timeout`, holding one of
 //!    `listen.max_handshakes` slots.
 //! 3. **upgrade** (`upgrade.rs`): hyper reads the HTTP/1.1 request under
-//!    `listen.http_header_timeout`; the gateway checks path, admission
-//!    (session cap) and that a backend link is up, picks the subprotocol,
-//!    answers 101 and spawns the session.
+//!    `listen.http_header_timeout` and the size caps of `handshake.rs`;
+//!    the gateway checks path, method, the RFC 6455 handshake
+//!    (`handshake.rs`), admission (session cap) and that a backend link is
+//!    up, picks the subprotocol, answers 101 and spawns the session.
 //! 4. **session** (`session/`): one task per client, a `Session` that owns
 //!    its state. `session/connected.rs` is its event loop: a client frame
 //!    (`session/client.rs`: fragments reassembled, size capped, UTF-8
@@ -40,6 +41,7 @@ mod admin;
 mod backend;
 mod close;
 pub mod config;
+mod handshake;
 mod listener;
 mod metrics;
 mod refusal;

@@ -24,6 +24,7 @@ use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, warn};
 
+use crate::handshake::{MAX_REQUEST_HEADERS, MAX_REQUEST_HEAD_BYTES};
 use crate::metrics::Metrics;
 use crate::refusal::Refusal;
 use crate::shared::Shared;
@@ -181,9 +182,14 @@ where
             Ok::<_, std::convert::Infallible>(resp)
         }
     });
+    // hyper answers a request head over either cap with 431 and closes
+    // the connection. (`max_buf_size` bounds the read buffer, head or not;
+    // without `max_header_size` it would be the head's cap too.)
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(timeout)
+        .max_header_size(MAX_REQUEST_HEAD_BYTES)
+        .max_headers(MAX_REQUEST_HEADERS)
         .max_buf_size(64 * 1024)
         .serve_connection(TokioIo::new(stream), service)
         .with_upgrades();
@@ -210,6 +216,11 @@ where
         Some(Ok(())) => {}
         // hyper's own header timeout (the same bound) may fire first.
         Some(Err(e)) if e.is_timeout() => refused_slow(&shared, peer),
+        // hyper has answered 431.
+        Some(Err(e)) if e.is_parse_too_large() => {
+            shared.metrics.session_refused(&Refusal::HeadersTooLarge);
+            debug!(%peer, "request head too large");
+        }
         Some(Err(e)) => debug!(%peer, error = %e, "HTTP connection error"),
         None => refused_slow(&shared, peer),
     }

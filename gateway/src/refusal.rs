@@ -9,6 +9,8 @@ use http_body_util::Full;
 use hyper::header::{self, HeaderValue};
 use hyper::{Response, StatusCode};
 
+use crate::handshake::WS_VERSION;
+
 /// Response body type for every answer the gateway gives.
 pub(crate) type Body = Full<Bytes>;
 
@@ -32,8 +34,19 @@ pub(crate) enum Refusal {
     MethodNotAllowed,
     /// A GET without the upgrade (426).
     NotUpgrade,
-    /// An upgrade fastwebsockets rejects (400).
-    BadUpgrade(String),
+    /// A malformed opening handshake (400): HTTP/1.0, no single valid
+    /// `Host`, a `Sec-WebSocket-Key` that is not 16 bytes in base64 or
+    /// appears twice, a repeated `Sec-WebSocket-Version` (see
+    /// `handshake.rs`).
+    BadUpgrade(Cow<'static, str>),
+    /// A missing or other `Sec-WebSocket-Version` than 13 (426, listing
+    /// 13).
+    UnsupportedVersion,
+    /// A request head over `handshake::MAX_REQUEST_HEAD_BYTES` or with
+    /// more than `handshake::MAX_REQUEST_HEADERS` fields (431). hyper sends
+    /// that answer itself, before any request reaches the gateway; this
+    /// variant only counts it.
+    HeadersTooLarge,
     /// An invalid resume header (400).
     BadResume(&'static str),
     /// No acceptable subprotocol while one is required (400).
@@ -54,7 +67,8 @@ impl Refusal {
             Self::TargetTooLong => StatusCode::URI_TOO_LONG,
             Self::NotFound => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            Self::NotUpgrade => StatusCode::UPGRADE_REQUIRED,
+            Self::NotUpgrade | Self::UnsupportedVersion => StatusCode::UPGRADE_REQUIRED,
+            Self::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Self::BadUpgrade(_) | Self::BadResume(_) | Self::NoSubprotocol => {
                 StatusCode::BAD_REQUEST
             }
@@ -74,10 +88,14 @@ impl Refusal {
             Self::TargetTooLong
             | Self::MethodNotAllowed
             | Self::BadUpgrade(_)
+            | Self::UnsupportedVersion
             | Self::BadResume(_)
             | Self::NoSubprotocol => "bad_request",
             Self::NotFound => "not_found",
             Self::NotUpgrade => "not_upgrade",
+            // Its own label: the one refusal that may mean the cap is too
+            // tight for what a proxy in front adds.
+            Self::HeadersTooLarge => "headers_too_large",
             Self::ShuttingDown => "shutting_down",
             Self::AtCapacity => "at_capacity",
             Self::NoBackend => "no_backend",
@@ -93,6 +111,8 @@ impl Refusal {
             Self::MethodNotAllowed => "use GET with a WebSocket upgrade\n".into(),
             Self::NotUpgrade => "this endpoint speaks WebSocket only\n".into(),
             Self::BadUpgrade(e) => format!("invalid WebSocket upgrade: {e}\n").into(),
+            Self::UnsupportedVersion => "this gateway speaks WebSocket version 13 only\n".into(),
+            Self::HeadersTooLarge => "request header fields too large\n".into(),
             Self::BadResume(why) => (*why).into(),
             Self::NoSubprotocol => "no acceptable subprotocol (Sec-WebSocket-Protocol)\n".into(),
             Self::ShuttingDown => "gateway shutting down\n".into(),
@@ -106,14 +126,28 @@ impl Refusal {
         let status = self.status().unwrap_or(StatusCode::BAD_REQUEST);
         let mut resp = plain(status, &self.body());
         let headers = resp.headers_mut();
+        // A refused upgrade leaves the connection in an unknown state.
+        let mut connection = "close";
         if *self == Self::NotUpgrade {
-            // A plain HTTP request: say what to do instead.
-            headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        } else {
-            // A refused upgrade leaves the connection in an unknown state.
-            headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+            // A plain HTTP request: the connection can go on.
+            connection = "upgrade";
         }
+        if *self == Self::UnsupportedVersion {
+            // RFC 6455 4.2.2: the versions the server speaks, so that the
+            // client can retry with one.
+            headers.insert(
+                header::SEC_WEBSOCKET_VERSION,
+                HeaderValue::from_static(WS_VERSION),
+            );
+            connection = "upgrade, close";
+        }
+        if status == StatusCode::UPGRADE_REQUIRED {
+            // Say what to do instead (RFC 9110 15.5.22: a 426 names the
+            // protocol to upgrade to, and `upgrade` must then be listed in
+            // `Connection`).
+            headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        }
+        headers.insert(header::CONNECTION, HeaderValue::from_static(connection));
         if *self == Self::MethodNotAllowed {
             headers.insert(header::ALLOW, HeaderValue::from_static("GET"));
         }

@@ -17,6 +17,8 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
+use tokio::time::Instant;
+
 use bytes::Bytes;
 use fastwebsockets::upgrade::UpgradeFut;
 use rand::Rng;
@@ -57,6 +59,48 @@ impl Token {
     /// The header value.
     pub(crate) fn as_str(&self) -> &str {
         &self.0
+    }
+}
+
+/// A resumable session's valid credentials: the current token and, for a
+/// while after a resume, the token that resume presented. A 101 can be lost
+/// on the way (the handshake is cut on a flaky network); the client then
+/// still holds only the token it presented, so that token keeps working
+/// until the new connection proves it reached the client (its first frame
+/// from the client) or `resume.grace` passes. Either token's resume takes
+/// the session over, so one connection owns the session at a time.
+#[derive(Debug)]
+pub(crate) struct Credentials {
+    current: Token,
+    unproven: Option<(Token, Instant)>,
+}
+
+impl Credentials {
+    /// A new session's credentials.
+    pub(crate) fn new(current: Token) -> Self {
+        Self {
+            current,
+            unproven: None,
+        }
+    }
+
+    /// The token a 101 hands out: the newest.
+    pub(crate) fn current(&self) -> &Token {
+        &self.current
+    }
+
+    /// Whether a resume presenting `token` may take the session.
+    pub(crate) fn accepts(&self, token: &Token) -> bool {
+        *token == self.current
+            || self
+                .unproven
+                .as_ref()
+                .is_some_and(|(t, until)| t == token && Instant::now() < *until)
+    }
+
+    /// Every token that may still be registered for the session.
+    pub(crate) fn all(&self) -> impl Iterator<Item = &Token> {
+        std::iter::once(&self.current).chain(self.unproven.as_ref().map(|(t, _)| t))
     }
 }
 
@@ -116,14 +160,35 @@ impl Registry {
             .map(|(_, tx)| tx.clone())
     }
 
-    /// Replaces `old` with a fresh token for the same session: a token is
-    /// good for one attach only.
-    pub(crate) fn rotate(&self, old: &Token) -> Option<Token> {
+    /// A resume presenting `presented` was accepted: a fresh token becomes
+    /// current, `presented` stays valid until `until` or until
+    /// [`Registry::proven`], and every other token of the session goes.
+    pub(crate) fn rotate(
+        &self,
+        creds: &mut Credentials,
+        presented: &Token,
+        until: Instant,
+    ) -> Option<()> {
         let mut m = self.sessions.lock().ok()?;
-        let entry = m.remove(old)?;
+        let entry = m.get(presented)?.clone();
+        for t in creds.all() {
+            if t != presented {
+                m.remove(t);
+            }
+        }
         let token = Token::generate();
         m.insert(token.clone(), entry);
-        Some(token)
+        creds.current = token;
+        creds.unproven = Some((presented.clone(), until));
+        Some(())
+    }
+
+    /// The connection a resume handed out has shown it reached the client:
+    /// the token that resume presented is void.
+    pub(crate) fn proven(&self, creds: &mut Credentials) {
+        if let Some((t, _)) = creds.unproven.take() {
+            self.remove(&t);
+        }
     }
 
     /// Forgets a session's token (the session ended).
@@ -354,10 +419,30 @@ mod tests {
         let reg = Registry::default();
         let (t1, _rx) = reg.register(SessionId(1));
         assert!(reg.lookup(&t1).is_some());
-        let t2 = reg.rotate(&t1).unwrap();
-        assert!(reg.lookup(&t1).is_none(), "a replaced token is refused");
-        assert!(reg.lookup(&t2).is_some());
-        reg.remove(&t2);
-        assert!(reg.lookup(&t2).is_none());
+        let mut c = Credentials::new(t1.clone());
+        let later = Instant::now() + std::time::Duration::from_secs(60);
+        reg.rotate(&mut c, &t1, later).unwrap();
+        let t2 = c.current().clone();
+        assert_ne!(t1, t2);
+        // Until the new connection is proven, both tokens resume.
+        assert!(reg.lookup(&t1).is_some() && reg.lookup(&t2).is_some());
+        assert!(c.accepts(&t1) && c.accepts(&t2));
+        // The 101 with t2 was lost: the client resumes with t1 again. t2,
+        // never seen by the client, goes.
+        reg.rotate(&mut c, &t1, later).unwrap();
+        let t3 = c.current().clone();
+        assert!(reg.lookup(&t2).is_none() && !c.accepts(&t2));
+        assert!(c.accepts(&t1) && c.accepts(&t3));
+        // The connection proved itself: t1 is spent.
+        reg.proven(&mut c);
+        assert!(reg.lookup(&t1).is_none() && !c.accepts(&t1));
+        // An unproven token also expires.
+        reg.rotate(&mut c, &t3, Instant::now()).unwrap();
+        assert!(!c.accepts(&t3));
+        assert!(c.accepts(c.current()));
+        for t in c.all() {
+            reg.remove(t);
+        }
+        assert!(reg.lookup(c.current()).is_none());
     }
 }

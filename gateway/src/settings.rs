@@ -166,6 +166,7 @@ impl Settings {
                 handshake_timeout: b.handshake_timeout,
                 reconnect_min: b.reconnect_min,
                 reconnect_max: b.reconnect_max,
+                stable_after: b.stable_after,
                 link: LinkSettings {
                     codec: FrameCodec::new(b.framing, b.max_frame_size.bytes()),
                     heartbeat_interval: b.heartbeat_interval,

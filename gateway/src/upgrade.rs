@@ -2,9 +2,12 @@
 //! upgrade.
 //!
 //! Everything that can refuse a client happens here, before the 101, where
-//! a proper HTTP status can still be sent: wrong path (404), not an upgrade
-//! (426), bad upgrade (400), at the session cap or no backend link up (503
-//! with `Retry-After`), no acceptable subprotocol when one is required (400).
+//! a proper HTTP status can still be sent: wrong path (404), another method
+//! (405), not an upgrade (426), a malformed handshake (400) or another
+//! WebSocket version (426; both in `handshake.rs`), at the session cap or no
+//! backend link up (503 with `Retry-After`), no acceptable subprotocol when
+//! one is required (400). (A request head too large is answered 431 by hyper
+//! before it gets here; see `listener.rs`.)
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -15,6 +18,7 @@ use hyper::{Method, Request, Response};
 use protocol::pb;
 use tracing::{debug, Instrument};
 
+use crate::handshake;
 use crate::refusal::{Body, Refusal, ResumeRefusal};
 use crate::resume::{self, AttachRequest, Token};
 use crate::session::{self, SessionStart};
@@ -64,6 +68,7 @@ fn check<B>(req: &Request<B>, shared: &Shared) -> Result<Ask, Refusal> {
     if !fastwebsockets::upgrade::is_upgrade_request(req) {
         return Err(Refusal::NotUpgrade);
     }
+    handshake::check(req)?;
     if shared.shutdown.is_draining() {
         return Err(Refusal::ShuttingDown);
     }
@@ -135,10 +140,10 @@ type Upgrading = (
     fastwebsockets::upgrade::UpgradeFut,
 );
 
-/// Validates the WebSocket handshake: the 101 response to send and the
-/// future of the upgraded connection.
+/// The 101 response to send and the future of the upgraded connection.
+/// (fastwebsockets' own checks here are a subset of `handshake::check`.)
 fn ws_upgrade(req: &mut Request<hyper::body::Incoming>) -> Result<Upgrading, Refusal> {
-    fastwebsockets::upgrade::upgrade(req).map_err(|e| Refusal::BadUpgrade(e.to_string()))
+    fastwebsockets::upgrade::upgrade(req).map_err(|e| Refusal::BadUpgrade(e.to_string().into()))
 }
 
 /// What the client asked for about resume.

@@ -84,6 +84,9 @@ pub enum HelloReply {
     Refuse,
     /// `hello_ack` naming this version, whatever was offered.
     Version(u32),
+    /// A normal `hello_ack`, then the link is closed after this long: a
+    /// flapping endpoint.
+    Flap(std::time::Duration),
 }
 
 /// How a [`TestBackend`] behaves.
@@ -403,9 +406,12 @@ async fn link(mut stream: tokio::net::TcpStream, n: usize, shared: Shared) {
     };
     let events = shared.events.clone();
     let mut mine: Vec<u64> = Vec::new();
+    // When a flapping link breaks.
+    let mut flap_at: Option<tokio::time::Instant> = None;
     'link: loop {
         let reading = !shared.paused.load(Ordering::SeqCst);
         tokio::select! {
+            _ = tokio::time::sleep_until(flap_at.unwrap_or_else(tokio::time::Instant::now)), if flap_at.is_some() => break 'link,
             _ = tokio::time::sleep(std::time::Duration::from_millis(10)), if !reading => {}
             r = stream.read_buf(&mut inbuf), if reading => {
                 match r {
@@ -471,6 +477,11 @@ async fn link(mut stream: tokio::net::TcpStream, n: usize, shared: Shared) {
                                     codec.encode(&ack, &mut out).unwrap();
                                     let _ = stream.write_all(&out).await;
                                     break 'link;
+                                }
+                                HelloReply::Flap(after) => {
+                                    codec.encode(&Frame::hello_ack(version, "test-backend"), &mut out).unwrap();
+                                    let _ = events.send(Event::Link(n));
+                                    flap_at = Some(tokio::time::Instant::now() + after);
                                 }
                                 HelloReply::Version(v) => {
                                     check.version = v;

@@ -1,12 +1,49 @@
 //! A deliberately low-level WebSocket client over plain TCP, for tests that
 //! must cut a connection at an exact byte (in the middle of a frame) or
-//! send what a well-behaved library never would.
+//! send what a well-behaved library never would; and [`http_head`] for
+//! requests sent byte for byte.
 
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+
+/// The longest a test waits for an HTTP answer before calling it a hang.
+const ANSWER_WITHIN: Duration = Duration::from_secs(10);
+
+/// A valid upgrade request for `path` (the example of RFC 6455 section
+/// 1.2), with `extra` header lines (each ending in CRLF) before the blank
+/// line.
+pub fn upgrade_request(path: &str, extra: &str) -> String {
+    format!(
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n"
+    )
+}
+
+/// Sends `request` as is and returns the status and the response head
+/// (status line and headers, all lower-cased) once it arrived.
+pub async fn http_head(addr: std::net::SocketAddr, request: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(request.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let head = tokio::time::timeout(ANSWER_WITHIN, async {
+        loop {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break String::from_utf8_lossy(&buf[..i]).to_lowercase();
+            }
+            let n = s.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "connection closed before a response: {buf:?}");
+            buf.extend_from_slice(&chunk[..n]);
+        }
+    })
+    .await
+    .expect("no HTTP answer (a hang)");
+    let status = head.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap();
+    (status, head)
+}
 
 /// A raw client connection after the upgrade.
 pub struct Raw {
@@ -30,14 +67,11 @@ impl Raw {
         headers: &[(&str, String)],
     ) -> Result<Self, u16> {
         let mut stream = TcpStream::connect(addr).await.map_err(|_| 0u16)?;
-        let mut req = String::from(
-            "GET /ws HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n",
-        );
-        for (k, v) in headers {
-            req.push_str(&format!("{k}: {v}\r\n"));
-        }
-        req.push_str("\r\n");
+        let extra: String = headers
+            .iter()
+            .map(|(k, v)| format!("{k}: {v}\r\n"))
+            .collect();
+        let req = upgrade_request("/ws", &extra);
         stream.write_all(req.as_bytes()).await.map_err(|_| 0u16)?;
         let mut buf = BytesMut::with_capacity(4096);
         let end = loop {

@@ -456,3 +456,55 @@ async fn a_backend_on_the_other_framing_is_an_error_on_every_attempt() {
         backend.stderr()
     );
 }
+
+/// One of two endpoints flaps: it completes the handshake, then breaks
+/// 300 ms later, again and again. Its backoff keeps growing (it is reset
+/// only by a link that stays up for `backend.stable_after`), and new
+/// sessions go to the stable endpoint: every one of 23 new clients is
+/// served and stays served.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_flapping_endpoint_backs_off_and_attracts_no_sessions() {
+    let mut stable = TestBackend::start(Framing::Varint, true).await;
+    let flapping = TestBackend::start_with(
+        "127.0.0.1:0".parse().unwrap(),
+        BackendOpts {
+            hello: HelloReply::Flap(Duration::from_millis(300)),
+            ..BackendOpts::new(Framing::Varint, true)
+        },
+    )
+    .await;
+    let mut opts = GatewayOpts::new(stable.addr)
+        .links(1)
+        .config(|c| c.backend.stable_after = secs(2))
+        .config(|c| c.backend.reconnect_min = ms(100))
+        .config(|c| c.backend.reconnect_max = secs(10));
+    opts.backends.push(flapping.addr);
+    let gw = Gateway::start(opts);
+    gw.wait_ready(T).await;
+    // Past stable_after, the stable endpoint's link counts as stable.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let mut clients = Vec::new();
+    for i in 0..23 {
+        let mut c = Client::connect(gw.ws.unwrap(), "/ws", &Connect::default()).await;
+        c.echo(&format!("hello {i}")).await;
+        clients.push(c);
+    }
+    // Longer than several flaps: a session placed on the flapping endpoint
+    // would have been closed with 1012 by now.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for (i, c) in clients.iter_mut().enumerate() {
+        c.echo(&format!("still here {i}")).await;
+    }
+    // Every session went to the stable endpoint.
+    for _ in 0..23 {
+        stable.next_open().await;
+    }
+    // Backoff: about 4.5 s of flapping. Reset after every short-lived link
+    // (the old behaviour) it reconnects every 350-400 ms, 11 times or
+    // more; doubling from 100 ms it is about 6 attempts.
+    let attempts = flapping.accepted();
+    assert!(
+        attempts <= 8,
+        "{attempts} connects to an endpoint that flaps every 300 ms in 4.5 s"
+    );
+}

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use gateway_tests::client::{self, Client, Connect, Msg};
-use gateway_tests::raw::{Frame as RawFrame, Raw};
+use gateway_tests::raw::{http_head, upgrade_request, Frame as RawFrame, Raw};
 use gateway_tests::{bin, Certs, Event, Gateway, GatewayOpts, TestBackend};
 use gateway_tests::{ms, secs};
 use protocol::Framing;
@@ -18,36 +18,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 const T: Duration = Duration::from_secs(10);
-
-/// Sends `request` as is and returns the response head (status line and
-/// headers, lower-cased names) once it arrived.
-async fn raw_http(addr: std::net::SocketAddr, request: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(request.as_bytes()).await.unwrap();
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    let head = tokio::time::timeout(T, async {
-        loop {
-            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                break String::from_utf8_lossy(&buf[..i]).to_lowercase();
-            }
-            let n = s.read(&mut chunk).await.unwrap();
-            assert!(n > 0, "connection closed before a response: {buf:?}");
-            buf.extend_from_slice(&chunk[..n]);
-        }
-    })
-    .await
-    .expect("no HTTP answer (a hang)");
-    let status = head.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap();
-    (status, head)
-}
-
-fn upgrade(path: &str, extra: &str) -> String {
-    format!(
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n"
-    )
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn refusals_before_the_upgrade_are_405_400_and_410() {
@@ -62,24 +32,30 @@ async fn refusals_before_the_upgrade_are_405_400_and_410() {
     let proto = "Sec-WebSocket-Protocol: chat.v1\r\n";
     // The same request, well-formed, is accepted: each refusal below is
     // for the one thing changed.
-    assert_eq!(raw_http(addr, &upgrade("/ws", proto)).await.0, 101);
+    assert_eq!(http_head(addr, &upgrade_request("/ws", proto)).await.0, 101);
     // Another method.
     let post = "POST /ws HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\n\r\n";
-    assert_eq!(raw_http(addr, post).await.0, 405);
+    assert_eq!(http_head(addr, post).await.0, 405);
     // A malformed upgrade: no Sec-WebSocket-Key.
-    let no_key =
-        upgrade("/ws", proto).replace("Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n", "");
-    assert_eq!(raw_http(addr, &no_key).await.0, 400);
+    let no_key = upgrade_request("/ws", proto)
+        .replace("Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n", "");
+    assert_eq!(http_head(addr, &no_key).await.0, 400);
     // require_subprotocol: none offered, or none accepted.
-    assert_eq!(raw_http(addr, &upgrade("/ws", "")).await.0, 400);
+    assert_eq!(http_head(addr, &upgrade_request("/ws", "")).await.0, 400);
     let other = "Sec-WebSocket-Protocol: chat.v9\r\n";
-    assert_eq!(raw_http(addr, &upgrade("/ws", other)).await.0, 400);
+    assert_eq!(http_head(addr, &upgrade_request("/ws", other)).await.0, 400);
     // A resume without X-Wsgw-Received.
     let resume = format!("{proto}X-Wsgw-Resume: 0123456789abcdef0123456789abcdef\r\n");
-    assert_eq!(raw_http(addr, &upgrade("/ws", &resume)).await.0, 400);
+    assert_eq!(
+        http_head(addr, &upgrade_request("/ws", &resume)).await.0,
+        400
+    );
     // ... and with it, for a session that does not exist: 410.
     let resume = format!("{resume}X-Wsgw-Received: 0\r\n");
-    assert_eq!(raw_http(addr, &upgrade("/ws", &resume)).await.0, 410);
+    assert_eq!(
+        http_head(addr, &upgrade_request("/ws", &resume)).await.0,
+        410
+    );
 }
 
 /// Both 503 refusals carry `Retry-After`: the session cap, and no link up.
@@ -89,7 +65,7 @@ async fn refusals_with_503_carry_retry_after() {
     let gw = Gateway::start(GatewayOpts::new(backend.addr).config(|c| c.listen.max_sessions = 1));
     gw.wait_ready(T).await;
     let _held = Client::connect(gw.ws.unwrap(), "/ws", &Connect::default()).await;
-    let (status, head) = raw_http(gw.ws.unwrap(), &upgrade("/ws", "")).await;
+    let (status, head) = http_head(gw.ws.unwrap(), &upgrade_request("/ws", "")).await;
     assert_eq!(status, 503, "{head}");
     assert!(head.contains("\r\nretry-after:"), "session cap: {head}");
 
@@ -98,7 +74,7 @@ async fn refusals_with_503_carry_retry_after() {
         l.local_addr().unwrap()
     };
     let gw2 = Gateway::start(GatewayOpts::new(dead));
-    let (status, head) = raw_http(gw2.ws.unwrap(), &upgrade("/ws", "")).await;
+    let (status, head) = http_head(gw2.ws.unwrap(), &upgrade_request("/ws", "")).await;
     assert_eq!(status, 503, "{head}");
     assert!(head.contains("\r\nretry-after:"), "no link up: {head}");
 }
@@ -111,10 +87,10 @@ async fn an_upgrade_with_another_method_is_refused_with_405() {
     let gw = Gateway::start(GatewayOpts::new(backend.addr));
     gw.wait_ready(T).await;
     let addr = gw.ws.unwrap();
-    assert_eq!(raw_http(addr, &upgrade("/ws", "")).await.0, 101);
+    assert_eq!(http_head(addr, &upgrade_request("/ws", "")).await.0, 101);
     for method in ["POST", "DELETE"] {
-        let req = upgrade("/ws", "").replacen("GET", method, 1);
-        assert_eq!(raw_http(addr, &req).await.0, 405, "{method} upgrade");
+        let req = upgrade_request("/ws", "").replacen("GET", method, 1);
+        assert_eq!(http_head(addr, &req).await.0, 405, "{method} upgrade");
     }
 }
 
@@ -319,7 +295,9 @@ async fn drain(signal: &str, in_flight: bool) {
         // Stopped accepting: refused outright.
         Err(_) => {}
         Ok(mut tcp) => {
-            tcp.write_all(upgrade("/ws", "").as_bytes()).await.unwrap();
+            tcp.write_all(upgrade_request("/ws", "").as_bytes())
+                .await
+                .unwrap();
             let mut buf = vec![0u8; 4096];
             let n = tokio::time::timeout(T, tcp.read(&mut buf))
                 .await

@@ -178,6 +178,73 @@ async fn a_resume_while_the_old_connection_lives_takes_over() {
     assert_eq!(new.recv_within(T).await, Some(Msg::Text("two".into())));
 }
 
+/// A resume whose 101 never reached the client (the handshake was cut):
+/// the client still holds only the token it presented, and that token
+/// still resumes, until a connection shows it reached the client by
+/// sending a frame. The token of the lost 101 is then void, and only one
+/// connection ever holds the session.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_presented_token_survives_a_lost_101_until_the_new_connection_proves_itself() {
+    let mut backend = TestBackend::start(Framing::Varint, true).await;
+    let gw = gateway(&backend, secs(30));
+    gw.wait_ready(T).await;
+    let (mut c, t1, _) = connect(&gw, None).await.unwrap();
+    let (s, _) = backend.next_open().await;
+    c.echo("one").await;
+    drop(c);
+    backend
+        .wait_for(|e| matches!(e, Event::Detached { session, .. } if *session == s).then_some(()))
+        .await;
+    // The resume is accepted, but the client never sees its 101.
+    let (lost, t2, _) = connect(&gw, Some((&t1, 1))).await.unwrap();
+    drop(lost);
+    // It tries again with the only token it has: accepted.
+    let (mut c, t3, received) = connect(&gw, Some((&t1, 1)))
+        .await
+        .expect("the presented token resumes after a lost 101");
+    assert_eq!(received, 1);
+    assert_ne!(t3, t1);
+    // The lost 101's token was never the client's: void.
+    assert_eq!(connect(&gw, Some((&t2, 1))).await.err(), Some(410));
+    // A frame from the client proves the connection: t1 is spent now.
+    c.echo("two").await;
+    assert_eq!(connect(&gw, Some((&t1, 2))).await.err(), Some(410));
+    // The session is whole, and t3 resumes it (a takeover).
+    let (mut c2, _, received) = connect(&gw, Some((&t3, 2))).await.unwrap();
+    assert_eq!(received, 2);
+    assert_eq!(c.expect_close(T).await.0, 1008);
+    c2.echo("three").await;
+}
+
+/// The phone changed networks: its old connection went silent without a
+/// FIN (it never answers the close). A resume gets its 101 within a round
+/// trip, not after `close_timeout`.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_takeover_of_a_silent_connection_answers_at_once() {
+    let mut backend = TestBackend::start(Framing::Varint, false).await;
+    let gw = Gateway::start(
+        GatewayOpts::new(backend.addr)
+            .config(|c| c.resume.grace = secs(30))
+            .config(|c| c.session.close_timeout = secs(5)),
+    );
+    gw.wait_ready(T).await;
+    let (mut old, token, _) = connect(&gw, None).await.unwrap();
+    let (s, _) = backend.next_open().await;
+    backend.push(s, b"one", true);
+    assert_eq!(old.recv_within(T).await, Some(Msg::Text("one".into())));
+    // `old` is kept open but never read again: silent.
+    let started = std::time::Instant::now();
+    let (mut new, _, _) = connect(&gw, Some((&token, 1))).await.unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "the resume waited {:?} for the silent connection (close_timeout is 5 s)",
+        started.elapsed()
+    );
+    backend.push(s, b"two", true);
+    assert_eq!(new.recv_within(T).await, Some(Msg::Text("two".into())));
+    drop(old);
+}
+
 /// A backend burst while the client is away, bigger than the replay
 /// buffer: what the buffer cannot hold waits in the client queue, and the
 /// resume gets every message, in order. Only when the client queue is full
@@ -323,7 +390,10 @@ async fn a_resume_takes_over_a_connection_stuck_in_a_write() {
             .config(|c| c.resume.grace = secs(30))
             .config(|c| c.resume.buffer_messages = 4000)
             .config(|c| c.resume.buffer_bytes = mib(64))
-            .config(|c| c.session.client_queue_bytes = mib(64)),
+            .config(|c| c.session.client_queue_bytes = mib(64))
+            // The old connection is not waited for: not its write, not its
+            // close reply.
+            .config(|c| c.session.close_timeout = secs(5)),
     );
     gw.wait_ready(T).await;
     let (old, token, _) = connect(&gw, None).await.unwrap();
@@ -350,8 +420,8 @@ async fn a_resume_takes_over_a_connection_stuck_in_a_write() {
         .await
         .expect("resume while a write is stuck");
     assert!(
-        started.elapsed() < Duration::from_secs(3),
-        "the resume waited {:?}",
+        started.elapsed() < Duration::from_secs(1),
+        "the resume waited {:?} (close_timeout is 5 s)",
         started.elapsed()
     );
     for i in 0..N {

@@ -55,6 +55,8 @@ struct Shared {
     control: mpsc::UnboundedSender<Control>,
     budget: Semaphore,
     sessions: AtomicUsize,
+    /// When the link came up.
+    up_since: tokio::time::Instant,
     mailbox_bytes: usize,
     /// The whole byte budget: no frame costs more.
     queue_bytes: usize,
@@ -74,6 +76,7 @@ impl LinkHandle {
                 control: control_tx,
                 budget: Semaphore::new(s.queue_bytes),
                 sessions: AtomicUsize::new(0),
+                up_since: tokio::time::Instant::now(),
                 mailbox_bytes: s.mailbox_bytes,
                 queue_bytes: s.queue_bytes,
             }),
@@ -108,6 +111,11 @@ impl LinkHandle {
 
     pub(super) fn remove_load(&self) {
         self.shared.sessions.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Whether the link has been up (handshake done) for at least `d`.
+    pub(crate) fn has_been_up_for(&self, d: Duration) -> bool {
+        self.shared.up_since.elapsed() >= d
     }
 
     /// Whether the driver is still running.

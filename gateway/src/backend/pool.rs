@@ -28,6 +28,7 @@ use crate::shutdown::Shutdown;
 pub(crate) struct Pool {
     slots: Vec<Arc<Slot>>,
     next_session: AtomicU64,
+    stable_after: Duration,
 }
 
 struct Slot {
@@ -65,6 +66,9 @@ pub(crate) struct PoolSettings {
     pub(crate) handshake_timeout: Duration,
     pub(crate) reconnect_min: Duration,
     pub(crate) reconnect_max: Duration,
+    /// A link up this long is stable (backoff reset, preferred for new
+    /// sessions).
+    pub(crate) stable_after: Duration,
     pub(crate) link: LinkSettings,
 }
 
@@ -101,17 +105,22 @@ impl Pool {
         Arc::new(Self {
             slots,
             next_session: AtomicU64::new(1),
+            stable_after: settings.stable_after,
         })
     }
 
-    /// Places a new session on the least-loaded link that is up.
+    /// Places a new session on the least-loaded stable link that is up, or
+    /// the least-loaded link that is up when none is stable yet (at start):
+    /// a link that has just come back may be an endpoint that flaps, and a
+    /// session placed there would end with 1012 when it breaks again.
     pub(crate) fn lease(&self) -> Option<Lease> {
+        let stable_after = self.stable_after;
         let best = self
             .slots
             .iter()
             .filter_map(|s| s.current.lock().ok().and_then(|c| c.clone()))
             .filter(LinkHandle::is_up)
-            .min_by_key(LinkHandle::load)?;
+            .min_by_key(|l| (!l.has_been_up_for(stable_after), l.load()))?;
         best.add_load();
         Some(Lease { handle: best })
     }
@@ -155,7 +164,6 @@ async fn supervise(
         };
         match result {
             Ok((stream, hs)) => {
-                failures = 0;
                 metrics.link_connect(&slot.endpoint, true);
                 let (handle, queues) = LinkHandle::new(slot.index, hs.version, &s.link);
                 set_current(&slot, Some(handle.clone()));
@@ -169,7 +177,9 @@ async fn supervise(
                     metrics: metrics.clone(),
                     handle,
                 };
+                let up = tokio::time::Instant::now();
                 let end = driver.run(shutdown.clone()).await;
+                failures = after_link(failures, up.elapsed(), s.stable_after);
                 set_current(&slot, None);
                 metrics.link_up(&slot.endpoint, -1);
                 if matches!(end, LinkError::Shutdown) {
@@ -230,6 +240,17 @@ fn set_current(slot: &Slot, handle: Option<LinkHandle>) {
     }
 }
 
+/// The failure count after a link that was up for `up_for` went down: a
+/// stable link starts the backoff again; one that broke sooner counts as
+/// one more failure, so an endpoint that flaps keeps backing off.
+fn after_link(failures: u32, up_for: Duration, stable_after: Duration) -> u32 {
+    if up_for >= stable_after {
+        0
+    } else {
+        failures.saturating_add(1)
+    }
+}
+
 /// Delay before reconnect attempt number `failures` (0 = right after a link
 /// that was up went down): doubling from `min`, capped at `max`, with "equal
 /// jitter" (between half and all of it) so that many gateways restarting
@@ -246,6 +267,15 @@ pub(crate) fn backoff(failures: u32, min: Duration, max: Duration) -> Duration {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn only_a_stable_link_resets_the_backoff() {
+        let stable = Duration::from_secs(30);
+        assert_eq!(after_link(5, Duration::from_secs(30), stable), 0);
+        assert_eq!(after_link(5, Duration::from_secs(29), stable), 6);
+        assert_eq!(after_link(0, Duration::from_millis(300), stable), 1);
+        assert_eq!(after_link(u32::MAX, Duration::ZERO, stable), u32::MAX);
+    }
 
     #[test]
     fn backoff_doubles_with_jitter_and_caps() {

@@ -200,6 +200,11 @@ pub struct BackendConfig {
     /// Largest reconnect delay (the delay doubles per failure up to this).
     #[serde(with = "humantime_serde")]
     pub reconnect_max: Duration,
+    /// How long a link must stay up to count as stable: only then does its
+    /// reconnect backoff start again from `reconnect_min`, and new sessions
+    /// go to stable links first.
+    #[serde(with = "humantime_serde")]
+    pub stable_after: Duration,
     /// Frames queued towards one link before clients on it stop being read.
     pub link_queue_frames: usize,
     /// Bytes queued towards one link before clients on it stop being read.
@@ -331,6 +336,9 @@ impl Default for BackendConfig {
             heartbeat_timeout: Duration::from_secs(15),
             reconnect_min: Duration::from_millis(100),
             reconnect_max: Duration::from_secs(10),
+            // Two heartbeat timeouts: a link that lasts that long has seen
+            // its backend answer several heartbeats.
+            stable_after: Duration::from_secs(30),
             // Enough to absorb a burst from a few thousand clients while the
             // backend catches up; the byte bound below is what caps memory.
             link_queue_frames: 8192,

@@ -6,7 +6,7 @@ use fastwebsockets::{Frame as WsFrame, OpCode, Payload, WebSocketError};
 use protocol::{Frame, SessionId};
 use tracing::debug;
 
-use super::connection::{ClientFrame, Connection};
+use super::connection::{ClientFrame, Connection, ReadError};
 use super::End;
 use crate::close::{self, CloseReason};
 
@@ -82,8 +82,18 @@ pub(super) async fn on_client_close(payload: &[u8], conn: &mut Connection) -> En
     End::broken(CloseReason::ClientClosed { code, reason })
 }
 
-pub(super) fn ws_error_end(e: WebSocketError) -> End {
+/// The end of a session whose client sent no (valid) frame: 1002 for a
+/// protocol violation, 1009 / 1007 for size and UTF-8, else a lost client.
+pub(super) fn read_error_end(e: ReadError) -> End {
     use WebSocketError as E;
+    let e = match e {
+        ReadError::Unmasked => {
+            return End::clean(CloseReason::ClientProtocolError(
+                "unmasked client frame".into(),
+            ))
+        }
+        ReadError::Ws(e) => e,
+    };
     match e {
         E::FrameTooLarge => End::clean(CloseReason::ClientMessageTooBig),
         E::InvalidUTF8 => End::clean(CloseReason::ClientInvalidUtf8),

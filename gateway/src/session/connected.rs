@@ -2,15 +2,16 @@
 //! event. (The connection itself, and why its read future is kept across
 //! iterations, is in `connection.rs`.)
 
-use fastwebsockets::{Frame as WsFrame, OpCode, Payload, WebSocket, WebSocketError};
+use fastwebsockets::{Frame as WsFrame, OpCode, Payload, WebSocket};
 use std::future::Future;
 use std::ops::ControlFlow;
 use std::pin::{pin, Pin};
+use std::time::Duration;
 use tokio::io::{ReadHalf, WriteHalf};
 use tokio::time::{Instant, Sleep};
 
-use super::client::{on_client_frame, ws_error_end};
-use super::connection::{linger, read_frame, ClientFrame, Connection, Reader};
+use super::client::{on_client_frame, read_error_end};
+use super::connection::{linger, read_frame, ClientFrame, Connection, ReadError, Reader};
 use super::signals::{stale, Listen, Signal};
 use super::{End, Io, Session};
 use crate::backend::{Gone, LinkGone, ToClient, TrySend, ADVISORY_SEND_DEADLINE};
@@ -82,7 +83,17 @@ impl Session {
             },
         };
         let accepted_sent = Box::pin(self.send_accepted(&end)).await;
-        if !end.can_write || !Box::pin(self.close_frame(&mut conn, &end)).await {
+        if end.takeover.is_some() {
+            // The new connection waits for its 101: the old one (silent
+            // after a network change, or stuck) gets its close only if it
+            // can be written at once, and is dropped without waiting for a
+            // reply.
+            if end.can_write {
+                Box::pin(self.close_frame(&mut conn, &end, Duration::ZERO)).await;
+            }
+            return (end, false);
+        }
+        if !end.can_write || !Box::pin(self.close_frame(&mut conn, &end, close_timeout)).await {
             return (end, false);
         }
         if !conn.reading {
@@ -107,7 +118,7 @@ impl Session {
         next: impl Fn(Reader<'r>) -> F,
         mut forward: bool,
     ) where
-        F: Future<Output = (Reader<'r>, Result<ClientFrame, WebSocketError>)>,
+        F: Future<Output = (Reader<'r>, Result<ClientFrame, ReadError>)>,
     {
         loop {
             let (r, res) = tokio::select! {
@@ -187,7 +198,7 @@ impl Session {
     async fn on_client_frame(
         &mut self,
         conn: &mut Connection,
-        frame: Result<ClientFrame, WebSocketError>,
+        frame: Result<ClientFrame, ReadError>,
     ) -> Step {
         conn.last_heard = Instant::now();
         conn.ping_sent = false;
@@ -195,9 +206,14 @@ impl Session {
             Ok(f) => f,
             Err(e) => {
                 conn.reading = false;
-                return Step::Break(ws_error_end(e));
+                return Step::Break(read_error_end(e));
             }
         };
+        // A frame from the client: this connection's 101 reached it, so the
+        // token its resume presented is spent.
+        if let Some(r) = self.resumable.as_mut() {
+            self.shared.resumable.proven(&mut r.creds);
+        }
         let cfg = &self.shared.session;
         let (max, write_timeout) = (cfg.max_message, cfg.write_timeout);
         match on_client_frame(frame, conn, self.id, max, write_timeout).await {
@@ -296,12 +312,12 @@ impl Session {
     }
 
     /// Sends the client its close frame where one is due; true if it went.
-    async fn close_frame(&self, conn: &mut Connection, end: &End) -> bool {
+    async fn close_frame(&self, conn: &mut Connection, end: &End, limit: Duration) -> bool {
         let Some(c) = end.reason.to_client() else {
             return false;
         };
         let frame = WsFrame::close(c.code, c.reason.as_bytes());
-        let limit = self.shared.session.close_timeout;
+        // A zero limit still tries once: the timeout polls the write first.
         conn.write_flush(frame, limit).await.is_ok()
     }
 
@@ -311,8 +327,8 @@ impl Session {
     }
 
     /// The session's current resume credential, if it is resumable.
-    pub(super) fn token(&self) -> Option<&crate::resume::Token> {
-        self.resumable.as_ref().map(|r| &r.token)
+    pub(super) fn token(&self) -> Option<&crate::resume::Credentials> {
+        self.resumable.as_ref().map(|r| &r.creds)
     }
 }
 

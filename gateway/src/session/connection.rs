@@ -62,6 +62,17 @@ pub(super) struct ClientFrame {
     pub(super) payload: BytesMut,
 }
 
+/// Why no frame came from the client.
+pub(super) enum ReadError {
+    /// What fastwebsockets found: a protocol violation it checks (reserved
+    /// bits, unknown opcode, a fragmented or oversized ping, a frame over
+    /// the size limit, invalid UTF-8), or the stream failing.
+    Ws(WebSocketError),
+    /// RFC 6455 5.1: "The server MUST close the connection upon receiving
+    /// a frame that is not masked." fastwebsockets does not check this.
+    Unmasked,
+}
+
 /// The per-connection state of the event loop.
 pub(super) struct Connection {
     pub(super) writer: Writer,
@@ -77,21 +88,38 @@ pub(super) struct Connection {
 
 pub(super) async fn read_frame(
     mut reader: Reader<'_>,
-) -> (Reader<'_>, Result<ClientFrame, WebSocketError>) {
+) -> (Reader<'_>, Result<ClientFrame, ReadError>) {
     // With auto-close and auto-pong off, fastwebsockets never asks us to
     // send anything from inside `read_frame`.
     let res = reader
         .read_frame(&mut |_| async { Ok::<(), WebSocketError>(()) })
         .await
-        .map(|f| ClientFrame {
-            fin: f.fin,
-            opcode: f.opcode,
-            payload: match f.payload {
-                Payload::Bytes(b) => b,
-                other => BytesMut::from(&other[..]),
-            },
+        .map_err(ReadError::Ws)
+        .and_then(|mut f| {
+            if !is_masked(&mut f) {
+                return Err(ReadError::Unmasked);
+            }
+            Ok(ClientFrame {
+                fin: f.fin,
+                opcode: f.opcode,
+                payload: match f.payload {
+                    Payload::Bytes(b) => b,
+                    other => BytesMut::from(&other[..]),
+                },
+            })
         });
     (reader, res)
+}
+
+/// Whether the client masked the frame. fastwebsockets keeps the masking
+/// key private (it unmasks in place and leaves the key set); the header it
+/// would write for the frame is the one public view of it: the MASK bit is
+/// the top bit of the second byte. 14 bytes is the longest header (10 of
+/// length, 4 of key), so `fmt_head` cannot run out of room.
+fn is_masked(frame: &mut WsFrame<'_>) -> bool {
+    let mut head = [0u8; 14];
+    frame.fmt_head(&mut head);
+    head[1] & 0x80 != 0
 }
 
 impl Connection {

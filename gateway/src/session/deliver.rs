@@ -13,7 +13,7 @@ use super::signals::{stale, Listen, Signal, Signals};
 use super::{End, Session};
 use crate::backend::{Gone, Queue, ToClient};
 use crate::close::CloseReason;
-use crate::resume::{Ring, Token};
+use crate::resume::{Credentials, Ring};
 
 /// Backend messages written to the client before one flush.
 const WRITE_BATCH: usize = 64;
@@ -35,7 +35,7 @@ impl Session {
         // may be a dead connection that a resume will replace); others are
         // slow consumers.
         let (ring, token) = match &mut self.resumable {
-            Some(r) => (Some(&mut r.ring), Some(&r.token)),
+            Some(r) => (Some(&mut r.ring), Some(&r.creds)),
             None => (None, None),
         };
         let stalled = if ring.is_some() {
@@ -152,7 +152,7 @@ async fn interruptible(
 /// have.
 struct Watch<'a> {
     signals: &'a mut Signals,
-    token: Option<&'a Token>,
+    token: Option<&'a Credentials>,
     delivered: &'a AtomicU64,
 }
 

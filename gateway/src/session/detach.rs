@@ -232,13 +232,20 @@ impl Session {
                 ));
             }
         };
-        let Some(next) = self.shared.resumable.rotate(&r.token) else {
+        // The presented token keeps working until the new connection shows
+        // it reached the client, in case this 101 never does.
+        let unproven_until = tokio::time::Instant::now() + self.shared.resume.grace;
+        if self
+            .shared
+            .resumable
+            .rotate(&mut r.creds, &req.token, unproven_until)
+            .is_none()
+        {
             let _ = req.reply.send(Err(ResumeRefusal::Gap));
             return Err(CloseReason::ResumeLost("credential vanished"));
-        };
-        r.token = next.clone();
+        }
         let answer = Attached {
-            token: next,
+            token: r.creds.current().clone(),
             received: self.received,
         };
         if req.reply.send(Ok(answer)).is_err() {

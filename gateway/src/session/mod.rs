@@ -30,7 +30,7 @@ use tracing::{debug, warn};
 
 use crate::backend::{Lease, LinkHandle, Mailbox, Queue, ADVISORY_SEND_DEADLINE};
 use crate::close::CloseReason;
-use crate::resume::{AttachRequest, Ring, Token};
+use crate::resume::{AttachRequest, Credentials, Ring, Token};
 use crate::shared::Shared;
 
 mod assemble;
@@ -80,8 +80,8 @@ struct Session {
 
 /// What a resumable session keeps between connections.
 struct Resumable {
-    /// The credential currently valid.
-    token: Token,
+    /// The credentials currently valid.
+    creds: Credentials,
     /// The most recent backend messages, for replay.
     ring: Ring,
     /// Messages to write first on a resumed connection.
@@ -147,7 +147,7 @@ pub(crate) async fn run(ws: WebSocket<Io>, start: SessionStart, shared: Arc<Shar
     }
     let rc = &shared.resume;
     let resumable = token.map(|token| Resumable {
-        token,
+        creds: Credentials::new(token),
         ring: Ring::new(rc.buffer_messages, rc.buffer_bytes),
         replay: Vec::new(),
     });
@@ -205,7 +205,9 @@ impl Session {
     async fn finish(self, reason: CloseReason) {
         // A resume arriving from now on finds no session (410).
         if let Some(r) = &self.resumable {
-            self.shared.resumable.remove(&r.token);
+            for t in r.creds.all() {
+                self.shared.resumable.remove(t);
+            }
         }
         if let Some((code, why)) = reason.to_backend() {
             let close = Frame::close(self.id.0, code, why);

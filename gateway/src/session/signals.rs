@@ -8,7 +8,7 @@ use tokio::sync::futures::OwnedNotified;
 use tokio::sync::{mpsc, Notify};
 
 use crate::backend::{Eviction, Gone};
-use crate::resume::{AttachRequest, Token};
+use crate::resume::{AttachRequest, Credentials};
 
 /// One interruption.
 pub(super) enum Signal {
@@ -97,11 +97,11 @@ async fn recv(rx: &mut Option<mpsc::Receiver<AttachRequest>>) -> Option<AttachRe
 /// and dropped.
 pub(super) fn stale(
     req: AttachRequest,
-    token: Option<&Token>,
+    token: Option<&Credentials>,
     delivered: Option<u64>,
 ) -> Option<AttachRequest> {
     use crate::refusal::ResumeRefusal;
-    let refusal = if req.reply.is_closed() || token != Some(&req.token) {
+    let refusal = if req.reply.is_closed() || !token.is_some_and(|c| c.accepts(&req.token)) {
         ResumeRefusal::Stale
     } else if delivered.is_some_and(|d| req.position > d) {
         ResumeRefusal::BadPosition
