@@ -3,8 +3,8 @@
 //! `--clients` wss clients connect (at `--ramp` per second) and each does
 //! one echo round trip. Meanwhile `--probes` established sessions, on their
 //! own thread and runtime, do a round trip every `--probe-interval`. After a
-//! calm period every client drops its connection at the same instant and
-//! reconnects at once: TCP, TLS (resumed from the client's own session
+//! calm period every client drops its connection, and after `--pause` (the
+//! old sessions end) all reconnect at the same instant: TCP, TLS (resumed from the client's own session
 //! store, as a phone would, unless `--no-resumption`), upgrade, one round
 //! trip. A client is "back" when that round trip returns; one whose attempt
 //! fails retries after 100-500 ms until `--timeout`.
@@ -64,6 +64,11 @@ pub struct StormArgs {
     /// Probe latency measured before the drop (the baseline).
     #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
     pub calm: Duration,
+    /// Between the drop and the reconnect: the old sessions end first, as
+    /// after a mass 1012 (the gateway closed them) or a deploy (another
+    /// process had them). The storm's clock starts at the reconnect.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    pub pause: Duration,
     /// Reconnect with a full TLS handshake: each client forgets its session.
     #[arg(long)]
     pub no_resumption: bool,
@@ -84,8 +89,8 @@ pub struct StormArgs {
     pub json: bool,
 }
 
-/// Probe phases: which histogram a round trip counts in.
-const RAMP: u8 = 0;
+/// Probe phases: which histogram a round trip counts in (none while OFF).
+const OFF: u8 = 0;
 const CALM: u8 = 1;
 const STORM: u8 = 2;
 const DONE: u8 = 3;
@@ -208,7 +213,7 @@ async fn storm(args: StormArgs) -> anyhow::Result<Report> {
         target,
         tls,
         drop_at,
-        phase: AtomicU8::new(RAMP),
+        phase: AtomicU8::new(OFF),
         resumed: AtomicU64::new(0),
         full: AtomicU64::new(0),
     });
@@ -246,10 +251,13 @@ async fn storm(args: StormArgs) -> anyhow::Result<Report> {
     sh.phase.store(CALM, Ordering::Relaxed);
     tokio::time::sleep(args.calm).await;
 
-    let cpu2 = gateway_cpu(args.gateway_pid)?;
-    let t0 = Instant::now();
-    sh.phase.store(STORM, Ordering::Relaxed);
+    // The old sessions' ends are neither calm nor storm.
+    sh.phase.store(OFF, Ordering::Relaxed);
+    let t0 = Instant::now() + args.pause;
     let _ = drop_tx.send(Some(t0));
+    tokio::time::sleep_until(t0.into()).await;
+    let cpu2 = gateway_cpu(args.gateway_pid)?;
+    sh.phase.store(STORM, Ordering::Relaxed);
     let mut tallies = Vec::with_capacity(args.clients as usize);
     while let Some(t) = tasks.join_next().await {
         tallies.push(t?);
@@ -347,7 +355,9 @@ async fn client(i: u32, sh: &Shared, ready: tokio::sync::mpsc::Sender<()>) -> Cl
         Err(_) => return tally,
     };
     // Gone at once, as after a 1012 or a deploy: the socket closes (FIN).
+    // Everyone comes back at the same instant.
     drop(ws);
+    tokio::time::sleep_until(t0.into()).await;
     while t0.elapsed() < sh.args.timeout {
         match connect_and_echo(i, sh, connector.as_ref(), true).await {
             Ok(ws) => {
