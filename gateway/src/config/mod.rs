@@ -297,7 +297,11 @@ impl Default for ListenConfig {
             // 128 made the kernel drop SYNs at 3,000 simultaneous connects.
             // 4096 is Linux's default somaxconn since 5.4.
             backlog: 4096,
-            // MAX_HANDSHAKES_DEFAULT
+            // A slot is held for about one client round trip, so the cap is
+            // also a rate limit of max_handshakes / RTT: 256 allows ~850/s
+            // at 300 ms and ~2,500/s at 100 ms, about what two cores can
+            // handshake (BENCHMARKS.md, "Reconnect storms"), while bounding
+            // the handshake work queued at once.
             max_handshakes: 256,
         }
     }
