@@ -26,6 +26,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use protocol::SessionId;
 
+use crate::backend::QUEUED_OVERHEAD;
+
 use crate::refusal::ResumeRefusal;
 
 /// Request and response header carrying the resume credential.
@@ -207,38 +209,42 @@ impl Registry {
 #[derive(Debug)]
 pub(crate) struct Ring {
     items: VecDeque<(Bytes, bool)>,
+    /// Payload bytes held.
     bytes: usize,
     /// Backend messages delivered (or, while detached, accepted) so far.
     delivered: u64,
-    max_messages: usize,
+    /// Bound on payload bytes plus [`QUEUED_OVERHEAD`] per message: no
+    /// bound on the number of messages, so a burst of small ones does not
+    /// push out what a client may still need.
     max_bytes: usize,
 }
 
 impl Ring {
-    /// An empty ring holding at most `max_messages` and `max_bytes`.
-    pub(crate) fn new(max_messages: usize, max_bytes: usize) -> Self {
+    /// An empty ring holding at most `max_bytes` (payload + 64 B each).
+    pub(crate) fn new(max_bytes: usize) -> Self {
         Self {
             items: VecDeque::new(),
             bytes: 0,
             delivered: 0,
-            max_messages,
             max_bytes,
         }
+    }
+
+    /// What the ring holds, as its bound counts it.
+    fn cost(&self) -> usize {
+        self.bytes + self.items.len() * QUEUED_OVERHEAD
     }
 
     /// Appends message number `delivered`; evicts the oldest beyond the
     /// bounds, but none numbered `keep_from` or later (`u64::MAX` lets any
     /// go). Returns the bytes evicted.
     pub(crate) fn push(&mut self, payload: &Bytes, text: bool, keep_from: u64) -> usize {
-        let (max_messages, max_bytes) = (self.max_messages, self.max_bytes);
         self.items
             .push_back((Bytes::copy_from_slice(payload), text));
         self.bytes += payload.len();
         self.delivered += 1;
         let mut freed = 0;
-        while (self.items.len() > max_messages || self.bytes > max_bytes)
-            && self.oldest_held() < keep_from
-        {
+        while self.cost() > self.max_bytes && self.oldest_held() < keep_from {
             match self.items.pop_front() {
                 Some((p, _)) => {
                     self.bytes -= p.len();
@@ -248,21 +254,6 @@ impl Ring {
             }
         }
         freed
-    }
-
-    /// Whether one more message can be kept without evicting any numbered
-    /// `from` or later: fewer than the bounds hold are that recent. (The
-    /// one pushed may take the bytes over the bound by its own size.)
-    pub(crate) fn has_room_after(&self, from: u64) -> bool {
-        let recent = usize::try_from(self.delivered.saturating_sub(from)).unwrap_or(usize::MAX);
-        let recent_bytes: usize = self
-            .items
-            .iter()
-            .rev()
-            .take(recent)
-            .map(|(p, _)| p.len())
-            .sum();
-        recent < self.max_messages && recent_bytes < self.max_bytes
     }
 
     /// Sequence number of the next message (messages delivered so far).
@@ -344,7 +335,8 @@ mod tests {
 
     #[test]
     fn ring_replays_from_a_held_position_and_refuses_gaps() {
-        let mut r = Ring::new(4, 1 << 20);
+        // Room for four 1-byte messages (each counts 1 + 64 bytes).
+        let mut r = Ring::new(4 * 65);
         for i in 0..10u8 {
             r.push(&Bytes::from(vec![i]), false, u64::MAX);
         }
@@ -362,33 +354,38 @@ mod tests {
 
     #[test]
     fn ring_is_bounded_by_bytes() {
-        let mut r = Ring::new(100, 100);
+        let mut r = Ring::new(2 * (60 + QUEUED_OVERHEAD));
+        assert_eq!(r.push(&Bytes::from(vec![0; 60]), true, u64::MAX), 0);
         assert_eq!(r.push(&Bytes::from(vec![0; 60]), true, u64::MAX), 0);
         assert_eq!(r.push(&Bytes::from(vec![0; 60]), true, u64::MAX), 60);
-        assert_eq!(r.bytes(), 60);
+        assert_eq!(r.bytes(), 120);
+        // No bound on the number: 1,000 empty messages fit in 64,000 bytes.
+        let mut r = Ring::new(1000 * QUEUED_OVERHEAD);
+        for _ in 0..1000 {
+            assert_eq!(r.push(&Bytes::new(), true, u64::MAX), 0);
+        }
+        assert_eq!(r.since(0).unwrap().len(), 1000);
     }
 
     #[test]
     fn while_detached_the_ring_keeps_what_the_client_never_saw() {
-        let mut r = Ring::new(3, 1 << 20);
+        let mut r = Ring::new(3 * 65);
         for i in 0..3u8 {
             r.push(&Bytes::from(vec![i]), false, u64::MAX);
         }
         // Detached after 3 messages: older ones may go, newer ones stay.
         let from = r.next_seq();
         for i in 3..6u8 {
-            assert!(r.has_room_after(from));
             r.push(&Bytes::from(vec![i]), false, from);
         }
-        assert!(!r.has_room_after(from), "full of messages never seen");
-        assert_eq!(r.oldest_held(), 3);
-        // Bytes: one over the bound is kept rather than lose a new one.
-        let mut r = Ring::new(10, 100);
+        assert_eq!(r.oldest_held(), 3, "only messages from before go");
+        // Beyond the bounds, nothing the client never saw goes.
+        r.push(&Bytes::from(vec![6]), false, from);
+        assert_eq!(r.since(3).unwrap().len(), 4);
+        let mut r = Ring::new(100);
         r.push(&Bytes::from(vec![0; 60]), false, 0);
-        assert!(r.has_room_after(0));
         r.push(&Bytes::from(vec![0; 60]), false, 0);
         assert_eq!(r.bytes(), 120);
-        assert!(!r.has_room_after(0));
         assert_eq!(r.since(0).unwrap().len(), 2);
     }
 

@@ -11,7 +11,7 @@ use std::time::Duration;
 use hyper::header::HeaderName;
 use protocol::{pb, FrameCodec};
 
-use crate::backend::{LinkSettings, PoolSettings};
+use crate::backend::{LinkSettings, MailboxLimits, PoolSettings};
 use crate::config::{Config, ConfigError};
 use crate::tls;
 
@@ -52,9 +52,12 @@ pub(crate) struct SessionSettings {
     pub(crate) max_message: usize,
     pub(crate) ping_interval: Duration,
     pub(crate) ping_timeout: Duration,
-    /// Deadline for a write to the client (a batch of messages, a pong, a
-    /// replay) before the client is judged stalled.
+    /// A client that takes no message (or pong, or replay) for this long
+    /// while the gateway writes to it is stalled.
     pub(crate) write_timeout: Duration,
+    /// Bytes queued towards one client (payload + 64 B per message); also
+    /// what a detached session keeps of what arrives while it is away.
+    pub(crate) client_queue_bytes: usize,
     pub(crate) close_timeout: Duration,
     /// Request headers copied into `SessionOpen`, parsed.
     pub(crate) forward_headers: Vec<HeaderName>,
@@ -65,7 +68,6 @@ pub(crate) struct SessionSettings {
 pub(crate) struct ResumeSettings {
     pub(crate) enabled: bool,
     pub(crate) grace: Duration,
-    pub(crate) buffer_messages: usize,
     pub(crate) buffer_bytes: usize,
     pub(crate) max_detached: usize,
     pub(crate) max_detached_bytes: usize,
@@ -133,13 +135,13 @@ impl Settings {
                 ping_interval: s.ping_interval,
                 ping_timeout: s.ping_timeout,
                 write_timeout: s.write_timeout,
+                client_queue_bytes: s.client_queue_bytes.bytes(),
                 close_timeout: s.close_timeout,
                 forward_headers,
             },
             resume: ResumeSettings {
                 enabled: r.enabled,
                 grace: r.grace,
-                buffer_messages: r.buffer_messages,
                 buffer_bytes: r.buffer_bytes.bytes(),
                 max_detached: r.max_detached,
                 max_detached_bytes: r.max_detached_bytes.bytes(),
@@ -173,7 +175,10 @@ impl Settings {
                     heartbeat_timeout: b.heartbeat_timeout,
                     queue_frames: b.link_queue_frames,
                     queue_bytes: b.link_queue_bytes.bytes(),
-                    mailbox_bytes: s.client_queue_bytes.bytes(),
+                    mailbox: MailboxLimits {
+                        bytes: s.client_queue_bytes.bytes(),
+                        drain_within: s.write_timeout,
+                    },
                 },
             },
             admin: config.admin.listen,

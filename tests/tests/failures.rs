@@ -341,6 +341,29 @@ fn bad_configuration_exits_non_zero_naming_the_key() {
     assert!(err.contains("links_per_endpont"), "{err}");
 }
 
+/// Retired keys still start the gateway (an old configuration must not
+/// stop a deploy), and each says, as a warning, that it is ignored.
+#[test]
+fn retired_keys_are_accepted_with_a_warning() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("old.toml");
+    std::fs::write(
+        &path,
+        "[listen]\nws = [\"127.0.0.1:0\"]\n[backend]\nendpoints = [\"127.0.0.1:1\"]\n\
+         [session]\nclient_queue_messages = 256\n[resume]\nbuffer_messages = 256\n",
+    )
+    .unwrap();
+    let (code, err) = run_gateway(&["--check-config", "--config", path.to_str().unwrap()], &[]);
+    assert_eq!(code, 0, "{err}");
+    for key in ["session.client_queue_messages", "resume.buffer_messages"] {
+        assert!(
+            err.lines()
+                .any(|l| l.contains("warning") && l.contains(key) && l.contains("ignored")),
+            "no warning for {key}: {err}"
+        );
+    }
+}
+
 #[test]
 fn example_configuration_checks_out() {
     let example = gateway_tests::repo_root().join("deploy/gateway.example.toml");
@@ -538,14 +561,20 @@ async fn a_stuck_link_holds_no_more_than_link_queue_bytes() {
 /// A backend burst is not a slow client: 10,000 messages of 100 B written
 /// to one session at once (a history sync) all reach a client that reads,
 /// in order, plain or resumable, and the gateway holds no more for them
-/// than the client queue counts (10,000 x (100 + 64) B).
+/// than the client queue counts (10,000 x (100 + 64) B). The burst is above
+/// half the 2 MiB queue: the client has `write_timeout` to drain it.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_backend_burst_of_10000_small_messages_reaches_a_reading_client() {
     const N: u32 = 10_000;
-    let mut backend = TestBackend::start(Framing::Varint, false).await;
-    let gw = Gateway::start(GatewayOpts::new(backend.addr).links(1));
-    gw.wait_ready(T).await;
     for opts in [Connect::default(), Connect::resume("new")] {
+        // A gateway per case: its peak RSS is this case's.
+        let mut backend = TestBackend::start(Framing::Varint, false).await;
+        let gw = Gateway::start(
+            GatewayOpts::new(backend.addr)
+                .links(1)
+                .config(|c| c.session.client_queue_bytes = mib(2)),
+        );
+        gw.wait_ready(T).await;
         let mut c = Client::connect(gw.ws.unwrap(), "/ws", &opts).await;
         let (s, _) = backend.next_open().await;
         let rss_before = gw.proc.rss_kib();
@@ -564,13 +593,15 @@ async fn a_backend_burst_of_10000_small_messages_reaches_a_reading_client() {
                 other => panic!("message {i}: {other:?}"),
             }
         }
+        // What the queue counts, and 1 MiB for the link's read chunks and
+        // allocator slack (measured: 0.9-1.6 MiB in all).
         let grew = gw.proc.peak_rss_kib().saturating_sub(rss_before);
-        let bound = u64::from(N) * 164 / 1024 + 3 * 1024;
+        let bound = u64::from(N) * 164 / 1024 + 1024;
         println!("burst of {N}: peak RSS grew by {grew} KiB (bound {bound} KiB)");
         assert!(grew < bound, "peak RSS grew by {grew} KiB for a 1 MB burst");
         backend.push(s, b"still open", true);
         assert_eq!(c.recv_within(T).await, Some(Msg::Text("still open".into())));
+        let slow = gw.metric_opt("gateway_slow_consumer_closes_total").await;
+        assert_eq!(slow.unwrap_or(0.0), 0.0);
     }
-    let slow = gw.metric_opt("gateway_slow_consumer_closes_total").await;
-    assert_eq!(slow.unwrap_or(0.0), 0.0);
 }

@@ -317,6 +317,40 @@ async fn a_resumable_client_whose_writes_stall_detaches_and_resumes_with_everyth
     assert_eq!(replayed, N as u64);
 }
 
+/// A client on a slow network that keeps taking messages, one every 5 s,
+/// is not stalled, however long the whole queue takes (100 s here, five
+/// times `write_timeout`): `write_timeout` is per message taken, not per
+/// batch. (The client reads the network in chunks, so the gateway sees it
+/// take about three messages every 15 s.)
+#[tokio::test(start_paused = true)]
+async fn a_slow_client_that_keeps_taking_messages_is_not_a_slow_consumer() {
+    let mut backend = TestBackend::start(Framing::Varint, false).await;
+    let mut c = config(backend.addr);
+    assert_eq!(c.session.write_timeout, Duration::from_secs(20));
+    // The gateway's pings wait behind ~15 s of data on this network; the
+    // liveness check is not what this test is about.
+    c.session.ping_timeout = Duration::from_secs(60);
+    let (gw, _) = start(c).await;
+    // A 4 KiB network: about three 1 KiB messages in flight at a time.
+    let (mut client, _, _) = connect_in_memory(&gw, 4096, &[]).await;
+    let (s, _) = backend.next_open().await;
+    const N: usize = 20;
+    push_numbered(&backend, s, N, 1024);
+    for i in 0..N {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        match client.recv().await {
+            Some(Msg::Binary(m)) => {
+                assert_eq!(u64::from_be_bytes(m[..8].try_into().unwrap()), i as u64)
+            }
+            other => panic!(
+                "message {i}: {other:?}, backend saw {:?}",
+                close_seen(&mut backend, s)
+            ),
+        }
+    }
+    assert_eq!(close_seen(&mut backend, s), None, "still open");
+}
+
 #[tokio::test(start_paused = true)]
 async fn connections_without_a_whole_request_do_not_hold_the_drain() {
     let backend = TestBackend::start(Framing::Varint, true).await;

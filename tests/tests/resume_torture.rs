@@ -116,7 +116,7 @@ async fn random_cuts_lose_nothing_and_duplicate_nothing_in_either_direction() {
     let gw = Gateway::start(
         GatewayOpts::new(backend.addr)
             .config(|c| c.resume.grace = secs(30))
-            .config(|c| c.resume.buffer_messages = 1024),
+            .config(|c| c.resume.buffer_bytes = gateway_tests::mib(1)),
     );
     gw.wait_ready(Duration::from_secs(10)).await;
     let addr = gw.ws.unwrap();

@@ -7,7 +7,7 @@ use protocol::Framing;
 use tokio::io::DuplexStream;
 
 use super::*;
-use crate::backend::{Gone, Mailbox, TrySend, QUEUED_OVERHEAD};
+use crate::backend::{Gone, Mailbox, MailboxLimits, TrySend, QUEUED_OVERHEAD};
 
 fn settings() -> LinkSettings {
     LinkSettings {
@@ -16,7 +16,10 @@ fn settings() -> LinkSettings {
         heartbeat_timeout: Duration::from_secs(14),
         queue_frames: 16,
         queue_bytes: 1 << 20,
-        mailbox_bytes: 4 * (QUEUED_OVERHEAD + 64),
+        mailbox: MailboxLimits {
+            bytes: 4 * (QUEUED_OVERHEAD + 64),
+            drain_within: Duration::from_secs(20),
+        },
     }
 }
 

@@ -1,7 +1,8 @@
 //! The session's side of a link: [`LinkHandle`].
 //!
-//! A frame for the backend costs its wire length (the codec's own count) of
-//! the link's byte budget and one slot of its frame queue; the driver's
+//! A frame for the backend costs its wire length (the codec's own count)
+//! plus what holding it costs ([`QUEUED_FRAME_OVERHEAD`]) of the link's byte
+//! budget and one slot of its frame queue; the driver's
 //! writer gives both back once the frame is written. A session sends with
 //! one call: [`LinkHandle::try_send`] on the hot path (never waits),
 //! [`LinkHandle::send_pending`] to wait for room for a message it holds,
@@ -15,8 +16,8 @@ use protocol::{Frame, FrameCodec, SessionId};
 use tokio::sync::{mpsc, Semaphore};
 
 use super::driver::{Control, DriverQueues, Outbound};
-use super::mailbox::Mailbox;
-use super::{LinkSettings, BACKING_UP_DEPTH, QUEUED_OVERHEAD};
+use super::mailbox::{Mailbox, MailboxLimits};
+use super::{LinkSettings, BACKING_UP_DEPTH, QUEUED_FRAME_OVERHEAD};
 
 /// Outcome of [`LinkHandle::try_send`].
 pub(crate) enum TrySend {
@@ -57,7 +58,7 @@ struct Shared {
     sessions: AtomicUsize,
     /// When the link came up.
     up_since: tokio::time::Instant,
-    mailbox_bytes: usize,
+    mailbox: MailboxLimits,
     /// The whole byte budget: no frame costs more.
     queue_bytes: usize,
 }
@@ -77,7 +78,7 @@ impl LinkHandle {
                 budget: Semaphore::new(s.queue_bytes),
                 sessions: AtomicUsize::new(0),
                 up_since: tokio::time::Instant::now(),
-                mailbox_bytes: s.mailbox_bytes,
+                mailbox: s.mailbox,
                 queue_bytes: s.queue_bytes,
             }),
         };
@@ -126,7 +127,7 @@ impl LinkHandle {
     /// Puts a session on the link; its backend frames arrive in the mailbox.
     /// Must be called before the session's `SessionOpen` is sent.
     pub(crate) fn register(&self, id: SessionId) -> Result<Mailbox, LinkGone> {
-        let (mailbox, route) = Mailbox::new(self.shared.mailbox_bytes);
+        let (mailbox, route) = Mailbox::new(self.shared.mailbox);
         self.shared
             .control
             .send(Control::Register(id, route))
@@ -206,11 +207,11 @@ impl LinkHandle {
     }
 
     /// What a frame costs of the link's byte budget: its length on the wire
-    /// and what holding it costs besides (see [`QUEUED_OVERHEAD`]); at most
+    /// and what holding it costs besides (see [`QUEUED_FRAME_OVERHEAD`]); at most
     /// the whole budget, so that any frame can be sent on an idle link.
     fn cost_of(&self, frame: &Frame) -> u32 {
-        let cost =
-            (self.shared.codec.wire_len(frame) + QUEUED_OVERHEAD).min(self.shared.queue_bytes);
+        let cost = (self.shared.codec.wire_len(frame) + QUEUED_FRAME_OVERHEAD)
+            .min(self.shared.queue_bytes);
         // Fits: link_queue_bytes is validated below 4 GiB.
         u32::try_from(cost).unwrap_or(u32::MAX)
     }

@@ -1,18 +1,24 @@
 //! A session's receiving end on its link.
 //!
 //! The link's reader holds a [`Route`] per session and hands it each backend
-//! frame with [`Route::offer`], which never waits: a mailbox bounded by
-//! bytes (each message counting its payload and [`QUEUED_OVERHEAD`]) either
-//! takes the frame or is full, and then the session is evicted as a slow
-//! consumer. There is no bound on the number of messages: a burst of many
-//! small messages costs what it holds, so a client that reads is never
-//! taken for a slow one while the burst fits the bytes; a client that does
-//! not read is found by the session's write timeout. The session holds the
+//! frame with [`Route::offer`], which never waits. A mailbox is bounded by
+//! bytes (each message counting its payload and [`QUEUED_OVERHEAD`]), not by
+//! a number of messages, and slowness is judged on the client, over time:
+//! - a burst that fits the bound is always taken, however many messages;
+//! - a session whose queue stays above half the bound for longer than
+//!   `drain_within` (`session.write_timeout`) is a slow consumer: the client
+//!   does not take what it is sent;
+//! - the bound itself is the memory cap: a message that would take the
+//!   queue past it evicts the session at once (but a message always fits an
+//!   empty queue, and the backend's close always fits).
+//!
+//! The session holds the
 //! [`Mailbox`]: the messages in order, and an eviction signal that fires
 //! once when the reader takes the session off the link.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
@@ -85,12 +91,56 @@ pub(crate) struct Mailbox {
     pub(crate) eviction: Eviction,
 }
 
+/// Bounds of a session's mailbox.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct MailboxLimits {
+    /// Bytes (see [`ToClient::cost`]) a queue may hold.
+    pub(crate) bytes: usize,
+    /// How long a queue may stay above half of `bytes`.
+    pub(crate) drain_within: Duration,
+}
+
+/// How full a queue is, shared by the session and the link's reader.
+struct Fill {
+    /// Bytes (see [`ToClient::cost`]) in the channel and in the session's
+    /// hand.
+    bytes: AtomicUsize,
+    /// Since when the queue has been above half its bound, in milliseconds
+    /// after `epoch`, plus one; 0 while it is not.
+    over_since: AtomicU64,
+    epoch: Instant,
+    limits: MailboxLimits,
+}
+
+impl Fill {
+    fn half(&self) -> usize {
+        self.limits.bytes / 2
+    }
+
+    /// Whether the queue has been above half its bound for longer than
+    /// allowed; starts the clock when it has just gone above.
+    fn overdue(&self) -> bool {
+        let now = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        match self.over_since.load(Ordering::Relaxed) {
+            0 => {
+                self.over_since
+                    .store(now.saturating_add(1), Ordering::Relaxed);
+                false
+            }
+            since => {
+                let allowed =
+                    u64::try_from(self.limits.drain_within.as_millis()).unwrap_or(u64::MAX);
+                now.saturating_add(1).saturating_sub(since) > allowed
+            }
+        }
+    }
+}
+
 /// Backend messages for one session, in order, bounded by bytes.
 pub(crate) struct Queue {
     rx: mpsc::Receiver<ToClient>,
-    /// Bytes (see [`ToClient::cost`]) in `rx` and in the session's hand,
-    /// shared with the route.
-    queued_bytes: Arc<AtomicUsize>,
+    /// Shared with the route.
+    fill: Arc<Fill>,
     /// Bytes of the message the session took last and has not yet written:
     /// a message counts against the bound until it is written (or the
     /// session takes the next one), so the bound is what memory holds.
@@ -108,9 +158,8 @@ pub(crate) struct Eviction {
 /// The reader's entry for one session.
 pub(super) struct Route {
     tx: mpsc::Sender<ToClient>,
-    queued_bytes: Arc<AtomicUsize>,
+    fill: Arc<Fill>,
     evict: oneshot::Sender<Evict>,
-    byte_limit: usize,
 }
 
 /// What [`Route::offer`] did with a frame.
@@ -124,24 +173,29 @@ pub(super) enum Offered {
 }
 
 impl Mailbox {
-    /// A mailbox holding at most `bytes`, and the route the link's reader
-    /// keeps for it.
-    pub(super) fn new(bytes: usize) -> (Self, Route) {
-        // The byte bound is reached before this many messages are queued;
-        // the channel's own bound only tells `lagging` the depth.
-        let (tx, rx) = mpsc::channel(bytes / QUEUED_OVERHEAD + 1);
+    /// A mailbox within `limits`, and the route the link's reader keeps
+    /// for it.
+    pub(super) fn new(limits: MailboxLimits) -> (Self, Route) {
+        // The byte bound is reached before this many messages are queued
+        // (one more: the close); the channel's own bound only tells
+        // `lagging` the depth.
+        let (tx, rx) = mpsc::channel(limits.bytes / QUEUED_OVERHEAD + 2);
         let (evict_tx, evict_rx) = oneshot::channel();
-        let queued_bytes = Arc::new(AtomicUsize::new(0));
+        let fill = Arc::new(Fill {
+            bytes: AtomicUsize::new(0),
+            over_since: AtomicU64::new(0),
+            epoch: Instant::now(),
+            limits,
+        });
         let route = Route {
             tx,
-            queued_bytes: queued_bytes.clone(),
+            fill: fill.clone(),
             evict: evict_tx,
-            byte_limit: bytes,
         };
         let mailbox = Self {
             queue: Queue {
                 rx,
-                queued_bytes,
+                fill,
                 in_hand: 0,
             },
             eviction: Eviction {
@@ -173,7 +227,10 @@ impl Queue {
     /// longer count.
     pub(crate) fn written(&mut self) {
         if self.in_hand > 0 {
-            self.queued_bytes.fetch_sub(self.in_hand, Ordering::Relaxed);
+            let before = self.fill.bytes.fetch_sub(self.in_hand, Ordering::Relaxed);
+            if before - self.in_hand <= self.fill.half() {
+                self.fill.over_since.store(0, Ordering::Relaxed);
+            }
             self.in_hand = 0;
         }
     }
@@ -210,9 +267,10 @@ impl Eviction {
 }
 
 impl Route {
-    /// Queues one backend message without waiting; a mailbox over its byte
-    /// bound evicts its session as a slow consumer. A message always fits in
-    /// an empty mailbox.
+    /// Queues one backend message without waiting; evicts the session as a
+    /// slow consumer when the message would take the queue past its bound,
+    /// or when the queue has stayed above half of it for too long (see the
+    /// module's text).
     pub(super) fn offer(&self, msg: ToClient) -> Offered {
         let is_close = matches!(msg, ToClient::Close { .. } | ToClient::Invalid { .. });
         let msg = match msg {
@@ -223,9 +281,12 @@ impl Route {
             other => other,
         };
         let cost = msg.cost();
-        let queued = self.queued_bytes.fetch_add(cost, Ordering::Relaxed) + cost;
-        if queued > self.byte_limit && queued > cost {
-            return Offered::Dropped;
+        let queued = self.fill.bytes.fetch_add(cost, Ordering::Relaxed) + cost;
+        if !is_close {
+            let full = queued > self.fill.limits.bytes && queued > cost;
+            if full || (queued > self.fill.half() && self.fill.overdue()) {
+                return Offered::Dropped;
+            }
         }
         match self.tx.try_send(msg) {
             Ok(()) if is_close => Offered::Closed,
@@ -268,9 +329,54 @@ mod tests {
         n + QUEUED_OVERHEAD
     }
 
+    fn limits(bytes: usize) -> MailboxLimits {
+        MailboxLimits {
+            bytes,
+            drain_within: Duration::from_secs(20),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_queue_above_half_for_too_long_is_a_slow_consumer() {
+        let (mut mb, route) = Mailbox::new(MailboxLimits {
+            bytes: 10 * cost(1),
+            drain_within: Duration::ZERO,
+        });
+        for _ in 0..6 {
+            assert!(matches!(route.offer(data(1)), Offered::Queued));
+        }
+        // Drained to half: the clock stops.
+        mb.queue.try_recv().unwrap();
+        mb.queue.written();
+        std::thread::sleep(Duration::from_millis(5));
+        assert!(
+            matches!(route.offer(data(1)), Offered::Queued),
+            "clock restarted"
+        );
+        // Still above half a moment later: the client is not keeping up.
+        std::thread::sleep(Duration::from_millis(5));
+        let late = route.offer(data(1));
+        assert!(matches!(late, Offered::Dropped));
+        route.evict(&late);
+        assert_eq!(mb.eviction.wait().await, Gone::SlowConsumer);
+    }
+
+    #[tokio::test]
+    async fn the_backends_close_always_fits() {
+        let (mut mb, route) = Mailbox::new(limits(cost(10)));
+        assert!(matches!(route.offer(data(10)), Offered::Queued));
+        let close = route.offer(ToClient::Close {
+            code: 1000,
+            reason: "done".into(),
+        });
+        assert!(matches!(close, Offered::Closed));
+        assert!(mb.queue.try_recv().is_some());
+        assert!(matches!(mb.queue.try_recv(), Some(ToClient::Close { .. })));
+    }
+
     #[tokio::test]
     async fn a_full_mailbox_evicts_its_session_as_a_slow_consumer() {
-        let (mut mb, route) = Mailbox::new(2 * cost(1));
+        let (mut mb, route) = Mailbox::new(limits(2 * cost(1)));
         assert!(matches!(route.offer(data(1)), Offered::Queued));
         assert!(matches!(route.offer(data(1)), Offered::Queued));
         let third = route.offer(data(1));
@@ -287,24 +393,24 @@ mod tests {
     async fn a_burst_of_many_small_messages_is_bounded_by_bytes_only() {
         // 10,000 messages of 100 B fit in 2 MiB: none is refused for their
         // number, and the bytes counted are what they hold.
-        let (mut mb, route) = Mailbox::new(2 << 20);
+        let (mut mb, route) = Mailbox::new(limits(2 << 20));
         for _ in 0..10_000 {
             assert!(matches!(route.offer(data(100)), Offered::Queued));
         }
         assert_eq!(
-            mb.queue.queued_bytes.load(Ordering::Relaxed),
+            mb.queue.fill.bytes.load(Ordering::Relaxed),
             10_000 * cost(100)
         );
         for _ in 0..10_000 {
             assert!(mb.queue.try_recv().is_some());
         }
         mb.queue.written();
-        assert_eq!(mb.queue.queued_bytes.load(Ordering::Relaxed), 0);
+        assert_eq!(mb.queue.fill.bytes.load(Ordering::Relaxed), 0);
     }
 
     #[tokio::test]
     async fn one_message_always_fits_an_empty_mailbox() {
-        let (mut mb, route) = Mailbox::new(100);
+        let (mut mb, route) = Mailbox::new(limits(100));
         assert!(matches!(route.offer(data(100)), Offered::Queued));
         assert!(matches!(route.offer(data(1)), Offered::Dropped));
         assert!(mb.queue.try_recv().is_some());
@@ -313,7 +419,7 @@ mod tests {
     #[tokio::test]
     async fn bytes_are_counted_until_the_session_has_written_them() {
         for written in [false, true] {
-            let (mut mb, route) = Mailbox::new(cost(60) + cost(40));
+            let (mut mb, route) = Mailbox::new(limits(cost(60) + cost(40)));
             assert!(matches!(route.offer(data(60)), Offered::Queued));
             assert!(matches!(route.offer(data(40)), Offered::Queued));
             assert!(mb.queue.recv().await.is_some());
@@ -329,7 +435,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_backend_close_ends_the_route_after_its_data() {
-        let (mut mb, route) = Mailbox::new(1000);
+        let (mut mb, route) = Mailbox::new(limits(1000));
         assert!(matches!(route.offer(data(1)), Offered::Queued));
         let close = route.offer(ToClient::Close {
             code: 4000,
@@ -347,7 +453,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_dropped_route_reads_as_a_lost_link() {
-        let (mut mb, route) = Mailbox::new(1000);
+        let (mut mb, route) = Mailbox::new(limits(1000));
         drop(route);
         assert_eq!(mb.eviction.wait().await, Gone::LinkLost);
         assert!(mb.queue.recv().await.is_none());

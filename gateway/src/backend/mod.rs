@@ -29,7 +29,7 @@ mod pool;
 
 pub(crate) use driver::LinkDriver;
 pub(crate) use link::{LinkGone, LinkHandle, TrySend};
-pub(crate) use mailbox::{Eviction, Gone, Mailbox, Queue, ToClient};
+pub(crate) use mailbox::{Eviction, Gone, Mailbox, MailboxLimits, Queue, ToClient};
 pub(crate) use pool::{Lease, Pool, PoolSettings};
 
 /// How long a frame that only informs the backend (a session's close after
@@ -39,16 +39,33 @@ pub(crate) use pool::{Lease, Pool, PoolSettings};
 /// backend learns of a lost link by itself.
 pub(crate) const ADVISORY_SEND_DEADLINE: Duration = Duration::from_secs(1);
 
-/// What a queued message or frame costs of a byte bound besides its
-/// payload: its queue slot (a `Frame` or `ToClient`, at most 64 bytes, see
-/// the tests) and the allocator's header and rounding of its payload. With
-/// it a bound on bytes is a bound on memory, also for tiny messages.
+/// What a message queued towards a client costs of its session's byte bound
+/// besides its payload: its queue slot (a `ToClient`) and the allocator's
+/// header of its payload (checked by a test). With it a bound on bytes is a
+/// bound on memory, also for tiny messages.
 pub(crate) const QUEUED_OVERHEAD: usize = 64;
+
+/// The same for a frame queued towards a link: its slot (a `Frame` and its
+/// cost) and its payload's allocator header (checked by a test).
+pub(crate) const QUEUED_FRAME_OVERHEAD: usize = 160;
 
 /// A queue that already holds this many entries is backing up: what joins
 /// it now will wait, so its payload is copied out of the shared read buffer
 /// it came in (`Frame::compact`) rather than keep that buffer alive.
 pub(crate) const BACKING_UP_DEPTH: usize = 4;
+
+#[cfg(test)]
+mod overhead_tests {
+    use super::*;
+
+    /// The overheads cover what a queued entry holds besides its payload:
+    /// its slot and a 16-byte allocator header.
+    #[test]
+    fn queued_overheads_cover_the_queue_slots() {
+        assert!(std::mem::size_of::<ToClient>() + 16 <= QUEUED_OVERHEAD);
+        assert!(std::mem::size_of::<driver::Outbound>() + 16 <= QUEUED_FRAME_OVERHEAD);
+    }
+}
 
 /// Why a link ended.
 #[derive(Debug, thiserror::Error)]
@@ -90,9 +107,9 @@ pub(crate) struct LinkSettings {
     pub(crate) heartbeat_timeout: Duration,
     /// Frames queued towards the backend before senders wait.
     pub(crate) queue_frames: usize,
-    /// Bytes (on the wire) queued towards the backend before senders wait.
+    /// Bytes queued towards the backend (wire length + [`QUEUED_FRAME_OVERHEAD`]
+    /// per frame) before senders wait.
     pub(crate) queue_bytes: usize,
-    /// Bytes each session's mailbox holds (see [`QUEUED_OVERHEAD`]) before
-    /// the session is a slow consumer.
-    pub(crate) mailbox_bytes: usize,
+    /// Bounds of each session's mailbox.
+    pub(crate) mailbox: MailboxLimits,
 }

@@ -133,6 +133,13 @@ impl Config {
                     .to_owned(),
             );
         }
+        if self.resume.buffer_messages.is_some() {
+            out.push(
+                "resume.buffer_messages is retired and ignored: the replay buffer is bounded \
+                 by resume.buffer_bytes only (each message counts its payload and 64 bytes)"
+                    .to_owned(),
+            );
+        }
         out
     }
 
@@ -232,13 +239,8 @@ impl Config {
         if u32::try_from(self.backend.max_frame_size.0).is_err() {
             return Err(invalid("backend.max_frame_size", "must be below 4 GiB"));
         }
-        if self.resume.enabled {
-            if self.resume.grace.is_zero() {
-                return Err(invalid("resume.grace", "must be greater than zero"));
-            }
-            if self.resume.buffer_messages == 0 {
-                return Err(invalid("resume.buffer_messages", "must be at least 1"));
-            }
+        if self.resume.enabled && self.resume.grace.is_zero() {
+            return Err(invalid("resume.grace", "must be greater than zero"));
         }
         if self.session.client_queue_bytes.bytes() < max_msg {
             return Err(invalid(

@@ -56,9 +56,12 @@ pub struct ResumeConfig {
     /// How long a detached session waits for its client.
     #[serde(with = "humantime_serde")]
     pub grace: Duration,
-    /// Backend messages kept per session for replay (the most recent ones).
-    pub buffer_messages: usize,
-    /// Bytes of backend messages kept per session for replay.
+    /// Retired: the replay buffer is bounded by bytes only. Accepted so
+    /// that old configurations still start; ignored, with a warning.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub buffer_messages: Option<usize>,
+    /// Bytes of backend messages kept per session for replay (the most
+    /// recent ones; each counts its payload and 64 bytes).
     pub buffer_bytes: ByteSize,
     /// Most sessions detached at once; beyond it a lost connection ends
     /// its session.
@@ -80,7 +83,7 @@ impl Default for ResumeConfig {
             // Long enough for a tunnel, an elevator or a network handover;
             // short enough that abandoned sessions do not pile up.
             grace: Duration::from_secs(60),
-            buffer_messages: 256,
+            buffer_messages: None,
             buffer_bytes: ByteSize(256 << 10),
             max_detached: 20_000,
             max_detached_bytes: ByteSize(512 << 20),

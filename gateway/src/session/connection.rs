@@ -40,9 +40,15 @@ impl<R: AsyncRead + Unpin> AsyncRead for ReadCap<R> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        let max = buf.remaining().min(MAX_READ);
-        // Initialised first, so that marking the bytes read as filled
-        // needs no unsafe code.
+        if buf.remaining() <= MAX_READ {
+            // The common case (small messages, a buffer of a few KiB):
+            // nothing to cap.
+            return Pin::new(&mut self.0).poll_read(cx, buf);
+        }
+        let max = MAX_READ;
+        // Initialised first (a memset of at most 64 KiB, only when the
+        // buffer has grown past that), so that marking the bytes read as
+        // filled needs no unsafe code.
         buf.initialize_unfilled_to(max);
         let mut part = buf.take(max);
         let res = Pin::new(&mut self.0).poll_read(cx, &mut part);

@@ -45,7 +45,7 @@ impl Session {
         };
         // Messages the client may have so far, kept current while the write
         // runs, for checking a resume's position meanwhile.
-        let delivered = AtomicU64::new(ring.as_ref().map_or(0, |r| r.next_seq()));
+        let delivered = Progress::new(ring.as_ref().map_or(0, |r| r.next_seq()));
         let written = {
             let write = pin!(write_batch(
                 &mut conn.writer,
@@ -98,7 +98,7 @@ impl Session {
 
 /// Runs a write to the client to its end, unless the link reader evicts
 /// the session as a slow consumer, a resume takes the session over, or the
-/// client has not taken it by `deadline`. Returns whether the route went
+/// client takes no message for `deadline`. Returns whether the route went
 /// away meanwhile (the rest of the queue is then delivered after it).
 async fn interruptible(
     mut write: Pin<&mut impl Future<Output = Result<(), End>>>,
@@ -111,6 +111,8 @@ async fn interruptible(
         token,
         delivered,
     } = watch;
+    // The client must take a message at least every `deadline`: a slow
+    // link that keeps taking messages is not a stalled client.
     let mut timer = pin!(tokio::time::sleep(deadline));
     let mut route_gone = false;
     loop {
@@ -135,14 +137,20 @@ async fn interruptible(
                 // write; the ring holds what was in flight.
                 Signal::Attach(req) => {
                     // The count moves during this write: read it as it is now.
-                    let delivered = token.map(|_| delivered.load(Ordering::Relaxed));
+                    let delivered = token.map(|_| delivered.delivered());
                     if let Some(req) = stale(req, token, delivered) {
                         return Err(End::broken(CloseReason::TakenOver).taken_over(req));
                     }
                 }
                 Signal::Drain | Signal::AttachClosed => {}
             },
-            _ = &mut timer => return Err(End::broken(stalled)),
+            _ = &mut timer => {
+                let due = delivered.last_taken() + deadline;
+                if tokio::time::Instant::now() >= due {
+                    return Err(End::broken(stalled));
+                }
+                timer.as_mut().reset(due);
+            }
         }
     }
 }
@@ -153,7 +161,45 @@ async fn interruptible(
 struct Watch<'a> {
     signals: &'a mut Signals,
     token: Option<&'a Credentials>,
-    delivered: &'a AtomicU64,
+    delivered: &'a Progress,
+}
+
+/// How far a write to the client has got: messages the client may have (a
+/// position, for a resumable session) and when it last took one.
+struct Progress {
+    delivered: AtomicU64,
+    /// Milliseconds after `start` when the client last took a message.
+    last_ms: AtomicU64,
+    start: tokio::time::Instant,
+}
+
+impl Progress {
+    fn new(delivered: u64) -> Self {
+        Self {
+            delivered: AtomicU64::new(delivered),
+            last_ms: AtomicU64::new(0),
+            start: tokio::time::Instant::now(),
+        }
+    }
+
+    /// The client took a message; for a resumable session, `position` is
+    /// the messages delivered so far.
+    fn taken(&self, position: Option<u64>) {
+        if let Some(p) = position {
+            self.delivered.store(p, Ordering::Relaxed);
+        }
+        let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    fn delivered(&self) -> u64 {
+        self.delivered.load(Ordering::Relaxed)
+    }
+
+    /// When the client last took a message (or the write began).
+    fn last_taken(&self) -> tokio::time::Instant {
+        self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
+    }
 }
 
 /// Writes `first` and up to a batch of what is queued behind it, then
@@ -165,15 +211,13 @@ async fn write_batch(
     queue: &mut Queue,
     mut ring: Option<&mut Ring>,
     max_message: usize,
-    delivered: &AtomicU64,
+    delivered: &Progress,
 ) -> Result<(), End> {
     let mut msg = Some(first);
     let mut written = 0;
     while let Some(m) = msg.take() {
         write_one(writer, m, ring.as_deref_mut(), max_message).await?;
-        if let Some(r) = ring.as_deref() {
-            delivered.store(r.next_seq(), Ordering::Relaxed);
-        }
+        delivered.taken(ring.as_deref().map(Ring::next_seq));
         queue.written();
         written += 1;
         if written < WRITE_BATCH {

@@ -10,7 +10,7 @@ use tracing::debug;
 use super::deliver::check_backend_message;
 use super::signals::{stale, Listen, Signal};
 use super::{Io, Session};
-use crate::backend::{Gone, ToClient, TrySend, ADVISORY_SEND_DEADLINE};
+use crate::backend::{Gone, ToClient, TrySend, ADVISORY_SEND_DEADLINE, QUEUED_OVERHEAD};
 use crate::close::CloseReason;
 use crate::refusal::ResumeRefusal;
 use crate::resume::{AttachRequest, Attached};
@@ -94,26 +94,20 @@ impl Session {
         mut grace: std::pin::Pin<&mut tokio::time::Sleep>,
     ) -> Result<AttachRequest, CloseReason> {
         let detached_from = self.resumable.as_ref().map_or(0, |r| r.ring.next_seq());
+        // What arrived while detached, as the client queue counts it.
+        let mut held = 0;
         loop {
-            // Messages that arrived while detached are never evicted from
-            // the ring (the client has not seen them); once it is full of
-            // them the rest wait in the client queue, whose bound still
-            // holds.
-            let ring_room = self
-                .resumable
-                .as_ref()
-                .is_some_and(|r| r.ring.has_room_after(detached_from));
             if self.shared.shutdown.is_draining() {
                 return Err(CloseReason::Shutdown);
             }
             tokio::select! {
                 biased;
                 s = self.signals.next(Listen::ALL) => match s {
-                    // Not a slow client: the ring and the client queue
-                    // behind it are full while nobody can read.
+                    // Not a slow client: more arrived at once than the
+                    // client queue holds while nobody can read.
                     Signal::Evicted(Gone::SlowConsumer) => {
                         return Err(CloseReason::ResumeLost(
-                            "replay buffer and client queue full while detached",
+                            "more arrived while detached than session.client_queue_bytes",
                         ));
                     }
                     Signal::Evicted(Gone::LinkLost) => return Err(CloseReason::LinkLost),
@@ -138,18 +132,12 @@ impl Session {
                         return Err(CloseReason::LinkLost);
                     }
                 }
-                msg = self.queue.recv(), if ring_room => {
+                msg = self.queue.recv() => {
                     if let Some(msg) = msg {
-                        self.hold_while_detached(msg, detached_from)?;
+                        self.hold_while_detached(msg, detached_from, &mut held)?;
                     }
                 }
                 _ = &mut grace => {
-                    // The backend closed it meanwhile (its close waits
-                    // behind data the ring had no room for): end as the
-                    // backend said, without telling it again.
-                    if self.signals.eviction.gone() == Some(Gone::BackendClosed) {
-                        return Err(self.after_gone(Gone::BackendClosed));
-                    }
                     return Err(CloseReason::ResumeLost(
                         "client did not resume within resume.grace",
                     ));
@@ -169,13 +157,16 @@ impl Session {
         }
     }
 
-    /// Keeps a backend message that arrived while detached for replay, if
-    /// the gateway-wide budget allows (the caller took it only when the
-    /// ring had room).
+    /// Keeps a backend message that arrived while detached for replay. The
+    /// ring keeps every such message (the client has never seen them), up
+    /// to what the client queue would hold (`held` counts them as it
+    /// does), and within the gateway-wide budget for detached sessions,
+    /// which counts every byte held.
     fn hold_while_detached(
         &mut self,
         msg: ToClient,
         detached_from: u64,
+        held: &mut usize,
     ) -> Result<(), CloseReason> {
         let (payload, text) = match msg {
             ToClient::Data { payload, text } => (payload, text),
@@ -186,6 +177,13 @@ impl Session {
         };
         let max_message = self.shared.session.max_message;
         check_backend_message(&payload, text, max_message)?;
+        let cost = payload.len() + QUEUED_OVERHEAD;
+        if *held > 0 && *held + cost > self.shared.session.client_queue_bytes {
+            return Err(CloseReason::ResumeLost(
+                "more arrived while detached than session.client_queue_bytes",
+            ));
+        }
+        *held += cost;
         let budget = &self.shared.detached;
         let max_bytes = self.shared.resume.max_detached_bytes;
         if !budget.try_grow(payload.len(), max_bytes) {

@@ -148,7 +148,7 @@ pub(crate) async fn run(ws: WebSocket<Io>, start: SessionStart, shared: Arc<Shar
     let rc = &shared.resume;
     let resumable = token.map(|token| Resumable {
         creds: Credentials::new(token),
-        ring: Ring::new(rc.buffer_messages, rc.buffer_bytes),
+        ring: Ring::new(rc.buffer_bytes),
         replay: Vec::new(),
     });
     let mut session = Session {
