@@ -6,7 +6,8 @@
 //! 1. **accept** (`listener.rs`): the accept loop takes a TCP connection
 //!    and spawns its task; nothing else.
 //! 2. **TLS** (`listener.rs`, `tls.rs`): the handshake runs in that task
-//!    under `listen.tls_handshake_timeout`.
+//!    under `listen.tls_handshake_timeout`, holding one of
+//!    `listen.max_handshakes` slots.
 //! 3. **upgrade** (`upgrade.rs`): hyper reads the HTTP/1.1 request under
 //!    `listen.http_header_timeout` and the size caps of `handshake.rs`;
 //!    the gateway checks path, method, the RFC 6455 handshake
@@ -129,6 +130,7 @@ impl Gateway {
         };
         let shared = Arc::new(Shared {
             admission: Arc::new(Semaphore::new(settings.listen.max_sessions)),
+            handshakes: Semaphore::new(settings.listen.max_handshakes),
             listen: settings.listen,
             session: settings.session,
             resume: settings.resume,

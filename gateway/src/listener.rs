@@ -4,8 +4,9 @@
 //!
 //! Both pre-upgrade phases run under deadlines (`listen.tls_handshake_timeout`
 //! and `listen.http_header_timeout`), so a client that opens TCP and sends
-//! nothing, or half a handshake, is cut. The accept loop itself does nothing
-//! that can wait on a client.
+//! nothing, or half a handshake, is cut. At most `listen.max_handshakes` TLS
+//! handshakes run at once. The accept loop itself does nothing that can wait
+//! on a client.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -15,12 +16,16 @@ use std::time::Duration;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use rustls::HandshakeKind;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::time::{timeout_at, Instant};
+use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, warn};
 
 use crate::handshake::{MAX_REQUEST_HEADERS, MAX_REQUEST_HEAD_BYTES};
+use crate::metrics::Metrics;
 use crate::refusal::Refusal;
 use crate::shared::Shared;
 use crate::upgrade;
@@ -63,30 +68,88 @@ async fn connection(
 ) {
     // Small WebSocket frames must not wait for Nagle.
     let _ = tcp.set_nodelay(true);
-    let listen = &shared.listen;
     match tls {
         None => serve_http(tcp, peer, shared.clone()).await,
         Some(acceptor) => {
-            let handshake =
-                tokio::time::timeout(listen.tls_handshake_timeout, acceptor.accept(tcp));
-            // A connection still in its handshake when the gateway drains
-            // never reaches a session: it must not hold the drain.
+            // A connection still in its handshake (or waiting for a slot)
+            // when the gateway drains never reaches a session: it must not
+            // hold the drain.
             let handshake = tokio::select! {
-                r = handshake => r,
+                r = tls_handshake(tcp, &acceptor, &shared) => r,
                 () = shared.shutdown.draining() => return,
             };
             match handshake {
-                Ok(Ok(stream)) => serve_http(stream, peer, shared.clone()).await,
-                Ok(Err(e)) => {
-                    shared.metrics.session_refused(&Refusal::TlsError);
-                    debug!(%peer, error = %e, "TLS handshake failed");
-                }
-                Err(_) => {
-                    shared.metrics.session_refused(&Refusal::TlsTimeout);
-                    debug!(%peer, "TLS handshake timed out");
+                Ok(stream) => serve_http(stream, peer, shared.clone()).await,
+                Err((refusal, e)) => {
+                    shared.metrics.session_refused(&refusal);
+                    debug!(%peer, reason = refusal.label(), error = ?e, "TLS handshake refused");
                 }
             }
         }
+    }
+}
+
+/// Stage 2: the TLS handshake, holding one of `listen.max_handshakes`
+/// slots, all within `listen.tls_handshake_timeout` from accept.
+///
+/// The slots bound the handshake work the runtime has queued at once, so
+/// that in a reconnect storm the established sessions' tasks still get
+/// their turn. A connection takes its slot only once its ClientHello starts
+/// to arrive: a client that connects and says nothing costs no CPU and
+/// must not keep others from handshaking. The wait for a slot counts
+/// against the same deadline, so a storm larger than the gateway can
+/// handshake in time is refused (`tls_busy`) rather than queued without
+/// end; the client retries.
+async fn tls_handshake(
+    tcp: TcpStream,
+    acceptor: &TlsAcceptor,
+    shared: &Shared,
+) -> Result<TlsStream<TcpStream>, (Refusal, Option<std::io::Error>)> {
+    let deadline = Instant::now() + shared.listen.tls_handshake_timeout;
+    // `peek`, not `readable`: readiness can be reported before any byte
+    // has arrived.
+    match timeout_at(deadline, tcp.peek(&mut [0u8; 1])).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => return Err((Refusal::TlsError, Some(e))),
+        Err(_) => return Err((Refusal::TlsTimeout, None)),
+    }
+    let _slot = {
+        let _waiting = Gauge::up(shared, Metrics::tls_handshakes_waiting);
+        match timeout_at(deadline, shared.handshakes.acquire()).await {
+            Ok(Ok(permit)) => (permit, Gauge::up(shared, Metrics::tls_handshakes_active)),
+            // The semaphore is never closed.
+            Ok(Err(_)) => return Err((Refusal::TlsError, None)),
+            Err(_) => return Err((Refusal::TlsBusy, None)),
+        }
+    };
+    match timeout_at(deadline, acceptor.accept(tcp)).await {
+        Ok(Ok(stream)) => {
+            let resumed = stream.get_ref().1.handshake_kind() == Some(HandshakeKind::Resumed);
+            shared.metrics.tls_handshake_done(resumed);
+            Ok(stream)
+        }
+        Ok(Err(e)) => Err((Refusal::TlsError, Some(e))),
+        Err(_) => Err((Refusal::TlsTimeout, None)),
+    }
+}
+
+/// One unit of an up-down counter, given back when dropped (the handshake
+/// future may be dropped at any await: drain, deadline).
+struct Gauge<'a> {
+    shared: &'a Shared,
+    add: fn(&Metrics, i64),
+}
+
+impl<'a> Gauge<'a> {
+    fn up(shared: &'a Shared, add: fn(&Metrics, i64)) -> Self {
+        add(&shared.metrics, 1);
+        Self { shared, add }
+    }
+}
+
+impl Drop for Gauge<'_> {
+    fn drop(&mut self) {
+        (self.add)(&self.shared.metrics, -1);
     }
 }
 

@@ -32,6 +32,9 @@ pub(crate) struct Metrics {
     resumes_refused: Counter<u64>,
     replayed: Counter<u64>,
     detached: UpDownCounter<i64>,
+    tls_handshakes: Counter<u64>,
+    tls_handshakes_active: UpDownCounter<i64>,
+    tls_handshakes_waiting: UpDownCounter<i64>,
     to_backend: [KeyValue; 1],
     to_client: [KeyValue; 1],
 }
@@ -114,6 +117,18 @@ impl Metrics {
             detached: meter
                 .i64_up_down_counter("gateway.sessions.detached")
                 .with_description("Sessions waiting for their client to resume")
+                .build(),
+            tls_handshakes: meter
+                .u64_counter("gateway.tls.handshakes")
+                .with_description("Completed TLS handshakes, by kind (full, resumed)")
+                .build(),
+            tls_handshakes_active: meter
+                .i64_up_down_counter("gateway.tls.handshakes.active")
+                .with_description("TLS handshakes in progress (at most listen.max_handshakes)")
+                .build(),
+            tls_handshakes_waiting: meter
+                .i64_up_down_counter("gateway.tls.handshakes.waiting")
+                .with_description("Connections waiting for a TLS handshake slot")
                 .build(),
             to_backend: [KeyValue::new("direction", "client_to_backend")],
             to_client: [KeyValue::new("direction", "backend_to_client")],
@@ -210,5 +225,18 @@ impl Metrics {
 
     pub(crate) fn late_frame(&self) {
         self.late_frames.add(1, &[]);
+    }
+
+    pub(crate) fn tls_handshake_done(&self, resumed: bool) {
+        let kind = if resumed { "resumed" } else { "full" };
+        self.tls_handshakes.add(1, &[KeyValue::new("kind", kind)]);
+    }
+
+    pub(crate) fn tls_handshakes_active(&self, delta: i64) {
+        self.tls_handshakes_active.add(delta, &[]);
+    }
+
+    pub(crate) fn tls_handshakes_waiting(&self, delta: i64) {
+        self.tls_handshakes_waiting.add(delta, &[]);
     }
 }

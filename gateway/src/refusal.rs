@@ -21,6 +21,9 @@ pub(crate) enum Refusal {
     TlsError,
     /// The TLS handshake did not finish within `listen.tls_handshake_timeout`.
     TlsTimeout,
+    /// No handshake slot (`listen.max_handshakes`) came free within
+    /// `listen.tls_handshake_timeout`.
+    TlsBusy,
     /// The request did not arrive within `listen.http_header_timeout`.
     HttpTimeout,
     /// The request target is longer than the gateway forwards (414).
@@ -60,7 +63,7 @@ impl Refusal {
     /// The HTTP status; `None` when the connection ends without an answer.
     pub(crate) fn status(&self) -> Option<StatusCode> {
         Some(match self {
-            Self::TlsError | Self::TlsTimeout | Self::HttpTimeout => return None,
+            Self::TlsError | Self::TlsTimeout | Self::TlsBusy | Self::HttpTimeout => return None,
             Self::TargetTooLong => StatusCode::URI_TOO_LONG,
             Self::NotFound => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
@@ -80,6 +83,7 @@ impl Refusal {
         match self {
             Self::TlsError => "tls_error",
             Self::TlsTimeout => "tls_timeout",
+            Self::TlsBusy => "tls_busy",
             Self::HttpTimeout => "http_timeout",
             Self::TargetTooLong
             | Self::MethodNotAllowed
@@ -101,7 +105,7 @@ impl Refusal {
     /// The plain-text body.
     fn body(&self) -> Cow<'static, str> {
         match self {
-            Self::TlsError | Self::TlsTimeout | Self::HttpTimeout => "".into(),
+            Self::TlsError | Self::TlsTimeout | Self::TlsBusy | Self::HttpTimeout => "".into(),
             Self::TargetTooLong => "request target too long\n".into(),
             Self::NotFound => "no WebSocket endpoint at this path\n".into(),
             Self::MethodNotAllowed => "use GET with a WebSocket upgrade\n".into(),

@@ -42,6 +42,7 @@ pub(crate) struct ListenSettings {
     pub(crate) http_header_timeout: Duration,
     pub(crate) max_sessions: usize,
     pub(crate) backlog: u32,
+    pub(crate) max_handshakes: usize,
 }
 
 /// Per-session limits and timers.
@@ -126,6 +127,7 @@ impl Settings {
                 http_header_timeout: l.http_header_timeout,
                 max_sessions: l.max_sessions,
                 backlog: l.backlog,
+                max_handshakes: l.max_handshakes,
             },
             tls,
             session: SessionSettings {

@@ -14,7 +14,7 @@ use crate::shutdown::Shutdown;
 ///
 /// # Concurrency
 /// Read-only after start-up except for its own synchronised parts: the
-/// admission semaphore, the pool (see [`Pool`]), metrics (atomic
+/// admission and handshake semaphores, the pool (see [`Pool`]), metrics (atomic
 /// instruments), the shutdown (tokens and trackers), the resume registry
 /// (a mutex taken per resumable session start, resume and end) and the
 /// detached budget (atomics).
@@ -26,6 +26,9 @@ pub(crate) struct Shared {
     pub(crate) pool: Arc<Pool>,
     /// One permit per session, up to `listen.max_sessions`.
     pub(crate) admission: Arc<Semaphore>,
+    /// One permit per TLS handshake in progress, up to
+    /// `listen.max_handshakes`.
+    pub(crate) handshakes: Semaphore,
     pub(crate) shutdown: Shutdown,
     /// Resumable sessions by credential.
     pub(crate) resumable: resume::Registry,

@@ -5,4 +5,5 @@
 pub mod backend;
 pub mod devcert;
 pub mod run;
+pub mod storm;
 pub mod tcp_echo;

@@ -42,6 +42,9 @@ enum Command {
     },
     /// Generate load against a gateway (or any WebSocket echo service).
     Run(loadtest::run::RunArgs),
+    /// A reconnect storm: clients connect, then all drop and reconnect at
+    /// once, while established sessions measure their round trips.
+    Storm(loadtest::storm::StormArgs),
     /// A raw TCP echo server (what bridges like websocat are measured
     /// against).
     TcpEcho {
@@ -62,6 +65,7 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     match args.command {
         Command::Run(run) => loadtest::run::main(run),
+        Command::Storm(storm) => loadtest::storm::main(storm),
         Command::TcpEcho { listen } => serve_on(listen, loadtest::tcp_echo::serve),
         Command::Devcert { out } => {
             loadtest::devcert::generate(&["localhost", "127.0.0.1", "::1"])?.write_to(&out)?;

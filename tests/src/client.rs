@@ -23,18 +23,46 @@ use loadtest::run::conn::SpawnExecutor;
 
 /// TLS client configuration trusting exactly the CA in `ca`.
 pub fn tls_config(ca: &Path) -> Arc<rustls::ClientConfig> {
+    tls_config_versions(ca, rustls::DEFAULT_VERSIONS)
+}
+
+/// Like [`tls_config`], offering only `versions`. Each configuration has
+/// its own TLS session store (rustls' default), as one phone would.
+pub fn tls_config_versions(
+    ca: &Path,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> Arc<rustls::ClientConfig> {
     let mut roots = rustls::RootCertStore::empty();
     for cert in CertificateDer::pem_file_iter(ca).unwrap() {
         roots.add(cert.unwrap()).unwrap();
     }
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
+        .with_protocol_versions(versions)
         .unwrap()
         .with_root_certificates(roots)
         .with_no_client_auth();
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
     Arc::new(cfg)
+}
+
+/// A TLS handshake (no WebSocket) with `addr` as `localhost`.
+pub async fn tls_connect(
+    addr: SocketAddr,
+    cfg: &Arc<rustls::ClientConfig>,
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let tcp = TcpStream::connect(addr).await?;
+    tls_over(tcp, cfg).await
+}
+
+/// A TLS handshake as `localhost` over an open TCP connection.
+pub async fn tls_over(
+    tcp: TcpStream,
+    cfg: &Arc<rustls::ClientConfig>,
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    tokio_rustls::TlsConnector::from(cfg.clone())
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
 }
 
 /// Options of one connection.

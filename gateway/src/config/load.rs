@@ -180,6 +180,15 @@ impl Config {
         if self.listen.backlog == 0 {
             return Err(invalid("listen.backlog", "must be at least 1"));
         }
+        if self.listen.max_handshakes == 0 {
+            return Err(invalid("listen.max_handshakes", "must be at least 1"));
+        }
+        if self.listen.max_handshakes > tokio::sync::Semaphore::MAX_PERMITS {
+            return Err(invalid(
+                "listen.max_handshakes",
+                format!("must be at most {}", tokio::sync::Semaphore::MAX_PERMITS),
+            ));
+        }
         if self.listen.max_sessions == 0 {
             return Err(invalid("listen.max_sessions", "must be at least 1"));
         }

@@ -119,6 +119,10 @@ pub struct ListenConfig {
     /// completed before the gateway accepts them. The kernel caps it at
     /// `net.core.somaxconn`.
     pub backlog: u32,
+    /// Most TLS handshakes in progress at once; further wss connections
+    /// wait for a slot (once their ClientHello starts to arrive) within
+    /// `tls_handshake_timeout`.
+    pub max_handshakes: usize,
 }
 
 /// Certificate and key for the wss listeners.
@@ -296,6 +300,12 @@ impl Default for ListenConfig {
             // 128 made the kernel drop SYNs at 3,000 simultaneous connects.
             // 4096 is Linux's default somaxconn since 5.4.
             backlog: 4096,
+            // A slot is held for about one client round trip, so the cap is
+            // also a rate limit of max_handshakes / RTT: 256 allows ~850/s
+            // at 300 ms and ~2,500/s at 100 ms, about what two cores can
+            // handshake (BENCHMARKS.md, "Reconnect storms"), while bounding
+            // the handshake work queued at once.
+            max_handshakes: 256,
         }
     }
 }

@@ -80,9 +80,21 @@ impl Target {
 }
 
 fn connector(ca: Option<&Path>, insecure: bool) -> anyhow::Result<tokio_rustls::TlsConnector> {
+    let cfg = client_config(ca, insecure, rustls::DEFAULT_VERSIONS)?;
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(cfg)))
+}
+
+/// The client TLS configuration: trust `ca` (or, with `insecure`, any
+/// certificate), offer `versions`, ALPN http/1.1, rustls' default
+/// resumption (an in-memory session store).
+pub fn client_config(
+    ca: Option<&Path>,
+    insecure: bool,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> anyhow::Result<rustls::ClientConfig> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()?;
+        .with_protocol_versions(versions)?;
     let mut cfg = if insecure {
         builder
             .dangerous()
@@ -99,7 +111,7 @@ fn connector(ca: Option<&Path>, insecure: bool) -> anyhow::Result<tokio_rustls::
         builder.with_root_certificates(roots).with_no_client_auth()
     };
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(tokio_rustls::TlsConnector::from(Arc::new(cfg)))
+    Ok(cfg)
 }
 
 /// Accepts any certificate (`--insecure`), still checking signatures.
