@@ -253,6 +253,61 @@ async fn a_resume_whose_handshake_is_cut_leaves_the_session_reachable() {
     c.echo("two").await;
 }
 
+/// The connection that resumed died during its replay (the write to it is
+/// stuck): the next resume takes the session over at once, and gets
+/// everything from where it says it is.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_resume_takes_over_a_connection_stuck_in_its_replay() {
+    let mut backend = TestBackend::start(Framing::Varint, false).await;
+    let gw = Gateway::start(
+        GatewayOpts::new(backend.addr)
+            .config(|c| c.resume.grace = secs(30))
+            .config(|c| c.session.client_queue_bytes = mib(64))
+            .config(|c| c.session.close_timeout = secs(5)),
+    );
+    gw.wait_ready(T).await;
+    let (c, t1, _) = connect(&gw, None).await.unwrap();
+    let (s, _) = backend.next_open().await;
+    drop(c);
+    backend
+        .wait_for(|e| matches!(e, Event::Detached { session, .. } if *session == s).then_some(()))
+        .await;
+    // 24 MiB while away: more than the socket buffers hold, so a replay
+    // to a client that does not read gets stuck.
+    const N: usize = 1536;
+    for i in 0..N {
+        let mut m = vec![7u8; 16 * 1024];
+        m[..4].copy_from_slice(&(i as u32).to_be_bytes());
+        backend.push(s, &m, false);
+    }
+    gw.wait_metric(
+        "gateway_messages_total{direction=\"backend_to_client\"",
+        |v| v >= N as f64,
+        T,
+    )
+    .await;
+    let (stuck, t2, _) = connect(&gw, Some((&t1, 0))).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = std::time::Instant::now();
+    let (mut c, _, _) = connect(&gw, Some((&t2, 0)))
+        .await
+        .expect("resume while a replay is stuck");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "the resume waited {:?} for the stuck replay",
+        started.elapsed()
+    );
+    for i in 0..N {
+        match c.recv_within(T).await {
+            Some(Msg::Binary(m)) => {
+                assert_eq!(u32::from_be_bytes(m[..4].try_into().unwrap()) as usize, i)
+            }
+            other => panic!("message {i}: {other:?}"),
+        }
+    }
+    drop(stuck);
+}
+
 /// The phone changed networks: its old connection went silent without a
 /// FIN (it never answers the close). A resume gets its 101 within a round
 /// trip, not after `close_timeout`.

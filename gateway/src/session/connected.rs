@@ -157,27 +157,6 @@ impl Session {
         }
     }
 
-    /// A resumed connection first gets what the client missed.
-    async fn replay(&mut self, conn: &mut Connection) -> Result<(), End> {
-        let Some(r) = self.resumable.as_mut().filter(|r| !r.replay.is_empty()) else {
-            return Ok(());
-        };
-        let replay = std::mem::take(&mut r.replay);
-        let write = async {
-            for (payload, text) in &replay {
-                let opcode = if *text { OpCode::Text } else { OpCode::Binary };
-                let frame = WsFrame::new(true, opcode, None, Payload::Borrowed(payload));
-                conn.writer.write_frame(frame).await?;
-            }
-            conn.writer.flush().await
-        };
-        let limit = self.shared.session.write_timeout;
-        match Box::pin(tokio::time::timeout(limit, write)).await {
-            Ok(Ok(())) => Ok(()),
-            _ => Err(End::broken(CloseReason::ClientLost)),
-        }
-    }
-
     /// The route went away, the gateway drains, or a resume arrived.
     async fn on_signal(&mut self, conn: &mut Connection, signal: Signal) -> Step {
         match signal {

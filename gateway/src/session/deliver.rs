@@ -69,6 +69,50 @@ impl Session {
         }
     }
 
+    /// A resumed connection first gets what the client missed. Like any
+    /// write to the client it can be interrupted: a resume that takes the
+    /// session over (this new connection died too) does not wait for it.
+    pub(super) async fn replay(&mut self, conn: &mut Connection) -> Result<(), End> {
+        let Some(r) = self.resumable.as_mut().filter(|r| !r.replay.is_empty()) else {
+            return Ok(());
+        };
+        let replay = std::mem::take(&mut r.replay);
+        // The ring already counts the replayed messages as delivered.
+        let progress = Progress::new(r.ring.next_seq());
+        let deadline = self.shared.session.write_timeout;
+        let written = {
+            let writer = &mut conn.writer;
+            let progress = &progress;
+            let write = pin!(async move {
+                for (payload, text) in &replay {
+                    let opcode = if *text { OpCode::Text } else { OpCode::Binary };
+                    let frame = WsFrame::new(true, opcode, None, Payload::Borrowed(payload));
+                    writer
+                        .write_frame(frame)
+                        .await
+                        .map_err(|_| End::broken(CloseReason::ClientLost))?;
+                    progress.taken(None);
+                }
+                writer
+                    .flush()
+                    .await
+                    .map_err(|_| End::broken(CloseReason::ClientLost))
+            });
+            let watch = Watch {
+                signals: &mut self.signals,
+                token: Some(&r.creds),
+                delivered: progress,
+            };
+            interruptible(write, watch, deadline, CloseReason::ClientTimeout).await
+        };
+        match written {
+            Ok(false) => Ok(()),
+            // The route went away meanwhile: what it queued, then the end.
+            Ok(true) => Err(Box::pin(self.deliver_queued(conn)).await),
+            Err(end) => Err(end),
+        }
+    }
+
     /// The route is gone: deliver what the link had already queued for the
     /// client, then end with "reconnect" (1012), or with the backend's
     /// close when that is what ended the route.
