@@ -272,39 +272,13 @@ async fn a_resume_takes_over_a_connection_stuck_in_its_replay() {
     backend
         .wait_for(|e| matches!(e, Event::Detached { session, .. } if *session == s).then_some(()))
         .await;
-    // 24 MiB while away: more than the socket buffers hold, so a replay
-    // to a client that does not read gets stuck.
-    const N: usize = 1536;
-    for i in 0..N {
-        let mut m = vec![7u8; 16 * 1024];
-        m[..4].copy_from_slice(&(i as u32).to_be_bytes());
-        backend.push(s, &m, false);
-    }
-    gw.wait_metric(
-        "gateway_messages_total{direction=\"backend_to_client\"",
-        |v| v >= N as f64,
-        T,
-    )
-    .await;
+    // While away: the replay of it to a client that does not read gets
+    // stuck.
+    push_more_than_sockets_hold(&gw, &backend, s).await;
     let (stuck, t2, _) = connect(&gw, Some((&t1, 0))).await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let started = std::time::Instant::now();
-    let (mut c, _, _) = connect(&gw, Some((&t2, 0)))
-        .await
-        .expect("resume while a replay is stuck");
-    assert!(
-        started.elapsed() < Duration::from_secs(1),
-        "the resume waited {:?} for the stuck replay",
-        started.elapsed()
-    );
-    for i in 0..N {
-        match c.recv_within(T).await {
-            Some(Msg::Binary(m)) => {
-                assert_eq!(u32::from_be_bytes(m[..4].try_into().unwrap()) as usize, i)
-            }
-            other => panic!("message {i}: {other:?}"),
-        }
-    }
+    let mut c = resume_within_a_second(&gw, &t2, "a replay is stuck").await;
+    expect_all_of_it(&mut c).await;
     drop(stuck);
 }
 
@@ -496,40 +470,10 @@ async fn a_resume_takes_over_a_connection_stuck_in_a_write() {
     gw.wait_ready(T).await;
     let (old, token, _) = connect(&gw, None).await.unwrap();
     let (s, _) = backend.next_open().await;
-    // 24 MiB the old connection never reads: more than the socket buffers
-    // hold, so the gateway's write to it blocks.
-    const N: usize = 1536;
-    let chunk = vec![7u8; 16 * 1024];
-    for i in 0..N {
-        let mut m = chunk.clone();
-        m[..4].copy_from_slice(&(i as u32).to_be_bytes());
-        backend.push(s, &m, false);
-    }
-    // Wait until the gateway has read them all from the link: 24 MiB
-    // towards a socket that is not read, so its write is stuck by now.
-    gw.wait_metric(
-        "gateway_messages_total{direction=\"backend_to_client\"",
-        |v| v >= N as f64,
-        T,
-    )
-    .await;
-    let started = std::time::Instant::now();
-    let (mut new, _, _) = connect(&gw, Some((&token, 0)))
-        .await
-        .expect("resume while a write is stuck");
-    assert!(
-        started.elapsed() < Duration::from_secs(1),
-        "the resume waited {:?} (close_timeout is 5 s)",
-        started.elapsed()
-    );
-    for i in 0..N {
-        match new.recv_within(T).await {
-            Some(Msg::Binary(m)) => {
-                assert_eq!(u32::from_be_bytes(m[..4].try_into().unwrap()) as usize, i)
-            }
-            other => panic!("message {i}: {other:?}"),
-        }
-    }
+    // The old connection never reads it: the gateway's write blocks.
+    push_more_than_sockets_hold(&gw, &backend, s).await;
+    let mut new = resume_within_a_second(&gw, &token, "a write is stuck").await;
+    expect_all_of_it(&mut new).await;
     drop(old);
 }
 
@@ -621,4 +565,50 @@ async fn beyond_max_detached_bytes_a_detached_session_ends() {
     let (code, reason) = backend.wait_close(s).await;
     assert_eq!(code, 1006);
     assert!(reason.contains("detached sessions full"), "{reason}");
+}
+
+/// Numbered 16 KiB messages, 24 MiB in all: more than the socket buffers on
+/// the way hold, so writing them to a client that does not read gets
+/// stuck. Returns once the gateway has read them all from the link.
+const STUCK_LOAD: usize = 1536;
+
+async fn push_more_than_sockets_hold(gw: &Gateway, backend: &TestBackend, s: u64) {
+    for i in 0..STUCK_LOAD {
+        let mut m = vec![7u8; 16 * 1024];
+        m[..4].copy_from_slice(&(i as u32).to_be_bytes());
+        backend.push(s, &m, false);
+    }
+    gw.wait_metric(
+        "gateway_messages_total{direction=\"backend_to_client\"",
+        |v| v >= STUCK_LOAD as f64,
+        T,
+    )
+    .await;
+}
+
+/// Every message of [`push_more_than_sockets_hold`], in order.
+async fn expect_all_of_it(c: &mut Client) {
+    for i in 0..STUCK_LOAD {
+        match c.recv_within(T).await {
+            Some(Msg::Binary(m)) => {
+                assert_eq!(u32::from_be_bytes(m[..4].try_into().unwrap()) as usize, i)
+            }
+            other => panic!("message {i}: {other:?}"),
+        }
+    }
+}
+
+/// Resumes from position 0 and requires the 101 within a second (the
+/// gateways here have a 5 s `close_timeout` that must not be waited for).
+async fn resume_within_a_second(gw: &Gateway, token: &str, while_: &str) -> Client {
+    let started = std::time::Instant::now();
+    let (c, _, _) = connect(gw, Some((token, 0)))
+        .await
+        .unwrap_or_else(|status| panic!("resume while {while_}: {status}"));
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "the resume while {while_} waited {:?}",
+        started.elapsed()
+    );
+    c
 }

@@ -228,7 +228,11 @@ impl Queue {
     pub(crate) fn written(&mut self) {
         if self.in_hand > 0 {
             let before = self.fill.bytes.fetch_sub(self.in_hand, Ordering::Relaxed);
-            if before - self.in_hand <= self.fill.half() {
+            // Read first: the common case (never over) writes nothing the
+            // link's reader shares.
+            if before - self.in_hand <= self.fill.half()
+                && self.fill.over_since.load(Ordering::Relaxed) != 0
+            {
                 self.fill.over_since.store(0, Ordering::Relaxed);
             }
             self.in_hand = 0;
