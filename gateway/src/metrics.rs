@@ -28,6 +28,9 @@ pub(crate) struct Metrics {
     link_writes: Counter<u64>,
     link_frames_written: Counter<u64>,
     late_frames: Counter<u64>,
+    window_stalls: Counter<u64>,
+    sessions_moved: Counter<u64>,
+    frames_resent: Counter<u64>,
     resumes: Counter<u64>,
     resumes_refused: Counter<u64>,
     replayed: Counter<u64>,
@@ -101,6 +104,25 @@ impl Metrics {
             late_frames: meter
                 .u64_counter("gateway.link.late_frames")
                 .with_description("Backend frames for sessions no longer on the link (dropped)")
+                .build(),
+            window_stalls: meter
+                .u64_counter("gateway.flow.window_stalls")
+                .with_description(
+                    "Flow-control stalls (protocol v3), by direction: client_to_backend, a \
+                     client message waited for the backend's window; backend_to_client, the \
+                     backend used up the window the gateway granted a session",
+                )
+                .build(),
+            sessions_moved: meter
+                .u64_counter("gateway.sessions.moved")
+                .with_description(
+                    "Sessions whose link was lost, by result: moved to another link, or \
+                     failed (closed with 1012)",
+                )
+                .build(),
+            frames_resent: meter
+                .u64_counter("gateway.link.frames_resent")
+                .with_description("Client messages sent again to the backend after a move")
                 .build(),
             resumes: meter
                 .u64_counter("gateway.resumes")
@@ -225,6 +247,27 @@ impl Metrics {
 
     pub(crate) fn late_frame(&self) {
         self.late_frames.add(1, &[]);
+    }
+
+    /// A flow-control window stalled one direction of a session.
+    pub(crate) fn window_stall(&self, to_backend: bool) {
+        let dir = if to_backend {
+            &self.to_backend
+        } else {
+            &self.to_client
+        };
+        self.window_stalls.add(1, dir);
+    }
+
+    /// A session whose link was lost moved to another link (or could not),
+    /// resending `resent` client messages.
+    pub(crate) fn session_moved(&self, moved: bool, resent: u64) {
+        let result = if moved { "moved" } else { "failed" };
+        self.sessions_moved
+            .add(1, &[KeyValue::new("result", result)]);
+        if resent > 0 {
+            self.frames_resent.add(resent, &[]);
+        }
     }
 
     pub(crate) fn tls_handshake_done(&self, resumed: bool) {

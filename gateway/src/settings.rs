@@ -163,12 +163,16 @@ impl Settings {
                     max_message_size: u32::try_from(max_message).unwrap_or(u32::MAX),
                     client_queue_bytes: u64::try_from(s.client_queue_bytes.bytes())
                         .unwrap_or(u64::MAX),
+                    capabilities: offered_capabilities(b.move_timeout),
+                    session_window: u64::try_from(s.client_queue_bytes.bytes()).unwrap_or(u64::MAX),
+                    move_timeout_ms: millis(b.move_timeout),
                 },
                 connect_timeout: b.connect_timeout,
                 handshake_timeout: b.handshake_timeout,
                 reconnect_min: b.reconnect_min,
                 reconnect_max: b.reconnect_max,
                 stable_after: b.stable_after,
+                move_timeout: b.move_timeout,
                 link: LinkSettings {
                     codec: FrameCodec::new(b.framing, b.max_frame_size.bytes()),
                     heartbeat_interval: b.heartbeat_interval,
@@ -196,6 +200,16 @@ impl Settings {
 /// negligible.
 fn new_instance_id() -> String {
     format!("{:032x}", rand::random::<u128>())
+}
+
+/// The version 3 capabilities this gateway offers: flow control always,
+/// moving sessions unless `backend.move_timeout` is 0.
+fn offered_capabilities(move_timeout: Duration) -> Vec<String> {
+    let mut caps = vec![protocol::CAP_FLOW.to_owned()];
+    if !move_timeout.is_zero() {
+        caps.push(protocol::CAP_MOVE.to_owned());
+    }
+    caps
 }
 
 fn millis(d: Duration) -> u64 {

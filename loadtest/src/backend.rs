@@ -144,6 +144,7 @@ impl<'a> Link<'a> {
                         version: 0,
                         backend_id: "loadtest-backend".into(),
                         error: format!("only version {PROTOCOL_VERSION} is supported"),
+                        ..Default::default()
                     })),
                 };
                 self.codec.encode(&ack, &mut out)?;

@@ -294,6 +294,8 @@ impl Body {
             Body::Heartbeat(_) => "heartbeat",
             Body::Detached(_) => "detached",
             Body::Attached(_) => "attached",
+            Body::Window(_) => "window",
+            Body::Resume(_) => "resume",
         }
     }
 }
@@ -311,13 +313,15 @@ mod tests {
             Frame::data(7, Bytes::from(vec![0u8; 300]), false),
             Frame::close(42, 1000, "bye"),
             Frame::heartbeat(9, true),
+            Frame::window(42, 8 << 20, 17),
+            Frame::resume(42, crate::pb::SessionOpen::default(), 3, 4 << 20),
         ]
     }
 
     fn full_hello() -> crate::pb::Hello {
         crate::pb::Hello {
             min_version: 1,
-            max_version: 2,
+            max_version: 3,
             gateway_id: "gw-1".into(),
             link_index: 3,
             instance_id: "0123456789abcdef0123456789abcdef".into(),
@@ -326,6 +330,9 @@ mod tests {
             max_frame_size: 1_052_672,
             max_message_size: 1 << 20,
             client_queue_bytes: 4 << 20,
+            capabilities: vec!["flow".into(), "move".into()],
+            session_window: 4 << 20,
+            move_timeout_ms: 10_000,
         }
     }
 
@@ -357,7 +364,7 @@ mod tests {
                 old.gateway_id.as_str(),
                 old.link_index
             ),
-            (1, 2, "gw-1", 3)
+            (1, 3, "gw-1", 3)
         );
         let back = crate::pb::Hello::decode(old.encode_to_vec().as_slice()).unwrap();
         assert_eq!(back.gateway_id, "gw-1");
@@ -368,6 +375,8 @@ mod tests {
         );
         assert_eq!((back.max_frame_size, back.max_message_size), (0, 0));
         assert_eq!(back.client_queue_bytes, 0);
+        assert!(back.capabilities.is_empty());
+        assert_eq!((back.session_window, back.move_timeout_ms), (0, 0));
     }
 
     fn encode_all(codec: &FrameCodec, frames: &[Frame]) -> BytesMut {

@@ -27,8 +27,24 @@ use bytes::Bytes;
 pub use prost;
 
 /// The newest protocol version this build speaks (negotiated in the link
-/// handshake). Version 2 adds `SessionDetached` and `SessionAttached`.
-pub const PROTOCOL_VERSION: u32 = 2;
+/// handshake). Version 2 adds `SessionDetached` and `SessionAttached`;
+/// version 3 adds the optional capabilities [`CAP_FLOW`] and [`CAP_MOVE`].
+pub const PROTOCOL_VERSION: u32 = 3;
+
+/// Version 3 capability: per-session flow control (`Window`).
+pub const CAP_FLOW: &str = "flow";
+
+/// Version 3 capability: sessions outlive their link (`SessionResume`,
+/// acknowledgements in `Window.received`). Needs [`CAP_FLOW`].
+pub const CAP_MOVE: &str = "move";
+
+/// What one `Data` costs of a flow-control window besides its payload.
+pub const WINDOW_DATA_OVERHEAD: u64 = 64;
+
+/// The cost of a `Data` with `payload_len` bytes against a window.
+pub fn window_cost(payload_len: usize) -> u64 {
+    payload_len as u64 + WINDOW_DATA_OVERHEAD
+}
 
 /// The oldest protocol version this build still speaks.
 pub const MIN_PROTOCOL_VERSION: u32 = 1;
@@ -53,7 +69,7 @@ impl Frame {
     /// A link-level `Hello`. A gateway offers [`MIN_PROTOCOL_VERSION`] to
     /// [`PROTOCOL_VERSION`]; the caller fills in the rest.
     pub fn hello(hello: pb::Hello) -> Self {
-        Self::link(Body::Hello(hello))
+        Self::link(Body::Hello(Box::new(hello)))
     }
 
     /// A link-level `HelloAck` choosing `version`.
@@ -61,7 +77,7 @@ impl Frame {
         Self::link(Body::HelloAck(pb::HelloAck {
             version,
             backend_id: backend_id.to_owned(),
-            error: String::new(),
+            ..Default::default()
         }))
     }
 
@@ -107,6 +123,27 @@ impl Frame {
             body: Some(Body::Attached(pb::SessionAttached {
                 remote_addr: remote_addr.into(),
                 replayed,
+            })),
+        }
+    }
+
+    /// A flow-control grant (and acknowledgement) for `session_id` (v3).
+    pub fn window(session_id: u64, limit: u64, received: u64) -> Self {
+        Self {
+            session_id,
+            body: Some(Body::Window(pb::Window { limit, received })),
+        }
+    }
+
+    /// Re-announces a session on a new link after its link was lost (v3,
+    /// "move").
+    pub fn resume(session_id: u64, open: pb::SessionOpen, received: u64, limit: u64) -> Self {
+        Self {
+            session_id,
+            body: Some(Body::Resume(pb::SessionResume {
+                open: Some(Box::new(open)),
+                received,
+                limit,
             })),
         }
     }

@@ -557,6 +557,11 @@ async fn link(mut stream: tokio::net::TcpStream, n: usize, shared: Shared) {
                             }
                             let _ = events.send(Event::Attached { session: id, replayed: a.replayed });
                         }
+                        // This backend adopts no version 3 capability.
+                        Body::Window(_) | Body::Resume(_) => check.violation(format!(
+                            "{} for session {id} on a link without the capability",
+                            body.kind()
+                        )),
                         Body::HelloAck(_) => check.violation("gateway sent hello_ack"),
                     }
                 }

@@ -19,6 +19,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::flow::{Arrival, Caps, Flow};
 use super::mailbox::{Offered, Route, ToClient};
 use super::{LinkError, LinkHandle, LinkSettings};
 use crate::metrics::Metrics;
@@ -63,6 +64,7 @@ type Routes = rustc_hash::FxHashMap<SessionId, Route>;
 pub(crate) struct DriverQueues {
     pub(super) rx: mpsc::Receiver<Outbound>,
     pub(super) control: mpsc::UnboundedReceiver<Control>,
+    pub(super) grants: mpsc::UnboundedReceiver<(SessionId, Arc<Flow>)>,
 }
 
 /// A socket that splits into halves the reader and writer own.
@@ -124,12 +126,14 @@ impl<S: LinkStream> LinkDriver<S> {
             control: queues.control,
             routes: Routes::default(),
             hb_tx,
+            caps: handle.caps(),
             settings: &settings,
             metrics: &metrics,
         };
         let writer = Writer {
             wr,
             rx: queues.rx,
+            grants: queues.grants,
             hb_rx,
             settings: &settings,
             metrics: &metrics,
@@ -148,6 +152,7 @@ impl<S: LinkStream> LinkDriver<S> {
 struct Writer<'a, W> {
     wr: W,
     rx: mpsc::Receiver<Outbound>,
+    grants: mpsc::UnboundedReceiver<(SessionId, Arc<Flow>)>,
     hb_rx: mpsc::Receiver<Frame>,
     settings: &'a LinkSettings,
     metrics: &'a Metrics,
@@ -174,6 +179,16 @@ impl<W: AsyncWrite + Unpin> Writer<'_, W> {
                     closing = true;
                 }
                 Some(f) = self.hb_rx.recv() => encode(&codec, &f, &mut buf),
+                // Grants go ahead of data: a backend waiting for one holds
+                // back its session's data, and they are small.
+                Some((id, flow)) = self.grants.recv() => {
+                    let mut next = Some((id, flow));
+                    while let Some((id, flow)) = next {
+                        let (limit, received) = flow.take_grant();
+                        encode(&codec, &Frame::window(id.0, limit, received), &mut buf);
+                        next = self.grants.try_recv().ok();
+                    }
+                }
                 _ = tick.tick() => {
                     nonce = nonce.wrapping_add(1);
                     encode(&codec, &Frame::heartbeat(nonce, false), &mut buf);
@@ -249,6 +264,7 @@ struct Reader<'a, R> {
     control: mpsc::UnboundedReceiver<Control>,
     routes: Routes,
     hb_tx: mpsc::Sender<Frame>,
+    caps: Caps,
     settings: &'a LinkSettings,
     metrics: &'a Metrics,
 }
@@ -343,6 +359,10 @@ impl<R: AsyncRead + Unpin> Reader<'_, R> {
             };
         }
         let msg = match body {
+            Body::Window(w) if self.caps.flow => {
+                self.window(id, &w);
+                return Ok(());
+            }
             Body::Data(d) => ToClient::Data {
                 payload: d.payload,
                 text: d.text,
@@ -360,6 +380,19 @@ impl<R: AsyncRead + Unpin> Reader<'_, R> {
         };
         self.route(id, msg);
         Ok(())
+    }
+
+    /// A flow-control window from the backend for one session.
+    fn window(&mut self, id: SessionId, w: &protocol::pb::Window) {
+        if !self.routes.contains_key(&id) {
+            while let Ok(c) = self.control.try_recv() {
+                self.apply(c);
+            }
+        }
+        match self.routes.get(&id).and_then(|r| r.flow.as_ref()) {
+            Some(flow) => flow.window(w.limit, w.received),
+            None => self.metrics.late_frame(),
+        }
     }
 
     /// Offers one message to its session's mailbox; false if no session
@@ -380,6 +413,23 @@ impl<R: AsyncRead + Unpin> Reader<'_, R> {
                 "dropping backend frame for a session not on this link"
             );
             return false;
+        };
+        // With flow control the backend cannot send more than the window,
+        // which is the queue's bound: a slow client only slows its backend.
+        let msg = match (&msg, &route.flow) {
+            (ToClient::Data { payload, .. }, Some(flow)) => {
+                match flow.arrived(protocol::window_cost(payload.len())) {
+                    Arrival::Exceeded => ToClient::Invalid {
+                        reason: "backend exceeded the session's flow-control window".into(),
+                    },
+                    Arrival::Exhausted => {
+                        self.metrics.window_stall(false);
+                        msg
+                    }
+                    Arrival::Fits => msg,
+                }
+            }
+            _ => msg,
         };
         let offered = route.offer(msg);
         if !matches!(offered, Offered::Queued) {

@@ -7,6 +7,7 @@ use protocol::Framing;
 use tokio::io::DuplexStream;
 
 use super::*;
+use crate::backend::flow::Caps;
 use crate::backend::{Gone, Mailbox, MailboxLimits, TrySend, QUEUED_OVERHEAD};
 
 fn settings() -> LinkSettings {
@@ -27,7 +28,7 @@ fn settings() -> LinkSettings {
 fn driver() -> (LinkDriver<DuplexStream>, LinkHandle, DuplexStream) {
     let (gateway_end, backend_end) = tokio::io::duplex(256 * 1024);
     let s = settings();
-    let (handle, queues) = LinkHandle::new(0, 2, &s);
+    let (handle, queues) = LinkHandle::new(0, 2, Caps::default(), &s);
     let metrics = Arc::new(Metrics::new().unwrap());
     let d = LinkDriver {
         stream: gateway_end,
@@ -118,6 +119,7 @@ async fn frames_reach_their_session_and_a_backend_close_evicts_it_after_its_data
     let Mailbox {
         mut queue,
         mut eviction,
+        ..
     } = handle.register(SessionId(7)).unwrap();
     let shutdown = CancellationToken::new();
     let stop = shutdown.clone();
@@ -163,7 +165,7 @@ async fn a_protocol_violation_ends_the_link_and_its_sessions_learn_it_was_lost()
     // Senders learn at once that the link is gone.
     assert!(matches!(
         handle.try_send(Frame::data(1, Bytes::new(), false)),
-        TrySend::Gone
+        TrySend::Gone(_)
     ));
 }
 
@@ -194,6 +196,7 @@ async fn an_undecodable_frame_ends_only_its_session_and_the_link_lives_on() {
     let Mailbox {
         queue: mut bad_queue,
         eviction: mut bad,
+        ..
     } = handle.register(SessionId(7)).unwrap();
     let Mailbox {
         queue: mut good_queue,

@@ -15,6 +15,7 @@ use bytes::BytesMut;
 use protocol::{pb, Body, DecodeError, Frame, FrameCodec, Framing};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use super::flow::Caps;
 use super::LinkError;
 
 /// What a completed handshake gives the link.
@@ -25,6 +26,8 @@ pub(crate) struct Handshaken {
     pub(crate) backend_id: String,
     /// The protocol version the backend chose.
     pub(crate) version: u32,
+    /// The version 3 capabilities it adopted.
+    pub(crate) caps: Caps,
 }
 
 /// Why a link's handshake failed, with what an operator should check.
@@ -114,6 +117,14 @@ pub(crate) enum HandshakeError {
         /// The versions offered.
         offered: RangeInclusive<u32>,
     },
+    /// The backend's version 3 capabilities or window are not usable.
+    #[error("backend {backend_id:?} answered hello with {detail}: fix the backend")]
+    BadCapabilities {
+        /// The backend's name from its `HelloAck`.
+        backend_id: String,
+        /// What was wrong.
+        detail: String,
+    },
 }
 
 impl HandshakeError {
@@ -127,6 +138,7 @@ impl HandshakeError {
             Self::NotHelloAck { .. } => "not_hello_ack",
             Self::Refused { .. } => "refused",
             Self::BadVersion { .. } => "bad_version",
+            Self::BadCapabilities { .. } => "bad_capabilities",
         }
     }
 }
@@ -178,10 +190,12 @@ where
         None => Err(HandshakeError::NotHelloAck { kind: "body-less" })?,
     };
     if offered.contains(&ack.version) {
+        let caps = capabilities(hello, &ack)?;
         Ok(Handshaken {
             leftover,
             backend_id: ack.backend_id,
             version: ack.version,
+            caps,
         })
     } else if ack.version == 0 {
         Err(HandshakeError::Refused {
@@ -198,6 +212,55 @@ where
         }
         .into())
     }
+}
+
+/// What a version 3 backend adopted, checked: only capabilities offered,
+/// "move" only with "flow", and a window that fits the largest message.
+fn capabilities(hello: &pb::Hello, ack: &pb::HelloAck) -> Result<Caps, HandshakeError> {
+    let bad = |detail: String| HandshakeError::BadCapabilities {
+        backend_id: ack.backend_id.clone(),
+        detail,
+    };
+    if ack.version < 3 {
+        return Ok(Caps::default());
+    }
+    if let Some(c) = ack
+        .capabilities
+        .iter()
+        .find(|c| !hello.capabilities.contains(c))
+    {
+        return Err(bad(format!(
+            "the capability {c:?}, which was not offered (offered: {:?})",
+            hello.capabilities
+        )));
+    }
+    let has = |name: &str| ack.capabilities.iter().any(|c| c == name);
+    let (flow, moves) = (has(protocol::CAP_FLOW), has(protocol::CAP_MOVE));
+    if moves && !flow {
+        return Err(bad(
+            "the capability \"move\" without \"flow\" (acknowledgements ride on windows)".into(),
+        ));
+    }
+    if !flow {
+        return Ok(Caps::default());
+    }
+    let backend_window = match ack.session_window {
+        0 => hello.session_window,
+        w => w,
+    };
+    let needed = protocol::window_cost(hello.max_message_size as usize);
+    if backend_window < needed {
+        return Err(bad(format!(
+            "session_window {backend_window}, smaller than the largest message \
+             (max_message_size {} + 64 = {needed}): such a message could never be sent",
+            hello.max_message_size
+        )));
+    }
+    Ok(Caps {
+        flow,
+        moves,
+        backend_window,
+    })
 }
 
 #[cfg(test)]

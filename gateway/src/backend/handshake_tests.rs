@@ -13,7 +13,7 @@ const TIMEOUT: Duration = Duration::from_secs(5);
 fn hello() -> pb::Hello {
     pb::Hello {
         min_version: 1,
-        max_version: 2,
+        max_version: 3,
         gateway_id: "gw".into(),
         link_index: 3,
         instance_id: "0f".repeat(16),
@@ -22,6 +22,9 @@ fn hello() -> pb::Hello {
         max_frame_size: 64 * 1024,
         max_message_size: 60 * 1024,
         client_queue_bytes: 1 << 20,
+        capabilities: vec!["flow".into(), "move".into()],
+        session_window: 1 << 20,
+        move_timeout_ms: 10_000,
     }
 }
 
@@ -46,7 +49,7 @@ async fn backend(
     };
     assert_eq!(frame.session_id, 0);
     s.write_all(&answer).await.unwrap();
-    (h, (!close).then_some(s))
+    (*h, (!close).then_some(s))
 }
 
 fn wire(framing: Framing, frames: &[Frame]) -> Vec<u8> {
@@ -125,7 +128,7 @@ async fn each_failure_says_what_was_wrong_and_what_to_check() {
             "refused",
             &[
                 "refused every protocol version",
-                "1..=2",
+                "1..=3",
                 "only v7",
                 "upgrade",
             ],
@@ -133,7 +136,7 @@ async fn each_failure_says_what_was_wrong_and_what_to_check() {
         (
             failure(run(v, v, wire(v, &[ack(7, "")]), false).await.0),
             "bad_version",
-            &["chose protocol version 7", "1..=2", "fix the backend"],
+            &["chose protocol version 7", "1..=3", "fix the backend"],
         ),
         (
             failure(
@@ -189,6 +192,70 @@ async fn each_failure_says_what_was_wrong_and_what_to_check() {
         let text = e.to_string();
         for w in words {
             assert!(text.contains(w), "{label}: {w:?} not in {text:?}");
+        }
+    }
+}
+
+/// A version 3 answer adopting `caps` with `window`.
+fn ack3(caps: &[&str], window: u64) -> Frame {
+    let mut f = Frame::hello_ack(3, "be-1");
+    if let Some(Body::HelloAck(a)) = f.body.as_mut() {
+        a.capabilities = caps.iter().map(|c| (*c).to_owned()).collect();
+        a.session_window = window;
+    }
+    f
+}
+
+#[tokio::test(start_paused = true)]
+async fn version_3_capabilities_are_adopted_one_at_a_time() {
+    let v = Framing::Varint;
+    let caps = |answer: Frame| async move { run(v, v, wire(v, &[answer]), false).await.0 };
+    let hs = caps(ack3(&["flow", "move"], 2 << 20)).await.unwrap();
+    assert_eq!(
+        hs.caps,
+        Caps {
+            flow: true,
+            moves: true,
+            backend_window: 2 << 20
+        }
+    );
+    // Flow alone; a window of 0 is the gateway's own.
+    let hs = caps(ack3(&["flow"], 0)).await.unwrap();
+    assert_eq!(
+        (hs.caps.flow, hs.caps.moves, hs.caps.backend_window),
+        (true, false, 1 << 20)
+    );
+    // Version 3 without capabilities behaves as version 2.
+    let hs = caps(ack3(&[], 0)).await.unwrap();
+    assert_eq!(hs.caps, Caps::default());
+    // A version 2 answer cannot adopt any.
+    let mut two = ack3(&["flow"], 0);
+    if let Some(Body::HelloAck(a)) = two.body.as_mut() {
+        a.version = 2;
+    }
+    assert_eq!(caps(two).await.unwrap().caps, Caps::default());
+}
+
+#[tokio::test(start_paused = true)]
+async fn unusable_capabilities_fail_the_handshake_loudly() {
+    let v = Framing::Varint;
+    let cases: Vec<(Frame, &[&str])> = vec![
+        (ack3(&["move"], 0), &["\"move\" without \"flow\""]),
+        (
+            ack3(&["flow", "teleport"], 0),
+            &["\"teleport\"", "not offered"],
+        ),
+        (
+            ack3(&["flow"], 1000),
+            &["session_window 1000", "max_message_size 61440 + 64"],
+        ),
+    ];
+    for (answer, words) in cases {
+        let e = failure(run(v, v, wire(v, &[answer]), false).await.0);
+        assert_eq!(e.label(), "bad_capabilities", "{e}");
+        let text = e.to_string();
+        for w in words {
+            assert!(text.contains(w), "{w:?} not in {text:?}");
         }
     }
 }

@@ -16,7 +16,8 @@ use protocol::{Frame, FrameCodec, SessionId};
 use tokio::sync::{mpsc, Semaphore};
 
 use super::driver::{Control, DriverQueues, Outbound};
-use super::mailbox::{Mailbox, MailboxLimits};
+use super::flow::{Caps, Flow};
+use super::mailbox::{Eviction, Mailbox, MailboxLimits, Queue};
 use super::{LinkSettings, BACKING_UP_DEPTH, QUEUED_FRAME_OVERHEAD};
 
 /// Outcome of [`LinkHandle::try_send`].
@@ -25,8 +26,9 @@ pub(crate) enum TrySend {
     Sent,
     /// No room now; the frame is given back to wait for room.
     Full(Box<Frame>),
-    /// The link is gone.
-    Gone,
+    /// The link is gone; the frame is given back (a session that moves
+    /// sends it on its next link).
+    Gone(Box<Frame>),
 }
 
 /// The link is gone; the session must end with close code 1012.
@@ -54,6 +56,10 @@ struct Shared {
     codec: FrameCodec,
     tx: mpsc::Sender<Outbound>,
     control: mpsc::UnboundedSender<Control>,
+    /// Flow-control grants for the writer: at most one per session at a
+    /// time (see [`Flow::queue_grant`]), so bounded by the session cap.
+    grants: mpsc::UnboundedSender<(SessionId, Arc<Flow>)>,
+    caps: Caps,
     budget: Semaphore,
     sessions: AtomicUsize,
     /// When the link came up.
@@ -65,9 +71,15 @@ struct Shared {
 
 impl LinkHandle {
     /// A handle and the queues its driver will own.
-    pub(crate) fn new(index: u32, version: u32, s: &LinkSettings) -> (Self, DriverQueues) {
+    pub(crate) fn new(
+        index: u32,
+        version: u32,
+        caps: Caps,
+        s: &LinkSettings,
+    ) -> (Self, DriverQueues) {
         let (tx, rx) = mpsc::channel(s.queue_frames);
         let (control_tx, control_rx) = mpsc::unbounded_channel();
+        let (grants_tx, grants_rx) = mpsc::unbounded_channel();
         let handle = Self {
             shared: Arc::new(Shared {
                 index,
@@ -75,6 +87,8 @@ impl LinkHandle {
                 codec: s.codec,
                 tx,
                 control: control_tx,
+                grants: grants_tx,
+                caps,
                 budget: Semaphore::new(s.queue_bytes),
                 sessions: AtomicUsize::new(0),
                 up_since: tokio::time::Instant::now(),
@@ -87,6 +101,7 @@ impl LinkHandle {
             DriverQueues {
                 rx,
                 control: control_rx,
+                grants: grants_rx,
             },
         )
     }
@@ -99,6 +114,11 @@ impl LinkHandle {
     /// The protocol version negotiated on this link.
     pub(crate) fn version(&self) -> u32 {
         self.shared.version
+    }
+
+    /// What the backend adopted of protocol version 3.
+    pub(crate) fn caps(&self) -> Caps {
+        self.shared.caps
     }
 
     /// Sessions placed on this link (estimate).
@@ -126,13 +146,50 @@ impl LinkHandle {
 
     /// Puts a session on the link; its backend frames arrive in the mailbox.
     /// Must be called before the session's `SessionOpen` is sent.
+    /// On a link with flow control the mailbox carries the session's
+    /// [`Flow`].
     pub(crate) fn register(&self, id: SessionId) -> Result<Mailbox, LinkGone> {
-        let (mailbox, route) = Mailbox::new(self.shared.mailbox);
+        let caps = self.shared.caps;
+        let flow = caps.flow.then(|| {
+            let window = self.shared.mailbox.bytes as u64;
+            (
+                self.clone(),
+                Arc::new(Flow::new(window, caps.backend_window)),
+            )
+        });
+        let (mailbox, route) = Mailbox::new(id, self.shared.mailbox, flow, caps.moves);
         self.shared
             .control
             .send(Control::Register(id, route))
             .map_err(|_| LinkGone)?;
         Ok(mailbox)
+    }
+
+    /// Puts a session that was on a lost link on this one (it must have
+    /// the "move" capability): backend frames arrive in the same queue, in
+    /// order after those that came before; the returned eviction replaces
+    /// the old one. Before the session's `SessionResume` is sent.
+    pub(crate) fn register_again(
+        &self,
+        id: SessionId,
+        queue: &mut Queue,
+    ) -> Result<Eviction, LinkGone> {
+        let (eviction, route) = queue.reroute(self.clone()).ok_or(LinkGone)?;
+        self.shared
+            .control
+            .send(Control::Register(id, route))
+            .map_err(|_| LinkGone)?;
+        Ok(eviction)
+    }
+
+    /// Has the writer send the session's current grant (and
+    /// acknowledgement) soon, unless one is already waiting. Never waits:
+    /// grants do not take room on the link.
+    pub(crate) fn send_grant(&self, id: SessionId, flow: &Arc<Flow>) {
+        if flow.queue_grant() {
+            // An error means the link is gone; a resume carries the grant.
+            let _ = self.shared.grants.send((id, flow.clone()));
+        }
     }
 
     /// Takes a session off the link; late backend frames for it are dropped.
@@ -147,7 +204,7 @@ impl LinkHandle {
         let cost = self.cost_of(&frame);
         let Ok(budget) = self.shared.budget.try_acquire_many(cost) else {
             return if self.shared.budget.is_closed() {
-                TrySend::Gone
+                TrySend::Gone(Box::new(frame))
             } else {
                 TrySend::Full(Box::new(frame))
             };
@@ -159,7 +216,7 @@ impl LinkHandle {
                 TrySend::Sent
             }
             Err(mpsc::error::TrySendError::Full(())) => TrySend::Full(Box::new(frame)),
-            Err(mpsc::error::TrySendError::Closed(())) => TrySend::Gone,
+            Err(mpsc::error::TrySendError::Closed(())) => TrySend::Gone(Box::new(frame)),
         }
     }
 

@@ -23,7 +23,10 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 
-use super::{BACKING_UP_DEPTH, QUEUED_OVERHEAD};
+use protocol::SessionId;
+
+use super::flow::Flow;
+use super::{LinkHandle, BACKING_UP_DEPTH, QUEUED_OVERHEAD};
 
 /// What the reader delivers to a session.
 #[derive(Debug)]
@@ -89,6 +92,8 @@ pub(crate) struct Mailbox {
     pub(crate) queue: Queue,
     /// Fires when the reader takes the session off the link.
     pub(crate) eviction: Eviction,
+    /// On a link with flow control (version 3), the session's state.
+    pub(crate) flow: Option<Arc<Flow>>,
 }
 
 /// Bounds of a session's mailbox.
@@ -145,6 +150,25 @@ pub(crate) struct Queue {
     /// a message counts against the bound until it is written (or the
     /// session takes the next one), so the bound is what memory holds.
     in_hand: usize,
+    /// On a link with flow control: what the client has taken, to grant
+    /// the backend more.
+    flow: Option<QueueFlow>,
+}
+
+/// A queue's side of flow control.
+struct QueueFlow {
+    id: SessionId,
+    /// The link grants go out on (the session's current one).
+    link: LinkHandle,
+    shared: Arc<Flow>,
+    /// The gateway's window per session (`session.client_queue_bytes`).
+    window: u64,
+    /// Cost of the backend data the client has taken, cumulative.
+    consumed: u64,
+    /// A sender kept for the session's next route when it moves to another
+    /// link ("move"); `None` otherwise, so that the queue ends with its
+    /// route.
+    spare: Option<mpsc::Sender<ToClient>>,
 }
 
 /// Watches for the route going away. Unlike a bare oneshot receiver it can
@@ -160,6 +184,8 @@ pub(super) struct Route {
     tx: mpsc::Sender<ToClient>,
     fill: Arc<Fill>,
     evict: oneshot::Sender<Evict>,
+    /// On a link with flow control, the session's state.
+    pub(super) flow: Option<Arc<Flow>>,
 }
 
 /// What [`Route::offer`] did with a frame.
@@ -174,8 +200,15 @@ pub(super) enum Offered {
 
 impl Mailbox {
     /// A mailbox within `limits`, and the route the link's reader keeps
-    /// for it.
-    pub(super) fn new(limits: MailboxLimits) -> (Self, Route) {
+    /// for it. With `flow` (the link and the session's state), the queue
+    /// grants the backend more as the client takes messages; with `moves`
+    /// it can be routed again from another link.
+    pub(super) fn new(
+        id: SessionId,
+        limits: MailboxLimits,
+        flow: Option<(LinkHandle, Arc<Flow>)>,
+        moves: bool,
+    ) -> (Self, Route) {
         // The byte bound is reached before this many messages are queued
         // (one more: the close); the channel's own bound only tells
         // `lagging` the depth.
@@ -187,21 +220,33 @@ impl Mailbox {
             epoch: Instant::now(),
             limits,
         });
+        let shared = flow.as_ref().map(|(_, f)| f.clone());
+        let queue_flow = flow.map(|(link, shared)| QueueFlow {
+            id,
+            link,
+            shared,
+            window: limits.bytes as u64,
+            consumed: 0,
+            spare: moves.then(|| tx.clone()),
+        });
         let route = Route {
             tx,
             fill: fill.clone(),
             evict: evict_tx,
+            flow: shared.clone(),
         };
         let mailbox = Self {
             queue: Queue {
                 rx,
                 fill,
                 in_hand: 0,
+                flow: queue_flow,
             },
             eviction: Eviction {
                 rx: Some(evict_rx),
                 gone: None,
             },
+            flow: shared,
         };
         (mailbox, route)
     }
@@ -227,6 +272,12 @@ impl Queue {
     /// longer count.
     pub(crate) fn written(&mut self) {
         if self.in_hand > 0 {
+            if let Some(f) = &mut self.flow {
+                f.consumed += self.in_hand as u64;
+                if f.shared.grant_after(f.consumed, f.window).is_some() {
+                    f.link.send_grant(f.id, &f.shared);
+                }
+            }
             let before = self.fill.bytes.fetch_sub(self.in_hand, Ordering::Relaxed);
             // Read first: the common case (never over) writes nothing the
             // link's reader shares.
@@ -237,6 +288,27 @@ impl Queue {
             }
             self.in_hand = 0;
         }
+    }
+
+    /// A new route for this queue on `link` (a move), sharing its bound
+    /// and flow state; `None` unless the queue was made for moving.
+    pub(super) fn reroute(&mut self, link: LinkHandle) -> Option<(Eviction, Route)> {
+        let f = self.flow.as_mut()?;
+        let tx = f.spare.clone()?;
+        f.link = link;
+        f.shared.reset_grant_queue();
+        let (evict_tx, evict_rx) = oneshot::channel();
+        let route = Route {
+            tx,
+            fill: self.fill.clone(),
+            evict: evict_tx,
+            flow: Some(f.shared.clone()),
+        };
+        let eviction = Eviction {
+            rx: Some(evict_rx),
+            gone: None,
+        };
+        Some((eviction, route))
     }
 
     fn taken(&mut self, msg: &ToClient) {
@@ -288,7 +360,8 @@ impl Route {
         let queued = self.fill.bytes.fetch_add(cost, Ordering::Relaxed) + cost;
         if !is_close {
             let full = queued > self.fill.limits.bytes && queued > cost;
-            if full || (queued > self.fill.half() && self.fill.overdue()) {
+            let overdue = self.flow.is_none() && queued > self.fill.half() && self.fill.overdue();
+            if full || overdue {
                 return Offered::Dropped;
             }
         }
@@ -342,10 +415,15 @@ mod tests {
 
     #[tokio::test]
     async fn a_queue_above_half_for_too_long_is_a_slow_consumer() {
-        let (mut mb, route) = Mailbox::new(MailboxLimits {
-            bytes: 10 * cost(1),
-            drain_within: Duration::ZERO,
-        });
+        let (mut mb, route) = Mailbox::new(
+            SessionId(1),
+            MailboxLimits {
+                bytes: 10 * cost(1),
+                drain_within: Duration::ZERO,
+            },
+            None,
+            false,
+        );
         for _ in 0..6 {
             assert!(matches!(route.offer(data(1)), Offered::Queued));
         }
@@ -367,7 +445,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_backends_close_always_fits() {
-        let (mut mb, route) = Mailbox::new(limits(cost(10)));
+        let (mut mb, route) = Mailbox::new(SessionId(1), limits(cost(10)), None, false);
         assert!(matches!(route.offer(data(10)), Offered::Queued));
         let close = route.offer(ToClient::Close {
             code: 1000,
@@ -380,7 +458,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_full_mailbox_evicts_its_session_as_a_slow_consumer() {
-        let (mut mb, route) = Mailbox::new(limits(2 * cost(1)));
+        let (mut mb, route) = Mailbox::new(SessionId(1), limits(2 * cost(1)), None, false);
         assert!(matches!(route.offer(data(1)), Offered::Queued));
         assert!(matches!(route.offer(data(1)), Offered::Queued));
         let third = route.offer(data(1));
@@ -397,7 +475,7 @@ mod tests {
     async fn a_burst_of_many_small_messages_is_bounded_by_bytes_only() {
         // 10,000 messages of 100 B fit in 2 MiB: none is refused for their
         // number, and the bytes counted are what they hold.
-        let (mut mb, route) = Mailbox::new(limits(2 << 20));
+        let (mut mb, route) = Mailbox::new(SessionId(1), limits(2 << 20), None, false);
         for _ in 0..10_000 {
             assert!(matches!(route.offer(data(100)), Offered::Queued));
         }
@@ -414,7 +492,7 @@ mod tests {
 
     #[tokio::test]
     async fn one_message_always_fits_an_empty_mailbox() {
-        let (mut mb, route) = Mailbox::new(limits(100));
+        let (mut mb, route) = Mailbox::new(SessionId(1), limits(100), None, false);
         assert!(matches!(route.offer(data(100)), Offered::Queued));
         assert!(matches!(route.offer(data(1)), Offered::Dropped));
         assert!(mb.queue.try_recv().is_some());
@@ -423,7 +501,8 @@ mod tests {
     #[tokio::test]
     async fn bytes_are_counted_until_the_session_has_written_them() {
         for written in [false, true] {
-            let (mut mb, route) = Mailbox::new(limits(cost(60) + cost(40)));
+            let (mut mb, route) =
+                Mailbox::new(SessionId(1), limits(cost(60) + cost(40)), None, false);
             assert!(matches!(route.offer(data(60)), Offered::Queued));
             assert!(matches!(route.offer(data(40)), Offered::Queued));
             assert!(mb.queue.recv().await.is_some());
@@ -439,7 +518,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_backend_close_ends_the_route_after_its_data() {
-        let (mut mb, route) = Mailbox::new(limits(1000));
+        let (mut mb, route) = Mailbox::new(SessionId(1), limits(1000), None, false);
         assert!(matches!(route.offer(data(1)), Offered::Queued));
         let close = route.offer(ToClient::Close {
             code: 4000,
@@ -457,7 +536,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_dropped_route_reads_as_a_lost_link() {
-        let (mut mb, route) = Mailbox::new(limits(1000));
+        let (mut mb, route) = Mailbox::new(SessionId(1), limits(1000), None, false);
         drop(route);
         assert_eq!(mb.eviction.wait().await, Gone::LinkLost);
         assert!(mb.queue.recv().await.is_none());

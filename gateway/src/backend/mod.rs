@@ -22,12 +22,14 @@ use std::time::Duration;
 use protocol::FrameCodec;
 
 mod driver;
+mod flow;
 mod handshake;
 mod link;
 mod mailbox;
 mod pool;
 
 pub(crate) use driver::LinkDriver;
+pub(crate) use flow::Flow;
 pub(crate) use link::{LinkGone, LinkHandle, TrySend};
 pub(crate) use mailbox::{Eviction, Gone, Mailbox, MailboxLimits, Queue, ToClient};
 pub(crate) use pool::{Lease, Pool, PoolSettings};
@@ -63,7 +65,14 @@ mod overhead_tests {
     #[test]
     fn queued_overheads_cover_the_queue_slots() {
         assert!(std::mem::size_of::<ToClient>() + 16 <= QUEUED_OVERHEAD);
-        assert!(std::mem::size_of::<driver::Outbound>() + 16 <= QUEUED_FRAME_OVERHEAD);
+        let outbound = std::mem::size_of::<driver::Outbound>();
+        assert!(
+            outbound + 16 <= QUEUED_FRAME_OVERHEAD,
+            "Outbound is {outbound} bytes; Hello {}, Open {}, HelloAck {}",
+            std::mem::size_of::<protocol::pb::Hello>(),
+            std::mem::size_of::<protocol::pb::SessionOpen>(),
+            std::mem::size_of::<protocol::pb::HelloAck>(),
+        );
     }
 }
 

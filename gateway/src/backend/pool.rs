@@ -28,7 +28,10 @@ use crate::shutdown::Shutdown;
 pub(crate) struct Pool {
     slots: Vec<Arc<Slot>>,
     next_session: AtomicU64,
+    /// Keys the permutation that turns the counter into session ids.
+    id_key: u64,
     stable_after: Duration,
+    move_timeout: Duration,
 }
 
 struct Slot {
@@ -73,6 +76,8 @@ pub(crate) struct PoolSettings {
     /// A link up this long is stable (backoff reset, preferred for new
     /// sessions).
     pub(crate) stable_after: Duration,
+    /// How long a session whose link was lost waits for another link.
+    pub(crate) move_timeout: Duration,
     pub(crate) link: LinkSettings,
 }
 
@@ -110,7 +115,9 @@ impl Pool {
         Arc::new(Self {
             slots,
             next_session: AtomicU64::new(1),
+            id_key: rand::random(),
             stable_after: settings.stable_after,
+            move_timeout: settings.move_timeout,
         })
     }
 
@@ -121,6 +128,22 @@ impl Pool {
     /// that flaps, and a session placed there would end with 1012 when it
     /// breaks again.
     pub(crate) fn lease(&self) -> Option<Lease> {
+        self.lease_where(|_| true)
+    }
+
+    /// Places a session whose link was lost on another link that can take
+    /// it (one whose backend adopted "move"), by the same preferences.
+    pub(crate) fn lease_for_move(&self) -> Option<Lease> {
+        self.lease_where(|l| l.caps().moves)
+    }
+
+    /// How long a session whose link was lost waits for another
+    /// (`backend.move_timeout`).
+    pub(crate) fn move_timeout(&self) -> Duration {
+        self.move_timeout
+    }
+
+    fn lease_where(&self, usable: impl Fn(&LinkHandle) -> bool) -> Option<Lease> {
         let stable_after = self.stable_after;
         let (_, best) = self
             .slots
@@ -130,7 +153,7 @@ impl Pool {
                 let failures = s.failures.load(Ordering::Relaxed);
                 Some((failures, link))
             })
-            .filter(|(_, l)| l.is_up())
+            .filter(|(_, l)| l.is_up() && usable(l))
             .min_by_key(|(failures, l)| {
                 let stable = l.has_been_up_for(stable_after);
                 (!stable, if stable { 0 } else { *failures }, l.load())
@@ -139,9 +162,17 @@ impl Pool {
         Some(Lease { handle: best })
     }
 
-    /// A fresh session id, never reused in this process.
+    /// A fresh session id: never reused in this process, and unique
+    /// across processes with overwhelming probability (see
+    /// [`session_id_of`]).
     pub(crate) fn next_session_id(&self) -> SessionId {
-        SessionId(self.next_session.fetch_add(1, Ordering::Relaxed))
+        loop {
+            let n = self.next_session.fetch_add(1, Ordering::Relaxed);
+            let id = session_id_of(n, self.id_key);
+            if id != 0 {
+                return SessionId(id);
+            }
+        }
     }
 
     /// Links currently up.
@@ -179,10 +210,17 @@ async fn supervise(
         match result {
             Ok((stream, hs)) => {
                 metrics.link_connect(&slot.endpoint, true);
-                let (handle, queues) = LinkHandle::new(slot.index, hs.version, &s.link);
+                let (handle, queues) = LinkHandle::new(slot.index, hs.version, hs.caps, &s.link);
                 set_current(&slot, Some(handle.clone()));
                 metrics.link_up(&slot.endpoint, 1);
-                info!(backend_id = hs.backend_id, version = hs.version, "link up");
+                info!(
+                    backend_id = hs.backend_id,
+                    version = hs.version,
+                    flow = hs.caps.flow,
+                    moves = hs.caps.moves,
+                    backend_window = hs.caps.backend_window,
+                    "link up"
+                );
                 let driver = LinkDriver {
                     stream,
                     leftover: hs.leftover,
@@ -256,6 +294,24 @@ fn set_current(slot: &Slot, handle: Option<LinkHandle>) {
     }
 }
 
+/// The `n`th session id of a process whose key is `key`: a keyed
+/// permutation of the 63-bit numbers (xor with the key, then invertible
+/// multiply-xorshift rounds, all modulo 2^63). Being a permutation, a
+/// process never repeats an id (it would take 2^63 sessions); keyed by a
+/// random number, two processes' ids look independent, so among a million
+/// sessions open at once across a fleet a collision has a probability near
+/// 10^-7. 63 bits: the id fits a signed 64-bit integer (Java `long`,
+/// SQL `bigint`). 0 is skipped by the caller.
+pub(crate) fn session_id_of(n: u64, key: u64) -> u64 {
+    const MASK: u64 = (1 << 63) - 1;
+    let mut x = (n ^ key) & MASK;
+    for m in [0x9E37_79B9_7F4A_7C15_u64, 0xBF58_476D_1CE4_E5B9] {
+        x ^= x >> 29;
+        x = x.wrapping_mul(m | 1) & MASK;
+    }
+    x ^ (x >> 32)
+}
+
 /// The failure count after a link that was up for `up_for` went down: a
 /// stable link starts the backoff again; one that broke sooner counts as
 /// one more failure, so an endpoint that flaps keeps backing off.
@@ -283,6 +339,22 @@ pub(crate) fn backoff(failures: u32, min: Duration, max: Duration) -> Duration {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn session_ids_never_repeat_within_a_process_and_differ_between_processes() {
+        let (a, b) = (rand::random::<u64>(), rand::random::<u64>());
+        let mut seen = std::collections::HashSet::new();
+        for n in 1..200_000u64 {
+            let id = session_id_of(n, a);
+            assert!(id < 1 << 63, "id {id} does not fit 63 bits");
+            assert!(seen.insert(id), "id {id} repeated at {n}");
+        }
+        // Another process (another key) shares almost none of them.
+        let shared = (1..200_000u64)
+            .filter(|&n| seen.contains(&session_id_of(n, b)))
+            .count();
+        assert!(shared < 3, "{shared} ids shared between two processes");
+    }
 
     #[test]
     fn only_a_stable_link_resets_the_backoff() {

@@ -208,6 +208,11 @@ pub struct BackendConfig {
     /// go to stable links first.
     #[serde(with = "humantime_serde")]
     pub stable_after: Duration,
+    /// How long a session whose link was lost waits to continue on another
+    /// link, with a backend that adopted protocol version 3's "move"
+    /// capability; 0 turns moving off (such sessions end with 1012).
+    #[serde(with = "humantime_serde")]
+    pub move_timeout: Duration,
     /// Frames queued towards one link before clients on it stop being read.
     pub link_queue_frames: usize,
     /// Bytes queued towards one link before clients on it stop being read.
@@ -346,6 +351,9 @@ impl Default for BackendConfig {
             // Two heartbeat timeouts: a link that lasts that long has seen
             // its backend answer several heartbeats.
             stable_after: Duration::from_secs(30),
+            // Covers a link's reconnect (backoff 50-100 ms after a stable
+            // link) and a backend restart of a few seconds.
+            move_timeout: Duration::from_secs(10),
             // Enough to absorb a burst from a few thousand clients while the
             // backend catches up; the byte bound below is what caps memory.
             link_queue_frames: 8192,

@@ -13,8 +13,8 @@ use tokio::time::{Instant, Sleep};
 use super::client::{on_client_frame, read_error_end};
 use super::connection::{linger, read_frame, ClientFrame, Connection, ReadError, Reader};
 use super::signals::{stale, Listen, Signal};
-use super::{End, Io, Session};
-use crate::backend::{Gone, LinkGone, ToClient, TrySend, ADVISORY_SEND_DEADLINE};
+use super::{upstream, End, Io, Session};
+use crate::backend::{Gone, LinkGone, ToClient, ADVISORY_SEND_DEADLINE};
 use crate::close::CloseReason;
 
 /// What the event loop does after an event.
@@ -82,9 +82,8 @@ impl Session {
                     biased;
                     s = self.signals.next(Listen::ALL) => self.on_signal(&mut conn, s).await,
                     msg = self.queue.recv() => self.on_backend(&mut conn, msg).await,
-                    r = self.link.send_pending(&mut self.pending), if self.pending.is_some() => {
-                        on_link_room(r)
-                    }
+                    r = upstream::send_pending(&self.link, &mut self.pending, self.upstream.as_mut()),
+                        if self.pending.is_some() => self.on_link_room(r),
                     (r, res) = &mut read, if conn.reading && self.pending.is_none() => {
                         read.set(read_frame(r));
                         self.on_client_frame(&mut conn, res).await
@@ -165,6 +164,7 @@ impl Session {
             }
             // Deliver what was already queued, which ends with the
             // backend's close if that is why; else close with "reconnect".
+            Signal::Evicted(Gone::LinkLost) if self.moves() => self.on_link_lost(conn).await,
             Signal::Evicted(Gone::BackendClosed | Gone::LinkLost) => {
                 Step::Break(Box::pin(self.deliver_queued(conn)).await)
             }
@@ -213,13 +213,9 @@ impl Session {
             Ok(None) => Step::Continue(()),
             Ok(Some(out)) => {
                 self.received += 1;
-                match self.link.try_send(out) {
-                    TrySend::Sent => Step::Continue(()),
-                    TrySend::Full(frame) => {
-                        self.pending = Some(*frame);
-                        Step::Continue(())
-                    }
-                    TrySend::Gone => Step::Break(End::clean(CloseReason::LinkLost)),
+                match self.send_client(out) {
+                    Ok(()) => Step::Continue(()),
+                    Err(LinkGone) => Step::Break(End::clean(CloseReason::LinkLost)),
                 }
             }
             Err(end) => {
@@ -274,10 +270,7 @@ impl Session {
         if continues {
             return true;
         }
-        match self.pending.take() {
-            Some(frame) => self.link.send_within(frame, ADVISORY_SEND_DEADLINE).await,
-            None => true,
-        }
+        self.send_pending_within(ADVISORY_SEND_DEADLINE).await
     }
 
     /// A client frame that arrived after the gateway sent its close on a
@@ -297,8 +290,8 @@ impl Session {
             Ok(None) => true,
             Ok(Some((payload, text))) => {
                 self.received += 1;
-                let data = protocol::Frame::data(self.id.0, payload, text);
-                self.link.send_within(data, deadline).await
+                self.pending = Some(protocol::Frame::data(self.id.0, payload, text));
+                self.send_pending_within(deadline).await
             }
             Err(_) => false,
         }
@@ -325,10 +318,25 @@ impl Session {
     }
 }
 
-/// Room on the link for the pending client message: it was queued.
-fn on_link_room(r: Result<(), LinkGone>) -> Step {
-    match r {
-        Ok(()) => Step::Continue(()),
-        Err(LinkGone) => Step::Break(End::clean(CloseReason::LinkLost)),
+impl Session {
+    /// Room on the link for the pending client message: it was queued. A
+    /// session that moves hears of a lost link from its eviction signal.
+    fn on_link_room(&self, r: Result<(), LinkGone>) -> Step {
+        match r {
+            Ok(()) => Step::Continue(()),
+            Err(LinkGone) if self.moves() => Step::Continue(()),
+            Err(LinkGone) => Step::Break(End::clean(CloseReason::LinkLost)),
+        }
+    }
+
+    /// The link was lost: a session that moves continues on another link
+    /// with the same client connection; else (or if it cannot) the client
+    /// gets what was queued, then 1012.
+    pub(super) async fn on_link_lost(&mut self, conn: &mut Connection) -> Step {
+        match Box::pin(self.relink()).await {
+            Ok(()) => Step::Continue(()),
+            Err(CloseReason::LinkLost) => Step::Break(Box::pin(self.deliver_queued(conn)).await),
+            Err(reason) => Step::Break(End::clean(reason)),
+        }
     }
 }

@@ -65,8 +65,17 @@ impl Session {
         match written {
             Err(end) => ControlFlow::Break(end),
             Ok(false) => ControlFlow::Continue(()),
-            Ok(true) => ControlFlow::Break(Box::pin(self.deliver_queued(conn)).await),
+            Ok(true) => self.route_gone(conn).await,
         }
+    }
+
+    /// The route went away during a write: a session whose link was lost
+    /// moves if it can; else the client gets what was queued, then the end.
+    async fn route_gone(&mut self, conn: &mut Connection) -> ControlFlow<End> {
+        if self.moves() && self.signals.eviction.gone() == Some(Gone::LinkLost) {
+            return Box::pin(self.on_link_lost(conn)).await;
+        }
+        ControlFlow::Break(Box::pin(self.deliver_queued(conn)).await)
     }
 
     /// A resumed connection first gets what the client missed. Like any
@@ -108,7 +117,10 @@ impl Session {
         match written {
             Ok(false) => Ok(()),
             // The route went away meanwhile: what it queued, then the end.
-            Ok(true) => Err(Box::pin(self.deliver_queued(conn)).await),
+            Ok(true) => match self.route_gone(conn).await {
+                ControlFlow::Continue(()) => Ok(()),
+                ControlFlow::Break(end) => Err(end),
+            },
             Err(end) => Err(end),
         }
     }

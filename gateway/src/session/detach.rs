@@ -9,8 +9,8 @@ use tracing::debug;
 
 use super::deliver::check_backend_message;
 use super::signals::{stale, Listen, Signal};
-use super::{Io, Session};
-use crate::backend::{Gone, ToClient, TrySend, ADVISORY_SEND_DEADLINE, QUEUED_OVERHEAD};
+use super::{upstream, Io, Session};
+use crate::backend::{Gone, ToClient, ADVISORY_SEND_DEADLINE, QUEUED_OVERHEAD};
 use crate::close::CloseReason;
 use crate::refusal::ResumeRefusal;
 use crate::resume::{AttachRequest, Attached};
@@ -118,7 +118,13 @@ impl Session {
                             "more arrived while detached than session.client_queue_bytes",
                         ));
                     }
-                    Signal::Evicted(Gone::LinkLost) => return Err(CloseReason::LinkLost),
+                    // With "move" the session continues on another link.
+                    Signal::Evicted(Gone::LinkLost) => Box::pin(self.relink()).await?,
+                    // With flow control the queue is not read while
+                    // detached: the close ends the session now.
+                    Signal::Evicted(Gone::BackendClosed) if self.upstream.is_some() => {
+                        return Err(self.after_gone(Gone::BackendClosed));
+                    }
                     // Its close is in the queue, right behind its data.
                     Signal::Evicted(Gone::BackendClosed) => {}
                     Signal::Drain => return Err(CloseReason::Shutdown),
@@ -135,12 +141,17 @@ impl Session {
                     }
                 },
                 // A client message accepted before the loss still goes out.
-                r = self.link.send_pending(&mut self.pending), if self.pending.is_some() => {
-                    if r.is_err() {
+                r = upstream::send_pending(&self.link, &mut self.pending, self.upstream.as_mut()),
+                    if self.pending.is_some() =>
+                {
+                    if r.is_err() && !self.moves() {
                         return Err(CloseReason::LinkLost);
                     }
                 }
-                msg = self.queue.recv() => {
+                // With flow control, what the backend sends waits in the
+                // queue (bounded by the window) until the client is back:
+                // the backend is held back instead of the session ending.
+                msg = self.queue.recv(), if self.upstream.is_none() => {
                     if let Some(msg) = msg {
                         self.hold_while_detached(msg, detached_from, &mut held)?;
                     }
@@ -158,10 +169,8 @@ impl Session {
     /// stays pending (the next connection sends it).
     fn send_pending_now(&mut self) {
         if let Some(frame) = self.pending.take() {
-            match self.link.try_send(frame) {
-                TrySend::Full(frame) => self.pending = Some(*frame),
-                TrySend::Sent | TrySend::Gone => {}
-            }
+            // Whatever cannot go now stays pending for the next connection.
+            let _ = self.send_client(frame);
         }
     }
 

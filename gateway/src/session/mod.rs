@@ -40,8 +40,10 @@ mod connection;
 mod deliver;
 mod detach;
 mod signals;
+mod upstream;
 
 use signals::Signals;
+use upstream::Upstream;
 
 /// The client connection once upgraded.
 type Io = TokioIo<Upgraded>;
@@ -66,8 +68,12 @@ struct Session {
     queue: Queue,
     /// What can interrupt the session in any state.
     signals: Signals,
-    /// A client message accepted but still waiting for room on the link.
+    /// A client message accepted but still waiting for room on the link
+    /// (or in the backend's window).
     pending: Option<Frame>,
+    /// On a link with protocol version 3's flow control: the backend's
+    /// window, and with "move" what it has not acknowledged.
+    upstream: Option<Upstream>,
     /// Client messages accepted in the session (told to a resuming client).
     received: u64,
     /// Present for resumable sessions.
@@ -130,6 +136,7 @@ pub(crate) async fn run(ws: WebSocket<Io>, start: SessionStart, shared: Arc<Shar
     let id = start.id;
     let link = start.lease.link().clone();
     debug!(link = link.index(), "session open");
+    let kept_open = link.caps().moves.then(|| start.open.clone());
     let open = Frame {
         session_id: id.0,
         body: Some(Body::Open(start.open)),
@@ -138,7 +145,12 @@ pub(crate) async fn run(ws: WebSocket<Io>, start: SessionStart, shared: Arc<Shar
         Some((t, rx)) => (Some(t), Some(rx)),
         None => (None, None),
     };
-    let Ok(Mailbox { queue, eviction }) = link.register(id) else {
+    let Ok(Mailbox {
+        queue,
+        eviction,
+        flow,
+    }) = link.register(id)
+    else {
         return finish_unopened(&shared, id, token.as_ref(), CloseReason::LinkLost);
     };
     if link.send_pending(&mut Some(open)).await.is_err() {
@@ -151,8 +163,10 @@ pub(crate) async fn run(ws: WebSocket<Io>, start: SessionStart, shared: Arc<Shar
         ring: Ring::new(rc.buffer_bytes),
         replay: Vec::new(),
     });
+    let upstream = flow.map(|f| Upstream::new(f, &link, kept_open));
     let mut session = Session {
         id,
+        upstream,
         signals: Signals::new(eviction, attach, shared.shutdown.drain_signal()),
         link,
         queue,

@@ -1,0 +1,199 @@
+//! Protocol version 3: per-session flow control ("flow") and sessions that
+//! outlive their link ("move"). See protocol/README.md, "Version 3".
+//!
+//! Both directions count the cost of `data` frames (payload + 64 bytes)
+//! from the session's start, across links; a `Window` carries an absolute
+//! limit and an acknowledgement, so that a window update can be coalesced,
+//! repeated or resent after a move without harm.
+//!
+//! - Backend to client: the gateway grants `session_window` bytes at the
+//!   start and, each time the client has taken half of it, a new limit of
+//!   what the client has taken plus `session_window` ([`Flow::grant_after`]).
+//!   The backend can therefore never have more than one window waiting in
+//!   the gateway for a slow client.
+//! - Client to backend: the session sends a client message only when it
+//!   fits the backend's limit; otherwise it stops reading its client until
+//!   the backend grants more. Other sessions on the link are not affected.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use tokio::sync::Notify;
+
+/// What a link's backend adopted in the handshake.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Caps {
+    /// Per-session flow control.
+    pub(crate) flow: bool,
+    /// Sessions move to another link when theirs is lost (needs `flow`).
+    pub(crate) moves: bool,
+    /// The window the backend grants each session at its start.
+    pub(crate) backend_window: u64,
+}
+
+/// One session's flow-control state, shared by the session, its route on
+/// the link's reader, and the link's writer (which encodes grants).
+///
+/// # Concurrency
+/// Each counter has one writer: the reader writes `received*`, `limit`,
+/// `acked` and `windows_seen`; the session writes `grant`. Readers of a
+/// stale value only send a smaller grant or wait one more wake-up; limits
+/// only grow (`fetch_max`).
+#[derive(Debug, Default)]
+pub(crate) struct Flow {
+    /// Backend to client: the limit the gateway granted the backend.
+    grant: AtomicU64,
+    /// A grant is waiting in the link's writer queue.
+    grant_queued: AtomicBool,
+    /// Backend data frames received in the session, and their cost.
+    received: AtomicU64,
+    received_cost: AtomicU64,
+    /// Client to backend: the backend's limit and acknowledgement.
+    limit: AtomicU64,
+    acked: AtomicU64,
+    /// Windows received from the backend (a resume's answer is the next).
+    windows_seen: AtomicU64,
+    /// Woken by every window from the backend.
+    room: Notify,
+}
+
+/// What the reader found when a backend data frame arrived.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Arrival {
+    /// Within the window.
+    Fits,
+    /// Within the window, which has no room left for another message of
+    /// this size: the backend must wait for a grant (a stall).
+    Exhausted,
+    /// Past the window: the backend broke the contract.
+    Exceeded,
+}
+
+impl Flow {
+    /// A session's state at its start: the gateway grants `gateway_window`,
+    /// the backend `backend_window`.
+    pub(crate) fn new(gateway_window: u64, backend_window: u64) -> Self {
+        let f = Self::default();
+        f.grant.store(gateway_window, Ordering::Relaxed);
+        f.limit.store(backend_window, Ordering::Relaxed);
+        f
+    }
+
+    /// The reader: a backend data frame of `cost` arrived.
+    pub(crate) fn arrived(&self, cost: u64) -> Arrival {
+        self.received.fetch_add(1, Ordering::Relaxed);
+        let used = self.received_cost.fetch_add(cost, Ordering::Relaxed) + cost;
+        let grant = self.grant.load(Ordering::Acquire);
+        if used > grant {
+            Arrival::Exceeded
+        } else if grant - used < cost {
+            Arrival::Exhausted
+        } else {
+            Arrival::Fits
+        }
+    }
+
+    /// The reader: a `Window` from the backend.
+    pub(crate) fn window(&self, limit: u64, received: u64) {
+        self.limit.fetch_max(limit, Ordering::Relaxed);
+        self.acked.fetch_max(received, Ordering::Relaxed);
+        self.windows_seen.fetch_add(1, Ordering::Release);
+        self.room.notify_one();
+    }
+
+    /// Backend data frames received so far.
+    pub(crate) fn received(&self) -> u64 {
+        self.received.load(Ordering::Relaxed)
+    }
+
+    /// The limit currently granted to the backend.
+    pub(crate) fn grant(&self) -> u64 {
+        self.grant.load(Ordering::Relaxed)
+    }
+
+    /// The client has taken `consumed` bytes (cumulative) with a window of
+    /// `window`: a new limit to send when half the window is used, else
+    /// `None`.
+    pub(crate) fn grant_after(&self, consumed: u64, window: u64) -> Option<u64> {
+        let grant = self.grant.load(Ordering::Relaxed);
+        if grant.saturating_sub(consumed) > window / 2 {
+            return None;
+        }
+        let next = consumed + window;
+        self.grant.store(next, Ordering::Release);
+        Some(next)
+    }
+
+    /// Marks a grant as queued for the writer; false if one already is
+    /// (the writer reads the newest values when it encodes it).
+    pub(crate) fn queue_grant(&self) -> bool {
+        !self.grant_queued.swap(true, Ordering::AcqRel)
+    }
+
+    /// The writer: takes the queued grant's current values (limit,
+    /// received).
+    pub(crate) fn take_grant(&self) -> (u64, u64) {
+        self.grant_queued.store(false, Ordering::Release);
+        (self.grant(), self.received())
+    }
+
+    /// The session moved to another link: its grant queue there is empty.
+    pub(crate) fn reset_grant_queue(&self) {
+        self.grant_queued.store(false, Ordering::Release);
+    }
+
+    /// The backend's limit for client data.
+    pub(crate) fn limit(&self) -> u64 {
+        self.limit.load(Ordering::Relaxed)
+    }
+
+    /// Client data frames the backend acknowledged.
+    pub(crate) fn acked(&self) -> u64 {
+        self.acked.load(Ordering::Relaxed)
+    }
+
+    /// Windows received from the backend so far.
+    pub(crate) fn windows_seen(&self) -> u64 {
+        self.windows_seen.load(Ordering::Acquire)
+    }
+
+    /// Waits for the next window from the backend (or one that came since
+    /// the last wait). Cancel-safe.
+    pub(crate) async fn next_window(&self) {
+        self.room.notified().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_grant_follows_half_a_window_of_consumption() {
+        let f = Flow::new(1000, 1000);
+        assert_eq!(f.grant_after(400, 1000), None);
+        assert_eq!(f.grant_after(500, 1000), Some(1500));
+        assert_eq!(f.grant(), 1500);
+        assert_eq!(f.grant_after(900, 1000), None);
+        assert_eq!(f.grant_after(1000, 1000), Some(2000));
+    }
+
+    #[test]
+    fn arrivals_are_checked_against_the_grant() {
+        let f = Flow::new(300, 0);
+        assert_eq!(f.arrived(100), Arrival::Fits);
+        assert_eq!(f.arrived(100), Arrival::Fits);
+        assert_eq!(f.arrived(100), Arrival::Exhausted);
+        assert_eq!(f.arrived(1), Arrival::Exceeded);
+        assert_eq!(f.received(), 4);
+    }
+
+    #[test]
+    fn windows_only_grow() {
+        let f = Flow::new(0, 500);
+        f.window(400, 3);
+        assert_eq!((f.limit(), f.acked()), (500, 3));
+        f.window(900, 2);
+        assert_eq!((f.limit(), f.acked()), (900, 3));
+        assert_eq!(f.windows_seen(), 2);
+    }
+}

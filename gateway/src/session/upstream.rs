@@ -1,0 +1,277 @@
+//! Client messages on their way to the backend, on a link with protocol
+//! version 3: the backend's window ("flow"), and for "move" the messages it
+//! has not acknowledged, resent when the session moves to another link
+//! because its own was lost ([`Session::relink`]).
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use protocol::{pb, Body, Frame};
+use tokio::time::Instant;
+use tracing::debug;
+
+use super::Session;
+use crate::backend::{Flow, Gone, LinkGone, LinkHandle};
+use crate::close::CloseReason;
+
+/// How often a session whose link was lost looks for another one.
+const MOVE_POLL: Duration = Duration::from_millis(25);
+
+/// The client-to-backend side of a flow-controlled session.
+pub(super) struct Upstream {
+    pub(super) flow: Arc<Flow>,
+    /// The window the backend grants a session at its start: with "move",
+    /// also the most the gateway keeps unacknowledged.
+    backend_window: u64,
+    /// Cost of the client data sent to the backend, cumulative.
+    sent_cost: u64,
+    /// Data frames acknowledged, and their cost.
+    acked: u64,
+    acked_cost: u64,
+    /// With "move": frames sent and not acknowledged, oldest first, with
+    /// their cost, and the session's `open` to announce it again.
+    unacked: Option<(VecDeque<(u64, Frame)>, pb::SessionOpen)>,
+}
+
+impl Upstream {
+    pub(super) fn new(flow: Arc<Flow>, link: &LinkHandle, open: Option<pb::SessionOpen>) -> Self {
+        let caps = link.caps();
+        Self {
+            flow,
+            backend_window: caps.backend_window,
+            sent_cost: 0,
+            acked: 0,
+            acked_cost: 0,
+            unacked: open.filter(|_| caps.moves).map(|o| (VecDeque::new(), o)),
+        }
+    }
+
+    /// Whether the session can move to another link when its own is lost.
+    pub(super) fn moves(&self) -> bool {
+        self.unacked.is_some()
+    }
+
+    /// Whether a data frame of `cost` may be sent now: within the backend's
+    /// limit and, with "move", within one window of unacknowledged data.
+    fn fits(&mut self, cost: u64) -> bool {
+        self.trim();
+        let mut limit = self.flow.limit();
+        if self.unacked.is_some() {
+            limit = limit.min(self.acked_cost + self.backend_window);
+        }
+        self.sent_cost + cost <= limit
+    }
+
+    /// Forgets what the backend has acknowledged.
+    fn trim(&mut self) {
+        let Some((unacked, _)) = self.unacked.as_mut() else {
+            return;
+        };
+        let acked = self.flow.acked();
+        while self.acked < acked {
+            let Some((cost, _)) = unacked.pop_front() else {
+                break;
+            };
+            self.acked += 1;
+            self.acked_cost += cost;
+        }
+    }
+
+    /// A data frame was queued on the link.
+    fn sent(&mut self, cost: u64, kept: Option<Frame>) {
+        self.sent_cost += cost;
+        if let (Some((unacked, _)), Some(mut frame)) = (self.unacked.as_mut(), kept) {
+            // Held until acknowledged: not the client's read buffer.
+            frame.compact();
+            unacked.push_back((cost, frame));
+        }
+    }
+}
+
+/// The window cost of a client frame (only data counts).
+fn cost_of(frame: &Frame) -> u64 {
+    match &frame.body {
+        Some(Body::Data(d)) => protocol::window_cost(d.payload.len()),
+        _ => 0,
+    }
+}
+
+/// Waits until the frame in `pending` fits the backend's window (if the
+/// session has one) and the link has room, then queues it. Cancel-safe:
+/// nothing changes until the frame is queued.
+pub(super) async fn send_pending(
+    link: &LinkHandle,
+    pending: &mut Option<Frame>,
+    upstream: Option<&mut Upstream>,
+) -> Result<(), LinkGone> {
+    let Some(frame) = pending.as_ref() else {
+        return Ok(());
+    };
+    let Some(up) = upstream else {
+        return link.send_pending(pending).await;
+    };
+    let cost = cost_of(frame);
+    while !up.fits(cost) {
+        up.flow.next_window().await;
+    }
+    let kept = up.moves().then(|| frame.clone());
+    link.send_pending(pending).await?;
+    up.sent(cost, kept);
+    Ok(())
+}
+
+impl Session {
+    /// Sends a client message now if the window and the link have room;
+    /// else it waits in `pending` (and the client is not read meanwhile).
+    /// Err when the link is gone and the session cannot move.
+    pub(super) fn send_client(&mut self, frame: Frame) -> Result<(), LinkGone> {
+        let cost = cost_of(&frame);
+        if let Some(up) = self.upstream.as_mut() {
+            if !up.fits(cost) {
+                self.shared.metrics.window_stall(true);
+                self.pending = Some(frame);
+                return Ok(());
+            }
+        }
+        let kept = self
+            .upstream
+            .as_ref()
+            .filter(|u| u.moves())
+            .map(|_| frame.clone());
+        match self.link.try_send(frame) {
+            crate::backend::TrySend::Sent => {
+                if let Some(up) = self.upstream.as_mut() {
+                    up.sent(cost, kept);
+                }
+                Ok(())
+            }
+            crate::backend::TrySend::Full(frame) => {
+                self.pending = Some(*frame);
+                Ok(())
+            }
+            // A session that moves sends it on its next link.
+            crate::backend::TrySend::Gone(frame) if self.moves() => {
+                self.pending = Some(*frame);
+                Ok(())
+            }
+            crate::backend::TrySend::Gone(_) => Err(LinkGone),
+        }
+    }
+
+    /// Sends the pending client message within `deadline` (window and link
+    /// room); false if it could not go. For messages accepted as a session
+    /// ends.
+    pub(super) async fn send_pending_within(&mut self, deadline: Duration) -> bool {
+        let send = send_pending(&self.link, &mut self.pending, self.upstream.as_mut());
+        matches!(tokio::time::timeout(deadline, send).await, Ok(Ok(())))
+    }
+
+    /// Whether the session moves to another link when its own is lost.
+    pub(super) fn moves(&self) -> bool {
+        self.upstream.as_ref().is_some_and(Upstream::moves)
+    }
+
+    /// The session's link was lost. With "move" it continues on another
+    /// link (or the same one, reconnected) within `backend.move_timeout`:
+    /// it is announced there with what the gateway has received, the
+    /// backend answers with what it has received, and the gateway resends
+    /// the rest. Meanwhile the client is neither read nor written; it
+    /// notices nothing but a pause. Err: the session is over.
+    pub(super) async fn relink(&mut self) -> Result<(), CloseReason> {
+        if !self.moves() {
+            return Err(CloseReason::LinkLost);
+        }
+        let started = Instant::now();
+        let deadline = started + self.shared.pool.move_timeout();
+        loop {
+            match self.try_relink(deadline).await {
+                Ok(Some(resent)) => {
+                    self.shared.metrics.session_moved(true, resent);
+                    debug!(
+                        session = self.id.0,
+                        link = self.link.index(),
+                        resent,
+                        took_ms = started.elapsed().as_millis() as u64,
+                        "session moved to another link"
+                    );
+                    return Ok(());
+                }
+                // That link was lost too: try the next.
+                Ok(None) => {}
+                Err(reason) => {
+                    if reason == CloseReason::LinkLost {
+                        self.shared.metrics.session_moved(false, 0);
+                    }
+                    return Err(reason);
+                }
+            }
+        }
+    }
+
+    /// One attempt: a link, the announcement, the answer, the resend.
+    /// `Ok(None)`: the link was lost during the attempt.
+    async fn try_relink(&mut self, deadline: Instant) -> Result<Option<u64>, CloseReason> {
+        let pool = self.shared.pool.clone();
+        let lease = loop {
+            if self.shared.shutdown.is_draining() {
+                return Err(CloseReason::Shutdown);
+            }
+            if let Some(lease) = pool.lease_for_move() {
+                break lease;
+            }
+            if Instant::now() >= deadline {
+                return Err(CloseReason::LinkLost);
+            }
+            tokio::time::sleep(MOVE_POLL).await;
+        };
+        let link = lease.link().clone();
+        let Ok(eviction) = link.register_again(self.id, &mut self.queue) else {
+            return Ok(None);
+        };
+        let Some(up) = self.upstream.as_ref() else {
+            return Err(CloseReason::LinkLost);
+        };
+        let Some((_, open)) = up.unacked.as_ref() else {
+            return Err(CloseReason::LinkLost);
+        };
+        let flow = up.flow.clone();
+        let seen = flow.windows_seen();
+        let resume = Frame::resume(self.id.0, open.clone(), flow.received(), flow.grant());
+        self.signals.eviction = eviction;
+        self.link = link;
+        self._lease = lease;
+        if self.link.send_pending(&mut Some(resume)).await.is_err() {
+            return Ok(None);
+        }
+        // The answer: a window saying what the backend has.
+        while flow.windows_seen() == seen {
+            tokio::select! {
+                biased;
+                gone = self.signals.eviction.wait() => match gone {
+                    Gone::LinkLost => return Ok(None),
+                    // It does not know the session, or ended it meanwhile.
+                    other => return Err(self.after_gone(other)),
+                },
+                () = flow.next_window() => {}
+                () = tokio::time::sleep_until(deadline) => return Err(CloseReason::LinkLost),
+            }
+        }
+        let Some(up) = self.upstream.as_mut() else {
+            return Err(CloseReason::LinkLost);
+        };
+        up.trim();
+        let resend: Vec<Frame> = up
+            .unacked
+            .as_ref()
+            .map(|(u, _)| u.iter().map(|(_, f)| f.clone()).collect())
+            .unwrap_or_default();
+        let resent = resend.len() as u64;
+        for frame in resend {
+            if self.link.send_pending(&mut Some(frame)).await.is_err() {
+                return Ok(None);
+            }
+        }
+        Ok(Some(resent))
+    }
+}
