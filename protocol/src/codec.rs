@@ -664,6 +664,16 @@ mod tests {
         assert_eq!(hex(&u32be), "00 00 00 0a 08 05 2a 06 0a 02 68 69 10 01");
     }
 
+    /// The `window` example of protocol/README.md ("Version 3").
+    #[test]
+    fn readme_window_example() {
+        let mut varint = BytesMut::new();
+        FrameCodec::new(Framing::Varint, 1024)
+            .encode(&Frame::window(5, 9192, 5), &mut varint)
+            .unwrap();
+        assert_eq!(hex(&varint), "09 08 05 52 05 08 e8 47 10 05");
+    }
+
     fn hex(b: &[u8]) -> String {
         b.iter()
             .map(|x| format!("{x:02x}"))
