@@ -39,6 +39,17 @@ enum Command {
         /// Push mode: payload bytes per message (min 16: sequence, timestamp).
         #[arg(long, default_value_t = 64)]
         push_size: usize,
+        /// Highest link protocol version to accept (1, 2 or 3).
+        #[arg(long, default_value_t = protocol::PROTOCOL_VERSION)]
+        max_version: u32,
+        /// Version 3 capabilities to adopt when offered: "flow,move",
+        /// "flow", or "none".
+        #[arg(long, default_value = "flow,move")]
+        caps: String,
+        /// The window granted to each session, in bytes (0: the gateway's
+        /// own, `hello.session_window`).
+        #[arg(long, default_value_t = 0)]
+        window: u64,
     },
     /// Generate load against a gateway (or any WebSocket echo service).
     Run(loadtest::run::RunArgs),
@@ -82,13 +93,25 @@ fn main() -> anyhow::Result<()> {
             max_frame,
             push_rate,
             push_size,
+            max_version,
+            caps,
+            window,
         } => serve_on(listen, move |listener| async move {
+            let caps = caps
+                .split(',')
+                .map(str::trim)
+                .filter(|c| !c.is_empty() && *c != "none")
+                .map(str::to_owned)
+                .collect();
             let opts = backend::Options {
                 mode,
                 framing,
                 max_frame,
                 push_rate,
                 push_size,
+                max_version,
+                caps,
+                window,
             };
             let stats = Arc::new(backend::Stats::default());
             backend::serve(listener, opts, stats).await
