@@ -851,6 +851,7 @@ class Session:
         self.waiting_cost = 0  # an answer held for lack of window
         self.max_held = 0
         self.stalls = 0
+        self.drop_next = 0  # cmd:drop: data to count as sent but not write
         self.closed = False
         self.expiry: asyncio.TimerHandle | None = None
         self.wake = asyncio.Event()
@@ -936,6 +937,13 @@ class Session:
             self.flow.record_sent(data)
             if self.flow.unacked_cost > self.b.max_unacked_bytes:
                 self.b.max_unacked_bytes = self.flow.unacked_cost
+        if self.drop_next > 0:
+            # cmd:drop: lost "in flight"; then the link must go at once, before
+            # any later frame could be taken for this one.
+            self.drop_next -= 1
+            if self.drop_next == 0:
+                link.reset("cmd:drop")
+            return
         link.send_nowait(Frame(self.sid, "data", data))
         await link.drain()
 
@@ -977,6 +985,12 @@ class Session:
                 seconds = float(parts[2])
                 self.b.events.append(("stall", self.sid, seconds))
                 await asyncio.sleep(seconds)
+            elif cmd == "drop":
+                if not self.move:
+                    raise ValueError("needs the move capability")
+                self.drop_next = int(parts[2])
+                if self.drop_next < 1:
+                    raise ValueError("N must be at least 1")
             elif cmd == "stats":
                 await self.send_data(json.dumps(self.b.stats()).encode(), True)
             elif cmd == "session":
@@ -1069,7 +1083,8 @@ class Backend:
         self.sessions_expired = 0   # ... and forgotten after move_timeout_ms
         self.links_reset = 0        # --reset-links-every
         # the last 100 [kind, session_id, detail] for detached/attached (detail:
-        # the reason / the replayed count), stall (seconds), moved (link ids),
+        # the reason / the replayed count), stall (seconds), moved ([old link,
+        # new link, resume.received, our sent count, our received count]),
         # resume_refused (the code)
         self.events: collections.deque = collections.deque(maxlen=100)
         # the last 100 hellos, as dicts of their fields
@@ -1230,12 +1245,12 @@ class Link:
     def closing(self) -> bool:
         return self.writer.transport.is_closing()
 
-    def reset(self) -> None:
+    def reset(self, why: str = "--reset-links-every") -> None:
         """Abort the connection with a TCP RST (SO_LINGER on, timeout 0)."""
         sock = self.writer.get_extra_info("socket")
         if sock is None or self.closing():
             return
-        self.log("resetting the connection (--reset-links-every)")
+        self.log(f"resetting the connection ({why})")
         self.reset_by_us = True
         self.b.links_reset += 1
         try:
@@ -1326,7 +1341,7 @@ class Link:
             why = f"connection error: {e!r}"
         finally:
             if self.reset_by_us:
-                why = "reset by the backend (--reset-links-every)"
+                why = "reset by the backend"
             if hb_task:
                 hb_task.cancel()
             self.writer.close()
@@ -1575,7 +1590,8 @@ class Link:
             self.send_nowait(Frame(sid, "data", data))
         self.b.frames_resent += len(resend)
         self.b.resumes_answered += 1
-        self.b.events.append(("moved", sid, [old.id if old else None, self.id]))
+        self.b.events.append(("moved", sid, [old.id if old else None, self.id, body.received,
+                                             sess.flow.sent_count, sess.flow.recv_count]))
         if self.b.verbose or resend:
             self.log(f"session {sid} moved here from link {old.id if old else '(lost)'}: "
                      f"the gateway had {body.received} of our {sess.flow.sent_count} data, "
