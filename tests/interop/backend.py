@@ -889,9 +889,12 @@ class Session:
                 self.consume(cost)
         except SessionGone:
             pass
-        except Exception as e:  # a bug here must not go unnoticed
-            log(f"session {self.sid}: handler failed: {e!r}")
-            raise
+        except Exception as e:  # e.g. a cmd:big above --max-frame
+            log(f"session {self.sid}: handler failed: {e!r}; closing it with 1011")
+            if self.link is not None and not self.closed:
+                link = self.link
+                self.b.end_session(self, ours=(1011, "backend handler failed"))
+                link.send_nowait(Frame(self.sid, "close", SessionClose(1011, "backend handler failed")))
 
     def consume(self, cost: int) -> None:
         if not self.flow:
