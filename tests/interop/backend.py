@@ -983,6 +983,9 @@ class Session:
                 filler = b"f" * (size - 8)
                 for i in range(n):
                     await self.send_data(i.to_bytes(8, "big") + filler, False)
+            elif cmd == "freeze":
+                link = await self.wait_link()
+                link.freeze(float(parts[2]))
             elif cmd == "stall":
                 # Take nothing more (no echo, no window) for that long.
                 seconds = float(parts[2])
@@ -1231,6 +1234,8 @@ class Link:
         self.recv_window = 0  # what we grant each session at its start (flow)
         self.poisoned = False  # a protocol violation ended (or will end) it
         self.reset_by_us = False
+        self.frozen_until = 0.0  # cmd:freeze: a black hole until then
+        self.frozen_writes = 0
         self.pending_nonces: set[int] = set()
         self.nonces = itertools.count(1)
         self.task: asyncio.Task | None = None
@@ -1262,6 +1267,16 @@ class Link:
             self.log(f"SO_LINGER: {e!r}")
         self.writer.transport.abort()
 
+    def freeze(self, seconds: float) -> None:
+        """cmd:freeze: for that long, read nothing and drop everything we
+        write (a black hole: the gateway declares the link dead by heartbeat
+        timeout and moves its sessions while the link still looks up here)."""
+        self.log(f"frozen for {seconds} s (cmd:freeze)")
+        self.frozen_until = time.monotonic() + seconds
+
+    def frozen(self) -> bool:
+        return time.monotonic() < self.frozen_until
+
     # -- writing: one frame is one write() call, so frames never interleave,
     # and all writes happen in program order on the event loop. The reader
     # only writes without waiting (send_nowait), so it keeps reading while
@@ -1276,7 +1291,9 @@ class Link:
             self.log(f"sent {frame.kind} session={frame.session_id}")
 
     def send_raw_nowait(self, raw: bytes) -> None:
-        if not self.closing():
+        if self.frozen():
+            self.frozen_writes += 1
+        elif not self.closing():
             self.writer.write(raw)
 
     async def drain(self) -> None:
@@ -1328,6 +1345,10 @@ class Link:
                     if self.b.stopping:
                         why = "backend shutting down"
                     break
+                if self.frozen():
+                    # as if this frame (and all after it) were still unread
+                    await asyncio.sleep(self.frozen_until - time.monotonic())
+                    self.log(f"thawed; {self.frozen_writes} frame(s) were dropped meanwhile")
                 if self.b.verbose:
                     self.log(f"received {frame.kind} session={frame.session_id}")
                 if self.hello is None:
