@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Independent, strict backend for the gateway's link protocol (versions 1 and 2).
+"""Independent, strict backend for the gateway's link protocol (versions 1 to 3).
 
 Written only from protocol/README.md and protocol/proto/wsgw/v1/link.proto,
 using nothing but the Python standard library: the protobuf wire format is
@@ -11,13 +11,16 @@ It implements the README's "Checklist for a backend implementation":
   1. listen on TCP, read length-prefixed frames (``--framing varint|u32be``),
      refuse bodies above ``--max-frame`` before reading them;
   2. expect ``hello`` first, answer ``hello_ack`` with the highest version it
-     speaks (2, else 1) within the gateway's ``[min_version, max_version]``
-     (or ``version: 0`` plus an error, then close, when neither is in it);
+     speaks (3, 2, then 1; at most ``--max-version``) within the gateway's
+     ``[min_version, max_version]`` (or ``version: 0`` plus an error, then
+     close, when none is in it);
   3. answer every ``heartbeat{ack: false}`` with ``heartbeat{same nonce,
      ack: true}`` (and send its own heartbeat every ``--heartbeat`` seconds);
-  4. keep a table of open sessions per link;
+  4. keep a table of open sessions (shared by all links, keyed by
+     (instance_id, session_id); each session is on one link at a time);
   5. send ``data`` only for open sessions;
-  6. ignore frames for sessions it closed itself; skip unknown fields.
+  6. ignore frames for sessions it closed itself; skip unknown fields;
+  7. version 3, capabilities ``flow`` and ``move`` (below).
 
 Version 2 adds two gateway -> backend frame kinds, ``detached`` (the client's
 connection was lost and the session waits ``grace_ms`` for a resume) and
@@ -28,6 +31,37 @@ Both are recorded for ``cmd:stats``. On a link that negotiated version 1,
 receiving either one is a protocol violation; for an unknown session they
 are treated like any other session frame (ignored if they crossed our own
 ``close``, a violation otherwise).
+
+Version 3 (chosen when offered, unless ``--max-version 2``) adopts the
+capabilities of ``--caps`` (default ``flow,move``; ``none`` adopts none and
+the link behaves as version 2) that the gateway offers, and grants
+``--window`` bytes per session (0, the default: the gateway's own window).
+
+* ``flow``: every session counts ``data`` costs (payload + 64) both ways.
+  Each session has one handler that takes the gateway's messages in order;
+  a message is *consumed* once its answer (echo, or a command's output) has
+  been handed to the link within the gateway's limit; while the limit is
+  used up the answer is held (in order), nothing more is consumed and no
+  window is granted, so the gateway pauses that client alone. The backend
+  grants ``window{consumed + window}`` whenever half a window or less is
+  left. Checked: windows only with flow and a non-zero session id, for a
+  session on this link; a limit never goes down; the gateway's data never
+  passes our grant; hello's window fits a maximal message.
+* ``move``: every window we send carries ``received``; every ``data`` we
+  send is kept until acknowledged (checked: acknowledgements never go down
+  nor past what we sent, and a limit is at most one gateway window past what
+  was acknowledged, so what we keep stays within ``hello.session_window``).
+  When a link is lost its sessions are kept ``hello.move_timeout_ms``, then
+  forgotten (as a close 1006); a link that ended with a protocol violation
+  (ours, deliberate, or the gateway's) ends its sessions at once. On
+  ``resume`` the session moves to the new link (its frames still read from
+  the old link are ignored), we answer ``window{limit, received}``, then
+  resend our data from ``resume.received`` + 1; a session we do not know
+  gets ``close{1012}`` (or the code we closed it with). Checked: resume only
+  with move, never for a session open on that very link or closed by the
+  gateway, and its ``open`` equals the original.
+* ``--reset-links-every SECONDS`` aborts every link with a TCP RST (SO_LINGER
+  0) that often, to test moves from the backend's side.
 
 It is *strict* about what the gateway sends: every protocol violation is
 printed to stderr as ``PROTOCOL VIOLATION: ...``, counted, and the link is
@@ -42,9 +76,34 @@ Behaviour per session:
 
   ``cmd:close:CODE[:REASON]``  send ``close{CODE, REASON}``, forget the session
   ``cmd:push:N``               send N binary messages ``push-0`` .. ``push-N-1``
+  ``cmd:flood:N:SIZE``         send N binary messages of SIZE bytes (8 to
+                               max_message_size), each starting with its
+                               index as 8 bytes big-endian, as fast as the
+                               gateway's window allows
+  ``cmd:stall:SECONDS``        take nothing more from this session for that
+                               long (no echo, no window: with flow, the
+                               gateway must pause this client only)
+  ``cmd:drop:N``               (move) count the next N data as sent but do
+                               not write them, then reset the link: the
+                               gateway must resume the session and get them
+                               resent, in order
+  ``cmd:freeze:SECONDS``       this session's link becomes a black hole for
+                               that long (nothing read, everything written
+                               dropped): the gateway declares it dead and
+                               moves its sessions while it still looks up here
+  ``cmd:overrun``              (flow) send past the gateway's window: it must
+                               close the session with 1011 and send us
+                               ``close{1011, ...}``
   ``cmd:stats``                reply (text) with a JSON object, see ``stats()``
-                               (includes ``detaches``, ``attaches`` and the
+                               (includes ``detaches``, ``attaches``, the
+                               version-3 counters: ``windows_sent``,
+                               ``windows_received``, ``stalls``,
+                               ``max_held_bytes``, ``max_unacked_bytes``,
+                               ``resumes_answered``, ``resumes_refused``,
+                               ``frames_resent``, ``sessions_kept``,
+                               ``sessions_expired``, ``links_reset``, and the
                                last 100 ``events``)
+  ``cmd:session``              reply (text) with this session's counters (JSON)
   ``cmd:big:N``                send one binary message of N bytes (``x`` * N)
   ``cmd:badutf8``              send a text ``data`` whose payload is not UTF-8
                                (the gateway must close the session with 1011
@@ -59,6 +118,9 @@ Behaviour per session:
                                ``heartbeat_session`` (heartbeat for this
                                session), ``detached`` / ``attached`` (the
                                gateway's frames, sent by us),
+                               ``window0`` (window with session_id 0),
+                               ``window`` (window on a link without flow),
+                               ``resume`` (the gateway's frame, sent by us),
                                ``badutf8_link`` (a hello_ack whose
                                backend_id is not UTF-8),
                                ``oversize`` (announce a frame above --max-frame)
@@ -72,6 +134,9 @@ Behaviour per session:
 Usage::
 
     python3 backend.py --listen 127.0.0.1:0 --framing varint
+    python3 backend.py --listen 127.0.0.1:9000 --caps flow --window 2097152
+    python3 backend.py --listen 127.0.0.1:9000 --reset-links-every 2
+    python3 backend.py --max-version 2       # the version-2 behaviour
     python3 backend.py --self-test
 
 After binding, exactly one line ``listening HOST:PORT`` is printed to stdout.
