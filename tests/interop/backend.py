@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Independent, strict backend for the gateway's link protocol (versions 1 and 2).
+"""Independent, strict backend for the gateway's link protocol (versions 1 to 3).
 
 Written only from protocol/README.md and protocol/proto/wsgw/v1/link.proto,
 using nothing but the Python standard library: the protobuf wire format is
@@ -11,13 +11,16 @@ It implements the README's "Checklist for a backend implementation":
   1. listen on TCP, read length-prefixed frames (``--framing varint|u32be``),
      refuse bodies above ``--max-frame`` before reading them;
   2. expect ``hello`` first, answer ``hello_ack`` with the highest version it
-     speaks (2, else 1) within the gateway's ``[min_version, max_version]``
-     (or ``version: 0`` plus an error, then close, when neither is in it);
+     speaks (3, 2, then 1; at most ``--max-version``) within the gateway's
+     ``[min_version, max_version]`` (or ``version: 0`` plus an error, then
+     close, when none is in it);
   3. answer every ``heartbeat{ack: false}`` with ``heartbeat{same nonce,
      ack: true}`` (and send its own heartbeat every ``--heartbeat`` seconds);
-  4. keep a table of open sessions per link;
+  4. keep a table of open sessions (shared by all links, keyed by
+     (instance_id, session_id); each session is on one link at a time);
   5. send ``data`` only for open sessions;
-  6. ignore frames for sessions it closed itself; skip unknown fields.
+  6. ignore frames for sessions it closed itself; skip unknown fields;
+  7. version 3, capabilities ``flow`` and ``move`` (below).
 
 Version 2 adds two gateway -> backend frame kinds, ``detached`` (the client's
 connection was lost and the session waits ``grace_ms`` for a resume) and
@@ -28,6 +31,37 @@ Both are recorded for ``cmd:stats``. On a link that negotiated version 1,
 receiving either one is a protocol violation; for an unknown session they
 are treated like any other session frame (ignored if they crossed our own
 ``close``, a violation otherwise).
+
+Version 3 (chosen when offered, unless ``--max-version 2``) adopts the
+capabilities of ``--caps`` (default ``flow,move``; ``none`` adopts none and
+the link behaves as version 2) that the gateway offers, and grants
+``--window`` bytes per session (0, the default: the gateway's own window).
+
+* ``flow``: every session counts ``data`` costs (payload + 64) both ways.
+  Each session has one handler that takes the gateway's messages in order;
+  a message is *consumed* once its answer (echo, or a command's output) has
+  been handed to the link within the gateway's limit; while the limit is
+  used up the answer is held (in order), nothing more is consumed and no
+  window is granted, so the gateway pauses that client alone. The backend
+  grants ``window{consumed + window}`` whenever half a window or less is
+  left. Checked: windows only with flow and a non-zero session id, for a
+  session on this link; a limit never goes down; the gateway's data never
+  passes our grant; hello's window fits a maximal message.
+* ``move``: every window we send carries ``received``; every ``data`` we
+  send is kept until acknowledged (checked: acknowledgements never go down
+  nor past what we sent, and a limit is at most one gateway window past what
+  was acknowledged, so what we keep stays within ``hello.session_window``).
+  When a link is lost its sessions are kept ``hello.move_timeout_ms``, then
+  forgotten (as a close 1006); a link that ended with a protocol violation
+  (ours, deliberate, or the gateway's) ends its sessions at once. On
+  ``resume`` the session moves to the new link (its frames still read from
+  the old link are ignored), we answer ``window{limit, received}``, then
+  resend our data from ``resume.received`` + 1; a session we do not know
+  gets ``close{1012}`` (or the code we closed it with). Checked: resume only
+  with move, never for a session open on that very link or closed by the
+  gateway, and its ``open`` equals the original.
+* ``--reset-links-every SECONDS`` aborts every link with a TCP RST (SO_LINGER
+  0) that often, to test moves from the backend's side.
 
 It is *strict* about what the gateway sends: every protocol violation is
 printed to stderr as ``PROTOCOL VIOLATION: ...``, counted, and the link is
@@ -42,9 +76,34 @@ Behaviour per session:
 
   ``cmd:close:CODE[:REASON]``  send ``close{CODE, REASON}``, forget the session
   ``cmd:push:N``               send N binary messages ``push-0`` .. ``push-N-1``
+  ``cmd:flood:N:SIZE``         send N binary messages of SIZE bytes (8 to
+                               max_message_size), each starting with its
+                               index as 8 bytes big-endian, as fast as the
+                               gateway's window allows
+  ``cmd:stall:SECONDS``        take nothing more from this session for that
+                               long (no echo, no window: with flow, the
+                               gateway must pause this client only)
+  ``cmd:drop:N``               (move) count the next N data as sent but do
+                               not write them, then reset the link: the
+                               gateway must resume the session and get them
+                               resent, in order
+  ``cmd:freeze:SECONDS``       this session's link becomes a black hole for
+                               that long (nothing read, everything written
+                               dropped): the gateway declares it dead and
+                               moves its sessions while it still looks up here
+  ``cmd:overrun``              (flow) send past the gateway's window: it must
+                               close the session with 1011 and send us
+                               ``close{1011, ...}``
   ``cmd:stats``                reply (text) with a JSON object, see ``stats()``
-                               (includes ``detaches``, ``attaches`` and the
+                               (includes ``detaches``, ``attaches``, the
+                               version-3 counters: ``windows_sent``,
+                               ``windows_received``, ``stalls``,
+                               ``max_held_bytes``, ``max_unacked_bytes``,
+                               ``resumes_answered``, ``resumes_refused``,
+                               ``frames_resent``, ``sessions_kept``,
+                               ``sessions_expired``, ``links_reset``, and the
                                last 100 ``events``)
+  ``cmd:session``              reply (text) with this session's counters (JSON)
   ``cmd:big:N``                send one binary message of N bytes (``x`` * N)
   ``cmd:badutf8``              send a text ``data`` whose payload is not UTF-8
                                (the gateway must close the session with 1011
@@ -59,6 +118,9 @@ Behaviour per session:
                                ``heartbeat_session`` (heartbeat for this
                                session), ``detached`` / ``attached`` (the
                                gateway's frames, sent by us),
+                               ``window0`` (window with session_id 0),
+                               ``window`` (window on a link without flow),
+                               ``resume`` (the gateway's frame, sent by us),
                                ``badutf8_link`` (a hello_ack whose
                                backend_id is not UTF-8),
                                ``oversize`` (announce a frame above --max-frame)
@@ -72,6 +134,9 @@ Behaviour per session:
 Usage::
 
     python3 backend.py --listen 127.0.0.1:0 --framing varint
+    python3 backend.py --listen 127.0.0.1:9000 --caps flow --window 2097152
+    python3 backend.py --listen 127.0.0.1:9000 --reset-links-every 2
+    python3 backend.py --max-version 2       # the version-2 behaviour
     python3 backend.py --self-test
 
 After binding, exactly one line ``listening HOST:PORT`` is printed to stdout.
@@ -86,15 +151,20 @@ import itertools
 import json
 import signal
 import socket
+import struct
 import sys
 import time
 from dataclasses import dataclass, field
 
 # Protocol versions this backend speaks; the handshake picks the highest one
-# the gateway offers. Version 2 adds the gateway -> backend frame kinds in
-# V2_KINDS; version 1 has only the original six.
-SUPPORTED_VERSIONS = (1, 2)
+# the gateway offers (at most --max-version). Version 2 adds the gateway ->
+# backend frame kinds in V2_KINDS; version 1 has only the original six.
+# Version 3 adds capabilities, each with its frame kind: "flow" (`window`,
+# either direction) and "move" (`resume`, gateway -> backend).
+SUPPORTED_VERSIONS = (1, 2, 3)
 V2_KINDS = frozenset({"detached", "attached"})
+CAPABILITIES = ("flow", "move")
+COST_OVERHEAD = 64  # a data frame costs its payload length plus this (v3)
 DEFAULT_MAX_FRAME = 1_052_672  # 1 MiB + 4 KiB, the README's default
 BACKEND_ID = "tests/interop/backend.py"
 
@@ -277,6 +347,10 @@ class Hello:
     max_frame_size: int = 0
     max_message_size: int = 0
     client_queue_bytes: int = 0
+    # Fields 11-13, version 3 (read only when version 3 is chosen).
+    capabilities: list[str] = field(default_factory=list)
+    session_window: int = 0
+    move_timeout_ms: int = 0
 
     def encode(self) -> bytes:
         return (enc_uint(1, self.min_version) + enc_uint(2, self.max_version)
@@ -286,7 +360,10 @@ class Hello:
                 + enc_uint(7, self.heartbeat_timeout_ms)
                 + enc_uint(8, self.max_frame_size)
                 + enc_uint(9, self.max_message_size)
-                + enc_uint(10, self.client_queue_bytes))
+                + enc_uint(10, self.client_queue_bytes)
+                + b"".join(enc_bytes(11, c.encode(), always=True) for c in self.capabilities)
+                + enc_uint(12, self.session_window)
+                + enc_uint(13, self.move_timeout_ms))
 
     @classmethod
     def decode(cls, buf: bytes) -> "Hello":
@@ -312,6 +389,12 @@ class Hello:
                 _want(fno, wt, WT_VARINT, "Hello"); m.max_message_size = v & U32_MASK
             elif fno == 10:
                 _want(fno, wt, WT_VARINT, "Hello"); m.client_queue_bytes = v
+            elif fno == 11:
+                _want(fno, wt, WT_LEN, "Hello"); m.capabilities.append(_utf8(v, "Hello.capabilities"))
+            elif fno == 12:
+                _want(fno, wt, WT_VARINT, "Hello"); m.session_window = v
+            elif fno == 13:
+                _want(fno, wt, WT_VARINT, "Hello"); m.move_timeout_ms = v
         return m
 
 
@@ -320,9 +403,15 @@ class HelloAck:
     version: int = 0
     backend_id: str = ""
     error: str = ""
+    # Version 3: the capabilities adopted, and the backend's per-session
+    # window (0 = the same as Hello.session_window).
+    capabilities: list[str] = field(default_factory=list)
+    session_window: int = 0
 
     def encode(self) -> bytes:
-        return enc_uint(1, self.version) + enc_str(2, self.backend_id) + enc_str(3, self.error)
+        return (enc_uint(1, self.version) + enc_str(2, self.backend_id) + enc_str(3, self.error)
+                + b"".join(enc_bytes(4, c.encode(), always=True) for c in self.capabilities)
+                + enc_uint(5, self.session_window))
 
     @classmethod
     def decode(cls, buf: bytes) -> "HelloAck":
@@ -334,6 +423,10 @@ class HelloAck:
                 _want(fno, wt, WT_LEN, "HelloAck"); m.backend_id = _utf8(v, "HelloAck.backend_id")
             elif fno == 3:
                 _want(fno, wt, WT_LEN, "HelloAck"); m.error = _utf8(v, "HelloAck.error")
+            elif fno == 4:
+                _want(fno, wt, WT_LEN, "HelloAck"); m.capabilities.append(_utf8(v, "HelloAck.capabilities"))
+            elif fno == 5:
+                _want(fno, wt, WT_VARINT, "HelloAck"); m.session_window = v
         return m
 
 
@@ -486,9 +579,59 @@ class SessionAttached:
         return m
 
 
+@dataclass
+class Window:
+    """Either direction, version 3 with "flow": the receiver's grant to the
+    sender (``limit``, absolute, in bytes of cost from the session's start)
+    and, with "move", how many of the sender's ``data`` frames it has
+    received (``received``)."""
+    limit: int = 0
+    received: int = 0
+
+    def encode(self) -> bytes:
+        return enc_uint(1, self.limit) + enc_uint(2, self.received)
+
+    @classmethod
+    def decode(cls, buf: bytes) -> "Window":
+        m = cls()
+        for fno, wt, v in iter_fields(buf):
+            if fno == 1:
+                _want(fno, wt, WT_VARINT, "Window"); m.limit = v
+            elif fno == 2:
+                _want(fno, wt, WT_VARINT, "Window"); m.received = v
+        return m
+
+
+@dataclass
+class SessionResume:
+    """Gateway -> backend, version 3 with "move": the session, opened on a
+    link that was lost, continues on this one."""
+    open: SessionOpen = field(default_factory=SessionOpen)
+    received: int = 0
+    limit: int = 0
+
+    def encode(self) -> bytes:
+        return (enc_bytes(1, self.open.encode(), always=True)
+                + enc_uint(2, self.received) + enc_uint(3, self.limit))
+
+    @classmethod
+    def decode(cls, buf: bytes) -> "SessionResume":
+        m = cls()
+        open_raw = b""  # a message field seen twice is merged
+        for fno, wt, v in iter_fields(buf):
+            if fno == 1:
+                _want(fno, wt, WT_LEN, "SessionResume"); open_raw += v
+            elif fno == 2:
+                _want(fno, wt, WT_VARINT, "SessionResume"); m.received = v
+            elif fno == 3:
+                _want(fno, wt, WT_VARINT, "SessionResume"); m.limit = v
+        m.open = SessionOpen.decode(open_raw)
+        return m
+
+
 # Frame.body oneof: field number -> (name, message class). Fields 8 and 9
-# exist only in version 2 (see V2_KINDS); a version-1 peer would see them as
-# a body-less frame.
+# exist only in version 2 (see V2_KINDS), 10 and 11 only in version 3 with
+# a capability; an older peer would see them as a body-less frame.
 BODY_FIELDS = {
     2: ("hello", Hello),
     3: ("hello_ack", HelloAck),
@@ -498,6 +641,8 @@ BODY_FIELDS = {
     7: ("heartbeat", Heartbeat),
     8: ("detached", SessionDetached),
     9: ("attached", SessionAttached),
+    10: ("window", Window),
+    11: ("resume", SessionResume),
 }
 BODY_NUMBERS = {name: (no, cls) for no, (name, cls) in BODY_FIELDS.items()}
 
@@ -586,34 +731,408 @@ async def read_prefix(reader: asyncio.StreamReader, framing: str) -> int | None:
 # ---------------------------------------------------------------------------
 
 
-def choose_version(min_version: int, max_version: int) -> tuple[int, str]:
+def choose_version(min_version: int, max_version: int,
+                   highest: int = SUPPORTED_VERSIONS[-1]) -> tuple[int, str]:
     """The version to answer a ``hello`` offering ``[min_version, max_version]``
-    with: the highest one we speak in that range, and "" -- or ``(0, error)``
-    when there is none (the caller then sends that and closes the link)."""
-    common = [v for v in SUPPORTED_VERSIONS if min_version <= v <= max_version]
+    with: the highest one we speak (at most ``highest``) in that range, and ""
+    -- or ``(0, error)`` when there is none (the caller then sends that and
+    closes the link)."""
+    ours = [v for v in SUPPORTED_VERSIONS if v <= highest]
+    common = [v for v in ours if min_version <= v <= max_version]
     if common:
         return max(common), ""
     return 0, (f"no common version: gateway speaks [{min_version}, {max_version}], "
-               f"backend speaks {', '.join(map(str, SUPPORTED_VERSIONS))}")
+               f"backend speaks {', '.join(map(str, ours))}")
+
+
+def data_cost(payload_len: int) -> int:
+    """Version 3: what a ``data`` frame counts against a window."""
+    return payload_len + COST_OVERHEAD
 
 
 class ProtocolViolation(Exception):
     """The gateway broke the link protocol; the link must be closed."""
 
 
+class FlowError(Exception):
+    """The gateway broke a version-3 flow-control or move rule (the caller
+    turns it into a protocol violation)."""
+
+
+class FlowState:
+    """One session's version-3 counters, both directions, without any I/O
+    (the self-test drives it directly).
+
+    Backend -> gateway (we send): the gateway's ``limit`` (initially
+    ``hello.session_window``), our sent cost and count, and with "move" the
+    frames not yet acknowledged (kept to be resent after a move).
+    Gateway -> backend (we receive): the limit we granted (initially our
+    window), what arrived (cost, count) and what our handler consumed.
+
+    Everything counts from the session's start, across links; ``data``
+    frames are numbered 1, 2, ... in each direction, and a frame resent
+    after a move keeps its number (and is not counted again).
+    """
+
+    def __init__(self, send_window: int, recv_window: int, move: bool):
+        self.move = move
+        # we send
+        self.send_window = send_window  # the gateway's initial grant
+        self.send_limit = send_window
+        self.sent_cost = 0
+        self.sent_count = 0
+        self.acked = 0                  # our frames the gateway acknowledged
+        self.unacked: collections.deque = collections.deque()  # (number, cost, Data)
+        self.unacked_cost = 0
+        # we receive
+        self.recv_window = recv_window  # our initial grant
+        self.recv_limit = recv_window
+        self.recv_cost = 0
+        self.recv_count = 0
+        self.consumed = 0
+
+    # -- sending --
+
+    def fits(self, cost: int) -> bool:
+        return self.sent_cost + cost <= self.send_limit
+
+    def never_fits(self, cost: int) -> bool:
+        """True when no window can ever let this frame through: the gateway
+        grants at most one window ahead of what it consumed."""
+        return cost > self.send_window
+
+    def record_sent(self, data: "Data") -> int:
+        """Count a ``data`` frame we send; return its number."""
+        cost = data_cost(len(data.payload))
+        self.sent_cost += cost
+        self.sent_count += 1
+        if self.move:
+            self.unacked.append((self.sent_count, cost, data))
+            self.unacked_cost += cost
+        return self.sent_count
+
+    def _check(self, limit: int, received: int, what: str) -> None:
+        """Raise FlowError if a window or resume breaks a rule; change nothing."""
+        if limit < self.send_limit:
+            raise FlowError(f"{what} limit {limit} is below the limit {self.send_limit} "
+                            f"granted earlier (a window never goes down)")
+        if not self.move:
+            return  # `received` means nothing without move (it may be 0)
+        if received < self.acked:
+            raise FlowError(f"{what} acknowledges {received} data frames after it acknowledged "
+                            f"{self.acked} (received never goes down)")
+        if received > self.sent_count:
+            raise FlowError(f"{what} acknowledges {received} data frames, but the backend "
+                            f"sent only {self.sent_count}")
+        # The README: a limit is at most consumed (<= received) + window, so
+        # what we keep unacknowledged stays within the gateway's window.
+        acked_cost = self.sent_cost - sum(c for n, c, _ in self.unacked if n > received)
+        if limit - acked_cost > self.send_window:
+            raise FlowError(
+                f"{what} limit {limit} is {limit - acked_cost} bytes past what it "
+                f"acknowledged ({received} frames, {acked_cost} bytes), more than "
+                f"its window {self.send_window}: the backend's unacknowledged data "
+                f"could exceed hello.session_window")
+
+    def _apply(self, limit: int, received: int) -> None:
+        self.send_limit = limit
+        if self.move:
+            while self.unacked and self.unacked[0][0] <= received:
+                _, cost, _ = self.unacked.popleft()
+                self.unacked_cost -= cost
+            self.acked = received
+
+    def on_window(self, limit: int, received: int) -> None:
+        """A ``window`` from the gateway (raises FlowError on a violation)."""
+        self._check(limit, received, "window")
+        self._apply(limit, received)
+
+    def on_resume(self, received: int, limit: int) -> list:
+        """A ``resume``: return the ``(number, cost, Data)`` to resend, in order."""
+        self._check(limit, received, "resume")
+        self._apply(limit, received)
+        return list(self.unacked)
+
+    # -- receiving --
+
+    def on_data(self, cost: int) -> None:
+        """A ``data`` frame from the gateway (raises FlowError past our grant)."""
+        self.recv_count += 1
+        self.recv_cost += cost
+        if self.recv_cost > self.recv_limit:
+            raise FlowError(f"data #{self.recv_count} takes the gateway's sent cost to "
+                            f"{self.recv_cost}, past the limit {self.recv_limit} the backend granted")
+
+    def consume(self, cost: int) -> int | None:
+        """Our handler took a message; return the new limit to grant, if the
+        update rule says so (half a window or less left)."""
+        self.consumed += cost
+        if 2 * (self.recv_limit - self.consumed) <= self.recv_window:
+            self.recv_limit = self.consumed + self.recv_window
+            return self.recv_limit
+        return None
+
+    def window_frame(self) -> "Window":
+        """The ``window`` we send: our grant and, with move, our count."""
+        return Window(self.recv_limit, self.recv_count if self.move else 0)
+
+    def counters(self) -> dict:
+        return {k: getattr(self, k) for k in (
+            "send_window", "send_limit", "sent_cost", "sent_count", "acked", "unacked_cost",
+            "recv_window", "recv_limit", "recv_cost", "recv_count", "consumed")}
+
+
 def log(msg: str) -> None:
     print(f"[backend {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
+class SessionGone(Exception):
+    """The session ended while its handler waited."""
+
+
+class Session:
+    """One session, in the backend's table shared by all links (keyed by
+    (instance_id, session_id)). It lives on one link at a time; with "move"
+    it outlives that link for hello.move_timeout_ms.
+
+    Its handler (``run``) takes the gateway's messages in order from
+    ``inbox`` and consumes each one once its answer (the echo, or a
+    command's output) has been handed to the link within the gateway's
+    window: while the window is used up, the answer is held, nothing more is
+    consumed, no window is granted, and the gateway pauses the client.
+    """
+
+    def __init__(self, backend: "Backend", key: tuple, sid: int, open_msg: SessionOpen,
+                 link: "Link", flow: FlowState | None):
+        self.b = backend
+        self.key = key
+        self.sid = sid
+        self.open = open_msg
+        self.link: Link | None = link
+        self.flow = flow
+        self.move = flow is not None and flow.move
+        self.inbox: collections.deque = collections.deque()  # (Data, cost)
+        self.inbox_cost = 0
+        self.waiting_cost = 0  # an answer held for lack of window
+        self.max_held = 0
+        self.stalls = 0
+        self.drop_next = 0  # cmd:drop: data to count as sent but not write
+        self.closed = False
+        self.expiry: asyncio.TimerHandle | None = None
+        self.wake = asyncio.Event()
+        self.task = asyncio.create_task(self.run())
+
+    def note_held(self) -> None:
+        held = self.inbox_cost + self.waiting_cost
+        if held > self.max_held:
+            self.max_held = held
+            self.b.max_held_bytes = max(self.b.max_held_bytes, held)
+
+    def counters(self) -> dict:
+        out = {"session_id": self.sid, "link": self.link.id if self.link else None,
+               "inbox": len(self.inbox), "inbox_cost": self.inbox_cost,
+               "max_held_bytes": self.max_held, "stalls": self.stalls}
+        if self.flow:
+            out.update(self.flow.counters())
+        return out
+
+    # -- the handler --
+
+    async def run(self) -> None:
+        try:
+            while not self.closed:
+                if not self.inbox:
+                    self.wake.clear()
+                    await self.wake.wait()
+                    continue
+                data, cost = self.inbox[0]
+                await self.handle(data)
+                if self.closed:
+                    return
+                self.inbox.popleft()
+                self.inbox_cost -= cost
+                self.consume(cost)
+        except SessionGone:
+            pass
+        except Exception as e:  # e.g. a cmd:big above --max-frame
+            log(f"session {self.sid}: handler failed: {e!r}; closing it with 1011")
+            if self.link is not None and not self.closed:
+                link = self.link
+                self.b.end_session(self, ours=(1011, "backend handler failed"))
+                link.send_nowait(Frame(self.sid, "close", SessionClose(1011, "backend handler failed")))
+
+    def consume(self, cost: int) -> None:
+        if not self.flow:
+            return
+        grant = self.flow.consume(cost)
+        if grant is not None and self.link is not None:
+            # without a link, the answer to the resume will carry the grant
+            self.link.send_window(self)
+
+    async def wait_link(self) -> "Link":
+        while True:
+            if self.closed:
+                raise SessionGone()
+            if self.link is not None and not self.link.closing():
+                return self.link
+            self.wake.clear()
+            await self.wake.wait()
+
+    async def send_data(self, payload: bytes, text: bool) -> None:
+        """Send one ``data`` when the gateway's window allows (hold it until
+        then), on whatever link the session is on by then."""
+        data = Data(payload, text)
+        cost = data_cost(len(payload))
+        held = False
+        while True:
+            link = await self.wait_link()
+            if self.flow is None or self.flow.fits(cost):
+                break
+            if self.flow.never_fits(cost):
+                link.log(f"session {self.sid}: a {cost}-byte data can never fit the gateway's "
+                         f"window ({self.flow.send_window}); sending it anyway")
+                break
+            if not held:
+                held = True
+                self.stalls += 1
+                self.b.stalls += 1
+                self.waiting_cost = cost
+                self.note_held()
+            self.wake.clear()
+            await self.wake.wait()
+        self.waiting_cost = 0
+        if self.flow:
+            self.flow.record_sent(data)
+            if self.flow.unacked_cost > self.b.max_unacked_bytes:
+                self.b.max_unacked_bytes = self.flow.unacked_cost
+        if self.drop_next > 0:
+            # cmd:drop: lost "in flight"; then the link must go at once, before
+            # any later frame could be taken for this one.
+            self.drop_next -= 1
+            if self.drop_next == 0:
+                link.reset("cmd:drop")
+            return
+        link.send_nowait(Frame(self.sid, "data", data))
+        await link.drain()
+
+    async def handle(self, data: Data) -> None:
+        if data.text:
+            text = data.payload.decode("utf-8")  # checked by the reader
+            if text.startswith("cmd:"):
+                await self.command(text)
+                return
+        await self.send_data(data.payload, data.text)  # echo
+
+    async def close(self, code: int, reason: str) -> None:
+        link = await self.wait_link()
+        self.b.end_session(self, ours=(code, reason))
+        link.send_nowait(Frame(self.sid, "close", SessionClose(code, reason)))
+        await link.drain()
+
+    async def command(self, text: str) -> None:
+        parts = text.split(":", 3)
+        cmd = parts[1] if len(parts) > 1 else ""
+        try:
+            if cmd == "close":
+                code = int(parts[2])
+                reason = parts[3] if len(parts) > 3 else ""
+                await self.close(code, reason)
+            elif cmd == "push":
+                for i in range(int(parts[2])):
+                    await self.send_data(f"push-{i}".encode(), False)
+            elif cmd == "flood":
+                n, size = int(parts[2]), int(parts[3])
+                limit = self.link.hello.max_message_size if self.link and self.link.hello else 0
+                if size < 8 or (limit and size > limit):
+                    raise ValueError(f"SIZE must be 8 to {limit or 'max_message_size'}")
+                filler = b"f" * (size - 8)
+                for i in range(n):
+                    await self.send_data(i.to_bytes(8, "big") + filler, False)
+            elif cmd == "freeze":
+                link = await self.wait_link()
+                link.freeze(float(parts[2]))
+            elif cmd == "stall":
+                # Take nothing more (no echo, no window) for that long.
+                seconds = float(parts[2])
+                self.b.events.append(("stall", self.sid, seconds))
+                await asyncio.sleep(seconds)
+            elif cmd == "drop":
+                if not self.move:
+                    raise ValueError("needs the move capability")
+                self.drop_next = int(parts[2])
+                if self.drop_next < 1:
+                    raise ValueError("N must be at least 1")
+            elif cmd == "stats":
+                await self.send_data(json.dumps(self.b.stats()).encode(), True)
+            elif cmd == "session":
+                await self.send_data(json.dumps(self.counters()).encode(), True)
+            elif cmd == "big":
+                await self.send_data(b"x" * int(parts[2]), False)
+            elif cmd == "badutf8":
+                await self.send_data(b"bad \xff\xfe utf-8", True)
+            elif cmd == "overrun":
+                await self.overrun()
+            elif cmd == "foreign":
+                link = await self.wait_link()
+                foreign = (1 << 63) + link.id  # never chosen by the gateway in tests
+                link.send_nowait(Frame(foreign, "data", Data(b"foreign", False)))
+                await self.send_data(b"foreign-sent", True)
+            elif cmd == "badclose":
+                # close for this session whose reason is not UTF-8: framed
+                # correctly, so the gateway must end only this session
+                # (close{1011} back to us) and keep the link.
+                link = await self.wait_link()
+                body = enc_uint(1, self.sid) + enc_bytes(
+                    6, enc_uint(1, 1000) + enc_bytes(2, b"bye \xff"), always=True)
+                link.send_raw_nowait(frame_prefix(self.b.framing, len(body)) + body)
+                await link.drain()
+            elif cmd == "violate":
+                link = await self.wait_link()
+                await link.violate(self.sid, parts[2] if len(parts) > 2 else "")
+            else:
+                await self.send_data(f"cmd-error: unknown command {text!r}".encode(), True)
+        except (ValueError, IndexError) as e:
+            await self.send_data(f"cmd-error: {text!r}: {e}".encode(), True)
+
+    async def overrun(self) -> None:
+        """Deliberately send past the gateway's window: it must end this
+        session (1011 to the client, close{1011, ...} to us)."""
+        if not self.flow:
+            raise ValueError("no flow control on this link")
+        link = await self.wait_link()
+        link.log(f"session {self.sid}: deliberately sending past the gateway's window")
+        chunk = 60_000
+        if link.hello and link.hello.max_message_size:
+            chunk = min(chunk, link.hello.max_message_size)
+        while self.flow.sent_cost <= self.flow.send_limit and not self.closed:
+            data = Data(b"o" * chunk, False)
+            self.flow.record_sent(data)
+            link.send_nowait(Frame(self.sid, "data", data))
+        await link.drain()
+
+
 class Backend:
-    def __init__(self, framing: str, max_frame: int, heartbeat: float, verbose: bool):
+    def __init__(self, framing: str, max_frame: int, heartbeat: float, verbose: bool,
+                 max_version: int = SUPPORTED_VERSIONS[-1],
+                 caps: tuple[str, ...] = CAPABILITIES, window: int = 0):
         self.framing = framing
         self.max_frame = max_frame
         self.heartbeat = heartbeat
         self.verbose = verbose
+        self.max_version = max_version
+        self.caps = caps      # the capabilities we adopt when offered
+        self.window = window  # our session_window (0: the gateway's)
         self.links: dict[int, "Link"] = {}
         self.links_total = 0
         self.violations = 0
+        # The session table, shared by all links: (instance_id, session_id)
+        # -> Session (instance_id is replaced by "link N" for a gateway that
+        # sends none).
+        self.sessions: dict[tuple, Session] = {}
+        # Sessions we closed, with our code and reason (answered again to a
+        # resume), and sessions the gateway closed; the most recent 100,000.
+        self.closed_by_us: collections.OrderedDict = collections.OrderedDict()
+        self.closed_by_gateway: collections.OrderedDict = collections.OrderedDict()
         self.closes: collections.deque = collections.deque(maxlen=100)
         self.opens: collections.deque = collections.deque(maxlen=100)
         self.sessions_lost = 0      # sessions ended by the loss of their link
@@ -622,8 +1141,22 @@ class Backend:
         self.heartbeat_acks = 0     # answers to our own heartbeats
         self.detaches = 0           # `detached` frames received (version 2)
         self.attaches = 0           # `attached` frames received (version 2)
-        # the last 100 [kind, session_id, detail] for detached/attached, where
-        # detail is the detach reason or the number of replayed messages
+        # version 3
+        self.windows_sent = 0
+        self.windows_received = 0
+        self.stalls = 0             # answers held for lack of the gateway's window
+        self.max_held_bytes = 0     # per session: unconsumed input + held answer
+        self.max_unacked_bytes = 0  # per session: kept for resending (move)
+        self.resumes_answered = 0   # resume answered with window (session moved)
+        self.resumes_refused = 0    # resume answered with close
+        self.frames_resent = 0
+        self.sessions_kept = 0      # sessions kept when their link was lost (move)
+        self.sessions_expired = 0   # ... and forgotten after move_timeout_ms
+        self.links_reset = 0        # --reset-links-every
+        # the last 100 [kind, session_id, detail] for detached/attached (detail:
+        # the reason / the replayed count), stall (seconds), moved ([old link,
+        # new link, resume.received, our sent count, our received count]),
+        # resume_refused (the code)
         self.events: collections.deque = collections.deque(maxlen=100)
         # the last 100 hellos, as dicts of their fields
         self.hellos: collections.deque = collections.deque(maxlen=100)
@@ -635,7 +1168,7 @@ class Backend:
         return {
             "links": len(self.links),
             "links_total": self.links_total,
-            "sessions": sum(len(l.sessions) for l in self.links.values()),
+            "sessions": len(self.sessions),
             "violations": self.violations,
             # [session_id, code, reason] of each close received from the gateway
             "closes": [list(c) for c in self.closes],
@@ -647,12 +1180,82 @@ class Backend:
             "heartbeat_acks": self.heartbeat_acks,
             "detaches": self.detaches,
             "attaches": self.attaches,
-            # [kind, session_id, detail]: detail is the reason of a "detached",
-            # the replayed count of an "attached"
             "events": [list(e) for e in self.events],
             "hellos": list(self.hellos),
             "framing": self.framing,
+            # version 3: per link [id, version, capabilities]
+            "link_versions": [[l.id, l.version, list(l.caps)] for l in self.links.values()],
+            "windows_sent": self.windows_sent,
+            "windows_received": self.windows_received,
+            "stalls": self.stalls,
+            "max_held_bytes": self.max_held_bytes,
+            "max_unacked_bytes": self.max_unacked_bytes,
+            "resumes_answered": self.resumes_answered,
+            "resumes_refused": self.resumes_refused,
+            "frames_resent": self.frames_resent,
+            "sessions_kept": self.sessions_kept,
+            "sessions_expired": self.sessions_expired,
+            "links_reset": self.links_reset,
         }
+
+    @staticmethod
+    def _remember(table: collections.OrderedDict, key: tuple, value) -> None:
+        table[key] = value
+        if len(table) > 100_000:
+            table.popitem(last=False)
+
+    def end_session(self, sess: Session, ours: tuple[int, str] | None = None,
+                    by_gateway: bool = False) -> None:
+        """Forget a session: closed by us (``ours`` = (code, reason)), by the
+        gateway, or lost with its link."""
+        if sess.closed:
+            return
+        sess.closed = True
+        self.sessions.pop(sess.key, None)
+        if sess.expiry:
+            sess.expiry.cancel()
+        link = sess.link
+        if link is not None:
+            link.sessions.pop(sess.sid, None)
+            (link.closed_by_us if ours else link.closed_by_peer).add(sess.sid)
+        if ours:
+            self._remember(self.closed_by_us, sess.key, ours)
+        if by_gateway:
+            self._remember(self.closed_by_gateway, sess.key, True)
+        sess.wake.set()
+        if sess.task is not asyncio.current_task():
+            sess.task.cancel()
+
+    def link_lost(self, link: "Link", keep: bool) -> tuple[int, int]:
+        """The link ended: keep its sessions for move_timeout_ms (``keep``),
+        or end them (as a close 1006). Returns (kept, ended)."""
+        kept = ended = 0
+        for sess in list(link.sessions.values()):
+            link.sessions.pop(sess.sid, None)
+            if keep:
+                sess.link = None
+                sess.expiry = asyncio.get_running_loop().call_later(
+                    link.hello.move_timeout_ms / 1000, self.expire, sess)
+                sess.wake.set()
+                kept += 1
+            else:
+                sess.link = None
+                self.end_session(sess)
+                if link.poisoned:
+                    # a resume gets close 1012, as the link's end gave in v2
+                    self._remember(self.closed_by_us, sess.key,
+                                   (1012, "its link ended with a protocol violation"))
+                ended += 1
+        self.sessions_kept += kept
+        self.sessions_lost += ended
+        return kept, ended
+
+    def expire(self, sess: Session) -> None:
+        if sess.link is None and not sess.closed:
+            log(f"session {sess.sid} not resumed within move_timeout: forgotten (as a close 1006)")
+            self.sessions_expired += 1
+            self.sessions_lost += 1
+            self.end_session(sess)
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         link = Link(self, next(self._link_ids), reader, writer)
@@ -664,9 +1267,16 @@ class Backend:
         finally:
             del self.links[link.id]
 
+    async def reset_loop(self, period: float) -> None:
+        """--reset-links-every: abort every link with a TCP RST."""
+        while True:
+            await asyncio.sleep(period)
+            for link in list(self.links.values()):
+                link.reset()
+
 
 class Link:
-    """One TCP connection from the gateway, with its own session table."""
+    """One TCP connection from the gateway, with the sessions now on it."""
 
     def __init__(self, backend: Backend, link_id: int,
                  reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
@@ -676,11 +1286,21 @@ class Link:
         self.writer = writer
         peer = writer.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
-        self.sessions: dict[int, SessionOpen] = {}  # open sessions
+        self.sessions: dict[int, Session] = {}  # sessions on this link now
         self.closed_by_us: set[int] = set()    # late frames for these: ignore
         self.closed_by_peer: set[int] = set()  # frames for these: violation
+        self.moved_away: set[int] = set()      # resumed on another link: ignore
         self.hello: Hello | None = None
+        self.instance = f"link {link_id}"  # hello.instance_id, when it has one
         self.version = 0  # negotiated in the handshake (0 until then)
+        self.caps: tuple[str, ...] = ()  # the capabilities we adopted
+        self.flow = False
+        self.move = False
+        self.recv_window = 0  # what we grant each session at its start (flow)
+        self.poisoned = False  # a protocol violation ended (or will end) it
+        self.reset_by_us = False
+        self.frozen_until = 0.0  # cmd:freeze: a black hole until then
+        self.frozen_writes = 0
         self.pending_nonces: set[int] = set()
         self.nonces = itertools.count(1)
         self.task: asyncio.Task | None = None
@@ -690,36 +1310,75 @@ class Link:
 
     def violation(self, msg: str) -> ProtocolViolation:
         self.b.violations += 1
+        self.poisoned = True
         print(f"PROTOCOL VIOLATION: link {self.id} ({self.peer}): {msg}",
               file=sys.stderr, flush=True)
         return ProtocolViolation(msg)
 
-    # -- writing: one frame is one write() call, so frames never interleave,
-    # and all writes happen in program order on the event loop. --
+    def closing(self) -> bool:
+        return self.writer.transport.is_closing()
 
-    async def send(self, frame: Frame) -> None:
+    def reset(self, why: str = "--reset-links-every") -> None:
+        """Abort the connection with a TCP RST (SO_LINGER on, timeout 0)."""
+        sock = self.writer.get_extra_info("socket")
+        if sock is None or self.closing():
+            return
+        self.log(f"resetting the connection ({why})")
+        self.reset_by_us = True
+        self.b.links_reset += 1
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError as e:
+            self.log(f"SO_LINGER: {e!r}")
+        self.writer.transport.abort()
+
+    def freeze(self, seconds: float) -> None:
+        """cmd:freeze: for that long, read nothing and drop everything we
+        write (a black hole: the gateway declares the link dead by heartbeat
+        timeout and moves its sessions while the link still looks up here)."""
+        self.log(f"frozen for {seconds} s (cmd:freeze)")
+        self.frozen_until = time.monotonic() + seconds
+
+    def frozen(self) -> bool:
+        return time.monotonic() < self.frozen_until
+
+    # -- writing: one frame is one write() call, so frames never interleave,
+    # and all writes happen in program order on the event loop. The reader
+    # only writes without waiting (send_nowait), so it keeps reading while
+    # the link is backed up (what it writes is bounded by the windows). --
+
+    def send_nowait(self, frame: Frame) -> None:
         body = frame.encode()
         if len(body) > self.b.max_frame:
             raise RuntimeError(f"refusing to send a {len(body)}-byte frame (max {self.b.max_frame})")
-        await self.send_raw(frame_prefix(self.b.framing, len(body)) + body)
+        self.send_raw_nowait(frame_prefix(self.b.framing, len(body)) + body)
         if self.b.verbose:
             self.log(f"sent {frame.kind} session={frame.session_id}")
 
+    def send_raw_nowait(self, raw: bytes) -> None:
+        if self.frozen():
+            self.frozen_writes += 1
+        elif not self.closing():
+            self.writer.write(raw)
+
+    async def drain(self) -> None:
+        try:
+            await self.writer.drain()
+        except (ConnectionError, OSError):
+            pass  # the reader sees the end of the link and deals with it
+
+    async def send(self, frame: Frame) -> None:
+        self.send_nowait(frame)
+        await self.drain()
+
     async def send_raw(self, raw: bytes) -> None:
-        self.writer.write(raw)
-        await self.writer.drain()
+        self.send_raw_nowait(raw)
+        await self.drain()
 
-    async def send_data(self, sid: int, payload: bytes, text: bool) -> None:
-        if sid not in self.sessions:
-            return  # never send for a session that is not open (checklist 5)
-        await self.send(Frame(sid, "data", Data(payload, text)))
-
-    async def send_close(self, sid: int, code: int, reason: str) -> None:
-        if sid not in self.sessions:
-            return
-        del self.sessions[sid]
-        self.closed_by_us.add(sid)
-        await self.send(Frame(sid, "close", SessionClose(code, reason)))
+    def send_window(self, sess: Session) -> None:
+        assert sess.flow is not None
+        self.send_nowait(Frame(sess.sid, "window", sess.flow.window_frame()))
+        self.b.windows_sent += 1
 
     # -- reading --
 
@@ -751,6 +1410,10 @@ class Link:
                     if self.b.stopping:
                         why = "backend shutting down"
                     break
+                if self.frozen():
+                    # as if this frame (and all after it) were still unread
+                    await asyncio.sleep(self.frozen_until - time.monotonic())
+                    self.log(f"thawed; {self.frozen_writes} frame(s) were dropped meanwhile")
                 if self.b.verbose:
                     self.log(f"received {frame.kind} session={frame.session_id}")
                 if self.hello is None:
@@ -758,7 +1421,7 @@ class Link:
                     if self.b.heartbeat > 0:
                         hb_task = asyncio.create_task(self.heartbeat_loop())
                 else:
-                    await self.on_frame(frame)
+                    self.on_frame(frame)
         except ProtocolViolation as e:
             why = f"protocol violation: {e}"
         except asyncio.IncompleteReadError:
@@ -766,18 +1429,25 @@ class Link:
         except (ConnectionError, OSError) as e:
             why = f"connection error: {e!r}"
         finally:
+            if self.reset_by_us:
+                why = "reset by the backend"
             if hb_task:
                 hb_task.cancel()
-            # The end of the link is a close(1006) of every session on it.
-            lost = len(self.sessions)
-            self.b.sessions_lost += lost
-            self.sessions.clear()
             self.writer.close()
+            # Without move, the end of the link is a close(1006) of every
+            # session on it; with move, its sessions wait move_timeout_ms for
+            # a resume (unless a protocol violation ended the link).
+            keep = self.move and not self.poisoned
+            kept, ended = self.b.link_lost(self, keep)
             try:
                 await self.writer.wait_closed()
             except (ConnectionError, OSError, asyncio.CancelledError):
                 pass
-            self.log(f"disconnected ({why}); {lost} session(s) ended with 1006")
+            if keep:
+                self.log(f"disconnected ({why}); {kept} session(s) kept for "
+                         f"{self.hello.move_timeout_ms} ms, waiting for a resume")
+            else:
+                self.log(f"disconnected ({why}); {ended} session(s) ended with 1006")
 
     async def on_first(self, frame: Frame) -> None:
         if frame.kind != "hello":
@@ -787,6 +1457,8 @@ class Link:
         h = frame.body
         assert isinstance(h, Hello)
         self.hello = h
+        if h.instance_id:
+            self.instance = h.instance_id
         self.b.hellos.append(dict(h.__dict__))
         self.log(f"hello from gateway {h.gateway_id!r} instance {h.instance_id!r} "
                  f"link_index={h.link_index} versions [{h.min_version}, {h.max_version}] "
@@ -796,15 +1468,52 @@ class Link:
             # the README says both sides must use the same maximum.
             self.log(f"gateway max_frame_size {h.max_frame_size} differs from ours "
                      f"({self.b.max_frame})")
-        version, err = choose_version(h.min_version, h.max_version)
+        version, err = choose_version(h.min_version, h.max_version, self.b.max_version)
         if not version:
             await self.send(Frame(0, "hello_ack", HelloAck(0, BACKEND_ID, err)))
             raise self.violation(f"bad hello range: {err}")
         self.version = version
-        await self.send(Frame(0, "hello_ack", HelloAck(version, BACKEND_ID)))
-        self.log(f"speaking version {version}")
+        ack = HelloAck(version, BACKEND_ID)
+        if version >= 3:
+            self.check_v3_hello(h)
+            caps = tuple(c for c in self.b.caps if c in h.capabilities)
+            if "move" in caps and "flow" not in caps:
+                self.log("adopting move without flow: the gateway must refuse this handshake")
+            self.caps = caps
+            self.flow = "flow" in caps
+            self.move = self.flow and "move" in caps
+            ack.capabilities = list(caps)
+            if self.flow:
+                ack.session_window = self.b.window
+                self.recv_window = self.b.window or h.session_window
+                if self.recv_window < h.max_message_size + COST_OVERHEAD:
+                    self.log(f"our session_window {self.recv_window} is below max_message_size "
+                             f"+ 64: the gateway must refuse this handshake")
+        await self.send(Frame(0, "hello_ack", ack))
+        self.log(f"speaking version {version}"
+                 + (f", capabilities {list(self.caps)}, windows: ours {self.recv_window}, "
+                    f"the gateway's {h.session_window}, move_timeout {h.move_timeout_ms} ms"
+                    if version >= 3 else ""))
 
-    async def on_frame(self, frame: Frame) -> None:
+    def check_v3_hello(self, h: Hello) -> None:
+        """What a version-3 hello must say (README, "Negotiation")."""
+        offered = h.capabilities
+        if "move" in offered and "flow" not in offered:
+            raise self.violation(f"hello offers move without flow: {offered}")
+        if "flow" in offered:
+            if h.session_window == 0:
+                raise self.violation("hello offers flow with session_window 0")
+            if h.max_message_size and h.session_window < h.max_message_size + COST_OVERHEAD:
+                # The backend could never send a maximal message.
+                raise self.violation(f"hello.session_window {h.session_window} is below "
+                                     f"max_message_size + 64 ({h.max_message_size + 64})")
+        if "move" in offered:
+            if h.move_timeout_ms == 0:
+                raise self.violation("hello offers move with move_timeout_ms 0")
+            if not h.instance_id:
+                raise self.violation("hello offers move without an instance_id")
+
+    def on_frame(self, frame: Frame) -> None:
         sid, kind, body = frame.session_id, frame.kind, frame.body
         if kind is None:
             raise self.violation(f"body-less frame (session_id {sid})")
@@ -812,6 +1521,10 @@ class Link:
             raise self.violation(f"unexpected {kind} after the handshake")
         if kind in V2_KINDS and self.version < 2:
             raise self.violation(f"{kind} frame (session_id {sid}) on a version-{self.version} link")
+        if kind == "window" and not self.flow:
+            raise self.violation(f"window (session_id {sid}) on a link without flow")
+        if kind == "resume" and not self.move:
+            raise self.violation(f"resume (session_id {sid}) on a link without move")
         if kind == "heartbeat":
             if sid != 0:
                 raise self.violation(f"heartbeat with session_id {sid}")
@@ -823,37 +1536,31 @@ class Link:
                     self.b.heartbeat_acks += 1
             else:
                 self.b.heartbeats_received += 1
-                await self.send(Frame(0, "heartbeat", Heartbeat(body.nonce, True)))
+                self.send_nowait(Frame(0, "heartbeat", Heartbeat(body.nonce, True)))
             return
-        # open / data / close / detached / attached: session frames
+        # open / data / close / detached / attached / window / resume
         if sid == 0:
             raise self.violation(f"{kind} with session_id 0")
         if sid in self.closed_by_peer:
             raise self.violation(f"{kind} for session {sid} after the gateway closed it")
+        if kind == "resume":
+            assert isinstance(body, SessionResume)
+            self.on_resume(sid, body)
+            return
         if kind == "open":
             assert isinstance(body, SessionOpen)
-            if sid in self.sessions or sid in self.closed_by_us:
-                raise self.violation(f"duplicate open for session {sid}")
-            self.sessions[sid] = body
-            self.b.opens.append({
-                "session_id": sid,
-                "remote_addr": body.remote_addr,
-                "path": body.path,
-                "subprotocol": body.subprotocol,
-                "headers": [[h.name, h.value] for h in body.headers],
-                "identity": body.identity,
-            })
-            if self.b.verbose:
-                self.log(f"open session {sid} path={body.path!r} from {body.remote_addr}")
+            self.on_open(sid, body)
             return
         if sid in self.closed_by_us:
             return  # crossed our own close: accept and ignore (checklist 6)
-        if sid not in self.sessions:
+        if sid in self.moved_away:
+            return  # sent before the gateway gave this link up: it resends them
+        sess = self.sessions.get(sid)
+        if sess is None:
             raise self.violation(f"{kind} for session {sid}, which was never opened on this link")
         if kind == "close":
             assert isinstance(body, SessionClose)
-            del self.sessions[sid]
-            self.closed_by_peer.add(sid)
+            self.b.end_session(sess, by_gateway=True)
             self.b.closes.append((sid, body.code, body.reason))
             if self.b.verbose:
                 self.log(f"close session {sid}: {body.code} {body.reason!r}")
@@ -875,56 +1582,116 @@ class Link:
                 self.log(f"session {sid} attached from {body.remote_addr}, "
                          f"{body.replayed} message(s) replayed")
             return
+        if kind == "window":
+            assert isinstance(body, Window) and sess.flow is not None
+            self.b.windows_received += 1
+            try:
+                sess.flow.on_window(body.limit, body.received)
+            except FlowError as e:
+                raise self.violation(f"session {sid}: {e}")
+            sess.wake.set()
+            return
         assert kind == "data" and isinstance(body, Data)
         if body.text:
             try:
-                text = body.payload.decode("utf-8")
+                body.payload.decode("utf-8")
             except UnicodeDecodeError as e:
                 raise self.violation(f"text data for session {sid} is not valid UTF-8: {e}")
-            if text.startswith("cmd:"):
-                await self.command(sid, text)
-                return
-        await self.send_data(sid, body.payload, body.text)  # echo
+        cost = data_cost(len(body.payload))
+        if self.hello.max_message_size and len(body.payload) > self.hello.max_message_size:
+            raise self.violation(f"data for session {sid} of {len(body.payload)} bytes, above "
+                                 f"max_message_size {self.hello.max_message_size}")
+        if sess.flow:
+            try:
+                sess.flow.on_data(cost)
+            except FlowError as e:
+                raise self.violation(f"session {sid}: {e}")
+        sess.inbox.append((body, cost))
+        sess.inbox_cost += cost
+        sess.note_held()
+        sess.wake.set()
 
-    async def command(self, sid: int, text: str) -> None:
-        parts = text.split(":", 3)
-        cmd = parts[1] if len(parts) > 1 else ""
+    def on_open(self, sid: int, body: SessionOpen) -> None:
+        key = (self.instance, sid)
+        if (sid in self.sessions or sid in self.closed_by_us or key in self.b.sessions
+                or key in self.b.closed_by_us or key in self.b.closed_by_gateway):
+            raise self.violation(f"duplicate open for session {sid}")
+        flow = None
+        if self.flow:
+            flow = FlowState(self.hello.session_window, self.recv_window, self.move)
+        sess = Session(self.b, key, sid, body, self, flow)
+        self.sessions[sid] = sess
+        self.b.sessions[key] = sess
+        self.b.opens.append({
+            "session_id": sid,
+            "remote_addr": body.remote_addr,
+            "path": body.path,
+            "subprotocol": body.subprotocol,
+            "headers": [[h.name, h.value] for h in body.headers],
+            "identity": body.identity,
+        })
+        if self.b.verbose:
+            self.log(f"open session {sid} path={body.path!r} from {body.remote_addr}")
+
+    def on_resume(self, sid: int, body: SessionResume) -> None:
+        """README, "Sessions that outlive their link": move the session here,
+        answer window{limit, received} first, then resend our data from
+        resume.received + 1; or answer close for a session we do not know."""
+        key = (self.instance, sid)
+        if sid in self.sessions:
+            raise self.violation(f"resume for session {sid}, which is open on this very link")
+        if sid in self.closed_by_us:
+            raise self.violation(f"resume for session {sid} twice on this link")
+        if key in self.b.closed_by_gateway:
+            raise self.violation(f"resume for session {sid}, which the gateway closed")
+        sess = self.b.sessions.get(key)
+        if sess is None:
+            code, reason = self.b.closed_by_us.get(
+                key, (1012, "session unknown to this backend (never opened here, or forgotten)"))
+            self.log(f"resume for session {sid}, which this backend does not know: close {code}")
+            self.closed_by_us.add(sid)
+            self.b.resumes_refused += 1
+            self.b.events.append(("resume_refused", sid, code))
+            self.send_nowait(Frame(sid, "close", SessionClose(code, reason)))
+            return
+        if not sess.move:
+            raise self.violation(f"resume for session {sid}, opened on a link without move")
+        if body.open != sess.open:
+            raise self.violation(f"resume for session {sid} carries an open that differs "
+                                 f"from the original: {body.open} != {sess.open}")
+        assert sess.flow is not None
         try:
-            if cmd == "close":
-                code = int(parts[2])
-                reason = parts[3] if len(parts) > 3 else ""
-                await self.send_close(sid, code, reason)
-            elif cmd == "push":
-                for i in range(int(parts[2])):
-                    await self.send_data(sid, f"push-{i}".encode(), False)
-            elif cmd == "stats":
-                await self.send_data(sid, json.dumps(self.b.stats()).encode(), True)
-            elif cmd == "big":
-                await self.send_data(sid, b"x" * int(parts[2]), False)
-            elif cmd == "badutf8":
-                await self.send_data(sid, b"bad \xff\xfe utf-8", True)
-            elif cmd == "foreign":
-                foreign = (1 << 63) + self.id  # never chosen by the gateway in tests
-                await self.send(Frame(foreign, "data", Data(b"foreign", False)))
-                await self.send_data(sid, b"foreign-sent", True)
-            elif cmd == "badclose":
-                # close for this session whose reason is not UTF-8: framed
-                # correctly, so the gateway must end only this session
-                # (close{1011} back to us) and keep the link.
-                body = enc_uint(1, sid) + enc_bytes(
-                    6, enc_uint(1, 1000) + enc_bytes(2, b"bye \xff"), always=True)
-                await self.send_raw(frame_prefix(self.b.framing, len(body)) + body)
-            elif cmd == "violate":
-                await self.violate(sid, parts[2] if len(parts) > 2 else "")
-            else:
-                await self.send_data(sid, f"cmd-error: unknown command {text!r}".encode(), True)
-        except (ValueError, IndexError) as e:
-            await self.send_data(sid, f"cmd-error: {text!r}: {e}".encode(), True)
+            resend = sess.flow.on_resume(body.received, body.limit)
+        except FlowError as e:
+            raise self.violation(f"session {sid}: {e}")
+        old = sess.link
+        if old is not None:
+            # the gateway gave that link up, even if it still looks up to us
+            old.sessions.pop(sid, None)
+            old.moved_away.add(sid)
+        if sess.expiry:
+            sess.expiry.cancel()
+            sess.expiry = None
+        sess.link = self
+        self.sessions[sid] = sess
+        self.send_window(sess)
+        for _, _, data in resend:
+            self.send_nowait(Frame(sid, "data", data))
+        self.b.frames_resent += len(resend)
+        self.b.resumes_answered += 1
+        self.b.events.append(("moved", sid, [old.id if old else None, self.id, body.received,
+                                             sess.flow.sent_count, sess.flow.recv_count]))
+        if self.b.verbose or resend:
+            self.log(f"session {sid} moved here from link {old.id if old else '(lost)'}: "
+                     f"the gateway had {body.received} of our {sess.flow.sent_count} data, "
+                     f"we have {sess.flow.recv_count} of its; resent {len(resend)}")
+        sess.wake.set()
 
     async def violate(self, sid: int, kind: str) -> None:
         """Deliberately break the protocol (the gateway must close the link);
         ``sid`` is the session that asked for it."""
         self.log(f"deliberately sending a '{kind}' violation")
+        self.poisoned = True  # its sessions end with the link, even with move
         if kind == "session0":
             await self.send(Frame(0, "data", Data(b"oops", False)))
         elif kind == "bodyless":
@@ -941,6 +1708,13 @@ class Link:
             await self.send(Frame(sid, "detached", SessionDetached("backend", 1000)))
         elif kind == "attached":
             await self.send(Frame(sid, "attached", SessionAttached("1.2.3.4:5", 0)))
+        elif kind == "window0":
+            await self.send(Frame(0, "window", Window(1 << 20, 0)))
+        elif kind == "window":
+            # a window for this session on a link without flow
+            await self.send(Frame(sid, "window", Window(1 << 20, 0)))
+        elif kind == "resume":
+            await self.send(Frame(sid, "resume", SessionResume(SessionOpen(), 0, 1 << 20)))
         elif kind == "badutf8_link":
             # A link frame (session 0) with a string that is not UTF-8.
             ack = enc_uint(1, self.version) + enc_bytes(2, b"be \xff")
@@ -951,6 +1725,7 @@ class Link:
             # gateway must refuse on the prefix alone, before any body.
             await self.send_raw(frame_prefix(self.b.framing, self.b.max_frame + 1))
         else:
+            self.poisoned = False
             raise ValueError(f"unknown violation kind {kind!r}")
 
     async def heartbeat_loop(self) -> None:
@@ -972,22 +1747,41 @@ def parse_hostport(s: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
+def parse_caps(s: str) -> tuple[str, ...]:
+    if s.strip() in ("", "none"):
+        return ()
+    caps = tuple(c.strip() for c in s.split(",") if c.strip())
+    for c in caps:
+        if c not in CAPABILITIES:
+            raise argparse.ArgumentTypeError(f"unknown capability {c!r} (known: flow, move, none)")
+    return caps
+
+
 async def serve(args: argparse.Namespace) -> int:
-    backend = Backend(args.framing, args.max_frame, args.heartbeat, args.verbose)
+    backend = Backend(args.framing, args.max_frame, args.heartbeat, args.verbose,
+                      args.max_version, args.caps, args.window)
     host, port = args.listen
     server = await asyncio.start_server(backend.handle, host, port, limit=1 << 16)
     sock = server.sockets[0]
     addr = sock.getsockname()
     shown = f"[{addr[0]}]" if sock.family == socket.AF_INET6 else addr[0]
     print(f"listening {shown}:{addr[1]}", flush=True)
-    log(f"framing={args.framing} max_frame={args.max_frame} heartbeat={args.heartbeat}s")
+    log(f"framing={args.framing} max_frame={args.max_frame} heartbeat={args.heartbeat}s "
+        f"max_version={args.max_version} caps={','.join(args.caps) or 'none'} "
+        f"window={args.window or 'the gateway'}"
+        + (f" reset_links_every={args.reset_links_every}s" if args.reset_links_every else ""))
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    resetter = None
+    if args.reset_links_every > 0:
+        resetter = asyncio.create_task(backend.reset_loop(args.reset_links_every))
     async with server:
         await stop.wait()
+        if resetter:
+            resetter.cancel()
         # Close every link and let its task finish (it logs the lost sessions).
         backend.stopping = True
         tasks = [l.task for l in backend.links.values() if l.task]
@@ -1039,10 +1833,12 @@ def self_test() -> int:
     assert Frame.decode(h("08 07")).kind is None
 
     # Unknown fields of every wire type are skipped, in Frame and in Data:
-    # varint (f10), i64 (f11), len (f12), group (f13, containing a varint),
-    # i32 (f14). (Fields 8 and 9 of Frame are known since version 2.)
-    unknown = h("50 96 01" "59 0102030405060708" "62 03 616263" "6b 08 01 6c" "75 01020304")
-    f = Frame.decode(unknown + h("08 05") + unknown + h("2a 09") + unknown[:3] + h("0a 02 68 69 10 01"))
+    # varint (f20), i64 (f21), len (f22), group (f23, containing a varint),
+    # i32 (f24). (Fields 8 and 9 of Frame are known since version 2, 10 and
+    # 11 since version 3.)
+    unknown = h("a0 01 96 01" "a9 01 0102030405060708" "b2 01 03 616263" "bb 01 08 01 bc 01"
+                "c5 01 01020304")
+    f = Frame.decode(unknown + h("08 05") + unknown + h("2a 0a") + unknown[:4] + h("0a 02 68 69 10 01"))
     assert f == frame, f
     f = Frame.decode(h("2a") + encode_varint(len(unknown) + 4) + unknown + h("0a 02 68 69"))
     assert f == Frame(0, "data", Data(b"hi", False)), f
@@ -1114,13 +1910,121 @@ def self_test() -> int:
     # Version choice: the highest version we speak within the offered range.
     assert choose_version(1, 2) == (2, "")
     assert choose_version(1, 1) == (1, "")
-    assert choose_version(2, 3) == (2, "")
+    assert choose_version(2, 3) == (3, "")
+    assert choose_version(1, 3, highest=2) == (2, "")
     assert choose_version(2, 2) == (2, "")
-    for lo, hi in ((3, 4), (0, 0), (2, 1)):
-        v, err = choose_version(lo, hi)
+    assert choose_version(3, 4) == (3, "")
+    for lo, hi, top in ((4, 5, 3), (0, 0, 3), (2, 1, 3), (3, 3, 2)):
+        v, err = choose_version(lo, hi, top)
         assert v == 0 and "no common version" in err, (lo, hi, v, err)
+
+    self_test_v3(h)
     print("self-test OK")
     return 0
+
+
+def self_test_v3(h) -> None:
+    """Version 3: encoding (the README's window example), and the window /
+    acknowledgement bookkeeping of FlowState, on the README's examples."""
+    # The README's window frame, byte for byte.
+    frame = Frame(5, "window", Window(9_192, 5))
+    assert frame.encode() == h("08 05 52 05 08 e8 47 10 05"), frame.encode().hex(" ")
+    assert encode_wire("varint", frame) == h("09 08 05 52 05 08 e8 47 10 05")
+    assert Frame.decode(h("08 05 52 05 08 e8 47 10 05")) == frame
+    assert Frame.decode(h("08 05 52 00")) == Frame(5, "window", Window(0, 0))
+    # resume: field 11 of Frame; open 1 (message), received 2, limit 3.
+    op = SessionOpen("1.2.3.4:5", "/ws")
+    f = Frame(5, "resume", SessionResume(op, 9, 40_000))
+    assert f.encode() == (h("08 05 5a") + encode_varint(2 + len(op.encode()) + 6)
+                          + h("0a") + encode_varint(len(op.encode())) + op.encode()
+                          + h("10 09 18 c0 b8 02")), f.encode().hex(" ")
+    assert Frame.decode(f.encode()) == f
+    # an empty open is still present (`0a 00`), and a split open is merged
+    assert Frame(5, "resume", SessionResume()).encode() == h("08 05 5a 02 0a 00")
+    split = h("08 05 5a 0e 0a 05 0a 03 61 3a 31 10 02 0a 03 12 01 2f")
+    assert Frame.decode(split) == Frame(5, "resume", SessionResume(SessionOpen("a:1", "/"), 2))
+    # hello fields 11-13 and hello_ack fields 4-5
+    hello = Hello(1, 3, "gw", 0, "ab" * 16, 5000, 15000, 1_052_672, 1 << 20, 4 << 20,
+                  ["flow", "move"], 4 << 20, 10_000)
+    assert Frame.decode(Frame(0, "hello", hello).encode()).body == hello
+    assert hello.encode().endswith(h("5a 04 66 6c 6f 77 5a 04 6d 6f 76 65 60 80 80 80 02 68 90 4e"))
+    ack = HelloAck(3, "be", "", ["flow"], 2 << 20)
+    assert ack.encode() == h("08 03 12 02 62 65 22 04 66 6c 6f 77 28 80 80 80 01")
+    assert Frame.decode(Frame(0, "hello_ack", ack).encode()).body == ack
+    # wrong wire types: window as a varint, Window.limit as bytes, resume's
+    # open as a varint, SessionResume.received as bytes
+    for bad in ("50 01", "52 02 0a 00", "5a 02 08 01", "5a 02 12 00"):
+        try:
+            Frame.decode(h("08 05 " + bad))
+        except DecodeError:
+            pass
+        else:
+            raise AssertionError(f"accepted malformed frame {bad}")
+
+    def fails(fn, *a) -> str:
+        try:
+            fn(*a)
+        except FlowError as e:
+            return str(e)
+        raise AssertionError(f"{fn.__name__}{a} did not fail")
+
+    # The README's window example: both windows 6,000; 1,000-byte messages.
+    W = 6_000
+    fs = FlowState(W, W, move=True)
+    msgs = [Data(bytes([i]) * 1_000) for i in range(1, 11)]
+    sent = 0
+    while fs.fits(data_cost(1_000)):
+        fs.record_sent(msgs[sent]); sent += 1
+    assert sent == 5 and fs.sent_cost == 5_320 and fs.unacked_cost == 5_320
+    fs.on_window(9_192, 5)  # the gateway read #1-#3 and received #1-#5
+    assert fs.acked == 5 and fs.unacked_cost == 0 and not fs.unacked
+    while fs.fits(data_cost(1_000)):
+        fs.record_sent(msgs[sent]); sent += 1
+    assert sent == 8 and fs.sent_cost == 8_512
+    fs.on_window(9_192, 5)  # the same window twice is fine
+    # violations: a limit going down, an acknowledgement going down or past
+    # what was sent, a limit more than a window past what was acknowledged
+    assert "never goes down" in fails(FlowState.on_window, fs, 9_000, 6)
+    assert "never goes down" in fails(FlowState.on_window, fs, 9_192, 4)
+    assert "only 8" in fails(FlowState.on_window, fs, 9_192, 9)
+    assert "hello.session_window" in fails(FlowState.on_window, fs, 5 * 1_064 + W + 1, 5)
+    fs.on_window(5 * 1_064 + W, 5)
+    # without move, `received` means nothing and nothing is kept
+    nm = FlowState(W, W, move=False)
+    nm.record_sent(msgs[0])
+    nm.on_window(W + 1_064, 0)
+    nm.on_window(W + 1_064, 7)
+    assert not nm.unacked and nm.send_limit == W + 1_064
+
+    # The receiving side of the same example: grant consumed + window once
+    # half a window or less is left; data past our grant is a violation.
+    rs = FlowState(W, W, move=True)
+    for _ in range(5):
+        rs.on_data(1_064)
+    assert rs.consume(1_064) is None and rs.consume(1_064) is None  # 3,872 left
+    assert rs.consume(1_064) == 9_192                                # 2,808 <= 3,000
+    assert rs.window_frame() == Window(9_192, 5)
+    assert rs.consume(1_064) is None
+    assert "past the limit 9192" in fails(rs.on_data, 9_192 - 5 * 1_064 + 1)
+    rs = FlowState(W, W, move=False)
+    rs.on_data(W)  # exactly the limit is fine
+    assert rs.window_frame() == Window(W, 0) and rs.consume(W // 2) == W // 2 + W
+    assert "past the limit" in fails(FlowState(W, W, False).on_data, W + 1)
+
+    # The README's move example: we sent 10, the gateway received 9; we
+    # received 3 of its data. Answer window{limit, received: 3}, resend #10.
+    mv = FlowState(40_000, 30_000, move=True)
+    for i in range(10):
+        mv.record_sent(Data(b"m" * 100 + bytes([i])))
+    for _ in range(3):
+        mv.on_data(100)
+    resend = mv.on_resume(9, 40_000)
+    assert [n for n, _, _ in resend] == [10] and resend[0][2].payload.endswith(b"\x09")
+    assert mv.window_frame() == Window(30_000, 3)
+    assert mv.sent_cost == 10 * 165  # resending counts nothing again
+    assert "never goes down" in fails(mv.on_resume, 8, 40_000)
+    assert "below the limit" in fails(mv.on_resume, 9, 39_999)
+    assert mv.on_resume(10, 40_000) == []  # another move later: nothing left
 
 
 def main() -> int:
@@ -1132,6 +2036,16 @@ def main() -> int:
                    help="maximum frame body size in bytes, both directions")
     p.add_argument("--heartbeat", type=float, default=5.0,
                    help="seconds between our own heartbeat requests (0: never)")
+    p.add_argument("--max-version", type=int, choices=SUPPORTED_VERSIONS,
+                   default=SUPPORTED_VERSIONS[-1],
+                   help="highest protocol version to choose (2: the old behaviour)")
+    p.add_argument("--caps", type=parse_caps, default=CAPABILITIES,
+                   help="version-3 capabilities to adopt when offered: a comma-separated "
+                        "subset of flow,move, or none (default: flow,move)")
+    p.add_argument("--window", type=int, default=0,
+                   help="hello_ack.session_window in bytes (0: the same as the gateway's)")
+    p.add_argument("--reset-links-every", type=float, default=0, metavar="SECONDS",
+                   help="abort every link with a TCP RST this often (0: never)")
     p.add_argument("-v", "--verbose", action="store_true", help="log every frame")
     p.add_argument("--self-test", action="store_true",
                    help="check the encoder/decoder against the README and exit")
