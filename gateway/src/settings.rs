@@ -164,7 +164,7 @@ impl Settings {
                     client_queue_bytes: u64::try_from(s.client_queue_bytes.bytes())
                         .unwrap_or(u64::MAX),
                     capabilities: offered_capabilities(b.move_timeout),
-                    session_window: u64::try_from(s.client_queue_bytes.bytes()).unwrap_or(u64::MAX),
+                    session_window: session_window(s.client_queue_bytes.bytes(), max_message),
                     move_timeout_ms: millis(b.move_timeout),
                 },
                 connect_timeout: b.connect_timeout,
@@ -183,6 +183,7 @@ impl Settings {
                         bytes: s.client_queue_bytes.bytes(),
                         drain_within: s.write_timeout,
                     },
+                    session_window: session_window(s.client_queue_bytes.bytes(), max_message),
                 },
             },
             admin: config.admin.listen,
@@ -200,6 +201,13 @@ impl Settings {
 /// negligible.
 fn new_instance_id() -> String {
     format!("{:032x}", rand::random::<u128>())
+}
+
+/// The window the gateway grants each session (protocol version 3): its
+/// client queue's bound, but never less than one maximal message.
+pub(crate) fn session_window(client_queue_bytes: usize, max_message: usize) -> u64 {
+    let queue = u64::try_from(client_queue_bytes).unwrap_or(u64::MAX);
+    queue.max(protocol::window_cost(max_message))
 }
 
 /// The version 3 capabilities this gateway offers: flow control always,

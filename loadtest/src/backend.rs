@@ -117,10 +117,17 @@ pub async fn serve(listener: TcpListener, opts: Options, stats: Arc<Stats>) -> a
             stats.links.fetch_add(1, Ordering::Relaxed);
             stats.links_total.fetch_add(1, Ordering::Relaxed);
             let mut link = Link::new(&opts, &stats, &registry, serial);
-            let result = link.run(stream, peer).await;
-            if let Err(e) = &result {
-                stats.violations.fetch_add(1, Ordering::Relaxed);
-                eprintln!("PROTOCOL VIOLATION from gateway link {peer}: {e}");
+            match link.run(stream, peer).await {
+                Ok(()) => {}
+                // A reset or a broken connection is a lost link, not a
+                // violation.
+                Err(e) if e.downcast_ref::<std::io::Error>().is_some() => {
+                    eprintln!("backend: link from {peer} lost: {e}");
+                }
+                Err(e) => {
+                    stats.violations.fetch_add(1, Ordering::Relaxed);
+                    eprintln!("PROTOCOL VIOLATION from gateway link {peer}: {e}");
+                }
             }
             link.end();
             stats.links.fetch_sub(1, Ordering::Relaxed);
@@ -152,7 +159,9 @@ type Steal = (u64, oneshot::Sender<Option<Session>>);
 
 impl Registry {
     fn lock(&self) -> std::sync::MutexGuard<'_, RegistryInner> {
-        self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -247,7 +256,9 @@ impl<'a> Link<'a> {
         };
         let max = self.opts.max_version.min(PROTOCOL_VERSION);
         match hello.body {
-            Some(Body::Hello(h)) if h.min_version <= max && MIN_PROTOCOL_VERSION <= h.max_version => {
+            Some(Body::Hello(h))
+                if h.min_version <= max && MIN_PROTOCOL_VERSION <= h.max_version =>
+            {
                 let version = h.max_version.min(max);
                 eprintln!(
                     "backend: link from {peer} (gateway {:?}, link {}, version {version})",
@@ -256,7 +267,8 @@ impl<'a> Link<'a> {
                 let mut ack = Frame::hello_ack(version, "loadtest-backend");
                 if version >= 3 {
                     let adopt = |c: &str| {
-                        h.capabilities.iter().any(|o| o == c) && self.opts.caps.iter().any(|o| o == c)
+                        h.capabilities.iter().any(|o| o == c)
+                            && self.opts.caps.iter().any(|o| o == c)
                     };
                     self.flow = adopt(CAP_FLOW);
                     self.moves = self.flow && adopt(CAP_MOVE);
@@ -285,7 +297,9 @@ impl<'a> Link<'a> {
                     body: Some(Body::HelloAck(pb::HelloAck {
                         version: 0,
                         backend_id: "loadtest-backend".into(),
-                        error: format!("only versions {MIN_PROTOCOL_VERSION}..={max} are supported"),
+                        error: format!(
+                            "only versions {MIN_PROTOCOL_VERSION}..={max} are supported"
+                        ),
                         ..Default::default()
                     })),
                 };
@@ -477,15 +491,20 @@ impl<'a> Link<'a> {
                     return Ok(After::Steal(id, r, *owner));
                 } else {
                     drop(reg);
-                    self.codec
-                        .encode(&Frame::close(id, 1012, "session unknown to the backend"), out)?;
+                    self.codec.encode(
+                        &Frame::close(id, 1012, "session unknown to the backend"),
+                        out,
+                    )?;
                 }
             }
             Body::Close(_) if id != 0 => {
                 if self.sessions.remove(&id).is_some() {
                     self.stats.sessions.fetch_sub(1, Ordering::Relaxed);
                     if self.moves {
-                        self.registry.lock().owners.remove(&(self.instance.clone(), id));
+                        self.registry
+                            .lock()
+                            .owners
+                            .remove(&(self.instance.clone(), id));
                     }
                 } else {
                     anyhow::bail!("close for session {id}, which was never opened");
@@ -512,7 +531,12 @@ impl<'a> Link<'a> {
         out: &mut BytesMut,
     ) -> anyhow::Result<()> {
         let key = (self.instance.clone(), id);
-        let tx = self.registry.lock().owners.get(&key).map(|(_, tx)| tx.clone());
+        let tx = self
+            .registry
+            .lock()
+            .owners
+            .get(&key)
+            .map(|(_, tx)| tx.clone());
         let (reply_tx, reply_rx) = oneshot::channel();
         let taken = match tx {
             Some(tx) if tx.send((id, reply_tx)).is_ok() => {
@@ -530,8 +554,10 @@ impl<'a> Link<'a> {
             Some(s) => self.resumed(id, s, &resume, out),
             None => {
                 eprintln!("backend: resume of session {id} held by link {owner} failed");
-                self.codec
-                    .encode(&Frame::close(id, 1012, "session unknown to the backend"), out)?;
+                self.codec.encode(
+                    &Frame::close(id, 1012, "session unknown to the backend"),
+                    out,
+                )?;
                 Ok(())
             }
         }
@@ -559,15 +585,16 @@ impl<'a> Link<'a> {
             .encode(&Frame::window(id, s.granted, s.received), out)?;
         let mut resent = 0;
         for (payload, text) in s.unacked.iter().zip(&s.unacked_text) {
-            self.codec.encode(&Frame::data(id, payload.clone(), *text), out)?;
+            self.codec
+                .encode(&Frame::data(id, payload.clone(), *text), out)?;
             resent += 1;
         }
         self.stats.resent.fetch_add(resent, Ordering::Relaxed);
         self.stats.resumed.fetch_add(1, Ordering::Relaxed);
-        self.registry
-            .lock()
-            .owners
-            .insert((self.instance.clone(), id), (self.serial, self.steal_tx.clone()));
+        self.registry.lock().owners.insert(
+            (self.instance.clone(), id),
+            (self.serial, self.steal_tx.clone()),
+        );
         self.sessions.insert(id, s);
         self.pump(id, out)
     }

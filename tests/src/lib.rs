@@ -9,6 +9,7 @@
 
 pub mod backend;
 pub mod client;
+pub mod faults;
 pub mod raw;
 
 use std::io::{BufRead, BufReader};

@@ -122,8 +122,8 @@ async fn python_backend_sees_detach_and_attach() {
 
 /// What the independent backend reads in `Hello`: the configured name,
 /// heartbeat and limits, each link's index, and one instance id per
-/// gateway process, which a restarted gateway does not reuse (its session
-/// ids start again at 1, so only (instance_id, session_id) is unique).
+/// gateway process, which a restarted gateway does not reuse; and version
+/// 3's offer (capabilities, the session window, the move timeout).
 #[tokio::test(flavor = "multi_thread")]
 async fn hello_carries_the_configured_values_and_a_fresh_instance_id_per_process() {
     let (mut backend, addr) = python_backend("varint");
@@ -153,8 +153,16 @@ async fn hello_carries_the_configured_values_and_a_fresh_instance_id_per_process
         assert_eq!(h["gateway_id"], "gw-test", "{h}");
         assert_eq!(
             (h["min_version"].as_u64(), h["max_version"].as_u64()),
-            (Some(1), Some(2))
+            (Some(1), Some(3))
         );
+        assert_eq!(
+            h["capabilities"],
+            serde_json::json!(["flow", "move"]),
+            "{h}"
+        );
+        // The client queue's bound, above one maximal message (+ 64).
+        assert_eq!(h["session_window"], 512 * 1024, "{h}");
+        assert_eq!(h["move_timeout_ms"], 10_000, "{h}");
         assert_eq!(h["heartbeat_interval_ms"], 1500, "{h}");
         assert_eq!(h["heartbeat_timeout_ms"], 4500, "{h}");
         assert_eq!(h["max_frame_size"], 300 * 1024, "{h}");

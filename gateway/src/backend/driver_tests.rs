@@ -21,6 +21,7 @@ fn settings() -> LinkSettings {
             bytes: 4 * (QUEUED_OVERHEAD + 64),
             drain_within: Duration::from_secs(20),
         },
+        session_window: 4 * (QUEUED_OVERHEAD as u64 + 64),
     }
 }
 

@@ -65,6 +65,7 @@ struct Shared {
     /// When the link came up.
     up_since: tokio::time::Instant,
     mailbox: MailboxLimits,
+    session_window: u64,
     /// The whole byte budget: no frame costs more.
     queue_bytes: usize,
 }
@@ -93,6 +94,7 @@ impl LinkHandle {
                 sessions: AtomicUsize::new(0),
                 up_since: tokio::time::Instant::now(),
                 mailbox: s.mailbox,
+                session_window: s.session_window,
                 queue_bytes: s.queue_bytes,
             }),
         };
@@ -151,7 +153,7 @@ impl LinkHandle {
     pub(crate) fn register(&self, id: SessionId) -> Result<Mailbox, LinkGone> {
         let caps = self.shared.caps;
         let flow = caps.flow.then(|| {
-            let window = self.shared.mailbox.bytes as u64;
+            let window = self.shared.session_window;
             (
                 self.clone(),
                 Arc::new(Flow::new(window, caps.backend_window)),

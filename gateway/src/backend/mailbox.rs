@@ -222,10 +222,11 @@ impl Mailbox {
         });
         let shared = flow.as_ref().map(|(_, f)| f.clone());
         let queue_flow = flow.map(|(link, shared)| QueueFlow {
+            // The initial grant is the session's window.
+            window: shared.grant(),
             id,
             link,
             shared,
-            window: limits.bytes as u64,
             consumed: 0,
             spare: moves.then(|| tx.clone()),
         });

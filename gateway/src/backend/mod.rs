@@ -121,4 +121,6 @@ pub(crate) struct LinkSettings {
     pub(crate) queue_bytes: usize,
     /// Bounds of each session's mailbox.
     pub(crate) mailbox: MailboxLimits,
+    /// The window the gateway grants each session (`Hello.session_window`).
+    pub(crate) session_window: u64,
 }

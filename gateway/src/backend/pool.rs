@@ -230,6 +230,7 @@ async fn supervise(
                     handle,
                 };
                 let up = tokio::time::Instant::now();
+                let moves = hs.caps.moves;
                 let end = driver.run(shutdown.clone()).await;
                 failures = after_link(failures, up.elapsed(), s.stable_after);
                 slot.failures.store(failures, Ordering::Relaxed);
@@ -239,7 +240,11 @@ async fn supervise(
                     info!("link closed for shutdown");
                     return;
                 }
-                warn!(error = %end, "link down; sessions on it are closed with 1012");
+                if moves {
+                    warn!(error = %end, "link down; its sessions move to another link (protocol v3 \"move\")");
+                } else {
+                    warn!(error = %end, "link down; sessions on it are closed with 1012");
+                }
             }
             Err(e) => {
                 metrics.link_connect(&slot.endpoint, false);
