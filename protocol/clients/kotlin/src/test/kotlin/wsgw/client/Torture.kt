@@ -159,9 +159,8 @@ class Client(
     private val big = BooleanArray(messages)
     private val seen = BitSet(messages)
     private var highest = -1
-    private val allEchoed = CountDownLatch(1)
     private val closed = CountDownLatch(1)
-    private var echoes = 0
+    private val echoed = java.util.concurrent.atomic.AtomicInteger()
 
     private fun received(seq: Int, asBinary: Boolean, text: String) {
         if (seq < 0 || seq >= messages) {
@@ -188,9 +187,8 @@ class Client(
         }
         seen.set(seq)
         highest = maxOf(highest, seq)
-        echoes++
+        echoed.incrementAndGet()
         Totals.echoes.incrementAndGet()
-        if (echoes == messages) allEchoed.countDown()
     }
 
     private fun parse(text: String, asBinary: Boolean) {
@@ -237,45 +235,61 @@ class Client(
             Totals.failures.incrementAndGet()
             complain("client $id: failed: $t ${response?.code()}")
             closed.countDown()
-            allEchoed.countDown()
         }
     }
 
-    fun run(cutEvery: Int, takeoverEvery: Int) {
+    /**
+     * Sends every message, at most `window` ahead of the echoes, so that the
+     * run spans many connections; rolls for a cut or a takeover at every
+     * step, also while waiting for echoes.
+     */
+    fun run(cutEvery: Int, takeoverEvery: Int, window: Int) {
         val ws = ResumableWebSocket.connect(factory, Request.Builder().url(url).build(), listener, options)
-        for (seq in 0 until messages) {
-            binary[seq] = rng.nextBoolean()
-            big[seq] = rng.nextInt(60) == 0
-            val text = body(id, seq, big[seq])
-            val ok = if (binary[seq]) {
-                val b = okio.Buffer().writeByte(0xFF).writeUtf8(text)
-                ws.send(b.readByteString())
+        val deadline = System.nanoTime() + TimeUnit.SECONDS.toNanos(90)
+        var seq = 0
+        while (echoed.get() < messages && System.nanoTime() < deadline) {
+            if (seq < messages && seq - echoed.get() < window) {
+                send(ws, seq)
+                seq++
+                if (rng.nextInt(4) == 0) Thread.sleep(rng.nextInt(4).toLong())
             } else {
-                ws.send(text)
+                Thread.sleep(2)
             }
-            if (!ok) {
-                Totals.failures.incrementAndGet()
-                complain("client $id: send $seq refused")
-            }
-            Totals.sent.incrementAndGet()
             if (rng.nextInt(cutEvery) == 0) cut()
             if (rng.nextInt(takeoverEvery) == 0 && ws.isOpen) {
                 Totals.takeovers.incrementAndGet()
                 ws.reconnect()
             }
-            if (rng.nextInt(4) == 0) Thread.sleep(rng.nextInt(6).toLong())
         }
-        if (!allEchoed.await(90, TimeUnit.SECONDS)) {
+        if (echoed.get() < messages) {
             Totals.unfinished.incrementAndGet()
-            complain("client $id: $echoes of $messages echoes after 90 s (unconfirmed ${ws.unconfirmedCount}, open ${ws.isOpen})")
+            complain("client $id: ${echoed.get()} of $messages echoes after 90 s (sent $seq, unconfirmed ${ws.unconfirmedCount}, open ${ws.isOpen})")
         }
-        Totals.lost.addAndGet((messages - seen.cardinality()).toLong())
+        // Late duplicates would show up here.
+        Thread.sleep(200)
         ws.close(1000, "done")
         if (!closed.await(30, TimeUnit.SECONDS)) {
             Totals.unfinished.incrementAndGet()
             complain("client $id: no close after 30 s")
             ws.cancel()
         }
+        Totals.lost.addAndGet((messages - seen.cardinality()).toLong())
+    }
+
+    private fun send(ws: ResumableWebSocket, seq: Int) {
+        binary[seq] = rng.nextBoolean()
+        big[seq] = rng.nextInt(60) == 0
+        val text = body(id, seq, big[seq])
+        val ok = if (binary[seq]) {
+            ws.send(okio.Buffer().writeByte(0xFF).writeUtf8(text).readByteString())
+        } else {
+            ws.send(text)
+        }
+        if (!ok) {
+            Totals.failures.incrementAndGet()
+            complain("client $id: send $seq refused")
+        }
+        Totals.sent.incrementAndGet()
     }
 
     /** Cuts the newest connection without a close frame: open, or still connecting. */
@@ -306,7 +320,9 @@ fun main(args: Array<String>) {
     val threads = (0 until clients).map { i ->
         // One OkHttpClient for all, as in an app; one factory per client to cut its connections.
         val c = Client(i, url, CuttableFactory(http), messages, seed * 1_000_003 + i, options)
-        Thread({ c.run(a["cut-every"]?.toInt() ?: 40, a["takeover-every"]?.toInt() ?: 150) }, "client $i")
+        Thread({
+            c.run(a["cut-every"]?.toInt() ?: 40, a["takeover-every"]?.toInt() ?: 150, a["window"]?.toInt() ?: 40)
+        }, "client $i")
     }
     threads.forEach { it.start() }
     threads.forEach { it.join() }
