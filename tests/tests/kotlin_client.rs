@@ -22,10 +22,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use gateway_tests::client::{tls_config, tls_connect};
-use gateway_tests::{bin, bin_dir, repo_root, Certs, Gateway, GatewayOpts, Proc};
+use gateway_tests::TestBackend;
+use gateway_tests::{bin, bin_dir, kib, repo_root, secs, Certs, Event, Gateway, GatewayOpts, Proc};
+use protocol::Framing;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
 
 const CLIENTS: u64 = 20;
@@ -33,12 +35,13 @@ const MESSAGES: u64 = 1500;
 
 /// Builds the Kotlin jars (only what changed) and returns the classpath.
 fn build_kotlin() -> String {
-    let out = bin_dir()
-        .parent()
-        .expect("target dir")
-        .join("kotlin");
+    let out = bin_dir().parent().expect("target dir").join("kotlin");
     let script = repo_root().join("protocol/clients/kotlin/build.sh");
-    let o = Command::new("bash").arg(&script).arg(&out).output().unwrap();
+    let o = Command::new("bash")
+        .arg(&script)
+        .arg(&out)
+        .output()
+        .unwrap();
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(
         o.status.success(),
@@ -275,4 +278,176 @@ async fn kotlin_client_exactly_once_in_order_with_types_through_cuts_takeovers_a
         resumed >= count(&totals, "resumes") as f64,
         "the gateway counted fewer resumes ({resumed}) than the client saw"
     );
+}
+
+/// One Kotlin client session (`wsgw.client.scenario.ScenarioKt`) driven
+/// line by line: its callbacks come out as lines, commands go in.
+struct Scenario {
+    child: tokio::process::Child,
+    lines: tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
+    seen: Vec<String>,
+}
+
+impl Scenario {
+    fn start(classpath: &str, url: &str, ca: &Path, backoff_ms: u64) -> Self {
+        let mut child = tokio::process::Command::new("java")
+            .arg("-cp")
+            .arg(classpath)
+            .arg("wsgw.client.scenario.ScenarioKt")
+            .args(["--url", url])
+            .arg("--ca")
+            .arg(ca)
+            .args(["--backoff-ms", &backoff_ms.to_string()])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        Self {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// The next callback line that is not `disconnected` (informational).
+    async fn next(&mut self) -> String {
+        loop {
+            let line = tokio::time::timeout(Duration::from_secs(20), self.lines.next_line())
+                .await
+                .unwrap_or_else(|_| panic!("no callback within 20 s; so far: {:?}", self.seen))
+                .unwrap()
+                .unwrap_or_else(|| panic!("the client exited; so far: {:?}", self.seen));
+            self.seen.push(line.clone());
+            if !line.starts_with("disconnected") {
+                return line;
+            }
+        }
+    }
+
+    async fn expect(&mut self, prefix: &str) -> String {
+        let line = self.next().await;
+        assert!(
+            line.starts_with(prefix),
+            "expected {prefix:?}, got {line:?}; so far: {:?}",
+            self.seen
+        );
+        line
+    }
+
+    async fn expect_line(&mut self, want: &str) {
+        let line = self.next().await;
+        assert_eq!(line, want, "so far: {:?}", self.seen);
+    }
+
+    async fn command(&mut self, cmd: &str) {
+        let stdin = self.child.stdin.as_mut().unwrap();
+        stdin
+            .write_all(format!("{cmd}\n").as_bytes())
+            .await
+            .unwrap();
+        stdin.flush().await.unwrap();
+    }
+}
+
+async fn next_open(backend: &mut TestBackend) -> u64 {
+    tokio::time::timeout(Duration::from_secs(20), backend.next_open())
+        .await
+        .expect("no new session at the backend")
+        .0
+}
+
+/// What the library does with each way a session can end: a 410 to its
+/// resume (the session overflowed while it was away) and the close codes
+/// that mean "reconnect" start a new session and tell the app, with the
+/// messages that were not confirmed; a code that means "don't" ends it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kotlin_client_starts_over_after_410_and_follows_the_close_code_table() {
+    let classpath = build_kotlin();
+    let certs = Certs::new();
+    let mut backend = TestBackend::start(Framing::Varint, false).await;
+    let gw = Gateway::start(
+        GatewayOpts::new(backend.addr)
+            .tls(&certs)
+            .config(|c| c.session.max_message_size = kib(1))
+            .config(|c| c.session.client_queue_bytes = kib(16))
+            .config(|c| c.resume.grace = secs(30)),
+    );
+    gw.wait_ready(Duration::from_secs(10)).await;
+    // A long first backoff (1.5-3 s): the test acts while the client is away.
+    let mut c = Scenario::start(&classpath, &gw.wss_url("/ws"), &certs.ca(), 3000);
+
+    c.expect("open resumed=false").await;
+    let s1 = next_open(&mut backend).await;
+    backend.push(s1, b"hello", true);
+    c.expect_line("text hello").await;
+    backend.push(s1, b"abc", false);
+    c.expect_line("binary 3").await;
+    c.command("send a").await;
+    assert_eq!(&backend.next_data(s1).await[..], b"a");
+
+    // Cut; while the client waits to resume, more arrives than the
+    // session's client queue holds, so the gateway ends it: the resume gets
+    // 410, and the library starts over.
+    c.command("cut").await;
+    backend
+        .wait_for(|e| matches!(e, Event::Detached { session, .. } if *session == s1).then_some(()))
+        .await;
+    c.command("send queued").await;
+    for i in 0..200u8 {
+        backend.push(s1, &[i; 100], false);
+    }
+    backend.wait_close(s1).await;
+    // "a" was never confirmed (no resume since), "queued" never sent.
+    c.expect_line("lost 2 HTTP 410 to the resume").await;
+    c.expect("open resumed=false").await;
+    let s2 = next_open(&mut backend).await;
+    c.command("send b").await;
+    assert_eq!(&backend.next_data(s2).await[..], b"b");
+
+    // 1013 (try again later): the session is over, a new one starts after
+    // a backoff. OkHttp 3.x refuses close codes 1012-1014 as reserved (its
+    // table predates their registration; OkHttp 4 reads them) and fails the
+    // connection instead: the library resumes, the gateway, which has ended
+    // the session, answers 410, and the app hears of it that way.
+    backend.close(s2, 1013, "later");
+    let cut = c.seen.len();
+    c.expect_line("lost 1 HTTP 410 to the resume").await;
+    assert!(
+        c.seen[cut..]
+            .iter()
+            .any(|l| l.contains("Code 1013 is reserved")),
+        "OkHttp 3 reads 1013 now? Then expect 'closed by the gateway: 1013' here: {:?}",
+        c.seen
+    );
+    c.expect("open resumed=false").await;
+    let s3 = next_open(&mut backend).await;
+    // 1001 (drain): a new session at once.
+    backend.close(s3, 1001, "going away");
+    c.expect_line("lost 0 closed by the gateway: 1001 going away")
+        .await;
+    c.expect("open resumed=false").await;
+    let s4 = next_open(&mut backend).await;
+
+    // An application code: the session ends and nothing reconnects.
+    backend.close(s4, 4000, "done");
+    c.expect_line("closed 4000 done").await;
+    // Nothing after the end.
+    c.expect_line("end").await;
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), backend.next_open())
+            .await
+            .is_err(),
+        "the library reconnected after 4000"
+    );
+
+    // A clean close by the app: the close handshake completes.
+    let mut c = Scenario::start(&classpath, &gw.wss_url("/ws"), &certs.ca(), 3000);
+    c.expect("open resumed=false").await;
+    let s5 = next_open(&mut backend).await;
+    c.command("close 1000").await;
+    assert_eq!(backend.wait_close(s5).await.0, 1000);
+    c.expect("closed 1000").await;
+    c.expect_line("end").await;
 }

@@ -212,13 +212,13 @@ class Client(
         override fun onMessage(ws: ResumableWebSocket, text: String) = parse(text, false)
 
         override fun onMessage(ws: ResumableWebSocket, bytes: ByteString) {
-            // Binary echoes start with 0xFF: not UTF-8, so they can only be binary.
-            if (bytes.size() == 0 || bytes.getByte(0) != 0xFF.toByte()) {
-                Totals.corrupted.incrementAndGet()
-                complain("client $id: binary echo without its marker")
-                return
+            // Binary messages start with 0xFF (never in UTF-8): one without
+            // it is a text message that came back as binary.
+            if (bytes.size() > 0 && bytes.getByte(0) == 0xFF.toByte()) {
+                parse(bytes.substring(1).utf8(), true)
+            } else {
+                parse(bytes.utf8(), true)
             }
-            parse(bytes.substring(1).utf8(), true)
         }
 
         override fun onSessionLost(ws: ResumableWebSocket, reason: String, unconfirmed: List<Message>) {
