@@ -2,7 +2,6 @@ package wsgw.client
 
 import okhttp3.WebSocket
 import okio.ByteString
-import okio.Utf8
 
 /**
  * One message of the session, with its WebSocket type: the outbox keeps
@@ -11,16 +10,16 @@ import okio.Utf8
 sealed class Message {
     /** A text message. */
     class Text(@JvmField val text: String) : Message() {
-        override val size: Long = Utf8.size(text)
+        override val size: Long = utf8Size(text)
         override fun sendOn(ws: WebSocket): Boolean = ws.send(text)
         override fun toString(): String = "Text(${text.length} chars)"
     }
 
     /** A binary message. */
     class Binary(@JvmField val bytes: ByteString) : Message() {
-        override val size: Long = bytes.size().toLong()
+        override val size: Long = sizeOf(bytes).toLong()
         override fun sendOn(ws: WebSocket): Boolean = ws.send(bytes)
-        override fun toString(): String = "Binary(${bytes.size()} bytes)"
+        override fun toString(): String = "Binary($size bytes)"
     }
 
     /** Payload bytes (UTF-8 for text): what the outbox bounds count. */

@@ -78,7 +78,12 @@ class ResumableWebSocket private constructor(
     private var open = false
     /** Open connections replaced by `reconnect`, cancelled once the new one opens or fails. */
     private val abandoned = ArrayList<WebSocket>()
-    /** When the last open connection was lost (System.nanoTime), 0 when connected. */
+    /**
+     * When the last open connection was lost (System.nanoTime), 0 when
+     * connected. On Android nanoTime stands still in deep sleep, so after
+     * one the grace check below may let a resume through that the gateway
+     * answers with 410: the same outcome, one round trip later.
+     */
     private var lostAtNanos = 0L
     /** Failed attempts since the last open: the backoff exponent. */
     private var attempt = 0
@@ -386,7 +391,7 @@ class ResumableWebSocket private constructor(
             cancelAbandonedLocked()
             if (finished) return
             if (response != null && !wasOpen) {
-                val status = response.code()
+                val status = statusOf(response)
                 when (Policy.afterRefusal(status, token != null)) {
                     Policy.AfterRefusal.SESSION_LOST -> if (closing) {
                         finishLocked(Runnable {
@@ -470,8 +475,8 @@ class ResumableWebSocket private constructor(
         /** `client` with pings and a handshake timeout fit for resuming. */
         @JvmStatic
         fun forWebSockets(client: OkHttpClient, options: Options): OkHttpClient {
-            val needsPing = client.pingIntervalMillis() == 0 && options.pingIntervalMillis > 0
-            val read = client.readTimeoutMillis()
+            val needsPing = pingIntervalOf(client) == 0 && options.pingIntervalMillis > 0
+            val read = readTimeoutOf(client)
             val needsTimeout = read != 0 && read < options.handshakeTimeoutMillis
             if (!needsPing && !needsTimeout) return client
             val b = client.newBuilder()
