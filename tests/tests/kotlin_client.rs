@@ -33,6 +33,12 @@ use tokio::net::TcpListener;
 const CLIENTS: u64 = 20;
 const MESSAGES: u64 = 1500;
 
+/// The two tests take turns: both start JVMs on a 2-core machine, and the
+/// scenario test's timing (it acts while its client waits to resume) should
+/// not depend on the torture run's load. Holding it also keeps the two from
+/// running build.sh, which writes the same jars, at once.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Builds the Kotlin jars (only what changed) and returns the classpath.
 fn build_kotlin() -> String {
     let out = bin_dir().parent().expect("target dir").join("kotlin");
@@ -183,6 +189,7 @@ fn count(v: &serde_json::Value, key: &str) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kotlin_client_exactly_once_in_order_with_types_through_cuts_takeovers_and_lost_101s() {
+    let _turn = ONE_AT_A_TIME.lock().await;
     let classpath = build_kotlin();
     let certs = Certs::new();
     let (_backend, backend) = reference_backend();
@@ -364,6 +371,7 @@ async fn next_open(backend: &mut TestBackend) -> u64 {
 /// messages that were not confirmed; a code that means "don't" ends it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kotlin_client_starts_over_after_410_and_follows_the_close_code_table() {
+    let _turn = ONE_AT_A_TIME.lock().await;
     let classpath = build_kotlin();
     let certs = Certs::new();
     let mut backend = TestBackend::start(Framing::Varint, false).await;
