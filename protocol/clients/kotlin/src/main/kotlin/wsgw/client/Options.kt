@@ -53,8 +53,10 @@ class Options {
 
     /**
      * Where callbacks run, one at a time (for example Android's main
-     * thread executor). By default a thread of the session's own, which
-     * ends when idle.
+     * thread executor; the library keeps them in order on any executor).
+     * It must run tasks later, not inline in `execute`: the library hands
+     * them over while it holds its lock. By default a thread of the
+     * session's own, which ends when idle.
      */
     @JvmField var callbackExecutor: Executor? = null
 
