@@ -2,10 +2,12 @@
 # The project's test command (the README's): builds everything, prepares the
 # Python tools the interoperability tests use, and runs every test:
 #   1. unit tests and end-to-end tests (cargo test, real processes, sockets, TLS)
+#      (the Kotlin client's tests among them, compiled first with kotlinc)
 #   2. the independent Python backend's own self-test
 #   3. Autobahn|TestSuite conformance through the whole relay path
 # Works from a fresh clone. Needs: Linux (the tests read /proc), cargo,
-# python3 >= 3.11 with venv (the pinned websockets needs it), and an
+# python3 >= 3.11 with venv (the pinned websockets needs it), Debian's
+# kotlin, libokhttp-java, libokio-java and a JDK (.ci/run installs them), and an
 # open-file limit of at least 16384 (the 10,000-session test holds that many
 # sockets); this script raises the soft limit to the hard limit itself.
 #
@@ -28,6 +30,18 @@ if ! python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
   echo "tests/run.sh: python3 >= 3.11 is needed (for the pinned websockets); found $(python3 --version)" >&2
   exit 2
 fi
+
+# The Kotlin client (protocol/clients/kotlin) is compiled with Debian's
+# Kotlin and OkHttp 3.13, and tested against the gateway by
+# tests/tests/kotlin_client.rs. Compiled here first (into the target
+# directory), so a missing package or a broken README example fails at once.
+if ! command -v kotlinc >/dev/null || ! command -v javac >/dev/null ||
+  [ ! -f /usr/share/java/okhttp.jar ] || [ ! -f /usr/share/java/okio.jar ]; then
+  echo "tests/run.sh: the Kotlin client's tests need Debian's kotlin, OkHttp 3 and a JDK:" >&2
+  echo "  apt-get install -y kotlin libokhttp-java libokio-java default-jdk-headless" >&2
+  exit 2
+fi
+protocol/clients/kotlin/build.sh "${CARGO_TARGET_DIR:-target}/kotlin" >/dev/null
 
 # Python tools, pinned in tests/requirements.txt, in a local virtualenv.
 if [ ! -x .venv/bin/python ]; then
