@@ -1104,7 +1104,11 @@ class Session:
         chunk = 60_000
         if link.hello and link.hello.max_message_size:
             chunk = min(chunk, link.hello.max_message_size)
-        while self.flow.sent_cost <= self.flow.send_limit and not self.closed:
+        # Past the limit we know by more than one whole window: the gateway
+        # may have granted up to a window more meanwhile (its client reads),
+        # and data within a newer grant is no overrun.
+        past = self.flow.send_limit + self.flow.send_window
+        while self.flow.sent_cost <= past and not self.closed:
             data = Data(b"o" * chunk, False)
             self.flow.record_sent(data)
             link.send_nowait(Frame(self.sid, "data", data))

@@ -456,7 +456,11 @@ impl Gateway {
         let file = dir.path().join("gateway.toml");
         std::fs::write(&file, toml::to_string(&o.config).unwrap()).unwrap();
         cmd.arg("--config").arg(&file);
-        cmd.env("RUST_LOG", "info");
+        // WSGW_TEST_LOG overrides the gateways' log filter when debugging.
+        cmd.env(
+            "RUST_LOG",
+            std::env::var("WSGW_TEST_LOG").unwrap_or_else(|_| "info".into()),
+        );
         let (proc, lines) = Proc::spawn(cmd, expect);
         drop(dir);
         let find = |kind: &str| {

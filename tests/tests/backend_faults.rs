@@ -21,13 +21,14 @@ fn python_backend() -> (Proc, std::net::SocketAddr) {
 }
 
 fn python_backend_framed(framing: &str) -> (Proc, std::net::SocketAddr) {
+    python_backend_with(&["--framing", framing])
+}
+
+fn python_backend_with(args: &[&str]) -> (Proc, std::net::SocketAddr) {
     let mut cmd = Command::new(python());
-    cmd.arg(repo_root().join("tests/interop/backend.py")).args([
-        "--listen",
-        "127.0.0.1:0",
-        "--framing",
-        framing,
-    ]);
+    cmd.arg(repo_root().join("tests/interop/backend.py"))
+        .args(["--listen", "127.0.0.1:0"])
+        .args(args);
     let (proc, lines) = Proc::spawn(cmd, 1);
     let addr = lines[0]
         .strip_prefix("listening ")
@@ -42,7 +43,13 @@ fn python_backend_framed(framing: &str) -> (Proc, std::net::SocketAddr) {
 async fn two_links(
     configure: impl FnOnce(&mut gateway::Config),
 ) -> (Proc, Gateway, Client, Client) {
-    let (backend, addr) = python_backend();
+    two_links_to(python_backend(), configure).await
+}
+
+async fn two_links_to(
+    (backend, addr): (Proc, std::net::SocketAddr),
+    configure: impl FnOnce(&mut gateway::Config),
+) -> (Proc, Gateway, Client, Client) {
     let gw = Gateway::start(GatewayOpts::new(addr).config(configure));
     gw.wait_links_up(2, T).await;
     let mut a = Client::connect(gw.ws.unwrap(), "/ws", &Connect::default()).await;
@@ -69,7 +76,12 @@ async fn wait_backend_close(gw: &Gateway, code: u32, reason: &str) -> serde_json
 }
 
 async fn violation_drops_only_that_link(kind: &str) {
-    let (mut backend, gw, mut a, mut b) = two_links(|_| {}).await;
+    violation_on_backend_drops_only_that_link(kind, &[]).await;
+}
+
+/// The same against a backend started with `args` (its capabilities).
+async fn violation_on_backend_drops_only_that_link(kind: &str, args: &[&str]) {
+    let (mut backend, gw, mut a, mut b) = two_links_to(python_backend_with(args), |_| {}).await;
     a.send_text(&format!("cmd:violate:{kind}")).await;
     let (code, reason) = a.expect_close(T).await;
     assert_eq!(code, 1012, "{kind}: {reason}");
@@ -81,6 +93,33 @@ async fn violation_drops_only_that_link(kind: &str) {
         .await;
     let s = stats(&gw).await;
     assert_eq!(s["violations"], 0, "the gateway broke nothing: {s}");
+    backend.stop_cleanly(T);
+}
+
+/// Version 3: `window` only with "flow" and a session id; `resume` is the
+/// gateway's to send.
+#[tokio::test(flavor = "multi_thread")]
+async fn v3_frames_the_backend_must_not_send_drop_that_link_only() {
+    violation_on_backend_drops_only_that_link("window0", &[]).await;
+    violation_on_backend_drops_only_that_link("window", &["--caps", "none"]).await;
+    violation_on_backend_drops_only_that_link("resume", &[]).await;
+}
+
+/// Version 3: data past the window the gateway granted ends only that
+/// session, 1011 to the client and `close{1011, ...}` to the backend.
+#[tokio::test(flavor = "multi_thread")]
+async fn data_past_the_window_closes_only_that_session_with_1011() {
+    let (mut backend, gw, mut a, mut b) = two_links(|_| {}).await;
+    a.send_text("cmd:overrun").await;
+    let (code, _) = a.expect_close(T).await;
+    assert_eq!(code, 1011);
+    wait_backend_close(
+        &gw,
+        1011,
+        "backend exceeded the session's flow-control window",
+    )
+    .await;
+    b.echo("unaffected").await;
     backend.stop_cleanly(T);
 }
 

@@ -203,6 +203,11 @@ impl Session {
                     if reason == CloseReason::LinkLost {
                         self.shared.metrics.session_moved(false, 0);
                     }
+                    debug!(
+                        session = self.id.0,
+                        ?reason,
+                        "session could not move to another link"
+                    );
                     return Err(reason);
                 }
             }

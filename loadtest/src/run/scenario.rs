@@ -76,8 +76,14 @@ pub(super) async fn echo_open(i: u32, ws: Ws, sh: &Shared, tally: &mut Tally) ->
     });
     let (mut r, w) = split(ws);
     let sent = Arc::new(AtomicU64::new(0));
+    // Set once the writer has sent its last message: `sent` is final. (Not
+    // `writer.is_finished()`: the server's pong can arrive before the
+    // writer task is seen to have finished, and the reader would then
+    // wait for a message that never comes.)
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let writer = {
         let (w, sent, stop) = (w.clone(), sent.clone(), sh.stop.clone());
+        let done = done.clone();
         let ctx = SendCtx::of(sh);
         tokio::spawn(async move {
             let mut buf = Vec::with_capacity(ctx.size);
@@ -87,6 +93,7 @@ pub(super) async fn echo_open(i: u32, ws: Ws, sh: &Shared, tally: &mut Tally) ->
                     _ = stop.cancelled() => None,
                 };
                 let Some(due) = due else {
+                    done.store(true, Ordering::Release);
                     // Wake the reader: the server's pong marks the end of
                     // this connection's sends.
                     let mut w = w.lock().await;
@@ -109,8 +116,7 @@ pub(super) async fn echo_open(i: u32, ws: Ws, sh: &Shared, tally: &mut Tally) ->
     };
     let mut expect = 0u64;
     let result = loop {
-        if sh.stop.is_cancelled() && writer.is_finished() && expect >= sent.load(Ordering::Acquire)
-        {
+        if done.load(Ordering::Acquire) && expect >= sent.load(Ordering::Acquire) {
             break Ok(());
         }
         let (msg, text) = match recv_or_pong(&mut r, &w, sh.args.timeout, true).await {
