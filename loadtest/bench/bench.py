@@ -153,6 +153,12 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="short runs, for a smoke test")
     ap.add_argument("--ab", metavar="OLD_GATEWAY", help="compare this gateway binary with target/release/gateway "
                     "(throughput, CPU per round trip, latency, idle memory) instead of the full report")
+    ap.add_argument("--ab-backend", default="", metavar="ARGS",
+                    help="with --ab: arguments for both reference backends, e.g. \"--max-version 2\"")
+    ap.add_argument("--ab-protocol", action="store_true",
+                    help="compare link protocol version 2 with version 3 (flow and move) on the same gateway: "
+                         "the reference backend with --max-version 2 against the default (throughput, CPU per "
+                         "round trip, latency) instead of the full report")
     a = ap.parse_args()
     if a.quick:
         a.rounds, a.duration, a.connections, a.idle, a.idle_hold = 1, "3s", 200, 500, "3s"
@@ -163,7 +169,13 @@ def main() -> int:
     ca = ["--ca", str(certs / "ca.pem")]
     tls = ["--tls-cert", str(certs / "cert.pem"), "--tls-key", str(certs / "key.pem")]
     if a.ab:
-        return ab(a, Path(a.ab).resolve(), out, ca, tls)
+        old = Path(a.ab).resolve()
+        extra = a.ab_backend.split()
+        return ab(a, {"old": (old, extra), "new": (BIN / "gateway", extra)}, out, ca, tls)
+    if a.ab_protocol:
+        a.idle = 0
+        gw = BIN / "gateway"
+        return ab(a, {"old": (gw, ["--max-version", "2"]), "new": (gw, [])}, out, ca, tls)
     results: dict = {"machine": machine(), "settings": vars(a)}
     procs: list = []
     try:
@@ -293,18 +305,20 @@ def idle_capacity(gateway: Path, n: int, hold: str, out: Path, ca: list, tls: li
             p.stop()
 
 
-def ab(a, old: Path, out: Path, ca: list, tls: list) -> int:
-    """Two gateway binaries side by side: throughput and CPU per round trip
-    (wss, ws), open-loop latency, and idle memory per session, interleaved
-    (A B, then B A, ...) so that the machine's drift hits both alike."""
-    bins = {"old": old, "new": BIN / "gateway"}
+def ab(a, targets: dict, out: Path, ca: list, tls: list) -> int:
+    """Two targets side by side (a gateway binary, and the arguments of
+    its reference backend): throughput and CPU per round trip (wss, ws),
+    open-loop latency, and idle memory per session, interleaved (A B, then
+    B A, ...) so that the machine's drift hits both alike."""
+    bins = {k: b for k, (b, _) in targets.items()}
     procs: list = []
     runs: dict = {f"{k} {proto}": [] for k in bins for proto in ("wss", "ws", "latency")}
     try:
-        backend = Proc([str(BIN / "loadtest"), "backend", "--listen", "127.0.0.1:0"], 1, "backend-ab", out)
-        procs.append(backend)
         gws = {}
-        for k, b in bins.items():
+        for k, (b, backend_args) in targets.items():
+            backend = Proc([str(BIN / "loadtest"), "backend", "--listen", "127.0.0.1:0", *backend_args], 1,
+                           f"backend-{k}", out)
+            procs.append(backend)
             gws[k] = Proc([str(b), "--listen", "127.0.0.1:0", "--listen-tls", "127.0.0.1:0", *tls,
                            "--admin", "127.0.0.1:0", "--backend", backend.addrs[0], "--links", "2"], 3, f"gateway-{k}", out)
             procs.append(gws[k])
@@ -332,7 +346,8 @@ def ab(a, old: Path, out: Path, ca: list, tls: list) -> int:
         for k in ("old", "new"):
             idle[k] = idle_capacity(bins[k], a.idle, a.idle_hold, out, ca, tls, f"idle-{k}")
             print(f"idle {k}: {idle[k]['rss_per_session_kib']:.1f} KiB each", file=sys.stderr)
-    (out / "ab.json").write_text(json.dumps({"runs": runs, "idle": idle, "old": str(old)}, indent=2))
+    described = {k: f"{b} {' '.join(args)}".strip() for k, (b, args) in targets.items()}
+    (out / "ab.json").write_text(json.dumps({"runs": runs, "idle": idle, "targets": described}, indent=2))
     m = machine()
     row = lambda name, key, digits=0: (
         name, med([x.get(key) for x in runs[f"old {name.split()[0]}"]]),
@@ -345,7 +360,8 @@ def ab(a, old: Path, out: Path, ca: list, tls: list) -> int:
         rows.append((f"idle wss KiB per session ({a.idle:,})", idle["old"]["rss_per_session_kib"],
                      idle["new"]["rss_per_session_kib"], 1))
     lines = [f"Machine: {m['cpu']}, {m['cores']} cores, Linux {m['kernel']}; {m['date']}.",
-             f"old = {old}, new = {BIN / 'gateway'}; medians of {a.rounds} interleaved rounds, "
+             f"old = {described['old']}, new = {described['new']} (each with its own reference backend"
+             f"); medians of {a.rounds} interleaved rounds, "
              f"{a.connections} connections, {a.duration} each; latency: open loop at 10,000 msg/s over wss.", "",
              "| measure | old | new | new / old |", "|---|---:|---:|---:|"]
     for name, o, n, d in rows:

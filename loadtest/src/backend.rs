@@ -116,7 +116,7 @@ pub async fn serve(listener: TcpListener, opts: Options, stats: Arc<Stats>) -> a
         tokio::spawn(async move {
             stats.links.fetch_add(1, Ordering::Relaxed);
             stats.links_total.fetch_add(1, Ordering::Relaxed);
-            let mut link = Link::new(&opts, &stats, &registry, serial);
+            let mut link = Link::new(&opts, &stats, registry, serial);
             match link.run(stream, peer).await {
                 Ok(()) => {}
                 // A reset or a broken connection is a lost link, not a
@@ -194,7 +194,7 @@ struct Session {
 struct Link<'a> {
     opts: &'a Options,
     stats: &'a Stats,
-    registry: &'a Registry,
+    registry: Arc<Registry>,
     serial: u64,
     codec: FrameCodec,
     sessions: HashMap<u64, Session>,
@@ -209,7 +209,13 @@ struct Link<'a> {
     instance: Arc<str>,
     steal_tx: mpsc::UnboundedSender<Steal>,
     steal_rx: mpsc::UnboundedReceiver<Steal>,
+    /// Sessions taken from another link for a `resume` (or not: `None`).
+    stolen_tx: mpsc::UnboundedSender<Stolen>,
+    stolen_rx: mpsc::UnboundedReceiver<Stolen>,
 }
+
+/// The outcome of taking a session from another link for a `resume`.
+type Stolen = (u64, pb::SessionResume, Option<Session>);
 
 /// What handling a frame left to do that needs waiting.
 enum After {
@@ -219,8 +225,9 @@ enum After {
 }
 
 impl<'a> Link<'a> {
-    fn new(opts: &'a Options, stats: &'a Stats, registry: &'a Registry, serial: u64) -> Self {
+    fn new(opts: &'a Options, stats: &'a Stats, registry: Arc<Registry>, serial: u64) -> Self {
         let (steal_tx, steal_rx) = mpsc::unbounded_channel();
+        let (stolen_tx, stolen_rx) = mpsc::unbounded_channel();
         Self {
             opts,
             stats,
@@ -237,6 +244,8 @@ impl<'a> Link<'a> {
             instance: Arc::from(""),
             steal_tx,
             steal_rx,
+            stolen_tx,
+            stolen_rx,
         }
     }
 
@@ -336,7 +345,7 @@ impl<'a> Link<'a> {
                     }
                     while let Some(frame) = self.codec.decode(&mut inbuf)? {
                         if let After::Steal(id, resume, owner) = self.on_frame(frame, &mut out)? {
-                            self.steal(id, resume, owner, &mut out).await?;
+                            self.steal(id, resume, owner);
                         }
                     }
                 }
@@ -362,6 +371,19 @@ impl<'a> Link<'a> {
                     // is no longer ours.
                     let _ = reply.send(self.sessions.remove(&id));
                 }
+                Some((id, resume, taken)) = self.stolen_rx.recv() => match taken {
+                    Some(s) => {
+                        self.own(id);
+                        self.resumed(id, s, &resume, &mut out)?;
+                    }
+                    None => {
+                        eprintln!("backend: resume of session {id}, held by another link, failed");
+                        self.codec.encode(
+                            &Frame::close(id, 1012, "session unknown to the backend"),
+                            &mut out,
+                        )?;
+                    }
+                },
             }
             if !out.is_empty() {
                 stream.write_all(&out).await?;
@@ -485,6 +507,9 @@ impl<'a> Link<'a> {
                 let key = (self.instance.clone(), id);
                 let mut reg = self.registry.lock();
                 if let Some((s, _)) = reg.orphans.remove(&key) {
+                    // Ours from this instant: a resume on another link now
+                    // asks us for it, rather than finding it nowhere.
+                    reg.owners.insert(key, (self.serial, self.steal_tx.clone()));
                     drop(reg);
                     self.resumed(id, s, &r, out)?;
                 } else if let Some((owner, _)) = reg.owners.get(&key) {
@@ -522,45 +547,44 @@ impl<'a> Link<'a> {
     }
 
     /// Takes a resumed session from the link that held it (dead to the
-    /// gateway, maybe not yet to us).
-    async fn steal(
-        &mut self,
-        id: u64,
-        resume: pb::SessionResume,
-        owner: u64,
-        out: &mut BytesMut,
-    ) -> anyhow::Result<()> {
+    /// gateway, maybe not yet to us), without holding up this link: the
+    /// outcome comes back through `stolen_rx`.
+    fn steal(&self, id: u64, resume: pb::SessionResume, owner: u64) {
         let key = (self.instance.clone(), id);
-        let tx = self
-            .registry
-            .lock()
-            .owners
-            .get(&key)
-            .map(|(_, tx)| tx.clone());
-        let (reply_tx, reply_rx) = oneshot::channel();
-        let taken = match tx {
-            Some(tx) if tx.send((id, reply_tx)).is_ok() => {
-                tokio::time::timeout(Duration::from_secs(2), reply_rx)
-                    .await
-                    .ok()
-                    .and_then(Result::ok)
-                    .flatten()
+        let registry = self.registry.clone();
+        let back = self.stolen_tx.clone();
+        tokio::spawn(async move {
+            let tx = registry.lock().owners.get(&key).map(|(_, tx)| tx.clone());
+            let (reply_tx, reply_rx) = oneshot::channel();
+            let taken = match tx {
+                Some(tx) if tx.send((id, reply_tx)).is_ok() => {
+                    tokio::time::timeout(Duration::from_secs(2), reply_rx)
+                        .await
+                        .ok()
+                        .and_then(Result::ok)
+                        .flatten()
+                }
+                _ => None,
+            };
+            // The owner may have ended meanwhile: its sessions are orphans.
+            let taken = taken.or_else(|| registry.lock().orphans.remove(&key).map(|(s, _)| s));
+            if taken.is_none() {
+                eprintln!("backend: link {owner} did not hand over session {id}");
             }
-            _ => None,
-        };
-        // The owner may have ended meanwhile: its sessions are orphans.
-        let taken = taken.or_else(|| self.registry.lock().orphans.remove(&key).map(|(s, _)| s));
-        match taken {
-            Some(s) => self.resumed(id, s, &resume, out),
-            None => {
-                eprintln!("backend: resume of session {id} held by link {owner} failed");
-                self.codec.encode(
-                    &Frame::close(id, 1012, "session unknown to the backend"),
-                    out,
-                )?;
-                Ok(())
+            if let Err(mpsc::error::SendError((_, _, Some(s)))) = back.send((id, resume, taken)) {
+                // This link ended meanwhile: the session waits for the next
+                // resume.
+                registry.lock().orphans.insert(key, (s, Instant::now()));
             }
-        }
+        });
+    }
+
+    /// Records that this link holds session `id` now.
+    fn own(&self, id: u64) {
+        self.registry.lock().owners.insert(
+            (self.instance.clone(), id),
+            (self.serial, self.steal_tx.clone()),
+        );
     }
 
     /// A session moved to this link: answer with what we have, resend
@@ -591,10 +615,6 @@ impl<'a> Link<'a> {
         }
         self.stats.resent.fetch_add(resent, Ordering::Relaxed);
         self.stats.resumed.fetch_add(1, Ordering::Relaxed);
-        self.registry.lock().owners.insert(
-            (self.instance.clone(), id),
-            (self.serial, self.steal_tx.clone()),
-        );
         self.sessions.insert(id, s);
         self.pump(id, out)
     }

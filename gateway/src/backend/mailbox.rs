@@ -163,6 +163,8 @@ struct QueueFlow {
     shared: Arc<Flow>,
     /// The gateway's window per session (`session.client_queue_bytes`).
     window: u64,
+    /// The limit granted last (the session is the only one to grant).
+    granted: u64,
     /// Cost of the backend data the client has taken, cumulative.
     consumed: u64,
     /// A sender kept for the session's next route when it moves to another
@@ -224,6 +226,7 @@ impl Mailbox {
         let queue_flow = flow.map(|(link, shared)| QueueFlow {
             // The initial grant is the session's window.
             window: shared.grant(),
+            granted: shared.grant(),
             id,
             link,
             shared,
@@ -275,7 +278,9 @@ impl Queue {
         if self.in_hand > 0 {
             if let Some(f) = &mut self.flow {
                 f.consumed += self.in_hand as u64;
-                if f.shared.grant_after(f.consumed, f.window).is_some() {
+                if let Some(limit) = Flow::next_grant(f.granted, f.consumed, f.window) {
+                    f.granted = limit;
+                    f.shared.set_grant(limit);
                     f.link.send_grant(f.id, &f.shared);
                 }
             }

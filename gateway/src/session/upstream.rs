@@ -7,6 +7,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use protocol::{pb, Body, Frame};
 use tokio::time::Instant;
 use tracing::debug;
@@ -29,9 +30,31 @@ pub(super) struct Upstream {
     /// Data frames acknowledged, and their cost.
     acked: u64,
     acked_cost: u64,
-    /// With "move": frames sent and not acknowledged, oldest first, with
-    /// their cost, and the session's `open` to announce it again.
-    unacked: Option<(VecDeque<(u64, Frame)>, pb::SessionOpen)>,
+    /// With "move": messages sent and not acknowledged, oldest first, and
+    /// the session's `open` to announce it again.
+    unacked: Option<(VecDeque<Kept>, pb::SessionOpen)>,
+}
+
+/// A client message kept until the backend acknowledges it: its payload in
+/// an allocation of its own (not the client's read buffer it was cut
+/// from), its type and its window cost.
+struct Kept {
+    payload: Bytes,
+    text: bool,
+    cost: u64,
+}
+
+impl Kept {
+    fn of(frame: &Frame) -> Option<Self> {
+        match &frame.body {
+            Some(Body::Data(d)) => Some(Self {
+                payload: Bytes::copy_from_slice(&d.payload),
+                text: d.text,
+                cost: protocol::window_cost(d.payload.len()),
+            }),
+            _ => None,
+        }
+    }
 }
 
 impl Upstream {
@@ -70,21 +93,20 @@ impl Upstream {
         };
         let acked = self.flow.acked();
         while self.acked < acked {
-            let Some((cost, _)) = unacked.pop_front() else {
+            let Some(kept) = unacked.pop_front() else {
                 break;
             };
             self.acked += 1;
-            self.acked_cost += cost;
+            self.acked_cost += kept.cost;
         }
     }
 
-    /// A data frame was queued on the link.
-    fn sent(&mut self, cost: u64, kept: Option<Frame>) {
+    /// A data frame was queued on the link; with "move", `kept` is its
+    /// copy, held until acknowledged.
+    fn sent(&mut self, cost: u64, kept: Option<Kept>) {
         self.sent_cost += cost;
-        if let (Some((unacked, _)), Some(mut frame)) = (self.unacked.as_mut(), kept) {
-            // Held until acknowledged: not the client's read buffer.
-            frame.compact();
-            unacked.push_back((cost, frame));
+        if let (Some((unacked, _)), Some(kept)) = (self.unacked.as_mut(), kept) {
+            unacked.push_back(kept);
         }
     }
 }
@@ -115,7 +137,7 @@ pub(super) async fn send_pending(
     while !up.fits(cost) {
         up.flow.next_window().await;
     }
-    let kept = up.moves().then(|| frame.clone());
+    let kept = up.moves().then(|| Kept::of(frame)).flatten();
     link.send_pending(pending).await?;
     up.sent(cost, kept);
     Ok(())
@@ -138,7 +160,7 @@ impl Session {
             .upstream
             .as_ref()
             .filter(|u| u.moves())
-            .map(|_| frame.clone());
+            .and_then(|_| Kept::of(&frame));
         match self.link.try_send(frame) {
             crate::backend::TrySend::Sent => {
                 if let Some(up) = self.upstream.as_mut() {
@@ -266,10 +288,15 @@ impl Session {
             return Err(CloseReason::LinkLost);
         };
         up.trim();
+        let id = self.id.0;
         let resend: Vec<Frame> = up
             .unacked
             .as_ref()
-            .map(|(u, _)| u.iter().map(|(_, f)| f.clone()).collect())
+            .map(|(u, _)| {
+                u.iter()
+                    .map(|k| Frame::data(id, k.payload.clone(), k.text))
+                    .collect()
+            })
             .unwrap_or_default();
         let resent = resend.len() as u64;
         for frame in resend {
