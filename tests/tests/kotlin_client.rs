@@ -480,10 +480,14 @@ async fn kotlin_client_starts_over_after_410_and_follows_the_close_code_table() 
         "the library reconnected after 4000"
     );
 
-    // A clean close by the app: the close handshake completes.
+    // A clean close by the app: the close handshake completes. A reason
+    // over 123 bytes is refused first and leaves the session able to close
+    // (OkHttp's close() would throw after the library had marked it closing).
     let mut c = Scenario::start(&classpath, &gw.wss_url("/ws"), &certs.ca(), 3000);
     c.expect("open resumed=false").await;
     let s5 = next_open(&mut backend).await;
+    c.command("close-long-reason").await;
+    c.expect_line("close refused").await;
     c.command("close 1000").await;
     assert_eq!(backend.wait_close(s5).await.0, 1000);
     c.expect("closed 1000").await;
