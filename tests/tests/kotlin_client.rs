@@ -3,7 +3,8 @@
 //! (`loadtest backend`): 20 sessions exchange numbered text and binary
 //! messages while their connections are cut at random with OkHttp's
 //! `cancel()` (also while connecting), taken over (a resume while the old
-//! connection is open), and resumed through a proxy that cuts the
+//! connection is open), moved to a fresh connection to trim their outbox
+//! (every 16 KiB sent), and resumed through a proxy that cuts the
 //! connection right after the gateway answered 101, so the client never
 //! sees it and must resume again with its old token. Every echo must come
 //! back exactly once, in order, with its type and bytes: the client's
@@ -236,17 +237,23 @@ async fn kotlin_client_exactly_once_in_order_with_types_through_cuts_takeovers_a
         .metric_opt("gateway_resumes_refused_total")
         .await
         .unwrap_or(0.0);
+    let replayed = gw
+        .metric_opt("gateway_resume_replayed_total")
+        .await
+        .unwrap_or(0.0);
     let cut_101s = proxy.cut_101s.load(Ordering::Relaxed);
     println!(
         "kotlin torture: {CLIENTS} clients, {} messages each way, {} cuts of open connections, \
-         {} cuts while connecting, {} takeovers, {cut_101s} resume handshakes cut after the 101 \
-         ({} passed through the proxy), {} connections, {} resumes seen by the client, \
-         {resumed} by the gateway, {refused} refused; lost {}, duplicated {}, reordered {}, \
-         type changes {}, corrupted {}, sessions lost {}; {:.1} s",
+         {} cuts while connecting, {} takeovers, {} outbox trims, {cut_101s} resume handshakes \
+         cut after the 101 ({} passed through the proxy), {} connections, {} resumes seen by \
+         the client, {resumed} by the gateway, {refused} refused, {replayed} messages replayed; \
+         lost {}, duplicated {}, reordered {}, type changes {}, corrupted {}, sessions lost {}; \
+         {:.1} s",
         count(&totals, "messages_sent"),
         count(&totals, "cuts_open"),
         count(&totals, "cuts_connecting"),
         count(&totals, "takeovers"),
+        count(&totals, "trims"),
         proxy.passed.load(Ordering::Relaxed),
         count(&totals, "connections"),
         count(&totals, "resumes"),
@@ -269,6 +276,7 @@ async fn kotlin_client_exactly_once_in_order_with_types_through_cuts_takeovers_a
         "sessions_lost",
         "failures",
         "unfinished",
+        "bad_closes",
     ] {
         assert_eq!(count(&totals, key), 0, "{key}; the run's stderr:\n{stderr}");
     }
@@ -276,14 +284,36 @@ async fn kotlin_client_exactly_once_in_order_with_types_through_cuts_takeovers_a
     assert_eq!(count(&totals, "messages_sent"), CLIENTS * MESSAGES);
     assert_eq!(count(&totals, "echoes"), CLIENTS * MESSAGES);
     assert_eq!(refused, 0.0, "the gateway refused resumes:\n{stderr}");
-    // The run must actually have done what it claims to test.
+    // The run must actually have done what it claims to test. The cut and
+    // takeover counts are attempts (a cut may hit a connection that was
+    // already going); the resumes are their effects.
     let cuts = count(&totals, "cuts_open") + count(&totals, "cuts_connecting");
     assert!(cuts >= 300, "only {cuts} cuts");
     assert!(count(&totals, "takeovers") >= 50, "too few takeovers");
     assert!(cut_101s >= 20, "only {cut_101s} resume handshakes cut");
+    let trims = count(&totals, "trims");
+    assert!(trims > 0, "no outbox trim: outboxTrimBytes never reached");
+    // Resumes the client saw that no takeover or trim started: lost
+    // connections that the session survived. At least half the cuts of
+    // open connections must have been such losses.
+    let client_resumes = count(&totals, "resumes");
+    let after_losses = client_resumes.saturating_sub(count(&totals, "takeovers") + trims);
     assert!(
-        resumed >= count(&totals, "resumes") as f64,
-        "the gateway counted fewer resumes ({resumed}) than the client saw"
+        after_losses >= count(&totals, "cuts_open") / 2,
+        "only {after_losses} resumes after lost connections for {} cuts of open ones",
+        count(&totals, "cuts_open")
+    );
+    // Every resume the client saw, and every one whose 101 the proxy cut,
+    // completed at the gateway.
+    assert!(
+        resumed >= (client_resumes + cut_101s) as f64,
+        "the gateway counted {resumed} resumes; the client saw {client_resumes} and the proxy \
+         cut {cut_101s}"
+    );
+    // Cuts lost messages in flight to the client, which resumes got back.
+    assert!(
+        replayed > 0.0,
+        "no message was ever replayed after a resume"
     );
 }
 
@@ -450,10 +480,14 @@ async fn kotlin_client_starts_over_after_410_and_follows_the_close_code_table() 
         "the library reconnected after 4000"
     );
 
-    // A clean close by the app: the close handshake completes.
+    // A clean close by the app: the close handshake completes. A reason
+    // over 123 bytes is refused first and leaves the session able to close
+    // (OkHttp's close() would throw after the library had marked it closing).
     let mut c = Scenario::start(&classpath, &gw.wss_url("/ws"), &certs.ca(), 3000);
     c.expect("open resumed=false").await;
     let s5 = next_open(&mut backend).await;
+    c.command("close-long-reason").await;
+    c.expect_line("close refused").await;
     c.command("close 1000").await;
     assert_eq!(backend.wait_close(s5).await.0, 1000);
     c.expect("closed 1000").await;

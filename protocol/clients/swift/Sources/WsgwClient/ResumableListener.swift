@@ -36,8 +36,12 @@ public extension ResumableListener {
 public struct Options {
     /// How often the client pings. URLSessionWebSocketTask does not ping by
     /// itself: without pings a connection left dead by a network change is
-    /// noticed only when the app next sends.
-    public var pingInterval: TimeInterval = 15
+    /// noticed only when the app next sends. 10 s: below `handshakeTimeout`,
+    /// which as the request's `timeoutInterval` also ends a connection
+    /// that has received nothing for that long, so an idle connection's
+    /// pong comes back in time. (Kotlin: 15 s, OkHttp has no such timeout
+    /// once open.)
+    public var pingInterval: TimeInterval = 10
     /// Timeout of the upgrade request: above the gateway's `resume.handoff_timeout` (10 s).
     public var handshakeTimeout: TimeInterval = 15
     /// First reconnect delay (before jitter); doubled per failed attempt.
@@ -46,7 +50,8 @@ public struct Options {
     public var backoffMax: TimeInterval = 30
     /// After this many bytes sent on one connection, resume on a fresh one to trim the outbox.
     public var outboxTrimBytes: Int = 1 << 20
-    /// Most bytes the outbox holds: past it, `send` returns false.
+    /// Most bytes the outbox holds: past it, `send` returns false. (Kotlin
+    /// caps it at OkHttp's 16 MiB queue limit; URLSession has no such limit.)
     public var maxOutboxBytes: Int = 16 << 20
     /// Largest message received: the gateway's `session.max_message_size` (1 MiB by default).
     public var maximumMessageSize: Int = 1 << 20

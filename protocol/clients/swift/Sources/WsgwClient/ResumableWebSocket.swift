@@ -18,8 +18,14 @@ public final class ResumableWebSocket: NSObject, URLSessionWebSocketDelegate {
     public static let resumeHeader = "X-Wsgw-Resume"
     /// Request header: data messages received; response header: ours the gateway has.
     public static let receivedHeader = "X-Wsgw-Received"
-    /// Response header: how long the gateway keeps a detached session, in ms.
+    /// Response header: how long the gateway keeps a detached session, in
+    /// ms. Informational: the library lets the gateway's 410 decide.
     public static let graceHeader = "X-Wsgw-Grace-Ms"
+    /// RFC 6455 5.5: a control frame's payload is at most 125 bytes, 2 of them the code.
+    public static let maxCloseReasonBytes = 123
+    /// A connection that stayed open this long worked, data or not: the
+    /// backoff starts over. (Kotlin: `STABLE_MILLIS`.)
+    private static let stableInterval: TimeInterval = 5
 
     private let request: URLRequest
     // Held strongly until the session is over, as OkHttp holds its listener.
@@ -41,8 +47,6 @@ public final class ResumableWebSocket: NSObject, URLSessionWebSocketDelegate {
 
     /// The resume token of the session; nil before the first 101 of a session.
     private var token: String?
-    /// `X-Wsgw-Grace-Ms` of the last 101, in seconds.
-    private var grace: TimeInterval = 0
     /// Data messages (text and binary) of this session handed to the app.
     private var received: Int64 = 0
     /// Our messages the gateway has confirmed (its last `X-Wsgw-Received`).
@@ -56,19 +60,28 @@ public final class ResumableWebSocket: NSObject, URLSessionWebSocketDelegate {
     private var current: URLSessionWebSocketTask?
     /// `current` has opened (its 101 was seen and handled).
     private var open = false
+    /// Sends on `current` whose completion has not come back: the close
+    /// frame waits for them (`cancel(with:)` would not).
+    private var sendsInFlight = 0
     /// Open connections replaced by `reconnect`, cancelled once the new one opens or fails.
     private var abandoned: [URLSessionWebSocketTask] = []
-    /// When the last open connection was lost (wall clock: it goes on while
-    /// the device sleeps, as the gateway's grace does); nil when connected.
-    private var lostAt: Date?
-    /// Failed attempts since the last open: the backoff exponent.
+    /// When `current` opened (system uptime); meaningful while `open`.
+    private var openedAt: TimeInterval = 0
+    /// `current` has delivered a message to the app since it opened.
+    private var deliveredSinceOpen = false
+    /// Attempts since the last connection that worked (see
+    /// `connectionEndedLocked`): the backoff exponent.
     private var attempt = 0
+    /// Resumes started because `Options.outboxTrimBytes` were sent on one connection.
+    private var trims: Int64 = 0
     private var timer: DispatchWorkItem?
     private var closing = false
     private var closeCode = 0
     private var closeReason: String?
     /// The session is over: no more connections, no more callbacks after the last one.
     private var finished = false
+    /// `cancel()` was called: callbacks already queued are skipped.
+    private var cancelled = false
     /// A ping is out on `current` and its pong has not come back.
     private var awaitingPong = false
     private var pinger: DispatchSourceTimer?
@@ -105,6 +118,9 @@ public final class ResumableWebSocket: NSObject, URLSessionWebSocketDelegate {
     /// Messages sent but not yet confirmed by the gateway (kept for resending).
     public var unconfirmedCount: Int { lock.lock(); defer { lock.unlock() }; return outbox.count }
 
+    /// Resumes the library started to trim the outbox (`Options.outboxTrimBytes`), for diagnostics.
+    public var outboxTrims: Int64 { lock.lock(); defer { lock.unlock() }; return trims }
+
     /// Sends a text message, now or after the next resume. False if the
     /// session is closing or over, or the outbox is full.
     @discardableResult
@@ -117,37 +133,58 @@ public final class ResumableWebSocket: NSObject, URLSessionWebSocketDelegate {
     /// Ends the session: what is unconfirmed is sent first (after a resume
     /// if the connection is down), then a close frame. False if already
     /// closing or over.
+    ///
+    /// `code` must be one an endpoint may send (1000-4999 without 1004-1006
+    /// and 1012-2999, the Kotlin library's rule) and `reason` at most 123
+    /// bytes in UTF-8: anything else is a programming error and traps,
+    /// before the session changes (URLSession would put any code on the
+    /// wire).
     @discardableResult
     public func close(code: Int, reason: String?) -> Bool {
+        precondition(Self.closeCodeValid(code), "close code \(code) is reserved or out of range")
+        precondition((reason?.utf8.count ?? 0) <= Self.maxCloseReasonBytes,
+                     "close reason is over \(Self.maxCloseReasonBytes) bytes in UTF-8")
         lock.lock(); defer { lock.unlock() }
         if finished || closing { return false }
         closing = true
         closeCode = code
         closeReason = reason
         if open, let task = current {
-            closeTask(task, code: code, reason: reason)
-        } else if token == nil && current == nil {
-            // No session exists at the gateway and none is being opened.
+            if sendsInFlight == 0 { closeTask(task, code: code, reason: reason) }
+            // Otherwise the last send's completion closes (see `sendOn`).
+        } else if token == nil && current == nil && outbox.isEmpty {
+            // No session exists at the gateway, none is being opened, and
+            // nothing the app sent is waiting for one.
             finishLocked { l in l.onClosed(self, code: code, reason: reason ?? "") }
         }
-        // Otherwise the connection being opened resends, then closes.
+        // Otherwise the connection being opened, or the one the pending
+        // retry opens (a new session if the old one was lost), resends the
+        // outbox, then closes: accepted messages are never dropped silently.
         return true
     }
 
     /// Resumes on a new connection now, for example after a network change.
     /// The current connection's callbacks are ignored from now on; it is
-    /// cancelled once the new one opens or fails.
+    /// cancelled once the new one opens or fails. Does nothing while a
+    /// connection is still being opened: unlike OkHttp, URLSession may
+    /// answer the gateway's first ping on a 101 it has received before
+    /// `didOpenWithProtocol` reaches the library, which voids the token the
+    /// next connection would resume with (a 410, a lost session).
     public func reconnect() {
         lock.lock(); defer { lock.unlock() }
-        if !finished && !closing { reconnectLocked() }
+        if finished || closing || (current != nil && !open) { return }
+        reconnectLocked()
     }
 
     /// Drops everything at once, without a close frame and without further
-    /// callbacks. The gateway keeps the session until its grace period ends.
+    /// callbacks: callbacks queued but not yet run are skipped too (one
+    /// already running finishes). The gateway keeps the session until its
+    /// grace period ends.
     public func cancel() {
         lock.lock(); defer { lock.unlock() }
         if finished { return }
         finished = true
+        cancelled = true
         timer?.cancel()
         current?.cancel()
         current = nil
@@ -166,16 +203,30 @@ public final class ResumableWebSocket: NSObject, URLSessionWebSocketDelegate {
         if open, let task = current {
             sendOn(task, m)
             sentSinceOpen += m.size
-            if sentSinceOpen >= opts.outboxTrimBytes { reconnectLocked() }
+            if sentSinceOpen >= opts.outboxTrimBytes {
+                trims += 1
+                reconnectLocked()
+            }
         }
         return true
     }
 
-    /// Queues a message on a connection, with its type. A failed send means
-    /// a failing connection: cut it, and the resume resends from the outbox.
+    /// Queues a message on `current`, with its type. A failed send means a
+    /// failing connection: cut it, and the resume resends from the outbox.
+    /// While closing, the last send's completion sends the close frame:
+    /// `cancel(with:)` does not wait for sends still queued.
     private func sendOn(_ task: URLSessionWebSocketTask, _ m: Message) {
-        task.send(m.task) { error in
-            if error != nil { task.cancel() }
+        sendsInFlight += 1
+        task.send(m.task) { [weak self] error in
+            guard let self = self else { return }
+            self.lock.lock(); defer { self.lock.unlock() }
+            guard task === self.current else { return }
+            self.sendsInFlight -= 1
+            if error != nil {
+                task.cancel()
+            } else if self.closing && self.open && self.sendsInFlight == 0 {
+                self.closeTask(task, code: self.closeCode, reason: self.closeReason)
+            }
         }
     }
 
@@ -187,10 +238,10 @@ public final class ResumableWebSocket: NSObject, URLSessionWebSocketDelegate {
     private func connectLocked() {
         timer?.cancel()
         timer = nil
-        if token != nil, let lost = lostAt, grace > 0, Date().timeIntervalSince(lost) > grace {
-            // The gateway has given the session up: skip the 410.
-            sessionLostLocked("resume.grace (\(Int(grace * 1000)) ms) passed while disconnected")
-        }
+        // No resume is skipped by our own clock against X-Wsgw-Grace-Ms: the
+        // gateway's grace starts when it notices the loss, which can be
+        // ping_interval + ping_timeout after we did, so only its 410 says
+        // the session is gone.
         var req = request
         req.timeoutInterval = opts.handshakeTimeout
         if let t = token {
@@ -201,6 +252,7 @@ public final class ResumableWebSocket: NSObject, URLSessionWebSocketDelegate {
             req.setValue(nil, forHTTPHeaderField: Self.receivedHeader)
         }
         open = false
+        sendsInFlight = 0
         let task = urlSession.webSocketTask(with: req)
         task.maximumMessageSize = opts.maximumMessageSize
         current = task
@@ -210,8 +262,8 @@ public final class ResumableWebSocket: NSObject, URLSessionWebSocketDelegate {
     private func reconnectLocked() {
         if let task = current {
             if open {
+                connectionEndedLocked()
                 abandoned.append(task)
-                lostAt = Date()
             } else {
                 task.cancel()
             }
@@ -236,16 +288,24 @@ public final class ResumableWebSocket: NSObject, URLSessionWebSocketDelegate {
         DispatchQueue.global().asyncAfter(deadline: .now() + delay, execute: item)
     }
 
+    /// The open `current` connection ended. If it worked (it delivered a
+    /// message, or stayed up `stableInterval`), the backoff starts over;
+    /// otherwise a loop of connections that open and drop at once keeps
+    /// backing off further.
+    private func connectionEndedLocked() {
+        if deliveredSinceOpen || ProcessInfo.processInfo.systemUptime - openedAt >= Self.stableInterval {
+            attempt = 0
+        }
+    }
+
     /// The session cannot go on: forget it, tell the app; the caller starts the next.
     private func sessionLostLocked(_ reason: String) {
         let unconfirmed = outbox
         token = nil
-        grace = 0
         received = 0
         confirmed = 0
         outbox.removeAll()
         outboxBytes = 0
-        lostAt = nil
         post { l in l.onSessionLost(self, reason: reason, unconfirmed: unconfirmed) }
     }
 
@@ -271,15 +331,29 @@ public final class ResumableWebSocket: NSObject, URLSessionWebSocketDelegate {
     }
 
     /// Queues an app callback, with the lock held, so callbacks run in the
-    /// order the state machine took its steps; the queue is serial.
+    /// order the state machine took its steps; the queue is serial. One that
+    /// has not started when `cancel()` is called is skipped.
     private func post(_ event: @escaping (ResumableListener) -> Void) {
         guard let l = listener else { return }
-        opts.callbackQueue.async { event(l) }
+        opts.callbackQueue.async { [weak self] in
+            guard let self = self else { return }
+            self.lock.lock()
+            let skip = self.cancelled
+            self.lock.unlock()
+            if !skip { event(l) }
+        }
     }
 
+    /// `code` was checked in `close` (or is 1000); the imported NS_ENUM
+    /// takes any raw value, application codes included.
     private func closeTask(_ task: URLSessionWebSocketTask, code: Int, reason: String?) {
         let c = URLSessionWebSocketTask.CloseCode(rawValue: code) ?? .normalClosure
         task.cancel(with: c, reason: reason?.data(using: .utf8))
+    }
+
+    /// OkHttp 3.x's rule for the codes an endpoint may send (Kotlin: `closeCodeValid`).
+    private static func closeCodeValid(_ code: Int) -> Bool {
+        (1000...4999).contains(code) && !(1004...1006).contains(code) && !(1012...2999).contains(code)
     }
 
     // MARK: pings (OkHttp's pingInterval, which URLSessionWebSocketTask lacks)
@@ -350,16 +424,16 @@ public final class ResumableWebSocket: NSObject, URLSessionWebSocketDelegate {
         outbox.removeFirst(drop)
         confirmed = theirs
         token = newToken
-        grace = (response?.value(forHTTPHeaderField: Self.graceHeader).flatMap { Double($0) } ?? 0) / 1000
         open = true
-        attempt = 0
-        lostAt = nil
+        openedAt = ProcessInfo.processInfo.systemUptime
+        deliveredSinceOpen = false
         sentSinceOpen = 0
         cancelAbandonedLocked()
         post { l in l.onOpen(self, resumed: resumed) }
         // The lock keeps new sends out until the resend is queued.
         for m in outbox { sendOn(webSocketTask, m) }
-        if closing { closeTask(webSocketTask, code: closeCode, reason: closeReason) }
+        // With messages resent, the last one's completion closes (`sendOn`).
+        if closing && sendsInFlight == 0 { closeTask(webSocketTask, code: closeCode, reason: closeReason) }
         startPingsLocked()
         receiveNext(webSocketTask)
     }
@@ -374,7 +448,10 @@ public final class ResumableWebSocket: NSObject, URLSessionWebSocketDelegate {
             case .success(.string(let s)): self.deliver(task, .text(s))
             case .success(.data(let d)): self.deliver(task, .binary(d))
             case .success: self.receiveNext(task)
-            case .failure(let error): self.failed(task, error: error, response: nil)
+            // The receive loop ends here; the task's completion
+            // (`didCompleteWithError`, with its close code if a close frame
+            // came) decides what happens to the session.
+            case .failure: return
             }
         }
     }
@@ -384,6 +461,7 @@ public final class ResumableWebSocket: NSObject, URLSessionWebSocketDelegate {
         lock.lock(); defer { lock.unlock() }
         guard task === current, !finished else { return }
         received += 1
+        deliveredSinceOpen = true
         post { [weak self] l in
             guard let self = self else { return }
             switch m {
@@ -396,14 +474,20 @@ public final class ResumableWebSocket: NSObject, URLSessionWebSocketDelegate {
 
     public func urlSession(_ session: URLSession, webSocketTask: URLSessionWebSocketTask, didCloseWith closeCode: URLSessionWebSocketTask.CloseCode, reason: Data?) {
         lock.lock(); defer { lock.unlock() }
+        closedLocked(webSocketTask, code: closeCode.rawValue, reason: reason)
+    }
+
+    /// A close frame came on `webSocketTask` (from `didCloseWith`, or seen
+    /// as the task's close code when it completed first).
+    private func closedLocked(_ webSocketTask: URLSessionWebSocketTask, code: Int, reason: Data?) {
         guard webSocketTask === current else {
             webSocketTask.cancel()
             return
         }
-        let code = closeCode.rawValue
         let why = reason.flatMap { String(data: $0, encoding: .utf8) } ?? ""
         // Answer the close frame, as OkHttp must be told to.
         webSocketTask.cancel(with: .normalClosure, reason: nil)
+        if open { connectionEndedLocked() }
         current = nil
         open = false
         stopPingsLocked()
@@ -433,7 +517,15 @@ public final class ResumableWebSocket: NSObject, URLSessionWebSocketDelegate {
         lock.lock(); defer { lock.unlock() }
         abandoned.removeAll { $0 === task }
         guard task === current else { return }
+        if task.closeCode != .invalid {
+            // A close frame came, and the task completed before (or
+            // without) `didCloseWith`: it ends the session, by the close-code
+            // table, like any close frame; resuming would only get a 410.
+            closedLocked(task, code: task.closeCode.rawValue, reason: task.closeReason)
+            return
+        }
         let wasOpen = open
+        if wasOpen { connectionEndedLocked() }
         current = nil
         open = false
         stopPingsLocked()
@@ -461,7 +553,6 @@ public final class ResumableWebSocket: NSObject, URLSessionWebSocketDelegate {
         }
         // No 101 seen (a cut handshake) keeps the old token and counts: the
         // gateway keeps it valid until our first frame on a new connection.
-        if wasOpen { lostAt = Date() }
         retryLocked(error, atLeast: 0)
     }
 }

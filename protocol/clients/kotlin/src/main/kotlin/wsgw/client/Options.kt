@@ -40,7 +40,11 @@ class Options {
 
     /**
      * Most bytes the outbox holds: past it, [ResumableWebSocket.send]
-     * returns false (like OkHttp's own 16 MiB queue limit).
+     * returns false. At most 16 MiB, OkHttp 3.x's per-connection queue
+     * limit: the outbox is resent on one connection after a resume, and an
+     * OkHttp send past that limit closes the connection with 1001 by
+     * itself, which ends the session. [ResumableWebSocket.connect] throws
+     * IllegalArgumentException for a larger value.
      */
     @JvmField var maxOutboxBytes: Long = 16L shl 20
 

@@ -44,13 +44,27 @@ class ResumableWebSocket private constructor(
     options: Options
 ) {
     private val opts = options.copy()
+
+    init {
+        // OkHttp queues at most 16 MiB per connection, and when a send would
+        // pass that it queues close(1001) itself, which ends the session.
+        // Every message in OkHttp's queue of the current connection is also
+        // in the outbox, so an outbox bound at or below 16 MiB keeps OkHttp
+        // under its limit, also when a resume resends the whole outbox.
+        require(opts.maxOutboxBytes in 1..OKHTTP_QUEUE_BYTES) {
+            "maxOutboxBytes must be in 1..$OKHTTP_QUEUE_BYTES (OkHttp's own queue limit), not ${opts.maxOutboxBytes}"
+        }
+    }
+
     private val executor: Executor = opts.callbackExecutor ?: callbackThread()
 
     // # Concurrency
     //
-    // OkHttp calls back on its own threads (a reader per connection, writer
-    // and dispatcher threads), the app calls send/close/reconnect on any
-    // thread, and reconnect timers fire on a scheduler thread. Every field
+    // OkHttp 3.x calls back on its own threads (the dispatcher thread that
+    // opened a connection goes on to read from it; the connection's writer
+    // thread reports write and ping failures), the app calls
+    // send/close/reconnect on any thread, and reconnect timers fire on a
+    // scheduler thread. Every field
     // below is read and written only with `lock` held, so each event is one
     // step of the state machine: a resend in onOpen cannot interleave with
     // a new send, and a count cannot change between a stale check and the
@@ -61,8 +75,6 @@ class ResumableWebSocket private constructor(
 
     /** The resume token of the session; null before the first 101 of a session. */
     private var token: String? = null
-    /** `X-Wsgw-Grace-Ms` of the last 101: how long the gateway keeps a detached session. */
-    private var graceMillis = 0L
     /** Data messages (text and binary) of this session handed to the app. */
     private var received = 0L
     /** Our messages the gateway has confirmed (its last `X-Wsgw-Received`). */
@@ -78,15 +90,17 @@ class ResumableWebSocket private constructor(
     private var open = false
     /** Open connections replaced by `reconnect`, cancelled once the new one opens or fails. */
     private val abandoned = ArrayList<WebSocket>()
+    /** When `current` opened (System.nanoTime); meaningful while `open`. */
+    private var openedAtNanos = 0L
+    /** `current` has delivered a message to the app since it opened. */
+    private var deliveredSinceOpen = false
     /**
-     * When the last open connection was lost (System.nanoTime), 0 when
-     * connected. On Android nanoTime stands still in deep sleep, so after
-     * one the grace check below may let a resume through that the gateway
-     * answers with 410: the same outcome, one round trip later.
+     * Attempts since the last connection that worked (see
+     * [connectionEndedLocked]): the backoff exponent.
      */
-    private var lostAtNanos = 0L
-    /** Failed attempts since the last open: the backoff exponent. */
     private var attempt = 0
+    /** Resumes started because [Options.outboxTrimBytes] were sent on one connection. */
+    private var trims = 0L
     private var timer: ScheduledFuture<*>? = null
     private var closing = false
     private var closeCode = 0
@@ -106,6 +120,9 @@ class ResumableWebSocket private constructor(
     /** Messages sent but not yet confirmed by the gateway (kept for resending). */
     val unconfirmedCount: Int get() = lock.withLock { outbox.size }
 
+    /** Resumes the library started to trim the outbox ([Options.outboxTrimBytes]), for diagnostics. */
+    val outboxTrims: Long get() = lock.withLock { trims }
+
     /**
      * Sends a text message, now or after the next resume. False if the
      * session is closing or over, or the outbox is full
@@ -120,9 +137,24 @@ class ResumableWebSocket private constructor(
      * Ends the session: what is still unconfirmed is sent first (after a
      * resume if the connection is down), then a close frame. [ResumableListener.onClosed]
      * follows when the gateway answers. False if already closing or over.
+     *
+     * @throws IllegalArgumentException if `code` may not be sent (OkHttp
+     *   3.x's rule: 1000-4999 without 1004-1006 and 1012-2999) or `reason`
+     *   is over 123 bytes in UTF-8; the session is unchanged then.
      */
-    fun close(code: Int, reason: String?): Boolean = lock.withLock {
+    fun close(code: Int, reason: String?): Boolean {
+        // Checked before any state changes: OkHttp's close() throws on
+        // either, and a throw after `closing` is set would leave the session
+        // unable to close, or (thrown in onOpen) failing and reconnecting
+        // forever.
         require(closeCodeValid(code)) { "close code $code is reserved or out of range" }
+        require(reason == null || reason.toByteArray(Charsets.UTF_8).size <= MAX_CLOSE_REASON_BYTES) {
+            "close reason is over $MAX_CLOSE_REASON_BYTES bytes in UTF-8"
+        }
+        return lock.withLock { closeLocked(code, reason) }
+    }
+
+    private fun closeLocked(code: Int, reason: String?): Boolean {
         if (finished || closing) return false
         closing = true
         closeCode = code
@@ -130,19 +162,26 @@ class ResumableWebSocket private constructor(
         val ws = current
         if (open && ws != null) {
             ws.close(code, reason)
-        } else if (token == null && ws == null) {
-            // No session exists at the gateway and none is being opened.
+        } else if (token == null && ws == null && outbox.isEmpty()) {
+            // No session exists at the gateway, none is being opened, and
+            // nothing the app sent is waiting for one.
             finishLocked(Runnable { listener.onClosed(this, code, reason ?: "") })
         }
-        // Otherwise the connection being opened resends, then closes.
-        true
+        // Otherwise the connection being opened, or the one the pending
+        // retry opens (a new session if the old one was lost), resends the
+        // outbox, then closes: accepted messages are never dropped silently.
+        return true
     }
 
     /**
      * Resumes on a new connection now, for example after the device
      * switched networks. The current connection's callbacks are ignored from
      * now on; it is cancelled once the new one opens or fails (the gateway
-     * hands the session over either way).
+     * hands the session over either way). While a connection is still
+     * being opened it is cancelled and opened afresh (after a network change
+     * the one in flight may hang until its timeout); a handshake cancelled
+     * before its onOpen never answers the gateway's ping, so its token stays
+     * valid for the new one.
      */
     fun reconnect(): Unit = lock.withLock {
         if (!finished && !closing) reconnectLocked()
@@ -150,11 +189,15 @@ class ResumableWebSocket private constructor(
 
     /**
      * Drops everything at once, without a close frame and without further
-     * callbacks. The gateway keeps the session until its grace period ends.
+     * callbacks: callbacks queued but not yet run are dropped too (one
+     * already running finishes). The gateway keeps the session until its
+     * grace period ends.
      */
     fun cancel(): Unit = lock.withLock {
         if (finished) return
         finished = true
+        events.clear()
+        roomForEvents.signalAll()
         timer?.cancel(false)
         current?.cancel()
         current = null
@@ -174,7 +217,10 @@ class ResumableWebSocket private constructor(
                 ws.cancel()
             } else {
                 sentSinceOpen += m.size
-                if (sentSinceOpen >= opts.outboxTrimBytes) reconnectLocked()
+                if (sentSinceOpen >= opts.outboxTrimBytes) {
+                    trims++
+                    reconnectLocked()
+                }
             }
         }
         true
@@ -185,12 +231,10 @@ class ResumableWebSocket private constructor(
     private fun connectLocked() {
         timer?.cancel(false)
         timer = null
-        if (token != null && lostAtNanos != 0L && graceMillis > 0 &&
-            System.nanoTime() - lostAtNanos > TimeUnit.MILLISECONDS.toNanos(graceMillis)
-        ) {
-            // The gateway has given the session up: skip the 410.
-            sessionLostLocked("resume.grace ($graceMillis ms) passed while disconnected")
-        }
+        // No resume is skipped by our own clock against X-Wsgw-Grace-Ms: the
+        // gateway's grace starts when it notices the loss, which can be
+        // ping_interval + ping_timeout after we did, so only its 410 says
+        // the session is gone.
         val b = request.newBuilder()
         val t = token
         if (t == null) {
@@ -206,8 +250,8 @@ class ResumableWebSocket private constructor(
         val ws = current
         if (ws != null) {
             if (open) {
+                connectionEndedLocked()
                 abandoned.add(ws)
-                lostAtNanos = System.nanoTime()
             } else {
                 ws.cancel()
             }
@@ -228,16 +272,28 @@ class ResumableWebSocket private constructor(
         }, delay, TimeUnit.MILLISECONDS)
     }
 
+    /**
+     * The open `current` connection ended. If it worked (it delivered a
+     * message, or stayed up [STABLE_MILLIS]), the backoff starts over;
+     * otherwise a loop of connections that open and drop at once (a 101,
+     * then a close or a reset) keeps backing off further.
+     */
+    private fun connectionEndedLocked() {
+        if (deliveredSinceOpen ||
+            System.nanoTime() - openedAtNanos >= TimeUnit.MILLISECONDS.toNanos(STABLE_MILLIS)
+        ) {
+            attempt = 0
+        }
+    }
+
     /** The session cannot go on: forget it, tell the app; the caller starts the next. */
     private fun sessionLostLocked(reason: String) {
         val unconfirmed: List<Message> = ArrayList(outbox)
         token = null
-        graceMillis = 0
         received = 0
         confirmed = 0
         outbox.clear()
         outboxBytes = 0
-        lostAtNanos = 0
         post(Runnable { listener.onSessionLost(this, reason, unconfirmed) })
     }
 
@@ -283,6 +339,7 @@ class ResumableWebSocket private constructor(
     private fun deliver(ws: WebSocket, event: Runnable): Unit = lock.withLock {
         if (ws !== current || finished) return
         received++
+        deliveredSinceOpen = true
         post(event)
         // Backpressure: OkHttp reads the next frame only when this returns.
         while (events.size > opts.maxPendingCallbacks && ws === current && !finished) {
@@ -325,10 +382,9 @@ class ResumableWebSocket private constructor(
                 confirmed++
             }
             token = newToken
-            graceMillis = response.header(GRACE)?.toLongOrNull() ?: 0L
             open = true
-            attempt = 0
-            lostAtNanos = 0
+            openedAtNanos = System.nanoTime()
+            deliveredSinceOpen = false
             sentSinceOpen = 0
             cancelAbandonedLocked()
             post(Runnable { listener.onOpen(this@ResumableWebSocket, resumed) })
@@ -357,6 +413,7 @@ class ResumableWebSocket private constructor(
             // OkHttp answers a close frame only when asked to; without the
             // answer the gateway waits for it and the socket lingers.
             webSocket.close(1000, null)
+            if (open) connectionEndedLocked()
             current = null
             open = false
             if (finished) return
@@ -386,6 +443,7 @@ class ResumableWebSocket private constructor(
             abandoned.remove(webSocket)
             if (webSocket !== current) return
             val wasOpen = open
+            if (wasOpen) connectionEndedLocked()
             current = null
             open = false
             cancelAbandonedLocked()
@@ -412,7 +470,6 @@ class ResumableWebSocket private constructor(
             // No 101 seen (a cut handshake) keeps the old token and counts:
             // the gateway keeps it valid until our first frame on a new
             // connection.
-            if (wasOpen) lostAtNanos = System.nanoTime()
             retryLocked(t, 0)
         }
     }
@@ -424,8 +481,25 @@ class ResumableWebSocket private constructor(
         /** Request header: data messages received; response header: ours the gateway has. */
         const val RECEIVED = "X-Wsgw-Received"
 
-        /** Response header: how long the gateway keeps a detached session, in ms. */
+        /**
+         * Response header: how long the gateway keeps a detached session, in
+         * ms. Informational: the library lets the gateway's 410 decide (see
+         * connectLocked).
+         */
         const val GRACE = "X-Wsgw-Grace-Ms"
+
+        /** OkHttp 3.x's per-connection queue limit (RealWebSocket.MAX_QUEUE_SIZE). */
+        private const val OKHTTP_QUEUE_BYTES = 16L shl 20
+
+        /** RFC 6455 5.5: a control frame's payload is at most 125 bytes, 2 of them the code. */
+        const val MAX_CLOSE_REASON_BYTES = 123
+
+        /**
+         * A connection that stayed open this long worked, data or not: the
+         * backoff starts over. Longer than a handshake plus the gateway's
+         * first reply take, short enough that a user never sees its effect.
+         */
+        private const val STABLE_MILLIS = 5_000L
 
         /** One daemon thread for every session's reconnect timers: they only call connect. */
         private val scheduler: ScheduledExecutorService =

@@ -41,6 +41,7 @@ object Totals {
     val connections = AtomicLong()
     val opens = AtomicLong()
     val resumes = AtomicLong()
+    val trims = AtomicLong()
     val lost = AtomicLong()
     val duplicated = AtomicLong()
     val reordered = AtomicLong()
@@ -49,6 +50,7 @@ object Totals {
     val sessionsLost = AtomicLong()
     val failures = AtomicLong()
     val unfinished = AtomicLong()
+    val badCloses = AtomicLong()
 }
 
 fun complain(msg: String) {
@@ -227,7 +229,11 @@ class Client(
         }
 
         override fun onClosed(ws: ResumableWebSocket, code: Int, reason: String) {
-            if (code != 1000) complain("client $id: closed $code $reason")
+            // Only the app's own close(1000) may end a session here.
+            if (code != 1000) {
+                Totals.badCloses.incrementAndGet()
+                complain("client $id: closed $code $reason")
+            }
             closed.countDown()
         }
 
@@ -274,6 +280,7 @@ class Client(
             ws.cancel()
         }
         Totals.lost.addAndGet((messages - seen.cardinality()).toLong())
+        Totals.trims.addAndGet(ws.outboxTrims)
     }
 
     private fun send(ws: ResumableWebSocket, seq: Int) {
@@ -312,8 +319,10 @@ fun main(args: Array<String>) {
     // Shorter than an app's, so that a run has hundreds of cuts in a minute.
     options.backoffBaseMillis = a["backoff-ms"]?.toLong() ?: 100L
     options.backoffMaxMillis = 2_000
-    // Small, so that outbox trimming (a resume on a fresh connection) happens too.
-    options.outboxTrimBytes = 256L shl 10
+    // Small, so that outbox trimming (a resume on a fresh connection) happens
+    // often: a client sends about 0.5 MB, and most connections live for tens
+    // of messages, so at 1 MiB (the default) no connection would ever trim.
+    options.outboxTrimBytes = 16L shl 10
     val sockets = ProxySockets(a["proxy-port"]?.toInt() ?: 0, a["proxy-share"]?.toDouble() ?: 0.1, seed)
     val http = ResumableWebSocket.forWebSockets(trustingClient(a.getValue("ca"), sockets), options)
     val start = System.nanoTime()
@@ -338,6 +347,7 @@ fun main(args: Array<String>) {
         "connections" to t.connections.get(),
         "opens" to t.opens.get(),
         "resumes" to t.resumes.get(),
+        "trims" to t.trims.get(),
         "lost" to t.lost.get(),
         "duplicated" to t.duplicated.get(),
         "reordered" to t.reordered.get(),
@@ -346,10 +356,11 @@ fun main(args: Array<String>) {
         "sessions_lost" to t.sessionsLost.get(),
         "failures" to t.failures.get(),
         "unfinished" to t.unfinished.get(),
+        "bad_closes" to t.badCloses.get(),
         "elapsed_ms" to TimeUnit.NANOSECONDS.toMillis(System.nanoTime() - start)
     ).joinToString(",", "{", "}") { "\"${it.first}\":${it.second}" }
     println(json)
     val bad = t.lost.get() + t.duplicated.get() + t.reordered.get() + t.typeChanges.get() +
-        t.corrupted.get() + t.sessionsLost.get() + t.failures.get() + t.unfinished.get()
+        t.corrupted.get() + t.sessionsLost.get() + t.failures.get() + t.unfinished.get() + t.badCloses.get()
     System.exit(if (bad == 0L && t.echoes.get() == clients.toLong() * messages) 0 else 1)
 }

@@ -1,6 +1,6 @@
 // One Kotlin client session for tests/tests/kotlin_client.rs to drive step
 // by step: it prints each callback as a line on stdout and reads commands
-// from stdin (`send TEXT`, `cut`, `close CODE`), so that the test can have
+// from stdin (`send TEXT`, `cut`, `close CODE`, `close-long-reason`), so that the test can have
 // its backend close the session with a given code, or make the gateway
 // answer 410, and see what the library does next.
 package wsgw.client.scenario
@@ -56,6 +56,13 @@ fun main(args: Array<String>) {
                 "send" -> ws.send(arg)
                 "cut" -> factory.latest?.ws?.cancel()
                 "close" -> ws.close(arg.toInt(), "bye")
+                // A reason OkHttp cannot send: refused before the session changes.
+                "close-long-reason" -> try {
+                    ws.close(1000, "x".repeat(124))
+                    ScenarioOut.say("close accepted")
+                } catch (e: IllegalArgumentException) {
+                    ScenarioOut.say("close refused")
+                }
             }
         }
     }
