@@ -180,7 +180,13 @@ impl Settings {
                     queue_frames: b.link_queue_frames,
                     queue_bytes: b.link_queue_bytes.bytes(),
                     mailbox: MailboxLimits {
-                        bytes: s.client_queue_bytes.bytes(),
+                        // The window (below), so that a backend within it
+                        // always fits.
+                        bytes: usize::try_from(session_window(
+                            s.client_queue_bytes.bytes(),
+                            max_message,
+                        ))
+                        .unwrap_or(usize::MAX),
                         drain_within: s.write_timeout,
                     },
                     session_window: session_window(s.client_queue_bytes.bytes(), max_message),

@@ -19,7 +19,7 @@
 //! Anything the gateway does that `protocol/README.md` forbids is reported
 //! on stderr as `PROTOCOL VIOLATION` and counted, and the link is closed.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -149,7 +149,7 @@ struct Registry {
 struct RegistryInner {
     /// The link serial holding each session, and how to ask it for one.
     owners: HashMap<Key, (u64, mpsc::UnboundedSender<Steal>)>,
-    /// Sessions whose link was lost, and since when.
+    /// Sessions whose link was lost, and until when they wait.
     orphans: HashMap<Key, (Session, Instant)>,
 }
 
@@ -212,6 +212,9 @@ struct Link<'a> {
     /// Sessions taken from another link for a `resume` (or not: `None`).
     stolen_tx: mpsc::UnboundedSender<Stolen>,
     stolen_rx: mpsc::UnboundedReceiver<Stolen>,
+    /// Sessions that moved to another link, or that this link refused a
+    /// resume of: frames for them still arriving here are late.
+    moved_away: HashSet<u64>,
 }
 
 /// The outcome of taking a session from another link for a `resume`.
@@ -246,6 +249,7 @@ impl<'a> Link<'a> {
             steal_rx,
             stolen_tx,
             stolen_rx,
+            moved_away: HashSet::new(),
         }
     }
 
@@ -368,8 +372,18 @@ impl<'a> Link<'a> {
                 }
                 Some((id, reply)) = self.steal_rx.recv() => {
                     // The gateway resumed this session on another link: it
-                    // is no longer ours.
-                    let _ = reply.send(self.sessions.remove(&id));
+                    // is no longer ours, and frames for it still arriving
+                    // here are late (ignored).
+                    if let Some(s) = self.sessions.remove(&id) {
+                        self.moved_away.insert(id);
+                        if let Err(Some(s)) = reply.send(Some(s)) {
+                            // The taker gave up meanwhile: still ours.
+                            self.moved_away.remove(&id);
+                            self.sessions.insert(id, s);
+                        }
+                    } else {
+                        let _ = reply.send(None);
+                    }
                 }
                 Some((id, resume, taken)) = self.stolen_rx.recv() => match taken {
                     Some(s) => {
@@ -378,6 +392,7 @@ impl<'a> Link<'a> {
                     }
                     None => {
                         eprintln!("backend: resume of session {id}, held by another link, failed");
+                        self.moved_away.insert(id);
                         self.codec.encode(
                             &Frame::close(id, 1012, "session unknown to the backend"),
                             &mut out,
@@ -397,22 +412,29 @@ impl<'a> Link<'a> {
 
     /// The link is over: with "move" its sessions wait for a `resume`.
     fn end(&mut self) {
+        // Sessions taken from another link for a resume this link did not
+        // get to answer: they wait for the next resume too.
+        self.stolen_rx.close();
+        while let Ok((id, _, taken)) = self.stolen_rx.try_recv() {
+            if let Some(s) = taken {
+                self.sessions.insert(id, s);
+            }
+        }
         let mut reg = self.registry.lock();
         let now = Instant::now();
-        let timeout = self.move_timeout;
         let before = reg.orphans.len();
-        reg.orphans
-            .retain(|_, (_, since)| now.duration_since(*since) < timeout);
+        reg.orphans.retain(|_, (_, until)| now < *until);
         // Not resumed in time: over, as if closed with 1006.
         let expired = (before - reg.orphans.len()) as u64;
         self.stats.sessions.fetch_sub(expired, Ordering::Relaxed);
+        let until = now + self.move_timeout;
         for (id, s) in self.sessions.drain() {
             let key = (self.instance.clone(), id);
             if reg.owners.get(&key).is_some_and(|(o, _)| *o == self.serial) {
                 reg.owners.remove(&key);
             }
             if self.moves {
-                reg.orphans.insert(key, (s, now));
+                reg.orphans.insert(key, (s, until));
             } else {
                 self.stats.sessions.fetch_sub(1, Ordering::Relaxed);
             }
@@ -460,6 +482,9 @@ impl<'a> Link<'a> {
                 // This backend never closes sessions itself, so no data can
                 // have crossed its close: unknown ids are violations.
                 let flow = self.flow;
+                if self.moved_away.contains(&id) {
+                    return Ok(After::Nothing);
+                }
                 let Some(s) = self.sessions.get_mut(&id) else {
                     anyhow::bail!("data for session {id}, which was never opened");
                 };
@@ -483,7 +508,10 @@ impl<'a> Link<'a> {
                 self.pump(id, out)?;
             }
             Body::Window(w) if id != 0 && self.flow => {
-                // A window may cross our close; we never close.
+                // A window may cross our close (or a move away).
+                if self.moved_away.contains(&id) {
+                    return Ok(After::Nothing);
+                }
                 let Some(s) = self.sessions.get_mut(&id) else {
                     anyhow::bail!("window for session {id}, which is not on this link");
                 };
@@ -506,6 +534,8 @@ impl<'a> Link<'a> {
                 }
                 let key = (self.instance.clone(), id);
                 let mut reg = self.registry.lock();
+                let now = Instant::now();
+                reg.orphans.retain(|_, (_, until)| now < *until);
                 if let Some((s, _)) = reg.orphans.remove(&key) {
                     // Ours from this instant: a resume on another link now
                     // asks us for it, rather than finding it nowhere.
@@ -516,12 +546,15 @@ impl<'a> Link<'a> {
                     return Ok(After::Steal(id, r, *owner));
                 } else {
                     drop(reg);
+                    eprintln!("backend: resume of session {id}, which it does not know");
+                    self.moved_away.insert(id);
                     self.codec.encode(
                         &Frame::close(id, 1012, "session unknown to the backend"),
                         out,
                     )?;
                 }
             }
+            Body::Close(_) if id != 0 && self.moved_away.remove(&id) => {}
             Body::Close(_) if id != 0 => {
                 if self.sessions.remove(&id).is_some() {
                     self.stats.sessions.fetch_sub(1, Ordering::Relaxed);
@@ -551,6 +584,7 @@ impl<'a> Link<'a> {
     /// outcome comes back through `stolen_rx`.
     fn steal(&self, id: u64, resume: pb::SessionResume, owner: u64) {
         let key = (self.instance.clone(), id);
+        let wait = self.move_timeout;
         let registry = self.registry.clone();
         let back = self.stolen_tx.clone();
         tokio::spawn(async move {
@@ -574,7 +608,10 @@ impl<'a> Link<'a> {
             if let Err(mpsc::error::SendError((_, _, Some(s)))) = back.send((id, resume, taken)) {
                 // This link ended meanwhile: the session waits for the next
                 // resume.
-                registry.lock().orphans.insert(key, (s, Instant::now()));
+                registry
+                    .lock()
+                    .orphans
+                    .insert(key, (s, Instant::now() + wait));
             }
         });
     }
@@ -615,6 +652,7 @@ impl<'a> Link<'a> {
         }
         self.stats.resent.fetch_add(resent, Ordering::Relaxed);
         self.stats.resumed.fetch_add(1, Ordering::Relaxed);
+        self.moved_away.remove(&id);
         self.sessions.insert(id, s);
         self.pump(id, out)
     }

@@ -184,8 +184,9 @@ impl<W: AsyncWrite + Unpin> Writer<'_, W> {
                 Some((id, flow)) = self.grants.recv() => {
                     let mut next = Some((id, flow));
                     while let Some((id, flow)) = next {
-                        let (limit, received) = flow.take_grant();
-                        encode(&codec, &Frame::window(id.0, limit, received), &mut buf);
+                        if let Some((limit, received)) = flow.take_grant() {
+                            encode(&codec, &Frame::window(id.0, limit, received), &mut buf);
+                        }
                         next = self.grants.try_recv().ok();
                     }
                 }
@@ -433,6 +434,11 @@ impl<R: AsyncRead + Unpin> Reader<'_, R> {
         };
         let offered = route.offer(msg);
         if !matches!(offered, Offered::Queued) {
+            // The backend closed it, or the session is over: no grant may
+            // follow.
+            if let Some(flow) = &route.flow {
+                flow.end();
+            }
             if let Some(route) = self.routes.remove(&id) {
                 route.evict(&offered);
             }

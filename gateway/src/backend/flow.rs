@@ -48,6 +48,9 @@ pub(crate) struct Flow {
     grant: AtomicU64,
     /// A grant is waiting in the link's writer queue.
     grant_queued: AtomicBool,
+    /// The session is over (or its route gone): no more grants for it, so
+    /// that none follows its `close` on the wire.
+    ended: AtomicBool,
     /// Client to backend: the backend's limit and acknowledgement.
     limit: AtomicU64,
     acked: AtomicU64,
@@ -139,18 +142,30 @@ impl Flow {
     /// Marks a grant as queued for the writer; false if one already is
     /// (the writer reads the newest values when it encodes it).
     pub(crate) fn queue_grant(&self) -> bool {
-        !self.grant_queued.swap(true, Ordering::AcqRel)
+        !self.ended.load(Ordering::Acquire) && !self.grant_queued.swap(true, Ordering::AcqRel)
     }
 
     /// The writer: takes the queued grant's current values (limit,
-    /// received).
-    pub(crate) fn take_grant(&self) -> (u64, u64) {
-        self.grant_queued.store(false, Ordering::Release);
-        (self.grant(), self.received())
+    /// received), or `None` if the session has ended meanwhile. The swap
+    /// orders the flag before the read: a grant stored after the flag was
+    /// seen set is either read here or queued anew by its writer.
+    pub(crate) fn take_grant(&self) -> Option<(u64, u64)> {
+        self.grant_queued.swap(false, Ordering::AcqRel);
+        if self.ended.load(Ordering::Acquire) {
+            return None;
+        }
+        Some((self.grant.load(Ordering::Acquire), self.received()))
     }
 
-    /// The session moved to another link: its grant queue there is empty.
-    pub(crate) fn reset_grant_queue(&self) {
+    /// No more grants for this session: it is ending (its `close` is on its
+    /// way), or its route is gone.
+    pub(crate) fn end(&self) {
+        self.ended.store(true, Ordering::Release);
+    }
+
+    /// The session moved to another link: grants may go again.
+    pub(crate) fn restart(&self) {
+        self.ended.store(false, Ordering::Release);
         self.grant_queued.store(false, Ordering::Release);
     }
 

@@ -302,7 +302,7 @@ impl Queue {
         let f = self.flow.as_mut()?;
         let tx = f.spare.clone()?;
         f.link = link;
-        f.shared.reset_grant_queue();
+        f.shared.restart();
         let (evict_tx, evict_rx) = oneshot::channel();
         let route = Route {
             tx,

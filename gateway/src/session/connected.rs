@@ -13,7 +13,8 @@ use tokio::time::{Instant, Sleep};
 use super::client::{on_client_frame, read_error_end};
 use super::connection::{linger, read_frame, ClientFrame, Connection, ReadError, Reader};
 use super::signals::{stale, Listen, Signal};
-use super::{upstream, End, Io, Session};
+use super::upstream::{self, NotMoved};
+use super::{End, Io, Session};
 use crate::backend::{Gone, LinkGone, ToClient, ADVISORY_SEND_DEADLINE};
 use crate::close::CloseReason;
 
@@ -335,8 +336,11 @@ impl Session {
     pub(super) async fn on_link_lost(&mut self, conn: &mut Connection) -> Step {
         match Box::pin(self.relink()).await {
             Ok(()) => Step::Continue(()),
-            Err(CloseReason::LinkLost) => Step::Break(Box::pin(self.deliver_queued(conn)).await),
-            Err(reason) => Step::Break(End::clean(reason)),
+            // What was queued, then the backend's close or "reconnect".
+            Err(NotMoved::LinkLost | NotMoved::Closed(_)) => {
+                Step::Break(Box::pin(self.deliver_queued(conn)).await)
+            }
+            Err(NotMoved::Shutdown) => Step::Break(End::clean(CloseReason::Shutdown)),
         }
     }
 }

@@ -9,7 +9,8 @@ use tracing::debug;
 
 use super::deliver::check_backend_message;
 use super::signals::{stale, Listen, Signal};
-use super::{upstream, Io, Session};
+use super::upstream::{self, NotMoved};
+use super::{Io, Session};
 use crate::backend::{Gone, ToClient, ADVISORY_SEND_DEADLINE, QUEUED_OVERHEAD};
 use crate::close::CloseReason;
 use crate::refusal::ResumeRefusal;
@@ -119,7 +120,15 @@ impl Session {
                         ));
                     }
                     // With "move" the session continues on another link.
-                    Signal::Evicted(Gone::LinkLost) => Box::pin(self.relink()).await?,
+                    Signal::Evicted(Gone::LinkLost) => {
+                        if let Err(why) = Box::pin(self.relink()).await {
+                            return Err(match why {
+                                NotMoved::LinkLost => CloseReason::LinkLost,
+                                NotMoved::Closed(gone) => self.after_gone(gone),
+                                NotMoved::Shutdown => CloseReason::Shutdown,
+                            });
+                        }
+                    }
                     // With flow control the queue is not read while
                     // detached: the close ends the session now.
                     Signal::Evicted(Gone::BackendClosed) if self.upstream.is_some() => {

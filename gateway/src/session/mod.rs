@@ -235,6 +235,10 @@ impl Session {
                 self.shared.resumable.remove(t);
             }
         }
+        // No grant may follow the close.
+        if let Some(up) = &self.upstream {
+            up.flow.end();
+        }
         if let Some((code, why)) = reason.to_backend() {
             let close = Frame::close(self.id.0, code, why);
             self.link.send_within(close, ADVISORY_SEND_DEADLINE).await;

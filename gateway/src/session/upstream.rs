@@ -13,8 +13,20 @@ use tokio::time::Instant;
 use tracing::debug;
 
 use super::Session;
-use crate::backend::{Flow, Gone, LinkGone, LinkHandle};
-use crate::close::CloseReason;
+use crate::backend::{Flow, Gone, LinkGone, LinkHandle, ADVISORY_SEND_DEADLINE};
+
+/// Why a session whose link was lost did not move.
+#[derive(Debug)]
+pub(super) enum NotMoved {
+    /// No link that takes it within `backend.move_timeout`, or no answer:
+    /// the client gets 1012.
+    LinkLost,
+    /// The backend answered the resume with a close (or ended the session
+    /// meanwhile): the close waits in the queue behind earlier messages.
+    Closed(Gone),
+    /// The gateway is draining.
+    Shutdown,
+}
 
 /// How often a session whose link was lost looks for another one.
 const MOVE_POLL: Duration = Duration::from_millis(25);
@@ -200,9 +212,9 @@ impl Session {
     /// backend answers with what it has received, and the gateway resends
     /// the rest. Meanwhile the client is neither read nor written; it
     /// notices nothing but a pause. Err: the session is over.
-    pub(super) async fn relink(&mut self) -> Result<(), CloseReason> {
+    pub(super) async fn relink(&mut self) -> Result<(), NotMoved> {
         if !self.moves() {
-            return Err(CloseReason::LinkLost);
+            return Err(NotMoved::LinkLost);
         }
         let started = Instant::now();
         let deadline = started + self.shared.pool.move_timeout();
@@ -221,16 +233,16 @@ impl Session {
                 }
                 // That link was lost too: try the next.
                 Ok(None) => {}
-                Err(reason) => {
-                    if reason == CloseReason::LinkLost {
+                Err(why) => {
+                    if matches!(why, NotMoved::LinkLost) {
                         self.shared.metrics.session_moved(false, 0);
                     }
                     debug!(
                         session = self.id.0,
-                        ?reason,
+                        ?why,
                         "session could not move to another link"
                     );
-                    return Err(reason);
+                    return Err(why);
                 }
             }
         }
@@ -238,29 +250,30 @@ impl Session {
 
     /// One attempt: a link, the announcement, the answer, the resend.
     /// `Ok(None)`: the link was lost during the attempt.
-    async fn try_relink(&mut self, deadline: Instant) -> Result<Option<u64>, CloseReason> {
+    async fn try_relink(&mut self, deadline: Instant) -> Result<Option<u64>, NotMoved> {
         let pool = self.shared.pool.clone();
         let lease = loop {
             if self.shared.shutdown.is_draining() {
-                return Err(CloseReason::Shutdown);
+                return Err(NotMoved::Shutdown);
             }
             if let Some(lease) = pool.lease_for_move() {
                 break lease;
             }
             if Instant::now() >= deadline {
-                return Err(CloseReason::LinkLost);
+                return Err(NotMoved::LinkLost);
             }
             tokio::time::sleep(MOVE_POLL).await;
         };
         let link = lease.link().clone();
         let Ok(eviction) = link.register_again(self.id, &mut self.queue) else {
+            tokio::task::yield_now().await;
             return Ok(None);
         };
         let Some(up) = self.upstream.as_ref() else {
-            return Err(CloseReason::LinkLost);
+            return Err(NotMoved::LinkLost);
         };
         let Some((_, open)) = up.unacked.as_ref() else {
-            return Err(CloseReason::LinkLost);
+            return Err(NotMoved::LinkLost);
         };
         let flow = up.flow.clone();
         let seen = flow.windows_seen();
@@ -271,21 +284,32 @@ impl Session {
         if self.link.send_pending(&mut Some(resume)).await.is_err() {
             return Ok(None);
         }
-        // The answer: a window saying what the backend has.
+        // The answer: a window saying what the backend has. Once the resume
+        // is out, the answer gets a wait of its own (a backend may take a
+        // moment to hand the session over from the link it was on).
+        let answer_by = deadline.max(Instant::now() + self.shared.pool.move_timeout());
         while flow.windows_seen() == seen {
             tokio::select! {
                 biased;
                 gone = self.signals.eviction.wait() => match gone {
                     Gone::LinkLost => return Ok(None),
-                    // It does not know the session, or ended it meanwhile.
-                    other => return Err(self.after_gone(other)),
+                    // It does not know the session, or ended it meanwhile:
+                    // its close is in the queue, behind what came before.
+                    other => return Err(NotMoved::Closed(other)),
                 },
                 () = flow.next_window() => {}
-                () = tokio::time::sleep_until(deadline) => return Err(CloseReason::LinkLost),
+                () = tokio::time::sleep_until(answer_by) => {
+                    // Given up: the backend must not keep the session.
+                    flow.end();
+                    let close = Frame::close(self.id.0, 1012, "no answer to resume");
+                    self.link.send_within(close, ADVISORY_SEND_DEADLINE).await;
+                    self.link.unregister(self.id);
+                    return Err(NotMoved::LinkLost);
+                }
             }
         }
         let Some(up) = self.upstream.as_mut() else {
-            return Err(CloseReason::LinkLost);
+            return Err(NotMoved::LinkLost);
         };
         up.trim();
         let id = self.id.0;
