@@ -517,14 +517,7 @@ impl<'a> Link<'a> {
                 };
                 s.limit = s.limit.max(w.limit);
                 if self.moves {
-                    if w.received > s.sent {
-                        anyhow::bail!(
-                            "session {id}: the gateway acknowledged {} data frames of {} sent",
-                            w.received,
-                            s.sent
-                        );
-                    }
-                    s.ack(w.received);
+                    s.ack(id, w.received)?;
                 }
                 self.pump(id, out)?;
             }
@@ -633,14 +626,7 @@ impl<'a> Link<'a> {
         r: &pb::SessionResume,
         out: &mut BytesMut,
     ) -> anyhow::Result<()> {
-        if r.received > s.sent {
-            anyhow::bail!(
-                "resume of session {id} claims {} data frames of {} sent",
-                r.received,
-                s.sent
-            );
-        }
-        s.ack(r.received);
+        s.ack(id, r.received)?;
         s.limit = s.limit.max(r.limit);
         self.codec
             .encode(&Frame::window(id, s.granted, s.received), out)?;
@@ -773,13 +759,21 @@ impl Session {
         Ok(())
     }
 
-    /// The gateway has received `received` of our data frames.
-    fn ack(&mut self, received: u64) {
+    /// The gateway has received `received` of our data frames (in a
+    /// window, or a resume); more than we sent is a violation.
+    fn ack(&mut self, id: u64, received: u64) -> anyhow::Result<()> {
+        if received > self.sent {
+            anyhow::bail!(
+                "session {id}: the gateway says it received {received} data frames of {} sent",
+                self.sent
+            );
+        }
         while self.acked < received && self.unacked.pop_front().is_some() {
             self.unacked_text.pop_front();
             self.acked += 1;
         }
         self.acked = self.acked.max(received);
+        Ok(())
     }
 }
 

@@ -114,6 +114,13 @@ pub fn python() -> PathBuf {
 
 /// The independent Python backend's `cmd:stats` (tests/interop/backend.py),
 /// asked through a fresh session on `gw`.
+/// The reference backend (`loadtest backend`) with `args`, on a free port.
+pub fn reference_backend(args: &[&str]) -> (Proc, SocketAddr) {
+    let mut cmd = Command::new(bin("loadtest"));
+    cmd.args(["backend", "--listen", "127.0.0.1:0"]).args(args);
+    Proc::spawn_server(cmd)
+}
+
 pub async fn python_backend_stats(gw: &Gateway) -> serde_json::Value {
     use client::{Client, Connect, Msg};
     let mut c = Client::connect(gw.ws.unwrap(), "/ws", &Connect::default()).await;
@@ -198,6 +205,17 @@ pub fn assert_no_panic(what: &str, stderr: &str) {
 }
 
 impl Proc {
+    /// Spawns a server that prints `listening ADDR` first (a backend);
+    /// returns it and that address.
+    pub fn spawn_server(cmd: Command) -> (Self, SocketAddr) {
+        let (p, lines) = Self::spawn(cmd, 1);
+        let addr = lines[0]
+            .strip_prefix("listening ")
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("not `listening ADDR`: {:?}", lines[0]));
+        (p, addr)
+    }
+
     /// Spawns `cmd`, then reads stdout lines until `expect` lines starting
     /// with "listening" arrived; returns them.
     pub fn spawn(mut cmd: Command, expect: usize) -> (Self, Vec<String>) {

@@ -29,12 +29,7 @@ fn python_backend_with(args: &[&str]) -> (Proc, std::net::SocketAddr) {
     cmd.arg(repo_root().join("tests/interop/backend.py"))
         .args(["--listen", "127.0.0.1:0"])
         .args(args);
-    let (proc, lines) = Proc::spawn(cmd, 1);
-    let addr = lines[0]
-        .strip_prefix("listening ")
-        .unwrap()
-        .parse()
-        .unwrap();
+    let (proc, addr) = Proc::spawn_server(cmd);
     (proc, addr)
 }
 
@@ -293,12 +288,7 @@ async fn link_heartbeats_are_answered_both_ways() {
         "--heartbeat",
         "0.1",
     ]);
-    let (mut backend, lines) = Proc::spawn(cmd, 1);
-    let addr = lines[0]
-        .strip_prefix("listening ")
-        .unwrap()
-        .parse()
-        .unwrap();
+    let (mut backend, addr) = Proc::spawn_server(cmd);
     let gw = Gateway::start(
         GatewayOpts::new(addr)
             .config(|c| c.backend.heartbeat_interval = ms(100))

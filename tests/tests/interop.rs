@@ -20,12 +20,7 @@ fn python_backend(framing: &str) -> (Proc, std::net::SocketAddr) {
         "--framing",
         framing,
     ]);
-    let (proc, lines) = Proc::spawn(cmd, 1);
-    let addr = lines[0]
-        .strip_prefix("listening ")
-        .unwrap()
-        .parse()
-        .unwrap();
+    let (proc, addr) = Proc::spawn_server(cmd);
     (proc, addr)
 }
 

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use gateway_tests::client::{tls_config, tls_connect};
 use gateway_tests::TestBackend;
-use gateway_tests::{bin, bin_dir, kib, repo_root, secs, Certs, Event, Gateway, GatewayOpts, Proc};
+use gateway_tests::{bin_dir, kib, repo_root, secs, Certs, Event, Gateway, GatewayOpts, Proc};
 use protocol::Framing;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -65,15 +65,7 @@ fn build_kotlin() -> String {
 }
 
 fn reference_backend() -> (Proc, SocketAddr) {
-    let mut cmd = Command::new(bin("loadtest"));
-    cmd.args(["backend", "--listen", "127.0.0.1:0", "--mode", "echo"]);
-    let (p, lines) = Proc::spawn(cmd, 1);
-    let addr = lines[0]
-        .strip_prefix("listening ")
-        .unwrap()
-        .parse()
-        .unwrap();
-    (p, addr)
+    gateway_tests::reference_backend(&["--mode", "echo"])
 }
 
 /// A TLS-terminating proxy in front of the gateway. It passes new sessions

@@ -14,19 +14,9 @@ use std::time::{Duration, Instant};
 
 use gateway_tests::client::{Client, Connect, Msg};
 use gateway_tests::faults::ResetProxy;
-use gateway_tests::{assert_no_panic, bin, kib, secs, Certs, Gateway, GatewayOpts, Proc};
-
-fn reference_backend(args: &[&str]) -> (Proc, std::net::SocketAddr) {
-    let mut cmd = Command::new(bin("loadtest"));
-    cmd.args(["backend", "--listen", "127.0.0.1:0"]).args(args);
-    let (p, lines) = Proc::spawn(cmd, 1);
-    let addr = lines[0]
-        .strip_prefix("listening ")
-        .unwrap()
-        .parse()
-        .unwrap();
-    (p, addr)
-}
+use gateway_tests::{
+    assert_no_panic, bin, kib, reference_backend, secs, Certs, Gateway, GatewayOpts,
+};
 
 /// `loadtest run --json` with `args`, in a thread (it is a blocking child
 /// process) so that the test can act meanwhile.

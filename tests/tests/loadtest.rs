@@ -9,23 +9,7 @@ use gateway_tests::ms;
 use gateway_tests::{assert_no_panic, bin, python, repo_root, Certs, Gateway, GatewayOpts, Proc};
 
 fn reference_backend(mode: &str) -> (Proc, std::net::SocketAddr) {
-    let mut cmd = Command::new(bin("loadtest"));
-    cmd.args([
-        "backend",
-        "--listen",
-        "127.0.0.1:0",
-        "--mode",
-        mode,
-        "--push-rate",
-        "50",
-    ]);
-    let (p, lines) = Proc::spawn(cmd, 1);
-    let addr = lines[0]
-        .strip_prefix("listening ")
-        .unwrap()
-        .parse()
-        .unwrap();
-    (p, addr)
+    gateway_tests::reference_backend(&["--mode", mode, "--push-rate", "50"])
 }
 
 fn loadtest_output(args: &[&str]) -> std::process::Output {
