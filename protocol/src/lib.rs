@@ -54,8 +54,9 @@ pub const LINK_SESSION_ID: u64 = 0;
 
 /// A session's id on a link: non-zero (0 is [`LINK_SESSION_ID`]), chosen by
 /// the gateway, unique for the life of one gateway process (across all its
-/// links); another process reuses the same ids, so only
-/// (`Hello.instance_id`, id) is unique across processes.
+/// links); another process's ids may collide with them by chance only
+/// (they look random), so (`Hello.instance_id`, id) is what is unique for
+/// certain across processes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SessionId(pub u64);
 
