@@ -18,6 +18,11 @@ use gateway_tests::{
     assert_no_panic, bin, kib, reference_backend, secs, Certs, Gateway, GatewayOpts,
 };
 
+/// These tests compare round trips with and without an event, and run
+/// thousands of sessions: one at a time, so that they do not measure each
+/// other.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// `loadtest run --json` with `args`, in a thread (it is a blocking child
 /// process) so that the test can act meanwhile.
 fn loadtest(args: Vec<String>) -> std::thread::JoinHandle<serde_json::Value> {
@@ -81,6 +86,7 @@ fn assert_unaffected(what: &str, base: &serde_json::Value, during: &serde_json::
 /// sessions on the same link keep their round trips.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_backend_flood_to_a_slow_client_is_held_back_by_its_window() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let (_backend, addr) = reference_backend(&[]);
     // One link: the flood and the other sessions share it.
     let gw = Gateway::start(GatewayOpts::new(addr).links(1));
@@ -152,6 +158,7 @@ async fn a_backend_flood_to_a_slow_client_is_held_back_by_its_window() {
 /// used), the others on the link are not; afterwards everything arrives.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_stalled_backend_handler_pauses_only_its_client() {
+    let _one = ONE_AT_A_TIME.lock().await;
     // Windows of 128 KiB both ways, so that a few hundred messages fill one.
     let (_backend, addr) = reference_backend(&["--window", "131072"]);
     let gw = Gateway::start(GatewayOpts::new(addr).links(1).config(|c| {
@@ -206,6 +213,7 @@ async fn a_stalled_backend_handler_pauses_only_its_client() {
 /// reordered; the time until traffic flows again is printed.
 #[tokio::test(flavor = "multi_thread")]
 async fn link_resets_under_load_move_every_session_with_nothing_lost() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let (result, gw) = resets_under_load(&[]).await;
     let moved = gw
         .metric("gateway_sessions_moved_total{result=\"moved\"")
@@ -245,6 +253,7 @@ async fn link_resets_under_load_move_every_session_with_nothing_lost() {
 /// link ends with 1012, as protocol/README.md documents for it.
 #[tokio::test(flavor = "multi_thread")]
 async fn link_resets_against_a_version_2_backend_close_sessions_with_1012() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let (result, gw) = resets_under_load(&["--max-version", "2"]).await;
     let closes = result["close_codes"]["1012"].as_u64().unwrap_or(0);
     println!("version 2: {closes} sessions closed with 1012: {result}");
