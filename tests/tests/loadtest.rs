@@ -445,13 +445,16 @@ async fn loadtest_churn_no_resume_and_silent_vanish() {
     let gw = Gateway::start(GatewayOpts::new(addr));
     gw.wait_ready(Duration::from_secs(10)).await;
     let url = gw.ws_url("/ws");
+    // Three waves of 10 clients each, so that at least 10 reconnections
+    // happen even when the shared machine stalls one wave (CI once saw 9
+    // of 2 waves' 20 within 3 s, while other tests ran beside it).
     let churn = [
         "--scenario",
         "churn",
         "-c",
         "20",
         "-d",
-        "3s",
+        "4s",
         "--churn-share",
         "0.5",
         "--churn-every",
