@@ -302,6 +302,15 @@ impl TestBackend {
         .await
     }
 
+    /// Waits for `detached` of `session`; returns its reason.
+    pub async fn wait_detached(&mut self, session: u64) -> String {
+        self.wait_for(|e| match e {
+            Event::Detached { session: s, reason } if *s == session => Some(reason.clone()),
+            _ => None,
+        })
+        .await
+    }
+
     /// Stops accepting and drops every link, as a crashed backend would.
     pub fn kill(mut self) {
         self.tasks.abort_all();

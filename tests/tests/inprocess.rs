@@ -199,12 +199,7 @@ async fn a_detached_session_expires_at_the_grace_period_and_not_before() {
     let (client, _) = client::connect(ws, "/ws", &opts).await.unwrap();
     let (s, _) = backend.next_open().await;
     drop(client);
-    let reason = backend
-        .wait_for(|e| match e {
-            Event::Detached { session, reason } if *session == s => Some(reason.clone()),
-            _ => None,
-        })
-        .await;
+    let reason = backend.wait_detached(s).await;
     assert_eq!(reason, "client connection lost");
     let detached = Instant::now();
 

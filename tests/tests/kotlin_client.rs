@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use gateway_tests::client::{tls_config, tls_connect};
 use gateway_tests::TestBackend;
-use gateway_tests::{bin_dir, kib, repo_root, secs, Certs, Event, Gateway, GatewayOpts, Proc};
+use gateway_tests::{bin_dir, kib, repo_root, secs, Certs, Gateway, GatewayOpts, Proc};
 use protocol::Framing;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -421,9 +421,7 @@ async fn kotlin_client_starts_over_after_410_and_follows_the_close_code_table() 
     // session's client queue holds, so the gateway ends it: the resume gets
     // 410, and the library starts over.
     c.command("cut").await;
-    backend
-        .wait_for(|e| matches!(e, Event::Detached { session, .. } if *session == s1).then_some(()))
-        .await;
+    backend.wait_detached(s1).await;
     c.command("send queued").await;
     for i in 0..200u8 {
         backend.push(s1, &[i; 100], false);

@@ -140,9 +140,7 @@ async fn a_resume_after_the_grace_period_is_told_the_session_is_lost() {
     let (c, token, _) = connect(&gw, None).await.unwrap();
     let (s, _) = backend.next_open().await;
     drop(c);
-    backend
-        .wait_for(|e| matches!(e, Event::Detached { session, .. } if *session == s).then_some(()))
-        .await;
+    backend.wait_detached(s).await;
     // The grace started before the gateway sent `detached`, so the time
     // from here is at most the grace; allow for timer granularity only.
     let detached = std::time::Instant::now();
@@ -192,9 +190,7 @@ async fn the_presented_token_survives_a_lost_101_until_the_new_connection_proves
     let (s, _) = backend.next_open().await;
     c.echo("one").await;
     drop(c);
-    backend
-        .wait_for(|e| matches!(e, Event::Detached { session, .. } if *session == s).then_some(()))
-        .await;
+    backend.wait_detached(s).await;
     // The resume is accepted, but the client never sees its 101.
     let (lost, t2, _) = connect(&gw, Some((&t1, 1))).await.unwrap();
     drop(lost);
@@ -230,9 +226,7 @@ async fn a_resume_whose_handshake_is_cut_leaves_the_session_reachable() {
     let (s, _) = backend.next_open().await;
     c.echo("one").await;
     drop(c);
-    backend
-        .wait_for(|e| matches!(e, Event::Detached { session, .. } if *session == s).then_some(()))
-        .await;
+    backend.wait_detached(s).await;
     for _ in 0..3 {
         let request = gateway_tests::raw::upgrade_request(
             "/ws",
@@ -269,9 +263,7 @@ async fn a_resume_takes_over_a_connection_stuck_in_its_replay() {
     let (c, t1, _) = connect(&gw, None).await.unwrap();
     let (s, _) = backend.next_open().await;
     drop(c);
-    backend
-        .wait_for(|e| matches!(e, Event::Detached { session, .. } if *session == s).then_some(()))
-        .await;
+    backend.wait_detached(s).await;
     // While away: the replay of it to a client that does not read gets
     // stuck.
     push_more_than_sockets_hold(&gw, &backend, s).await;
@@ -374,9 +366,7 @@ async fn delivered_then_dropped(gw: &Gateway, backend: &mut TestBackend, n: u8) 
         assert_eq!(c.recv_within(T).await, Some(Msg::Binary(vec![i])));
     }
     drop(c);
-    backend
-        .wait_for(|e| matches!(e, Event::Detached { session, .. } if *session == s).then_some(()))
-        .await;
+    backend.wait_detached(s).await;
     (s, token)
 }
 
@@ -420,9 +410,7 @@ async fn replayed_counts_are_exact_and_a_position_no_longer_buffered_is_refused(
     assert_eq!(wait_attached(&mut backend, s).await, 4);
     // Again, having missed nothing: nothing replayed.
     drop(c);
-    backend
-        .wait_for(|e| matches!(e, Event::Detached { session, .. } if *session == s).then_some(()))
-        .await;
+    backend.wait_detached(s).await;
     let (_c, _, _) = connect(&gw, Some((&token, 10)))
         .await
         .expect("resume having missed nothing");
@@ -556,9 +544,7 @@ async fn beyond_max_detached_bytes_a_detached_session_ends() {
     let (c, _, _) = connect(&gw, None).await.unwrap();
     let (s, _) = backend.next_open().await;
     drop(c);
-    backend
-        .wait_for(|e| matches!(e, Event::Detached { session, .. } if *session == s).then_some(()))
-        .await;
+    backend.wait_detached(s).await;
     for _ in 0..8 {
         backend.push(s, &[1u8; 1024], false);
     }

@@ -13,7 +13,7 @@ use tokio::time::Instant;
 use tracing::debug;
 
 use super::Session;
-use crate::backend::{Flow, Gone, LinkGone, LinkHandle, ADVISORY_SEND_DEADLINE};
+use crate::backend::{Flow, Gone, LinkGone, LinkHandle, TrySend, ADVISORY_SEND_DEADLINE};
 
 /// Why a session whose link was lost did not move.
 #[derive(Debug)]
@@ -174,22 +174,22 @@ impl Session {
             .filter(|u| u.moves())
             .and_then(|_| Kept::of(&frame));
         match self.link.try_send(frame) {
-            crate::backend::TrySend::Sent => {
+            TrySend::Sent => {
                 if let Some(up) = self.upstream.as_mut() {
                     up.sent(cost, kept);
                 }
                 Ok(())
             }
-            crate::backend::TrySend::Full(frame) => {
+            TrySend::Full(frame) => {
                 self.pending = Some(*frame);
                 Ok(())
             }
             // A session that moves sends it on its next link.
-            crate::backend::TrySend::Gone(frame) if self.moves() => {
+            TrySend::Gone(frame) if self.moves() => {
                 self.pending = Some(*frame);
                 Ok(())
             }
-            crate::backend::TrySend::Gone(_) => Err(LinkGone),
+            TrySend::Gone(_) => Err(LinkGone),
         }
     }
 
