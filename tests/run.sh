@@ -7,7 +7,8 @@
 #   3. Autobahn|TestSuite conformance through the whole relay path
 # Works from a fresh clone. Needs: Linux (the tests read /proc), cargo,
 # python3 >= 3.11 with venv (the pinned websockets needs it), Debian's
-# kotlin, libokhttp-java, libokio-java and a JDK (.ci/run installs them), and an
+# kotlin, libokhttp-java, libokio-java and a JDK, redis-server and haproxy
+# (.ci/run installs them), and an
 # open-file limit of at least 16384 (the 10,000-session test holds that many
 # sockets); this script raises the soft limit to the hard limit itself.
 #
@@ -39,6 +40,13 @@ if ! command -v kotlinc >/dev/null || ! command -v javac >/dev/null ||
   [ ! -f /usr/share/java/okhttp.jar ] || [ ! -f /usr/share/java/okio.jar ]; then
   echo "tests/run.sh: the Kotlin client's tests need Debian's kotlin, OkHttp 3 and a JDK:" >&2
   echo "  apt-get install -y kotlin libokhttp-java libokio-java default-jdk-headless" >&2
+  exit 2
+fi
+# The fleet's tests (tests/tests/fleet.rs) run Debian's redis-server and
+# haproxy as child processes.
+if ! command -v redis-server >/dev/null || ! command -v haproxy >/dev/null; then
+  echo "tests/run.sh: the fleet's tests need redis-server and haproxy:" >&2
+  echo "  apt-get install -y redis-server haproxy" >&2
   exit 2
 fi
 protocol/clients/kotlin/build.sh "${CARGO_TARGET_DIR:-target}/kotlin" >/dev/null

@@ -24,6 +24,11 @@ pub(crate) mod code {
     pub(crate) const INTERNAL: u16 = 1011;
     /// Service restart: the backend link was lost; reconnect with backoff.
     pub(crate) const RECONNECT: u16 = 1012;
+    /// Reserved by the gateway (a backend may not send it): the instance is
+    /// going away but keeps the session for another instance to take over;
+    /// resume at once. Private-use range (RFC 6455 7.4.2), so that every
+    /// client library accepts it.
+    pub(crate) const RESUME_NOW: u16 = 4000;
 }
 
 /// Why a session ended. Exhaustive: every path that ends a session picks one.
@@ -69,6 +74,13 @@ pub(crate) enum CloseReason {
     /// replay buffer overflowed, the gateway-wide cap on detached sessions
     /// was reached, or the client resumed from a position no longer held.
     ResumeLost(&'static str),
+    /// The gateway is draining and keeps the session for another instance
+    /// of its fleet: the client is told to resume at once (the session
+    /// detaches).
+    HandOff,
+    /// Another instance of the fleet took the session over (its state went
+    /// there; the backend sees the session move).
+    HandedOver,
 }
 
 /// What the client is sent, if anything.
@@ -215,6 +227,17 @@ impl CloseReason {
                 "shutdown",
                 false,
             ),
+            Self::HandOff => row(
+                G,
+                Some((
+                    code::RESUME_NOW,
+                    "resume: this gateway is restarting".into(),
+                )),
+                Backend::None,
+                "handed_off",
+                false,
+            ),
+            Self::HandedOver => row(G, None, Backend::None, "handed_over", false),
             Self::ResumeLost(why) => row(
                 G,
                 None,
@@ -260,7 +283,7 @@ impl CloseReason {
     /// The client's connection was lost without a close: a resumable
     /// session detaches instead of ending.
     pub(crate) fn is_connection_loss(&self) -> bool {
-        matches!(self, Self::ClientLost | Self::ClientTimeout)
+        matches!(self, Self::ClientLost | Self::ClientTimeout | Self::HandOff)
     }
 
     /// Whether this end deserves operator attention (logged at warn) or is
@@ -271,8 +294,9 @@ impl CloseReason {
 }
 
 /// Codes a backend may send that are valid on the WebSocket wire.
+/// (4000 is the gateway's own, [`code::RESUME_NOW`].)
 fn backend_code_allowed(code: u16) -> bool {
-    matches!(code, 1000..=1003 | 1007..=1009 | 1011..=1014 | 3000..=4999)
+    matches!(code, 1000..=1003 | 1007..=1009 | 1011..=1014 | 3000..=3999 | 4001..=4999)
 }
 
 /// Codes a client may send (RFC 6455 7.4.1 and the IANA registry).

@@ -41,6 +41,7 @@ mod admin;
 mod backend;
 mod close;
 pub mod config;
+mod fleet;
 mod handshake;
 mod listener;
 mod metrics;
@@ -122,6 +123,22 @@ impl Gateway {
             instance_id = settings.backend.hello.instance_id,
             "gateway starting"
         );
+        let fleet = match settings.fleet {
+            Some(f) => {
+                let instance = settings.backend.hello.instance_id.clone();
+                Some(fleet::Fleet::new(f, instance).map_err(|e| {
+                    StartError::Config(ConfigError::Invalid {
+                        key: "fleet.redis_url",
+                        reason: e.to_string(),
+                    })
+                })?)
+            }
+            None => None,
+        };
+        let (fleet, directory, directory_writes) = match fleet {
+            Some((f, d, w)) => (Some(f), Some(d), Some(w)),
+            None => (None, None, None),
+        };
         let pool = backend::Pool::start(settings.backend, metrics.clone(), &shutdown);
         let listeners = bind(&settings.listen).await?;
         let admin = match settings.admin {
@@ -137,9 +154,13 @@ impl Gateway {
             metrics,
             pool,
             shutdown,
-            resumable: resume::Registry::default(),
+            resumable: resume::Registry::new(directory),
             detached: resume::DetachedBudget::default(),
+            fleet,
         });
+        if let (Some(f), Some(writes)) = (&shared.fleet, directory_writes) {
+            f.spawn(&shared, writes);
+        }
         let mut addrs = BoundAddrs::default();
         if let Some((l, addr)) = admin {
             addrs.admin = Some(addr);

@@ -30,6 +30,8 @@ pub(crate) struct Metrics {
     late_frames: Counter<u64>,
     window_stalls: Counter<u64>,
     sessions_moved: Counter<u64>,
+    handovers: Counter<u64>,
+    fleet_connected: UpDownCounter<i64>,
     frames_resent: Counter<u64>,
     resumes: Counter<u64>,
     resumes_refused: Counter<u64>,
@@ -111,6 +113,20 @@ impl Metrics {
                     "Flow-control stalls (protocol v3), by direction: client_to_backend, a \
                      client message waited for the backend's window; backend_to_client, the \
                      backend used up the window the gateway granted a session",
+                )
+                .build(),
+            handovers: meter
+                .u64_counter("gateway.fleet.handovers")
+                .with_description(
+                    "Fleet: sessions handed between instances, by direction (out: to \
+                     another instance; in: taken over from one) and result",
+                )
+                .build(),
+            fleet_connected: meter
+                .i64_up_down_counter("gateway.fleet.connected")
+                .with_description(
+                    "Fleet: 1 while this instance is subscribed to its Redis channel \
+                     (handovers can reach it), else 0",
                 )
                 .build(),
             sessions_moved: meter
@@ -268,6 +284,23 @@ impl Metrics {
         if resent > 0 {
             self.frames_resent.add(resent, &[]);
         }
+    }
+
+    /// A fleet handover: `direction` "in" or "out", `result` "ok" or a
+    /// refusal's label.
+    pub(crate) fn handover(&self, direction: &'static str, result: &'static str) {
+        self.handovers.add(
+            1,
+            &[
+                KeyValue::new("direction", direction),
+                KeyValue::new("result", result),
+            ],
+        );
+    }
+
+    /// The fleet's Redis channel came up (+1) or went down (-1).
+    pub(crate) fn fleet_connected(&self, delta: i64) {
+        self.fleet_connected.add(delta, &[]);
     }
 
     pub(crate) fn tls_handshake_done(&self, resumed: bool) {

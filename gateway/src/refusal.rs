@@ -176,6 +176,17 @@ pub(crate) enum ResumeRefusal {
     /// The session did not take the request within
     /// `resume.handoff_timeout`.
     SessionBusy,
+    /// Fleet: the instance that held the session is gone (crashed, or
+    /// stopped before anyone took it over).
+    OwnerLost,
+    /// Fleet: the session is on another instance, but cannot move here
+    /// (its backend link lacks version 3's "fleet"; or this instance has no
+    /// such link).
+    NotMovable,
+    /// Fleet: the session directory (Redis) or the instance holding the
+    /// session did not answer within `fleet.handover_timeout`: 503 with
+    /// `Retry-After`, the session is not lost.
+    FleetUnavailable,
 }
 
 impl ResumeRefusal {
@@ -188,7 +199,29 @@ impl ResumeRefusal {
             Self::BadPosition => "bad_position",
             Self::Stale => "stale",
             Self::SessionBusy => "session_busy",
+            Self::OwnerLost => "owner_lost",
+            Self::NotMovable => "not_movable",
+            Self::FleetUnavailable => "fleet_unavailable",
         }
+    }
+
+    /// The refusal with this [`ResumeRefusal::label`] (from another
+    /// instance of the fleet).
+    pub(crate) fn from_label(label: &str) -> Self {
+        [
+            Self::Disabled,
+            Self::Unknown,
+            Self::Gap,
+            Self::BadPosition,
+            Self::Stale,
+            Self::SessionBusy,
+            Self::OwnerLost,
+            Self::NotMovable,
+            Self::FleetUnavailable,
+        ]
+        .into_iter()
+        .find(|r| r.label() == label)
+        .unwrap_or(Self::Unknown)
     }
 
     /// The answer to send: 410 ("session lost: start a new one and
@@ -200,6 +233,15 @@ impl ResumeRefusal {
                 StatusCode::BAD_REQUEST,
                 "X-Wsgw-Received is more than the gateway delivered; the session is unchanged\n",
             ),
+            Self::FleetUnavailable => {
+                let mut r = plain(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the session is on another instance, which could not be reached; retry\n",
+                );
+                r.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                r
+            }
             _ => plain(StatusCode::GONE, "session lost: start a new session\n"),
         };
         r.headers_mut()

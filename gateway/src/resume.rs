@@ -120,19 +120,56 @@ impl Credentials {
     }
 }
 
-/// A resume attempt, handed from the upgrade handler to the session.
+/// A resume attempt, handed from the upgrade handler (or, in a fleet, from
+/// another instance asking for the session) to the session.
 pub(crate) struct AttachRequest {
     /// The credential the client presented (it may have been replaced
     /// since the upgrade handler looked it up).
     pub(crate) token: Token,
     /// Backend messages the client says it has received.
     pub(crate) position: u64,
-    /// The upgrade, to complete once the session accepted the request.
-    pub(crate) upgrade: UpgradeFut,
-    /// The client's address.
-    pub(crate) peer: std::net::SocketAddr,
-    /// The session's answer.
-    pub(crate) reply: oneshot::Sender<Result<Attached, ResumeRefusal>>,
+    /// Where the client's new connection is.
+    pub(crate) to: AttachTo,
+}
+
+/// Where a resuming client is connected.
+pub(crate) enum AttachTo {
+    /// On this instance.
+    Here {
+        /// The upgrade, to complete once the session accepted the request.
+        upgrade: UpgradeFut,
+        /// The client's address.
+        peer: std::net::SocketAddr,
+        /// The session's answer.
+        reply: oneshot::Sender<Result<Attached, ResumeRefusal>>,
+    },
+    /// On another instance of the fleet, which takes the session over: the
+    /// answer is the session's state.
+    Elsewhere {
+        reply: oneshot::Sender<Result<Box<crate::fleet::wire::State>, ResumeRefusal>>,
+    },
+}
+
+impl AttachRequest {
+    /// Whether the requester stopped waiting.
+    pub(crate) fn abandoned(&self) -> bool {
+        match &self.to {
+            AttachTo::Here { reply, .. } => reply.is_closed(),
+            AttachTo::Elsewhere { reply } => reply.is_closed(),
+        }
+    }
+
+    /// Refuses the request.
+    pub(crate) fn refuse(self, why: ResumeRefusal) {
+        match self.to {
+            AttachTo::Here { reply, .. } => {
+                let _ = reply.send(Err(why));
+            }
+            AttachTo::Elsewhere { reply } => {
+                let _ = reply.send(Err(why));
+            }
+        }
+    }
 }
 
 /// The session accepted a resume.
@@ -146,25 +183,60 @@ pub(crate) struct Attached {
 
 /// Live resumable sessions by credential.
 ///
+/// In a fleet every change is also written to the session directory (see
+/// `crate::fleet`), so that another instance finds which one holds a
+/// credential.
+///
 /// # Concurrency
 /// Locked only when a resumable session starts, resumes or ends, and when a
 /// resume request looks up its token; never per message.
 #[derive(Default)]
 pub(crate) struct Registry {
     sessions: Mutex<HashMap<Token, (SessionId, mpsc::Sender<AttachRequest>)>>,
+    directory: Option<crate::fleet::Directory>,
 }
 
 impl Registry {
+    /// A registry that also keeps the fleet's session directory.
+    pub(crate) fn new(directory: Option<crate::fleet::Directory>) -> Self {
+        Self {
+            sessions: Mutex::default(),
+            directory,
+        }
+    }
+
     /// Registers a new resumable session; returns its token and the
     /// receiver of its resume requests.
     pub(crate) fn register(&self, id: SessionId) -> (Token, mpsc::Receiver<AttachRequest>) {
+        let token = Token::generate();
+        let rx = self.register_with(token.clone(), id);
+        (token, rx)
+    }
+
+    /// Registers a session under a token it already has (one taken over
+    /// from another instance of the fleet).
+    pub(crate) fn register_with(
+        &self,
+        token: Token,
+        id: SessionId,
+    ) -> mpsc::Receiver<AttachRequest> {
         // One request at a time is enough: a second waits or is refused.
         let (tx, rx) = mpsc::channel(1);
-        let token = Token::generate();
-        if let Ok(mut m) = self.sessions.lock() {
-            m.insert(token.clone(), (id, tx));
+        if let Some(d) = &self.directory {
+            d.claim(&token);
         }
-        (token, rx)
+        if let Ok(mut m) = self.sessions.lock() {
+            m.insert(token, (id, tx));
+        }
+        rx
+    }
+
+    /// Every token held (for the directory's refresh).
+    pub(crate) fn tokens(&self) -> Vec<Token> {
+        self.sessions
+            .lock()
+            .map(|m| m.keys().cloned().collect())
+            .unwrap_or_default()
     }
 
     /// The resume channel of the session holding `token`.
@@ -189,10 +261,13 @@ impl Registry {
         let entry = m.get(presented)?.clone();
         for t in creds.all() {
             if t != presented {
-                m.remove(t);
+                self.forget(&mut m, t);
             }
         }
         let token = Token::generate();
+        if let Some(d) = &self.directory {
+            d.claim(&token);
+        }
         m.insert(token.clone(), entry);
         creds.current = token;
         creds.unproven = Some((presented.clone(), until));
@@ -210,7 +285,27 @@ impl Registry {
     /// Forgets a session's token (the session ended).
     pub(crate) fn remove(&self, token: &Token) {
         if let Ok(mut m) = self.sessions.lock() {
+            self.forget(&mut m, token);
+        }
+    }
+
+    /// Forgets a token here only: the session went to another instance of
+    /// the fleet, which owns its directory entry now.
+    pub(crate) fn remove_local(&self, token: &Token) {
+        if let Ok(mut m) = self.sessions.lock() {
             m.remove(token);
+        }
+    }
+
+    fn forget(
+        &self,
+        m: &mut HashMap<Token, (SessionId, mpsc::Sender<AttachRequest>)>,
+        token: &Token,
+    ) {
+        if m.remove(token).is_some() {
+            if let Some(d) = &self.directory {
+                d.forget(token);
+            }
         }
     }
 }
@@ -271,6 +366,27 @@ impl Ring {
             }
         }
         freed
+    }
+
+    /// A ring taken over from another instance: `items` are messages
+    /// `delivered - items.len() .. delivered`, oldest first.
+    pub(crate) fn from_parts(
+        max_bytes: usize,
+        delivered: u64,
+        items: VecDeque<(Bytes, bool)>,
+    ) -> Self {
+        let bytes = items.iter().map(|(p, _)| p.len()).sum();
+        Self {
+            items,
+            bytes,
+            delivered,
+            max_bytes,
+        }
+    }
+
+    /// The messages held, oldest first.
+    pub(crate) fn items(&self) -> impl Iterator<Item = &(Bytes, bool)> {
+        self.items.iter()
     }
 
     /// Sequence number of the next message (messages delivered so far).

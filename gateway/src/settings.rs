@@ -28,6 +28,8 @@ pub(crate) struct Settings {
     pub(crate) admin: Option<SocketAddr>,
     /// How long sessions get to close after SIGTERM/SIGINT.
     pub(crate) drain_timeout: Duration,
+    /// The fleet, if `fleet.redis_url` is set.
+    pub(crate) fleet: Option<crate::fleet::FleetSettings>,
 }
 
 /// Public listeners and the upgrade.
@@ -59,6 +61,8 @@ pub(crate) struct SessionSettings {
     /// what a detached session keeps of what arrives while it is away.
     pub(crate) client_queue_bytes: usize,
     pub(crate) close_timeout: Duration,
+    /// On drain, sessions close at random moments within this.
+    pub(crate) close_spread: Duration,
     /// Request headers copied into `SessionOpen`, parsed.
     pub(crate) forward_headers: Vec<HeaderName>,
 }
@@ -137,6 +141,7 @@ impl Settings {
                 write_timeout: s.write_timeout,
                 client_queue_bytes: s.client_queue_bytes.bytes(),
                 close_timeout: s.close_timeout,
+                close_spread: config.shutdown.close_spread,
                 forward_headers,
             },
             resume: ResumeSettings {
@@ -163,7 +168,10 @@ impl Settings {
                     max_message_size: u32::try_from(max_message).unwrap_or(u32::MAX),
                     client_queue_bytes: u64::try_from(s.client_queue_bytes.bytes())
                         .unwrap_or(u64::MAX),
-                    capabilities: offered_capabilities(b.move_timeout),
+                    capabilities: offered_capabilities(
+                        b.move_timeout,
+                        config.fleet.redis_url.is_some(),
+                    ),
                     session_window: session_window(s.client_queue_bytes.bytes(), max_message),
                     move_timeout_ms: millis(b.move_timeout),
                 },
@@ -194,6 +202,16 @@ impl Settings {
             },
             admin: config.admin.listen,
             drain_timeout: config.shutdown.drain_timeout,
+            fleet: config
+                .fleet
+                .redis_url
+                .as_ref()
+                .map(|url| crate::fleet::FleetSettings {
+                    redis_url: url.clone(),
+                    prefix: config.fleet.key_prefix.clone(),
+                    handover_timeout: config.fleet.handover_timeout,
+                    directory_ttl: config.fleet.directory_ttl,
+                }),
         })
     }
 }
@@ -217,11 +235,15 @@ pub(crate) fn session_window(client_queue_bytes: usize, max_message: usize) -> u
 }
 
 /// The version 3 capabilities this gateway offers: flow control always,
-/// moving sessions unless `backend.move_timeout` is 0.
-fn offered_capabilities(move_timeout: Duration) -> Vec<String> {
+/// moving sessions unless `backend.move_timeout` is 0, and moving them
+/// between instances in a fleet.
+fn offered_capabilities(move_timeout: Duration, fleet: bool) -> Vec<String> {
     let mut caps = vec![protocol::CAP_FLOW.to_owned()];
     if !move_timeout.is_zero() {
         caps.push(protocol::CAP_MOVE.to_owned());
+        if fleet {
+            caps.push(protocol::CAP_FLEET.to_owned());
+        }
     }
     caps
 }

@@ -34,4 +34,6 @@ pub(crate) struct Shared {
     pub(crate) resumable: resume::Registry,
     /// Gateway-wide accounting of detached sessions.
     pub(crate) detached: resume::DetachedBudget,
+    /// This instance's fleet, if `fleet.redis_url` is set.
+    pub(crate) fleet: Option<Arc<crate::fleet::Fleet>>,
 }

@@ -20,7 +20,7 @@ use tracing::{debug, Instrument};
 
 use crate::handshake;
 use crate::refusal::{Body, Refusal, ResumeRefusal};
-use crate::resume::{self, AttachRequest, Token};
+use crate::resume::{self, AttachRequest, AttachTo, Token};
 use crate::session::{self, SessionStart};
 use crate::shared::Shared;
 
@@ -206,25 +206,38 @@ async fn resume(
     if !shared.resume.enabled {
         return lost(ResumeRefusal::Disabled);
     }
-    let Some(session) = shared.resumable.lookup(&token) else {
+    let session = shared.resumable.lookup(&token);
+    if session.is_none() && shared.fleet.is_none() {
         return lost(ResumeRefusal::Unknown);
-    };
+    }
     let (response, upgrade) = match ws_upgrade(&mut req) {
         Ok(pair) => pair,
         Err(refusal) => return refuse(shared, &refusal),
     };
     let (reply_tx, reply_rx) = tokio::sync::oneshot::channel();
     let request = AttachRequest {
-        token,
+        token: token.clone(),
         position,
-        upgrade,
-        peer,
-        reply: reply_tx,
+        to: AttachTo::Here {
+            upgrade,
+            peer,
+            reply: reply_tx,
+        },
+    };
+    let request = match session {
+        Some(session) => Some((session, request)),
+        // Not here: in a fleet, another instance may hold it.
+        None => match take_over(shared, token, position, request).await {
+            Ok(()) => None,
+            Err(why) => return lost(why),
+        },
     };
     // The session answers at once unless it is busy writing; bound the wait.
     let wait = shared.resume.handoff_timeout;
     let answer = async {
-        session.send(request).await.ok()?;
+        if let Some((session, request)) = request {
+            session.send(request).await.ok()?;
+        }
         reply_rx.await.ok()
     };
     match tokio::time::timeout(wait, answer).await {
@@ -241,6 +254,45 @@ async fn resume(
         Ok(Some(Err(why))) => lost(why),
         _ => lost(ResumeRefusal::SessionBusy),
     }
+}
+
+/// Fleet: takes the session holding `token` over from the instance that
+/// holds it, and starts it here with `first` (the client's resume) to
+/// serve. A session cannot come here without a link whose backend adopted
+/// "fleet" and room under `listen.max_sessions`; both are checked first,
+/// so that a session is never taken from its holder only to be lost.
+async fn take_over(
+    shared: &Arc<Shared>,
+    token: Token,
+    position: u64,
+    first: AttachRequest,
+) -> Result<(), ResumeRefusal> {
+    let Some(fleet) = &shared.fleet else {
+        return Err(ResumeRefusal::Unknown);
+    };
+    let permit = shared
+        .admission
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| ResumeRefusal::FleetUnavailable)?;
+    let lease = shared
+        .pool
+        .lease_for_move()
+        .filter(|l| l.link().caps().fleet)
+        .ok_or(ResumeRefusal::NotMovable)?;
+    let state = fleet.take(&token, position).await.inspect_err(|why| {
+        shared.metrics.handover("in", why.label());
+    })?;
+    let import = session::Import {
+        state,
+        token,
+        lease,
+        permit,
+        first,
+    };
+    let task = session::run_imported(import, shared.clone());
+    shared.shutdown.spawn_session(task);
+    Ok(())
 }
 
 /// The first subprotocol the client offers that the gateway accepts.

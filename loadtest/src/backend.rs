@@ -27,8 +27,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use protocol::{
-    pb, window_cost, Body, Frame, FrameCodec, Framing, CAP_FLOW, CAP_MOVE, MIN_PROTOCOL_VERSION,
-    PROTOCOL_VERSION,
+    pb, window_cost, Body, Frame, FrameCodec, Framing, CAP_FLEET, CAP_FLOW, CAP_MOVE,
+    MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -74,7 +74,7 @@ impl Default for Options {
             push_rate: 10,
             push_size: 64,
             max_version: PROTOCOL_VERSION,
-            caps: vec![CAP_FLOW.into(), CAP_MOVE.into()],
+            caps: vec![CAP_FLOW.into(), CAP_MOVE.into(), CAP_FLEET.into()],
             window: 0,
         }
     }
@@ -203,6 +203,12 @@ struct Link<'a> {
     /// side grants a session, and how long lost sessions wait.
     flow: bool,
     moves: bool,
+    /// "fleet": a `resume` may come from another gateway instance than the
+    /// one that opened the session (`origin_instance_id`).
+    fleet: bool,
+    /// Keys of sessions on this link opened by another gateway instance
+    /// (the rest are keyed by this link's `Hello.instance_id`).
+    foreign: HashMap<u64, Key>,
     my_window: u64,
     their_window: u64,
     move_timeout: Duration,
@@ -218,13 +224,13 @@ struct Link<'a> {
 }
 
 /// The outcome of taking a session from another link for a `resume`.
-type Stolen = (u64, pb::SessionResume, Option<Session>);
+type Stolen = (Key, pb::SessionResume, Option<Session>);
 
 /// What handling a frame left to do that needs waiting.
 enum After {
     Nothing,
     /// A `resume` for a session another (dead) link still holds.
-    Steal(u64, pb::SessionResume, u64),
+    Steal(Key, pb::SessionResume, u64),
 }
 
 impl<'a> Link<'a> {
@@ -241,6 +247,8 @@ impl<'a> Link<'a> {
             push_seq: 0,
             flow: false,
             moves: false,
+            fleet: false,
+            foreign: HashMap::new(),
             my_window: 0,
             their_window: 0,
             move_timeout: Duration::ZERO,
@@ -285,6 +293,7 @@ impl<'a> Link<'a> {
                     };
                     self.flow = adopt(CAP_FLOW);
                     self.moves = self.flow && adopt(CAP_MOVE);
+                    self.fleet = self.moves && adopt(CAP_FLEET);
                     self.their_window = h.session_window;
                     self.my_window = match self.opts.window {
                         0 => h.session_window,
@@ -298,6 +307,9 @@ impl<'a> Link<'a> {
                         }
                         if self.moves {
                             a.capabilities.push(CAP_MOVE.into());
+                        }
+                        if self.fleet {
+                            a.capabilities.push(CAP_FLEET.into());
                         }
                     }
                 }
@@ -380,17 +392,21 @@ impl<'a> Link<'a> {
                             // The taker gave up meanwhile: still ours.
                             self.moved_away.remove(&id);
                             self.sessions.insert(id, s);
+                        } else {
+                            self.foreign.remove(&id);
                         }
                     } else {
                         let _ = reply.send(None);
                     }
                 }
-                Some((id, resume, taken)) = self.stolen_rx.recv() => match taken {
+                Some((key, resume, taken)) = self.stolen_rx.recv() => match taken {
                     Some(s) => {
-                        self.own(id);
+                        let id = key.1;
+                        self.own(key);
                         self.resumed(id, s, &resume, &mut out)?;
                     }
                     None => {
+                        let id = key.1;
                         eprintln!("backend: resume of session {id}, held by another link, failed");
                         self.moved_away.insert(id);
                         self.codec.encode(
@@ -415,9 +431,10 @@ impl<'a> Link<'a> {
         // Sessions taken from another link for a resume this link did not
         // get to answer: they wait for the next resume too.
         self.stolen_rx.close();
-        while let Ok((id, _, taken)) = self.stolen_rx.try_recv() {
+        while let Ok((key, _, taken)) = self.stolen_rx.try_recv() {
             if let Some(s) = taken {
-                self.sessions.insert(id, s);
+                self.sessions.insert(key.1, s);
+                self.set_key(key);
             }
         }
         let mut reg = self.registry.lock();
@@ -428,8 +445,12 @@ impl<'a> Link<'a> {
         let expired = (before - reg.orphans.len()) as u64;
         self.stats.sessions.fetch_sub(expired, Ordering::Relaxed);
         let until = now + self.move_timeout;
-        for (id, s) in self.sessions.drain() {
-            let key = (self.instance.clone(), id);
+        let ids: Vec<u64> = self.sessions.keys().copied().collect();
+        for id in ids {
+            let key = self.key(id);
+            let Some(s) = self.sessions.remove(&id) else {
+                continue;
+            };
             if reg.owners.get(&key).is_some_and(|(o, _)| *o == self.serial) {
                 reg.owners.remove(&key);
             }
@@ -467,7 +488,7 @@ impl<'a> Link<'a> {
                 };
                 self.sessions.insert(id, s);
                 if self.moves {
-                    let key = (self.instance.clone(), id);
+                    let key = self.key(id);
                     self.registry
                         .lock()
                         .owners
@@ -525,18 +546,23 @@ impl<'a> Link<'a> {
                 if self.sessions.contains_key(&id) {
                     anyhow::bail!("resume for session {id}, which is open on this link");
                 }
-                let key = (self.instance.clone(), id);
+                let key = match &r.origin_instance_id {
+                    o if self.fleet && !o.is_empty() => (Arc::from(o.as_str()), id),
+                    _ => (self.instance.clone(), id),
+                };
                 let mut reg = self.registry.lock();
                 let now = Instant::now();
                 reg.orphans.retain(|_, (_, until)| now < *until);
                 if let Some((s, _)) = reg.orphans.remove(&key) {
                     // Ours from this instant: a resume on another link now
                     // asks us for it, rather than finding it nowhere.
-                    reg.owners.insert(key, (self.serial, self.steal_tx.clone()));
+                    reg.owners
+                        .insert(key.clone(), (self.serial, self.steal_tx.clone()));
                     drop(reg);
+                    self.set_key(key);
                     self.resumed(id, s, &r, out)?;
                 } else if let Some((owner, _)) = reg.owners.get(&key) {
-                    return Ok(After::Steal(id, r, *owner));
+                    return Ok(After::Steal(key, r, *owner));
                 } else {
                     drop(reg);
                     eprintln!("backend: resume of session {id}, which it does not know");
@@ -552,10 +578,9 @@ impl<'a> Link<'a> {
                 if self.sessions.remove(&id).is_some() {
                     self.stats.sessions.fetch_sub(1, Ordering::Relaxed);
                     if self.moves {
-                        self.registry
-                            .lock()
-                            .owners
-                            .remove(&(self.instance.clone(), id));
+                        let key = self.key(id);
+                        self.registry.lock().owners.remove(&key);
+                        self.foreign.remove(&id);
                     }
                 } else {
                     anyhow::bail!("close for session {id}, which was never opened");
@@ -575,8 +600,8 @@ impl<'a> Link<'a> {
     /// Takes a resumed session from the link that held it (dead to the
     /// gateway, maybe not yet to us), without holding up this link: the
     /// outcome comes back through `stolen_rx`.
-    fn steal(&self, id: u64, resume: pb::SessionResume, owner: u64) {
-        let key = (self.instance.clone(), id);
+    fn steal(&self, key: Key, resume: pb::SessionResume, owner: u64) {
+        let id = key.1;
         let wait = self.move_timeout;
         let registry = self.registry.clone();
         let back = self.stolen_tx.clone();
@@ -598,7 +623,9 @@ impl<'a> Link<'a> {
             if taken.is_none() {
                 eprintln!("backend: link {owner} did not hand over session {id}");
             }
-            if let Err(mpsc::error::SendError((_, _, Some(s)))) = back.send((id, resume, taken)) {
+            if let Err(mpsc::error::SendError((_, _, Some(s)))) =
+                back.send((key.clone(), resume, taken))
+            {
                 // This link ended meanwhile: the session waits for the next
                 // resume.
                 registry
@@ -609,12 +636,30 @@ impl<'a> Link<'a> {
         });
     }
 
-    /// Records that this link holds session `id` now.
-    fn own(&self, id: u64) {
-        self.registry.lock().owners.insert(
-            (self.instance.clone(), id),
-            (self.serial, self.steal_tx.clone()),
-        );
+    /// Records that this link holds the session `key` now.
+    fn own(&mut self, key: Key) {
+        self.registry
+            .lock()
+            .owners
+            .insert(key.clone(), (self.serial, self.steal_tx.clone()));
+        self.set_key(key);
+    }
+
+    /// The session's key: opened by this link's gateway instance, or by
+    /// another one of its fleet.
+    fn key(&self, id: u64) -> Key {
+        self.foreign
+            .get(&id)
+            .cloned()
+            .unwrap_or_else(|| (self.instance.clone(), id))
+    }
+
+    fn set_key(&mut self, key: Key) {
+        if key.0 == self.instance {
+            self.foreign.remove(&key.1);
+        } else {
+            self.foreign.insert(key.1, key);
+        }
     }
 
     /// A session moved to this link: answer with what we have, resend

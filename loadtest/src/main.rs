@@ -42,9 +42,9 @@ enum Command {
         /// Highest link protocol version to accept (1, 2 or 3).
         #[arg(long, default_value_t = protocol::PROTOCOL_VERSION)]
         max_version: u32,
-        /// Version 3 capabilities to adopt when offered: "flow,move",
-        /// "flow", or "none".
-        #[arg(long, default_value = "flow,move")]
+        /// Version 3 capabilities to adopt when offered:
+        /// "flow,move,fleet", "flow,move", "flow", or "none".
+        #[arg(long, default_value = "flow,move,fleet")]
         caps: String,
         /// The window granted to each session, in bytes (0: the gateway's
         /// own, `hello.session_window`).

@@ -28,7 +28,8 @@ pub use prost;
 
 /// The newest protocol version this build speaks (negotiated in the link
 /// handshake). Version 2 adds `SessionDetached` and `SessionAttached`;
-/// version 3 adds the optional capabilities [`CAP_FLOW`] and [`CAP_MOVE`].
+/// version 3 adds the optional capabilities [`CAP_FLOW`], [`CAP_MOVE`] and
+/// [`CAP_FLEET`].
 pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Version 3 capability: per-session flow control (`Window`).
@@ -37,6 +38,11 @@ pub const CAP_FLOW: &str = "flow";
 /// Version 3 capability: sessions outlive their link (`SessionResume`,
 /// acknowledgements in `Window.received`). Needs [`CAP_FLOW`].
 pub const CAP_MOVE: &str = "move";
+
+/// Version 3 capability: a session moves between the links of *different*
+/// gateway instances of one fleet (`SessionResume.origin_instance_id`).
+/// Needs [`CAP_MOVE`].
+pub const CAP_FLEET: &str = "fleet";
 
 /// What one `Data` costs of a flow-control window besides its payload.
 pub const WINDOW_DATA_OVERHEAD: u64 = 64;
@@ -145,6 +151,7 @@ impl Frame {
                 open: Some(Box::new(open)),
                 received,
                 limit,
+                origin_instance_id: String::new(),
             })),
         }
     }

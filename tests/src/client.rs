@@ -120,6 +120,40 @@ where
     fastwebsockets::handshake::client(&SpawnExecutor, req, s).await
 }
 
+/// Opens a resumable session at `addr` (`resume`: None), or resumes one
+/// (its token and the messages received): the client, the new credential
+/// and the gateway's count of client messages received (`X-Wsgw-Received`);
+/// or the HTTP status of a refusal.
+pub async fn resumable(
+    addr: SocketAddr,
+    resume: Option<(&str, u64)>,
+) -> Result<(Client, String, u64), u16> {
+    let mut headers = vec![];
+    match resume {
+        None => headers.push(("X-Wsgw-Resume", "new".to_owned())),
+        Some((token, received)) => {
+            headers.push(("X-Wsgw-Resume", token.to_owned()));
+            headers.push(("X-Wsgw-Received", received.to_string()));
+        }
+    }
+    let opts = Connect {
+        headers,
+        ..Connect::default()
+    };
+    match connect(addr, "/ws", &opts).await {
+        Ok((ws, resp)) => {
+            let h = |name: &str| resp.headers()[name].to_str().unwrap().to_owned();
+            Ok((
+                Client::from_ws(ws),
+                h("x-wsgw-resume"),
+                h("x-wsgw-received").parse().unwrap(),
+            ))
+        }
+        Err(fastwebsockets::WebSocketError::InvalidStatusCode(code)) => Err(code),
+        Err(e) => panic!("connect: {e}"),
+    }
+}
+
 /// A received message or close.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Msg {

@@ -10,6 +10,7 @@
 pub mod backend;
 pub mod client;
 pub mod faults;
+pub mod fleet;
 pub mod raw;
 
 use std::io::{BufRead, BufReader};

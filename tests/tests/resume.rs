@@ -14,31 +14,7 @@ const T: Duration = Duration::from_secs(10);
 /// Opens a resumable session, or resumes one: returns the client, the new
 /// credential and the gateway's count of client messages received.
 async fn connect(gw: &Gateway, resume: Option<(&str, u64)>) -> Result<(Client, String, u64), u16> {
-    let mut headers = vec![];
-    match resume {
-        None => headers.push(("X-Wsgw-Resume", "new".to_owned())),
-        Some((token, received)) => {
-            headers.push(("X-Wsgw-Resume", token.to_owned()));
-            headers.push(("X-Wsgw-Received", received.to_string()));
-        }
-    }
-    let opts = Connect {
-        headers,
-        ..Connect::default()
-    };
-    match client::connect(gw.ws.unwrap(), "/ws", &opts).await {
-        Ok((ws, resp)) => {
-            let token = resp.headers()["x-wsgw-resume"].to_str().unwrap().to_owned();
-            let received = resp.headers()["x-wsgw-received"]
-                .to_str()
-                .unwrap()
-                .parse()
-                .unwrap();
-            Ok((Client::from_ws(ws), token, received))
-        }
-        Err(fastwebsockets::WebSocketError::InvalidStatusCode(code)) => Err(code),
-        Err(e) => panic!("connect: {e}"),
-    }
+    client::resumable(gw.ws.unwrap(), resume).await
 }
 
 fn gateway(backend: &TestBackend, grace: Duration) -> Gateway {

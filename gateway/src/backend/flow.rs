@@ -26,6 +26,9 @@ pub(crate) struct Caps {
     pub(crate) flow: bool,
     /// Sessions move to another link when theirs is lost (needs `flow`).
     pub(crate) moves: bool,
+    /// Sessions handed over from another gateway instance of the fleet can
+    /// move onto this link (needs `moves`).
+    pub(crate) fleet: bool,
     /// The window the backend grants each session at its start.
     pub(crate) backend_window: u64,
 }
@@ -88,6 +91,31 @@ impl Flow {
         f.grant.store(gateway_window, Ordering::Relaxed);
         f.limit.store(backend_window, Ordering::Relaxed);
         f
+    }
+
+    /// A session taken over from another instance of the fleet, with its
+    /// counts from there: backend data frames received and their cost, the
+    /// limit granted to the backend, and the backend's limit and
+    /// acknowledgement.
+    pub(crate) fn imported(
+        received: u64,
+        received_cost: u64,
+        grant: u64,
+        limit: u64,
+        acked: u64,
+    ) -> Self {
+        let f = Self::default();
+        f.arrivals.count.store(received, Ordering::Relaxed);
+        f.arrivals.cost.store(received_cost, Ordering::Relaxed);
+        f.grant.store(grant, Ordering::Relaxed);
+        f.limit.store(limit, Ordering::Relaxed);
+        f.acked.store(acked, Ordering::Relaxed);
+        f
+    }
+
+    /// Cost of the backend data frames received so far.
+    pub(crate) fn received_cost(&self) -> u64 {
+        self.arrivals.cost.load(Ordering::Relaxed)
     }
 
     /// The reader: a backend data frame of `cost` arrived.

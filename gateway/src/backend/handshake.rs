@@ -241,6 +241,12 @@ fn capabilities(hello: &pb::Hello, ack: &pb::HelloAck) -> Result<Caps, Handshake
             "the capability \"move\" without \"flow\" (acknowledgements ride on windows)".into(),
         ));
     }
+    let fleet = has(protocol::CAP_FLEET);
+    if fleet && !moves {
+        return Err(bad(
+            "the capability \"fleet\" without \"move\" (a handed-over session moves)".into(),
+        ));
+    }
     if !flow {
         return Ok(Caps::default());
     }
@@ -259,6 +265,7 @@ fn capabilities(hello: &pb::Hello, ack: &pb::HelloAck) -> Result<Caps, Handshake
     Ok(Caps {
         flow,
         moves,
+        fleet,
         backend_window,
     })
 }

@@ -216,6 +216,7 @@ async fn version_3_capabilities_are_adopted_one_at_a_time() {
         Caps {
             flow: true,
             moves: true,
+            fleet: false,
             backend_window: 2 << 20
         }
     );

@@ -167,6 +167,27 @@ impl LinkHandle {
         Ok(mailbox)
     }
 
+    /// Puts a session taken over from another instance of the fleet on
+    /// this link (which must have "fleet"), with its flow-control state
+    /// from there; `consumed` is what its client has taken (cost, from the
+    /// session's start). Before the session's `SessionResume` is sent.
+    pub(crate) fn register_imported(
+        &self,
+        id: SessionId,
+        flow: Arc<Flow>,
+        consumed: u64,
+    ) -> Result<Mailbox, LinkGone> {
+        let window = self.shared.session_window;
+        let (mut mailbox, route) =
+            Mailbox::new(id, self.shared.mailbox, Some((self.clone(), flow)), true);
+        mailbox.queue.continue_flow(window, consumed);
+        self.shared
+            .control
+            .send(Control::Register(id, route))
+            .map_err(|_| LinkGone)?;
+        Ok(mailbox)
+    }
+
     /// Puts a session that was on a lost link on this one (it must have
     /// the "move" capability): backend frames arrive in the same queue, in
     /// order after those that came before; the returned eviction replaces

@@ -296,6 +296,23 @@ impl Queue {
         }
     }
 
+    /// Flow control of a session taken over from another instance: the
+    /// gateway's `window`, and what the client had taken there (the limit
+    /// granted is the shared state's).
+    pub(crate) fn continue_flow(&mut self, window: u64, consumed: u64) {
+        if let Some(f) = self.flow.as_mut() {
+            f.window = window;
+            f.granted = f.shared.grant();
+            f.consumed = consumed;
+        }
+    }
+
+    /// With flow control: the limit granted last and the cost the client
+    /// has taken (written) so far.
+    pub(crate) fn flow_counts(&self) -> Option<(u64, u64)> {
+        self.flow.as_ref().map(|f| (f.granted, f.consumed))
+    }
+
     /// A new route for this queue on `link` (a move), sharing its bound
     /// and flow state; `None` unless the queue was made for moving.
     pub(super) fn reroute(&mut self, link: LinkHandle) -> Option<(Eviction, Route)> {

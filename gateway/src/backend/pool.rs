@@ -218,6 +218,7 @@ async fn supervise(
                     version = hs.version,
                     flow = hs.caps.flow,
                     moves = hs.caps.moves,
+                    fleet = hs.caps.fleet,
                     backend_window = hs.caps.backend_window,
                     "link up"
                 );

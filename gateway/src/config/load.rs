@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use figment::providers::{Env, Format, Serialized, Toml};
 use figment::{Figment, Provider};
@@ -284,6 +285,40 @@ impl Config {
                 "backend.reconnect_max",
                 "must be at least backend.reconnect_min",
             ));
+        }
+        if !self.shutdown.close_spread.is_zero()
+            && self.shutdown.close_spread >= self.shutdown.drain_timeout
+        {
+            return Err(invalid(
+                "shutdown.close_spread",
+                "must be shorter than shutdown.drain_timeout",
+            ));
+        }
+        if self.fleet.redis_url.is_some() {
+            let f = &self.fleet;
+            if f.handover_timeout.is_zero() || f.handover_timeout > Duration::from_secs(60) {
+                return Err(invalid(
+                    "fleet.handover_timeout",
+                    "must be greater than zero and at most 60s",
+                ));
+            }
+            if f.directory_ttl < Duration::from_secs(3)
+                || f.directory_ttl > Duration::from_secs(86_400)
+            {
+                return Err(invalid("fleet.directory_ttl", "must be between 3s and 24h"));
+            }
+            if f.key_prefix.is_empty() || f.key_prefix.contains(char::is_whitespace) {
+                return Err(invalid(
+                    "fleet.key_prefix",
+                    "must be non-empty, without spaces",
+                ));
+            }
+            if !self.resume.enabled {
+                return Err(invalid(
+                    "fleet.redis_url",
+                    "a fleet shares resumable sessions: resume.enabled must be true",
+                ));
+            }
         }
         if let Some(h) = self
             .session

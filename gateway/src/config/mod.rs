@@ -42,6 +42,8 @@ pub struct Config {
     pub resume: ResumeConfig,
     /// Graceful shutdown.
     pub shutdown: ShutdownConfig,
+    /// Several instances sharing resumable sessions through Redis.
+    pub fleet: FleetConfig,
     /// Logging.
     pub log: LogConfig,
 }
@@ -235,6 +237,46 @@ pub struct ShutdownConfig {
     /// gateway exits anyway.
     #[serde(with = "humantime_serde")]
     pub drain_timeout: Duration,
+    /// After SIGTERM/SIGINT, sessions are closed (or, in a fleet, handed
+    /// over) one by one at random moments spread over this long, so that
+    /// their clients do not all reconnect at once. Must be below
+    /// `drain_timeout`.
+    #[serde(with = "humantime_serde")]
+    pub close_spread: Duration,
+}
+
+/// Several gateway instances behind a load balancer, sharing resumable
+/// sessions: a resume may reach any instance, which takes the session
+/// over from the one that holds it. Off unless `redis_url` is set.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FleetConfig {
+    /// The Redis (or Valkey) holding the session directory, e.g.
+    /// `redis://10.0.0.5:6379/0` (`rediss://` for TLS). Unset: no fleet.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis_url: Option<String>,
+    /// Prefix of every Redis key and channel, so that fleets can share a
+    /// Redis.
+    pub key_prefix: String,
+    /// How long a resume waits for another instance to hand its session
+    /// over (and for Redis to answer).
+    #[serde(with = "humantime_serde")]
+    pub handover_timeout: Duration,
+    /// How long a session's directory entry outlives an instance that
+    /// stopped refreshing it (a crash); refreshed every third of it.
+    #[serde(with = "humantime_serde")]
+    pub directory_ttl: Duration,
+}
+
+impl Default for FleetConfig {
+    fn default() -> Self {
+        Self {
+            redis_url: None,
+            key_prefix: "wsgw".to_owned(),
+            handover_timeout: Duration::from_secs(3),
+            directory_ttl: Duration::from_secs(120),
+        }
+    }
 }
 
 /// Logging.
@@ -366,6 +408,7 @@ impl Default for ShutdownConfig {
     fn default() -> Self {
         Self {
             drain_timeout: Duration::from_secs(10),
+            close_spread: Duration::ZERO,
         }
     }
 }

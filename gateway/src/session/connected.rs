@@ -73,15 +73,27 @@ impl Session {
         // resumed connection still gets its replay first.)
         let draining = self.shared.shutdown.is_draining();
         let start = match Box::pin(self.replay(&mut conn)).await {
-            Ok(()) if draining => Err(End::clean(CloseReason::Shutdown)),
+            Ok(()) if draining => Err(End::clean(self.drain_reason())),
             other => other,
         };
+        // On drain, the session closes (or hands off) at its own moment
+        // within `shutdown.close_spread`, serving its client until then.
+        let mut listen = Listen::ALL;
+        let mut drain_at = pin!(tokio::time::sleep(Duration::ZERO));
         let end = match start {
             Err(end) => end,
             Ok(()) => loop {
                 let step = tokio::select! {
                     biased;
-                    s = self.signals.next(Listen::ALL) => self.on_signal(&mut conn, s).await,
+                    s = self.signals.next(listen) => match s {
+                        Signal::Drain => {
+                            listen.drain = false;
+                            drain_at.as_mut().reset(self.drain_moment());
+                            Step::Continue(())
+                        }
+                        s => self.on_signal(&mut conn, s).await,
+                    },
+                    () = &mut drain_at, if !listen.drain => Step::Break(End::clean(self.drain_reason())),
                     msg = self.queue.recv() => self.on_backend(&mut conn, msg).await,
                     r = upstream::send_pending(&self.link, &mut self.pending, self.upstream.as_mut()),
                         if self.pending.is_some() => self.on_link_room(r),
@@ -169,7 +181,7 @@ impl Session {
             Signal::Evicted(Gone::BackendClosed | Gone::LinkLost) => {
                 Step::Break(Box::pin(self.deliver_queued(conn)).await)
             }
-            Signal::Drain => Step::Break(End::clean(CloseReason::Shutdown)),
+            Signal::Drain => Step::Break(End::clean(self.drain_reason())),
             // Single use per attach: the newer connection wins.
             Signal::Attach(req) => match stale(req, self.token(), self.delivered()) {
                 Some(req) => Step::Break(End::clean(CloseReason::TakenOver).taken_over(req)),
@@ -311,6 +323,30 @@ impl Session {
     /// Backend messages delivered to the client so far, if resumable.
     pub(super) fn delivered(&self) -> Option<u64> {
         self.resumable.as_ref().map(|r| r.ring.next_seq())
+    }
+
+    /// How the session ends its connection when the gateway drains: handed
+    /// off (the client resumes at once, on another instance of the fleet)
+    /// when it can be, else closed with 1001.
+    pub(super) fn drain_reason(&self) -> CloseReason {
+        if self.can_hand_over() {
+            CloseReason::HandOff
+        } else {
+            CloseReason::Shutdown
+        }
+    }
+
+    /// This session's moment to close on drain: uniformly random within
+    /// `shutdown.close_spread` from now, so that clients do not all come
+    /// back at once.
+    fn drain_moment(&self) -> Instant {
+        let spread = self.shared.session.close_spread;
+        let offset = if spread.is_zero() {
+            Duration::ZERO
+        } else {
+            spread.mul_f64(rand::random::<f64>())
+        };
+        Instant::now() + offset
     }
 
     /// The session's current resume credential, if it is resumable.

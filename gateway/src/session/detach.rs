@@ -14,7 +14,7 @@ use super::{Io, Session};
 use crate::backend::{Gone, ToClient, ADVISORY_SEND_DEADLINE, QUEUED_OVERHEAD};
 use crate::close::CloseReason;
 use crate::refusal::ResumeRefusal;
-use crate::resume::{AttachRequest, Attached};
+use crate::resume::{AttachRequest, AttachTo, Attached};
 
 impl Session {
     /// The session's final reason once its route on the link is gone and
@@ -105,13 +105,19 @@ impl Session {
         let detached_from = self.resumable.as_ref().map_or(0, |r| r.ring.next_seq());
         // What arrived while detached, as the client queue counts it.
         let mut held = 0;
+        let mut listen = Listen::ALL;
         loop {
+            // Draining: a session another instance can take over waits for
+            // it (until the drain's deadline); any other ends.
             if self.shared.shutdown.is_draining() {
-                return Err(CloseReason::Shutdown);
+                if !self.can_hand_over() {
+                    return Err(CloseReason::Shutdown);
+                }
+                listen.drain = false;
             }
             tokio::select! {
                 biased;
-                s = self.signals.next(Listen::ALL) => match s {
+                s = self.signals.next(listen) => match s {
                     // Not a slow client: more arrived at once than the
                     // client queue holds while nobody can read.
                     Signal::Evicted(Gone::SlowConsumer) => {
@@ -136,7 +142,8 @@ impl Session {
                     }
                     // Its close is in the queue, right behind its data.
                     Signal::Evicted(Gone::BackendClosed) => {}
-                    Signal::Drain => return Err(CloseReason::Shutdown),
+                    // Looked at on the next turn.
+                    Signal::Drain => {}
                     Signal::Attach(req) => {
                         if let Some(req) = stale(req, self.token(), self.delivered()) {
                             // A client message accepted before the loss goes
@@ -244,13 +251,24 @@ impl Session {
         let Some(req) = stale(req, self.token(), self.delivered()) else {
             return Err(Ok(CloseReason::ClientLost));
         };
+        let (upgrade, peer, reply) = match req.to {
+            AttachTo::Here {
+                upgrade,
+                peer,
+                reply,
+            } => (upgrade, peer, reply),
+            // The client resumed on another instance of the fleet.
+            AttachTo::Elsewhere { reply } => {
+                return Err(Box::pin(self.hand_over(req.position, reply)).await);
+            }
+        };
         let Some(r) = self.resumable.as_mut() else {
             return Err(Err(CloseReason::ResumeLost("not resumable")));
         };
         let missed = match r.ring.since(req.position) {
             Ok(m) => m,
             Err(refused) => {
-                let _ = req.reply.send(Err(refused));
+                let _ = reply.send(Err(refused));
                 return Err(Err(CloseReason::ResumeLost(
                     "the client resumed from a position no longer held",
                 )));
@@ -265,7 +283,7 @@ impl Session {
             .rotate(&mut r.creds, &req.token, unproven_until)
             .is_none()
         {
-            let _ = req.reply.send(Err(ResumeRefusal::Gap));
+            let _ = reply.send(Err(ResumeRefusal::Gap));
             return Err(Err(CloseReason::ResumeLost("credential vanished")));
         }
         let answer = Attached {
@@ -275,17 +293,17 @@ impl Session {
         // From here a failure is a handshake cut on the way: the client
         // never got this 101 and still holds the token it presented, which
         // stays good, so the session stays reachable.
-        if req.reply.send(Ok(answer)).is_err() {
+        if reply.send(Ok(answer)).is_err() {
             return Err(Ok(CloseReason::ClientLost));
         }
         let handoff = self.shared.resume.handoff_timeout;
-        let Ok(Ok(ws)) = tokio::time::timeout(handoff, req.upgrade).await else {
+        let Ok(Ok(ws)) = tokio::time::timeout(handoff, upgrade).await else {
             return Err(Ok(CloseReason::ClientLost));
         };
         let replayed = missed.len() as u64;
         self.shared.metrics.resume_succeeded(replayed);
         if self.link.version() >= 2 {
-            let frame = Frame::attached(self.id.0, req.peer.to_string(), replayed);
+            let frame = Frame::attached(self.id.0, peer.to_string(), replayed);
             self.link.send_within(frame, ADVISORY_SEND_DEADLINE).await;
         }
         debug!(session = self.id.0, replayed, "session resumed");

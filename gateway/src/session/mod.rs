@@ -39,9 +39,11 @@ mod connected;
 mod connection;
 mod deliver;
 mod detach;
+mod handover;
 mod signals;
 mod upstream;
 
+pub(crate) use handover::{run_imported, Import};
 use signals::Signals;
 use upstream::Upstream;
 
@@ -183,11 +185,16 @@ pub(crate) async fn run(ws: WebSocket<Io>, start: SessionStart, shared: Arc<Shar
 
 impl Session {
     /// Serves client connections until the session ends; returns why.
-    async fn serve(&mut self, mut ws: WebSocket<Io>) -> CloseReason {
+    async fn serve(&mut self, ws: WebSocket<Io>) -> CloseReason {
+        let end = Box::pin(self.connected(ws)).await;
+        self.serve_from(end).await
+    }
+
+    /// Serves the connections that follow `end` until the session ends.
+    async fn serve_from(&mut self, mut end: End) -> CloseReason {
         loop {
-            let end = Box::pin(self.connected(ws)).await;
             match Box::pin(self.next_connection(end)).await {
-                Ok(next) => ws = next,
+                Ok(ws) => end = Box::pin(self.connected(ws)).await,
                 Err(reason) => return reason,
             }
         }
@@ -229,10 +236,15 @@ impl Session {
     /// Tells the backend (when it should hear it), leaves the link, and
     /// records the end.
     async fn finish(self, reason: CloseReason) {
-        // A resume arriving from now on finds no session (410).
+        // A resume arriving from now on finds no session (410); one handed
+        // over is found at the instance that took it.
         if let Some(r) = &self.resumable {
             for t in r.creds.all() {
-                self.shared.resumable.remove(t);
+                if reason == CloseReason::HandedOver {
+                    self.shared.resumable.remove_local(t);
+                } else {
+                    self.shared.resumable.remove(t);
+                }
             }
         }
         // No grant may follow the close.

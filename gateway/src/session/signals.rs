@@ -101,13 +101,13 @@ pub(super) fn stale(
     delivered: Option<u64>,
 ) -> Option<AttachRequest> {
     use crate::refusal::ResumeRefusal;
-    let refusal = if req.reply.is_closed() || !token.is_some_and(|c| c.accepts(&req.token)) {
+    let refusal = if req.abandoned() || !token.is_some_and(|c| c.accepts(&req.token)) {
         ResumeRefusal::Stale
     } else if delivered.is_some_and(|d| req.position > d) {
         ResumeRefusal::BadPosition
     } else {
         return Some(req);
     };
-    let _ = req.reply.send(Err(refusal));
+    req.refuse(refusal);
     None
 }

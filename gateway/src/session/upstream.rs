@@ -14,6 +14,7 @@ use tracing::debug;
 
 use super::Session;
 use crate::backend::{Flow, Gone, LinkGone, LinkHandle, TrySend, ADVISORY_SEND_DEADLINE};
+use crate::fleet::wire;
 
 /// Why a session whose link was lost did not move.
 #[derive(Debug)]
@@ -45,6 +46,9 @@ pub(super) struct Upstream {
     /// With "move": messages sent and not acknowledged, oldest first, and
     /// the session's `open` to announce it again.
     unacked: Option<(VecDeque<Kept>, pb::SessionOpen)>,
+    /// For a session taken over from another instance of the fleet: the
+    /// `Hello.instance_id` it was opened under (the backend's key for it).
+    origin: Option<String>,
 }
 
 /// A client message kept until the backend acknowledges it: its payload in
@@ -79,6 +83,55 @@ impl Upstream {
             acked: 0,
             acked_cost: 0,
             unacked: open.filter(|_| caps.moves).map(|o| (VecDeque::new(), o)),
+            origin: None,
+        }
+    }
+
+    /// The client-to-backend side of a session taken over from another
+    /// instance, as `state` left it there, on `link` (with "fleet").
+    pub(super) fn import(flow: Arc<Flow>, link: &LinkHandle, state: &mut wire::State) -> Self {
+        let unacked = std::mem::take(&mut state.unacked)
+            .into_iter()
+            .map(|m| Kept {
+                cost: protocol::window_cost(m.payload.len()),
+                payload: m.payload,
+                text: m.text,
+            })
+            .collect();
+        Self {
+            flow,
+            backend_window: link.caps().backend_window,
+            sent_cost: state.sent_cost,
+            acked: state.acked,
+            acked_cost: state.acked_cost,
+            unacked: Some((unacked, state.open.take().unwrap_or_default())),
+            origin: Some(std::mem::take(&mut state.origin_instance_id)),
+        }
+    }
+
+    /// Writes this side's state into `state`, for another instance: the
+    /// backend's limit, what it acknowledged, what was sent and what it has
+    /// not acknowledged. `own_instance`: this instance's id, the origin of
+    /// a session opened here.
+    pub(super) fn export(&mut self, state: &mut wire::State, own_instance: &str) {
+        self.trim();
+        state.backend_limit = self.flow.limit();
+        state.acked = self.acked;
+        state.acked_cost = self.acked_cost;
+        state.sent_cost = self.sent_cost;
+        state.origin_instance_id = self
+            .origin
+            .clone()
+            .unwrap_or_else(|| own_instance.to_owned());
+        if let Some((unacked, open)) = &self.unacked {
+            state.unacked = unacked
+                .iter()
+                .map(|k| wire::Msg {
+                    payload: k.payload.clone(),
+                    text: k.text,
+                })
+                .collect();
+            state.open = Some(open.clone());
         }
     }
 
@@ -269,6 +322,17 @@ impl Session {
             tokio::task::yield_now().await;
             return Ok(None);
         };
+        self.signals.eviction = eviction;
+        self.link = link;
+        self._lease = lease;
+        self.announce(deadline).await
+    }
+
+    /// Announces the session on its link (new to it) with `resume`, waits
+    /// for the backend's answer, and resends what the backend lacks;
+    /// returns how many were resent. `Ok(None)`: the link was lost
+    /// meanwhile.
+    pub(super) async fn announce(&mut self, deadline: Instant) -> Result<Option<u64>, NotMoved> {
         let Some(up) = self.upstream.as_ref() else {
             return Err(NotMoved::LinkLost);
         };
@@ -277,10 +341,10 @@ impl Session {
         };
         let flow = up.flow.clone();
         let seen = flow.windows_seen();
-        let resume = Frame::resume(self.id.0, open.clone(), flow.received(), flow.grant());
-        self.signals.eviction = eviction;
-        self.link = link;
-        self._lease = lease;
+        let mut resume = Frame::resume(self.id.0, open.clone(), flow.received(), flow.grant());
+        if let (Some(origin), Some(Body::Resume(r))) = (&up.origin, resume.body.as_mut()) {
+            r.origin_instance_id.clone_from(origin);
+        }
         if self.link.send_pending(&mut Some(resume)).await.is_err() {
             return Ok(None);
         }

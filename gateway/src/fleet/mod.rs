@@ -1,0 +1,541 @@
+//! A fleet: several gateway instances sharing resumable sessions through
+//! Redis, so that a client's resume may reach any of them.
+//!
+//! Redis holds two things, and nothing per message:
+//! - **The session directory**: `<prefix>:t:<token>` → the `instance_id` of
+//!   the instance holding the session with that resume credential. Written
+//!   when a resumable session starts, resumes (a new token) or moves here;
+//!   deleted when it ends; each entry expires `fleet.directory_ttl` after
+//!   its holder last refreshed it (every third of that), so the entries of
+//!   a crashed instance go by themselves.
+//! - **One pub/sub channel per instance**, `<prefix>:i:<instance_id>`: an
+//!   instance whose client presents a token it does not hold looks up the
+//!   holder and publishes a request on the holder's channel; the holder
+//!   takes the session off its link and publishes the session's state (the
+//!   replay ring, the counts, the unacknowledged messages) on the asker's
+//!   channel. The asker then moves the session onto its own link with
+//!   version 3's `resume` (see `crate::session::run_imported`).
+//!
+//! Exactly one instance holds a session: the holder serves one request for
+//! it at a time and, once it has answered with the state, holds nothing.
+//! `PUBLISH` says how many subscribers received a request, so a request
+//! for a crashed holder is answered at once (no subscriber: the session is
+//! lost), not after a timeout.
+//!
+//! Redis unavailable: sessions resumed on the instance that holds them are
+//! not affected (nothing local waits for Redis: directory writes are
+//! queued and written by one task); a resume that needs another instance
+//! gets 503 with `Retry-After` after at most `fleet.handover_timeout`.
+
+pub(crate) mod wire;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use prost::Message;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::refusal::ResumeRefusal;
+use crate::resume::{AttachRequest, AttachTo, Token};
+use crate::shared::Shared;
+
+/// Directory writes queued at most; beyond, a write is dropped (counted in
+/// the log) and that session can only be resumed where it is.
+const DIRECTORY_QUEUE: usize = 65_536;
+/// Directory writes sent to Redis in one pipeline at most.
+const DIRECTORY_BATCH: usize = 512;
+/// Wait between retries of a resume whose session is in flight between
+/// instances (the directory not yet updated).
+const RETRY_PAUSE: Duration = Duration::from_millis(50);
+
+/// `[fleet]`, resolved.
+#[derive(Debug, Clone)]
+pub(crate) struct FleetSettings {
+    pub(crate) redis_url: String,
+    pub(crate) prefix: String,
+    pub(crate) handover_timeout: Duration,
+    pub(crate) directory_ttl: Duration,
+}
+
+/// One change to the session directory.
+pub(crate) enum Write {
+    /// This instance holds the session with this token.
+    Claim(String),
+    /// The token is void.
+    Forget(String),
+}
+
+/// The directory writer's queue, held by the resume registry.
+pub(crate) struct Directory {
+    tx: mpsc::Sender<Write>,
+    dropped: AtomicU64,
+}
+
+impl Directory {
+    /// Records that this instance holds the session with `token`.
+    pub(crate) fn claim(&self, token: &Token) {
+        self.send(Write::Claim(token.as_str().to_owned()));
+    }
+
+    /// Records that `token` is void (its session ended here).
+    pub(crate) fn forget(&self, token: &Token) {
+        self.send(Write::Forget(token.as_str().to_owned()));
+    }
+
+    fn send(&self, w: Write) {
+        if self.tx.try_send(w).is_err() {
+            let n = self.dropped.fetch_add(1, Ordering::Relaxed);
+            if n.is_power_of_two() {
+                warn!(
+                    dropped = n + 1,
+                    "fleet: session directory writes dropped (Redis too slow or down)"
+                );
+            }
+        }
+    }
+}
+
+/// This instance's membership of the fleet.
+///
+/// # Concurrency
+/// Shared by the upgrade handlers, sessions and its own tasks: the Redis
+/// connection is a multiplexed handle (cheap to clone), the table of
+/// resumes waiting for an answer is a mutex taken twice per handover.
+pub(crate) struct Fleet {
+    settings: FleetSettings,
+    /// This instance's `Hello.instance_id`.
+    instance: String,
+    client: redis::Client,
+    redis: ConnectionManager,
+    /// Subscribed to this instance's channel right now.
+    listening: AtomicBool,
+    /// Handover requests sent, waiting for their answer, by request id.
+    waiting: Mutex<HashMap<u64, oneshot::Sender<wire::Reply>>>,
+    next_request: AtomicU64,
+    /// Tokens of sessions handed over lately, and when: a request for one
+    /// is answered "stale" (ask the directory again) rather than "unknown".
+    moved: Mutex<HashMap<String, tokio::time::Instant>>,
+}
+
+impl Fleet {
+    /// Connects (lazily: Redis may come later) and returns the fleet and
+    /// the directory writer's queue for the resume registry. The tasks
+    /// start with [`Fleet::spawn`].
+    pub(crate) fn new(
+        settings: FleetSettings,
+        instance: String,
+    ) -> redis::RedisResult<(Arc<Self>, Directory, mpsc::Receiver<Write>)> {
+        let client = redis::Client::open(settings.redis_url.as_str())?;
+        let timeout = settings.handover_timeout;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(timeout))
+            .set_response_timeout(Some(timeout))
+            .set_max_delay(Duration::from_secs(2));
+        let redis = client.get_connection_manager_lazy(config)?;
+        let (tx, rx) = mpsc::channel(DIRECTORY_QUEUE);
+        let fleet = Arc::new(Self {
+            settings,
+            instance,
+            client,
+            redis,
+            listening: AtomicBool::new(false),
+            waiting: Mutex::default(),
+            next_request: AtomicU64::new(1),
+            moved: Mutex::default(),
+        });
+        let directory = Directory {
+            tx,
+            dropped: AtomicU64::new(0),
+        };
+        Ok((fleet, directory, rx))
+    }
+
+    /// Starts the channel listener, the directory writer and its refresh;
+    /// they run until the links stop (after the sessions are gone, so that
+    /// a draining instance keeps handing sessions over).
+    pub(crate) fn spawn(self: &Arc<Self>, shared: &Arc<Shared>, writes: mpsc::Receiver<Write>) {
+        let stop = shared.shutdown.links_stop();
+        let listen = self.clone().listen(shared.clone(), stop.clone());
+        shared.shutdown.spawn_link(listen);
+        let write = self.clone().write_directory(writes, stop.clone());
+        shared.shutdown.spawn_link(write);
+        let refresh = self.clone().refresh_directory(shared.clone(), stop);
+        shared.shutdown.spawn_link(refresh);
+    }
+
+    /// This instance's `Hello.instance_id`.
+    pub(crate) fn instance(&self) -> &str {
+        &self.instance
+    }
+
+    /// Whether requests for this instance's sessions can reach it now.
+    pub(crate) fn is_listening(&self) -> bool {
+        self.listening.load(Ordering::Acquire)
+    }
+
+    fn token_key(&self, token: &str) -> String {
+        format!("{}:t:{token}", self.settings.prefix)
+    }
+
+    fn channel(&self, instance: &str) -> String {
+        format!("{}:i:{instance}", self.settings.prefix)
+    }
+
+    /// Takes over the session holding `token` from the instance that holds
+    /// it, for a client that has received `position` of its messages.
+    pub(crate) async fn take(
+        &self,
+        token: &Token,
+        position: u64,
+    ) -> Result<wire::State, ResumeRefusal> {
+        let deadline = tokio::time::Instant::now() + self.settings.handover_timeout;
+        match tokio::time::timeout_at(deadline, self.take_by(token, position, deadline)).await {
+            Ok(answer) => answer,
+            Err(_) => Err(ResumeRefusal::FleetUnavailable),
+        }
+    }
+
+    async fn take_by(
+        &self,
+        token: &Token,
+        position: u64,
+        deadline: tokio::time::Instant,
+    ) -> Result<wire::State, ResumeRefusal> {
+        if !self.is_listening() {
+            // The answer could not reach us.
+            return Err(ResumeRefusal::FleetUnavailable);
+        }
+        let key = self.token_key(token.as_str());
+        loop {
+            let mut redis = self.redis.clone();
+            let owner: Option<String> = redis::cmd("GET")
+                .arg(&key)
+                .query_async(&mut redis)
+                .await
+                .map_err(|_| ResumeRefusal::FleetUnavailable)?;
+            let Some(owner) = owner else {
+                return Err(ResumeRefusal::Unknown);
+            };
+            let answer = if owner == self.instance {
+                // Ours by the directory, and not here: an entry left behind
+                // (the session ended as the directory was refreshed).
+                Err(ResumeRefusal::Unknown)
+            } else {
+                self.ask(&owner, token, position).await
+            };
+            match answer {
+                Ok(state) => return Ok(state),
+                // The session moved on meanwhile ("stale": its holder just
+                // handed it to a third instance) or is busy: ask again
+                // where it is now, while time remains.
+                Err(ResumeRefusal::Stale | ResumeRefusal::SessionBusy)
+                    if tokio::time::Instant::now() + RETRY_PAUSE < deadline =>
+                {
+                    tokio::time::sleep(RETRY_PAUSE).await;
+                }
+                Err(ResumeRefusal::OwnerLost) => {
+                    // Its holder is gone: so is the entry.
+                    let _: Result<(), _> =
+                        redis::cmd("DEL").arg(&key).query_async(&mut redis).await;
+                    return Err(ResumeRefusal::OwnerLost);
+                }
+                Err(why) => return Err(why),
+            }
+        }
+    }
+
+    /// One request to `owner` and its answer.
+    async fn ask(
+        &self,
+        owner: &str,
+        token: &Token,
+        position: u64,
+    ) -> Result<wire::State, ResumeRefusal> {
+        let request_id = self.next_request.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.waiting_table().insert(request_id, tx);
+        let _unwait = Unwait(self, request_id);
+        let envelope = wire::Envelope {
+            kind: Some(wire::Kind::Request(wire::Request {
+                request_id,
+                from_instance: self.instance.clone(),
+                token: token.as_str().to_owned(),
+                position,
+            })),
+        };
+        let mut redis = self.redis.clone();
+        let receivers: u64 = redis::cmd("PUBLISH")
+            .arg(self.channel(owner))
+            .arg(envelope.encode_to_vec())
+            .query_async(&mut redis)
+            .await
+            .map_err(|_| ResumeRefusal::FleetUnavailable)?;
+        if receivers == 0 {
+            return Err(ResumeRefusal::OwnerLost);
+        }
+        let reply = rx.await.map_err(|_| ResumeRefusal::FleetUnavailable)?;
+        match reply.state {
+            Some(state) => Ok(state),
+            None => Err(ResumeRefusal::from_label(&reply.refused)),
+        }
+    }
+
+    fn waiting_table(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<u64, oneshot::Sender<wire::Reply>>> {
+        self.waiting
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Serves this instance's channel: requests for its sessions, answers
+    /// to its own requests. Resubscribes after Redis comes back.
+    async fn listen(self: Arc<Self>, shared: Arc<Shared>, stop: CancellationToken) {
+        let channel = self.channel(&self.instance);
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let session = async {
+                let mut pubsub = self.client.get_async_pubsub().await?;
+                pubsub.subscribe(&channel).await?;
+                Ok::<_, redis::RedisError>(pubsub)
+            };
+            match tokio::select! {
+                () = stop.cancelled() => return,
+                s = session => s,
+            } {
+                Ok(mut pubsub) => {
+                    info!(channel, "fleet: listening for handover requests");
+                    self.listening.store(true, Ordering::Release);
+                    shared.metrics.fleet_connected(1);
+                    backoff = Duration::from_millis(100);
+                    let mut messages = pubsub.on_message();
+                    loop {
+                        let msg = tokio::select! {
+                            () = stop.cancelled() => {
+                                shared.metrics.fleet_connected(-1);
+                                return;
+                            }
+                            m = messages.next() => m,
+                        };
+                        let Some(msg) = msg else { break };
+                        self.on_message(&shared, msg.get_payload_bytes());
+                    }
+                    self.listening.store(false, Ordering::Release);
+                    shared.metrics.fleet_connected(-1);
+                    warn!("fleet: lost the Redis channel; handovers pause until it is back");
+                }
+                Err(e) => {
+                    if backoff == Duration::from_millis(100) {
+                        warn!(error = %e, "fleet: cannot subscribe to Redis; retrying");
+                    }
+                }
+            }
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
+    }
+
+    fn on_message(self: &Arc<Self>, shared: &Arc<Shared>, payload: &[u8]) {
+        let Ok(envelope) = wire::Envelope::decode(payload) else {
+            warn!("fleet: undecodable message on this instance's channel");
+            return;
+        };
+        match envelope.kind {
+            Some(wire::Kind::Reply(reply)) => {
+                if let Some(tx) = self.waiting_table().remove(&reply.request_id) {
+                    let _ = tx.send(reply);
+                }
+            }
+            Some(wire::Kind::Request(req)) => {
+                let task = self.clone().serve_request(shared.clone(), req);
+                shared.shutdown.spawn_link(task);
+            }
+            None => {}
+        }
+    }
+
+    /// Another instance asks for one of this instance's sessions.
+    async fn serve_request(self: Arc<Self>, shared: Arc<Shared>, req: wire::Request) {
+        let answer = match Token::parse(&req.token) {
+            None => Err(ResumeRefusal::Unknown),
+            Some(token) => self.hand_over(&shared, token, req.position).await,
+        };
+        let answer = match answer {
+            Err(ResumeRefusal::Unknown) if self.moved_lately(&req.token) => {
+                Err(ResumeRefusal::Stale)
+            }
+            Ok(state) => {
+                self.moved_now(&req.token);
+                Ok(state)
+            }
+            other => other,
+        };
+        let (state, refused) = match answer {
+            Ok(state) => (Some(*state), String::new()),
+            Err(why) => (None, why.label().to_owned()),
+        };
+        let label = if state.is_some() {
+            "ok"
+        } else {
+            ResumeRefusal::from_label(&refused).label()
+        };
+        shared.metrics.handover("out", label);
+        let carried = state.is_some();
+        let envelope = wire::Envelope {
+            kind: Some(wire::Kind::Reply(wire::Reply {
+                request_id: req.request_id,
+                state,
+                refused,
+            })),
+        };
+        let mut redis = self.redis.clone();
+        let sent: Result<u64, _> = redis::cmd("PUBLISH")
+            .arg(self.channel(&req.from_instance))
+            .arg(envelope.encode_to_vec())
+            .query_async(&mut redis)
+            .await;
+        if carried && !matches!(sent, Ok(n) if n > 0) {
+            warn!(
+                to = req.from_instance,
+                "fleet: a session handed over did not reach the instance that asked; it is lost"
+            );
+        }
+    }
+
+    /// Whether the session with this token was handed over lately (within
+    /// `fleet.handover_timeout`).
+    fn moved_lately(&self, token: &str) -> bool {
+        let now = tokio::time::Instant::now();
+        let mut moved = self
+            .moved
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        moved.retain(|_, until| *until > now);
+        moved.contains_key(token)
+    }
+
+    fn moved_now(&self, token: &str) {
+        let until = tokio::time::Instant::now() + self.settings.handover_timeout;
+        let mut moved = self
+            .moved
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        moved.insert(token.to_owned(), until);
+    }
+
+    /// Asks the local session holding `token` for its state.
+    async fn hand_over(
+        &self,
+        shared: &Shared,
+        token: Token,
+        position: u64,
+    ) -> Result<Box<wire::State>, ResumeRefusal> {
+        let session = shared
+            .resumable
+            .lookup(&token)
+            .ok_or(ResumeRefusal::Unknown)?;
+        let (reply, answer) = oneshot::channel();
+        let request = AttachRequest {
+            token,
+            position,
+            to: AttachTo::Elsewhere { reply },
+        };
+        let wait = self.settings.handover_timeout;
+        let asked = async {
+            session.send(request).await.ok()?;
+            answer.await.ok()
+        };
+        match tokio::time::timeout(wait, asked).await {
+            Ok(Some(answer)) => answer,
+            _ => Err(ResumeRefusal::SessionBusy),
+        }
+    }
+
+    /// Applies directory changes in order, batched into pipelines.
+    async fn write_directory(
+        self: Arc<Self>,
+        mut rx: mpsc::Receiver<Write>,
+        stop: CancellationToken,
+    ) {
+        let ttl = self.settings.directory_ttl.as_secs().max(1);
+        let mut batch = Vec::with_capacity(DIRECTORY_BATCH);
+        loop {
+            let n = tokio::select! {
+                () = stop.cancelled() => return,
+                n = rx.recv_many(&mut batch, DIRECTORY_BATCH) => n,
+            };
+            if n == 0 {
+                return;
+            }
+            let mut pipe = redis::pipe();
+            for w in batch.drain(..) {
+                match w {
+                    Write::Claim(t) => {
+                        pipe.cmd("SET")
+                            .arg(self.token_key(&t))
+                            .arg(&self.instance)
+                            .arg("EX")
+                            .arg(ttl)
+                            .ignore();
+                    }
+                    Write::Forget(t) => {
+                        pipe.cmd("DEL").arg(self.token_key(&t)).ignore();
+                    }
+                }
+            }
+            let mut redis = self.redis.clone();
+            if let Err(e) = pipe.query_async::<()>(&mut redis).await {
+                debug!(error = %e, writes = n, "fleet: session directory writes failed");
+            }
+        }
+    }
+
+    /// Refreshes the expiry of every token held here, every third of
+    /// `fleet.directory_ttl`.
+    async fn refresh_directory(self: Arc<Self>, shared: Arc<Shared>, stop: CancellationToken) {
+        let ttl = self.settings.directory_ttl;
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(ttl / 3) => {}
+            }
+            let tokens = shared.resumable.tokens();
+            for chunk in tokens.chunks(DIRECTORY_BATCH) {
+                let mut pipe = redis::pipe();
+                for t in chunk {
+                    // SET, not EXPIRE: an entry lost while Redis was down
+                    // comes back.
+                    pipe.cmd("SET")
+                        .arg(self.token_key(t.as_str()))
+                        .arg(&self.instance)
+                        .arg("EX")
+                        .arg(ttl.as_secs().max(1))
+                        .ignore();
+                }
+                let mut redis = self.redis.clone();
+                if let Err(e) = pipe.query_async::<()>(&mut redis).await {
+                    debug!(error = %e, "fleet: session directory refresh failed");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Removes a request from the waiting table however its wait ends.
+struct Unwait<'a>(&'a Fleet, u64);
+
+impl Drop for Unwait<'_> {
+    fn drop(&mut self) {
+        self.0.waiting_table().remove(&self.1);
+    }
+}
