@@ -586,6 +586,9 @@ impl<'a> Link<'a> {
                     anyhow::bail!("close for session {id}, which was never opened");
                 }
             }
+            // Late, from a link the session moved away from (a gateway
+            // instance that handed it over still flushes what it queued).
+            Body::Detached(_) | Body::Attached(_) if id != 0 && self.moved_away.contains(&id) => {}
             // Version 2: the session stays open while its client is away.
             Body::Detached(_) | Body::Attached(_) if id != 0 => {
                 if !self.sessions.contains_key(&id) {

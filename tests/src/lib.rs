@@ -383,6 +383,10 @@ pub struct GatewayOpts<'a> {
     pub certs: Option<&'a Certs>,
     pub admin: bool,
     pub framing: &'a str,
+    /// Ports of the ws and admin listeners (0: any free one). Fixed ports
+    /// let a restarted instance come back where a load balancer expects it.
+    pub ws_port: u16,
+    pub admin_port: u16,
     /// Every other setting, typed; written to a configuration file that
     /// the flags above override.
     pub config: gateway::Config,
@@ -397,6 +401,8 @@ impl<'a> GatewayOpts<'a> {
             certs: None,
             admin: true,
             framing: "varint",
+            ws_port: 0,
+            admin_port: 0,
             config: gateway::Config::default(),
         }
     }
@@ -451,7 +457,7 @@ impl Gateway {
         let mut cmd = Command::new(bin("gateway"));
         let mut expect = 0;
         if o.ws {
-            cmd.args(["--listen", "127.0.0.1:0"]);
+            cmd.arg("--listen").arg(format!("127.0.0.1:{}", o.ws_port));
             expect += 1;
         }
         if let Some(c) = o.certs {
@@ -461,7 +467,8 @@ impl Gateway {
             expect += 1;
         }
         if o.admin {
-            cmd.args(["--admin", "127.0.0.1:0"]);
+            cmd.arg("--admin")
+                .arg(format!("127.0.0.1:{}", o.admin_port));
             expect += 1;
         }
         for b in &o.backends {

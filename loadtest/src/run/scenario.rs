@@ -287,6 +287,17 @@ pub(super) async fn churn(
                     tally.lost += cont.lost() + next.saturating_sub(cont.expected);
                     return Err(End::Timeout);
                 }
+                // A fleet instance going away hands the session off: resume
+                // at once. A connection lost without a close (an instance
+                // killed, a reset) is what resume is for: resume too.
+                Err(End::Closed(RESUME_NOW)) if token.is_some() && !stopping => {
+                    tally.handoffs += 1;
+                    break false;
+                }
+                Err(End::Disconnected) if token.is_some() && !stopping => {
+                    tally.drops += 1;
+                    break false;
+                }
                 Err(e) => return Err(e),
             };
             let stamp = payload::decode(&msg, text).ok_or(End::Corrupt)?;
@@ -310,8 +321,9 @@ pub(super) async fn churn(
             );
             sh.live.messages.fetch_add(1, Ordering::Relaxed);
         };
-        debug_assert!(vanish);
-        let suspend = {
+        let suspend = if !vanish {
+            Duration::ZERO
+        } else {
             let (lo, hi) = (
                 sh.args.suspend_min,
                 sh.args.suspend_max.max(sh.args.suspend_min),
@@ -339,7 +351,7 @@ pub(super) async fn churn(
             Some(t) => ResumeAsk::Resume(t.clone(), cont.expected),
             None => ResumeAsk::No,
         };
-        let (ws, answer, resumed) = match open_resumable(i, sh, tally, true, &ask).await {
+        let (ws, answer, resumed) = match reopen(i, sh, tally, &ask).await {
             Ok((ws, answer)) => (ws, answer, matches!(ask, ResumeAsk::Resume(..))),
             // Continuity lost (said explicitly): start over in a new session.
             Err(ErrorKind::ResumeRefused) => {
@@ -375,6 +387,37 @@ pub(super) async fn churn(
             }
         }
         (r, w) = split(ws);
+    }
+}
+
+/// The gateway's "resume now" close code (a fleet instance going away).
+const RESUME_NOW: u16 = 4000;
+
+/// How long a churning client keeps retrying a reconnect that fails for
+/// any reason but 410 (503 from a draining instance or a busy fleet, a
+/// refused connection while an instance restarts).
+const RECONNECT_FOR: Duration = Duration::from_secs(30);
+
+/// Opens (resumes) a churning client's next connection, retrying with
+/// backoff what may pass (not a 410) for up to [`RECONNECT_FOR`].
+async fn reopen(
+    i: u32,
+    sh: &Shared,
+    tally: &mut Tally,
+    ask: &ResumeAsk,
+) -> Result<(Ws, Option<ResumeAnswer>), ErrorKind> {
+    let started = Instant::now();
+    let mut pause = Duration::from_millis(50);
+    loop {
+        match open_resumable(i, sh, tally, true, ask).await {
+            Err(k) if k != ErrorKind::ResumeRefused && started.elapsed() < RECONNECT_FOR => {
+                tally.retries += 1;
+                let jitter = rand::rng().random_range(0.5..=1.0);
+                tokio::time::sleep(pause.mul_f64(jitter)).await;
+                pause = (pause * 2).min(Duration::from_secs(2));
+            }
+            other => return other,
+        }
     }
 }
 

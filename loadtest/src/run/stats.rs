@@ -55,6 +55,15 @@ pub struct Tally {
     pub reordered: u64,
     /// Churn with resume: successful resumes.
     pub resumes: u64,
+    /// Churn: connections the gateway handed off with 4000 ("resume now":
+    /// a fleet instance going away), each resumed at once.
+    pub handoffs: u64,
+    /// Churn: connections lost without a close (not by the client's own
+    /// choice), each resumed.
+    pub drops: u64,
+    /// Churn: reconnect attempts that failed and were retried (503, a
+    /// refused connection).
+    pub retries: u64,
 }
 
 impl Default for Tally {
@@ -86,6 +95,9 @@ impl Tally {
             duplicated: 0,
             reordered: 0,
             resumes: 0,
+            handoffs: 0,
+            drops: 0,
+            retries: 0,
         }
     }
 
@@ -113,6 +125,9 @@ impl Tally {
         self.duplicated += other.duplicated;
         self.reordered += other.reordered;
         self.resumes += other.resumes;
+        self.handoffs += other.handoffs;
+        self.drops += other.drops;
+        self.retries += other.retries;
         for (k, v) in &other.errors {
             *self.errors.entry(*k).or_default() += v;
         }
@@ -199,6 +214,18 @@ pub struct Summary {
     pub duplicated: u64,
     /// Churn with resume: messages received after a later one.
     pub reordered: u64,
+    /// Churn: connections handed off with 4000 (a fleet instance going
+    /// away) and resumed at once.
+    pub handoffs: u64,
+    /// Churn: connections lost without a close that the client did not
+    /// choose (an instance killed), then resumed.
+    pub drops: u64,
+    /// Churn: reconnect attempts that failed (503, refused) and were
+    /// retried.
+    pub retries: u64,
+    /// Churn: resumes refused with 410 (continuity lost; a new session
+    /// started).
+    pub resumes_refused: u64,
 }
 
 impl Summary {
@@ -257,6 +284,14 @@ impl Summary {
             lost: t.lost,
             duplicated: t.duplicated,
             reordered: t.reordered,
+            handoffs: t.handoffs,
+            drops: t.drops,
+            retries: t.retries,
+            resumes_refused: t
+                .errors
+                .get(&ErrorKind::ResumeRefused)
+                .copied()
+                .unwrap_or(0),
         }
     }
 
@@ -305,6 +340,10 @@ impl Summary {
             s.push_str(&format!(
                 "continuity      lost {}  duplicated {}  reordered {}\n",
                 self.lost, self.duplicated, self.reordered
+            ));
+            s.push_str(&format!(
+                "fleet           handed off {}  dropped {}  retried {}  refused (410) {}\n",
+                self.handoffs, self.drops, self.retries, self.resumes_refused
             ));
         }
         s.push_str(&format!(
