@@ -285,3 +285,137 @@ async fn a_rolling_deploy_behind_haproxy_ends_no_session() {
         );
     }
 }
+
+/// An instance killed outright (SIGKILL): its clients' resumes reach
+/// another instance, which finds the holder gone and answers 410 at once
+/// (the holder's channel has no subscriber any more), not after a wait;
+/// the other instance's sessions go on untouched.
+#[tokio::test]
+async fn a_killed_instance_sessions_get_a_fast_410_elsewhere() {
+    let redis = Redis::start();
+    let (_backend, backend_addr) = reference_backend(&[]);
+    let mut a = instance(backend_addr, &redis);
+    let b = instance(backend_addr, &redis);
+    wait_member(&a).await;
+    wait_member(&b).await;
+    let (mut on_a, token, _) = resumable(a.ws.unwrap(), None).await.unwrap();
+    on_a.echo("one").await;
+    let (mut on_b, _, _) = resumable(b.ws.unwrap(), None).await.unwrap();
+    on_b.echo("one").await;
+
+    a.proc.signal("KILL");
+    a.proc.wait_exit(T);
+    let started = std::time::Instant::now();
+    let refused = resumable(b.ws.unwrap(), Some((&token, 1))).await.err();
+    let took = started.elapsed();
+    eprintln!("resume of a killed instance's session answered {refused:?} in {took:?}");
+    assert_eq!(
+        refused,
+        Some(410),
+        "a session whose instance died is lost, said at once"
+    );
+    assert!(
+        took < Duration::from_secs(3),
+        "answered without waiting for fleet.handover_timeout: {took:?}"
+    );
+    assert_eq!(
+        b.metric("gateway_resumes_refused_total{reason=\"owner_lost\"")
+            .await,
+        1.0
+    );
+    // Its directory entry is gone with it: asking again is as quick.
+    assert_eq!(
+        resumable(b.ws.unwrap(), Some((&token, 1))).await.err(),
+        Some(410)
+    );
+    on_b.echo("two").await;
+}
+
+/// Redis stopped: resumes on the instance holding the session work; a
+/// resume that needs another instance gets 503 with Retry-After within
+/// fleet.handover_timeout (no hang); new sessions open. Redis back (empty):
+/// the instances resubscribe and rewrite their directory entries, and a
+/// resume on another instance works again.
+#[tokio::test]
+async fn redis_down_degrades_to_local_resume_and_recovers() {
+    let mut redis = Redis::start();
+    let (_backend, backend_addr) = reference_backend(&[]);
+    let start = |redis: &Redis| {
+        let url = redis.url();
+        Gateway::start(GatewayOpts::new(backend_addr).config(|c| {
+            c.fleet.redis_url = Some(url);
+            c.fleet.handover_timeout = secs(2);
+            c.fleet.directory_ttl = secs(3);
+            c.resume.grace = secs(60);
+        }))
+    };
+    let a = start(&redis);
+    let b = start(&redis);
+    wait_member(&a).await;
+    wait_member(&b).await;
+    let (mut c, token, _) = resumable(a.ws.unwrap(), None).await.unwrap();
+    c.echo("one").await;
+    drop(c);
+    a.wait_metric("gateway_sessions_detached", |v| v == 1.0, T)
+        .await;
+
+    redis.stop();
+    // Elsewhere: 503, soon, with Retry-After.
+    let started = std::time::Instant::now();
+    let (status, retry_after) = raw_resume(b.ws.unwrap(), &token, 1).await;
+    let took = started.elapsed();
+    eprintln!("cross-instance resume with Redis down: {status} in {took:?}");
+    assert_eq!(status, 503);
+    assert_eq!(retry_after.as_deref(), Some("1"));
+    assert!(
+        took < Duration::from_secs(5),
+        "bounded by handover_timeout: {took:?}"
+    );
+    // On the instance holding it: resumed as ever.
+    let (mut c, token, _) = resumable(a.ws.unwrap(), Some((&token, 1))).await.unwrap();
+    c.echo("two").await;
+    // New sessions open on either.
+    let (mut fresh, _, _) = resumable(b.ws.unwrap(), None).await.unwrap();
+    fresh.echo("new").await;
+    drop(c);
+    a.wait_metric("gateway_sessions_detached", |v| v == 1.0, T)
+        .await;
+
+    // Redis back, empty: resubscribed, directory rewritten within a third
+    // of directory_ttl; then the session moves to B.
+    redis.restart();
+    wait_member(&a).await;
+    wait_member(&b).await;
+    tokio::time::sleep(secs(2)).await;
+    let (mut c, _, confirmed) = resumable(b.ws.unwrap(), Some((&token, 2))).await.unwrap();
+    assert_eq!(confirmed, 2);
+    c.echo("three").await;
+}
+
+/// A resume's raw HTTP answer: its status and `Retry-After`.
+async fn raw_resume(addr: SocketAddr, token: &str, received: u64) -> (u16, Option<String>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let req = format!(
+        "GET /ws HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+         X-Wsgw-Resume: {token}\r\nX-Wsgw-Received: {received}\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(T, s.read_to_end(&mut buf)).await;
+    let text = String::from_utf8_lossy(&buf);
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let retry_after = text
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("retry-after: ")
+                .or_else(|| l.strip_prefix("Retry-After: "))
+        })
+        .map(str::to_owned);
+    (status, retry_after)
+}
