@@ -34,7 +34,9 @@
 //! flags), `settings.rs` (the typed settings made from it once),
 //! `shutdown.rs` (every spawned task, and the order they stop in),
 //! `shared.rs` (what the stages share), `resume.rs` (credentials and the
-//! replay ring), `metrics.rs` and `admin.rs`.
+//! replay ring), `fleet/` (several instances sharing resumable sessions
+//! through Redis; the session side is `session/handover.rs`),
+//! `metrics.rs` and `admin.rs`.
 #![warn(missing_docs)]
 
 mod admin;
