@@ -122,6 +122,16 @@ pub fn reference_backend(args: &[&str]) -> (Proc, SocketAddr) {
     Proc::spawn_server(cmd)
 }
 
+/// The independent Python backend (tests/interop/backend.py, written from
+/// protocol/README.md only) on a free port, with `args`.
+pub fn python_backend(args: &[&str]) -> (Proc, SocketAddr) {
+    let mut cmd = Command::new(python());
+    cmd.arg(repo_root().join("tests/interop/backend.py"))
+        .args(["--listen", "127.0.0.1:0"])
+        .args(args);
+    Proc::spawn_server(cmd)
+}
+
 pub async fn python_backend_stats(gw: &Gateway) -> serde_json::Value {
     use client::{Client, Connect, Msg};
     let mut c = Client::connect(gw.ws.unwrap(), "/ws", &Connect::default()).await;

@@ -25,12 +25,7 @@ fn python_backend_framed(framing: &str) -> (Proc, std::net::SocketAddr) {
 }
 
 fn python_backend_with(args: &[&str]) -> (Proc, std::net::SocketAddr) {
-    let mut cmd = Command::new(python());
-    cmd.arg(repo_root().join("tests/interop/backend.py"))
-        .args(["--listen", "127.0.0.1:0"])
-        .args(args);
-    let (proc, addr) = Proc::spawn_server(cmd);
-    (proc, addr)
+    gateway_tests::python_backend(args)
 }
 
 /// A gateway with two links to a fresh Python backend, and two clients,

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use gateway_tests::client::{resumable, Msg};
 use gateway_tests::fleet::{free_port, Haproxy, Redis};
-use gateway_tests::{reference_backend, secs, Gateway, GatewayOpts};
+use gateway_tests::{python_backend, reference_backend, secs, Gateway, GatewayOpts};
 
 const T: Duration = Duration::from_secs(10);
 
@@ -243,6 +243,18 @@ fn summary(child: std::process::Child) -> serde_json::Value {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_rolling_deploy_behind_haproxy_ends_no_session() {
     let (backend_proc, backend) = reference_backend(&[]);
+    rolling_deploy(backend_proc, backend).await;
+}
+
+/// The same rolling deploy in front of the independent Python backend,
+/// written from protocol/README.md only (its `fleet` capability included).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rolling_deploy_with_the_independent_python_backend_ends_no_session() {
+    let (backend_proc, backend) = python_backend(&[]);
+    rolling_deploy(backend_proc, backend).await;
+}
+
+async fn rolling_deploy(backend_proc: gateway_tests::Proc, backend: SocketAddr) {
     let mut fleet = Fleet::start(backend, Redis::start(), 3).await;
     let run = churn(&fleet.url(), 300, secs(40));
     tokio::time::sleep(secs(6)).await;
