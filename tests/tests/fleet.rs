@@ -431,3 +431,67 @@ async fn raw_resume(addr: SocketAddr, token: &str, received: u64) -> (u16, Optio
         .map(str::to_owned);
     (status, retry_after)
 }
+
+/// Two resumes of one session race on two other instances: exactly one
+/// connection ends up holding the session (its echo works); the other is
+/// told, as on one instance: closed with 1008 "session resumed on another
+/// connection" if it got its 101 first, or refused.
+#[tokio::test]
+async fn two_racing_resumes_on_two_instances_leave_exactly_one_holder() {
+    let redis = Redis::start();
+    let (_backend, backend_addr) = reference_backend(&[]);
+    let a = instance(backend_addr, &redis);
+    let b = instance(backend_addr, &redis);
+    let c = instance(backend_addr, &redis);
+    for gw in [&a, &b, &c] {
+        wait_member(gw).await;
+    }
+    for round in 0..5 {
+        let (mut s, token, _) = resumable(a.ws.unwrap(), None).await.unwrap();
+        s.echo("hello").await;
+        drop(s);
+        a.wait_metric("gateway_sessions_detached", |v| v == 1.0, T)
+            .await;
+        let (on_b, on_c) = tokio::join!(
+            resumable(b.ws.unwrap(), Some((&token, 1))),
+            resumable(c.ws.unwrap(), Some((&token, 1)))
+        );
+        let mut holders = 0;
+        for (name, r) in [("B", on_b), ("C", on_c)] {
+            match r {
+                Ok((mut cl, _, confirmed)) => {
+                    assert_eq!(confirmed, 1);
+                    cl.send_text("who holds it").await;
+                    match cl.recv_within(T).await {
+                        Some(Msg::Text(t)) => {
+                            assert_eq!(t, "who holds it");
+                            holders += 1;
+                        }
+                        Some(Msg::Close(code, reason)) => {
+                            assert_eq!(code, 1008, "{name}: {reason}");
+                        }
+                        other => panic!("round {round}, {name}: {other:?}"),
+                    }
+                }
+                Err(status) => assert!(
+                    status == 410 || status == 503,
+                    "round {round}, {name}: refused with {status}"
+                ),
+            }
+        }
+        assert_eq!(holders, 1, "round {round}: exactly one holder");
+        // One session per round, across the fleet: none was duplicated.
+        let started = std::time::Instant::now();
+        loop {
+            let mut open = 0.0;
+            for gw in [&a, &b, &c] {
+                open += gw.metric("gateway_sessions_open").await;
+            }
+            if open == f64::from(round + 1) {
+                break;
+            }
+            assert!(started.elapsed() < T, "round {round}: {open} sessions open");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
