@@ -17,10 +17,12 @@ It implements the README's "Checklist for a backend implementation":
   3. answer every ``heartbeat{ack: false}`` with ``heartbeat{same nonce,
      ack: true}`` (and send its own heartbeat every ``--heartbeat`` seconds);
   4. keep a table of open sessions (shared by all links, keyed by
-     (instance_id, session_id); each session is on one link at a time);
+     (instance_id, session_id), where instance_id is that of the gateway
+     instance that opened the session; each session is on one link at a
+     time);
   5. send ``data`` only for open sessions;
   6. ignore frames for sessions it closed itself; skip unknown fields;
-  7. version 3, capabilities ``flow`` and ``move`` (below).
+  7. version 3, capabilities ``flow``, ``move`` and ``fleet`` (below).
 
 Version 2 adds two gateway -> backend frame kinds, ``detached`` (the client's
 connection was lost and the session waits ``grace_ms`` for a resume) and
@@ -33,7 +35,7 @@ are treated like any other session frame (ignored if they crossed our own
 ``close``, a violation otherwise).
 
 Version 3 (chosen when offered, unless ``--max-version 2``) adopts the
-capabilities of ``--caps`` (default ``flow,move``; ``none`` adopts none and
+capabilities of ``--caps`` (default ``flow,move,fleet``; ``none`` adopts none and
 the link behaves as version 2) that the gateway offers, and grants
 ``--window`` bytes per session (0, the default: the gateway's own window).
 
@@ -60,6 +62,14 @@ the link behaves as version 2) that the gateway offers, and grants
   gets ``close{1012}`` (or the code we closed it with). Checked: resume only
   with move, never for a session open on that very link or closed by the
   gateway, and its ``open`` equals the original.
+* ``fleet`` (adopted only with ``move``): a session is keyed by the
+  instance that opened it, ``resume.origin_instance_id`` when set, else the
+  ``hello.instance_id`` of the link that opened it, and keeps that key
+  wherever it moves, so a resume on a link of another gateway instance finds
+  it. A session still open on an up link (another instance handed it over)
+  moves exactly as above. Without fleet a resume is keyed by its link's
+  instance, as by a backend that ignores the field: one naming another
+  origin (which the README says never comes) finds nothing and gets close.
 * ``--reset-links-every SECONDS`` aborts every link with a TCP RST (SO_LINGER
   0) that often, to test moves from the backend's side.
 
@@ -100,9 +110,9 @@ Behaviour per session:
                                ``windows_received``, ``stalls``,
                                ``max_held_bytes``, ``max_unacked_bytes``,
                                ``resumes_answered``, ``resumes_refused``,
-                               ``frames_resent``, ``sessions_kept``,
-                               ``sessions_expired``, ``links_reset``, and the
-                               last 100 ``events``)
+                               ``frames_resent``, ``fleet_moves``,
+                               ``sessions_kept``, ``sessions_expired``,
+                               ``links_reset``, and the last 100 ``events``)
   ``cmd:session``              reply (text) with this session's counters (JSON)
   ``cmd:big:N``                send one binary message of N bytes (``x`` * N)
   ``cmd:badutf8``              send a text ``data`` whose payload is not UTF-8
@@ -147,6 +157,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
+import io
 import itertools
 import json
 import signal
@@ -159,11 +171,12 @@ from dataclasses import dataclass, field
 # Protocol versions this backend speaks; the handshake picks the highest one
 # the gateway offers (at most --max-version). Version 2 adds the gateway ->
 # backend frame kinds in V2_KINDS; version 1 has only the original six.
-# Version 3 adds capabilities, each with its frame kind: "flow" (`window`,
-# either direction) and "move" (`resume`, gateway -> backend).
+# Version 3 adds capabilities, each with its frame kind or field: "flow"
+# (`window`, either direction), "move" (`resume`, gateway -> backend) and
+# "fleet" (`resume.origin_instance_id`).
 SUPPORTED_VERSIONS = (1, 2, 3)
 V2_KINDS = frozenset({"detached", "attached"})
-CAPABILITIES = ("flow", "move")
+CAPABILITIES = ("flow", "move", "fleet")
 COST_OVERHEAD = 64  # a data frame costs its payload length plus this (v3)
 DEFAULT_MAX_FRAME = 1_052_672  # 1 MiB + 4 KiB, the README's default
 BACKEND_ID = "tests/interop/backend.py"
@@ -605,14 +618,18 @@ class Window:
 @dataclass
 class SessionResume:
     """Gateway -> backend, version 3 with "move": the session, opened on a
-    link that was lost, continues on this one."""
+    link that was lost, continues on this one. With "fleet",
+    ``origin_instance_id`` names the gateway instance that opened it when
+    that is not this link's (empty: this link's)."""
     open: SessionOpen = field(default_factory=SessionOpen)
     received: int = 0
     limit: int = 0
+    origin_instance_id: str = ""
 
     def encode(self) -> bytes:
         return (enc_bytes(1, self.open.encode(), always=True)
-                + enc_uint(2, self.received) + enc_uint(3, self.limit))
+                + enc_uint(2, self.received) + enc_uint(3, self.limit)
+                + enc_str(4, self.origin_instance_id))
 
     @classmethod
     def decode(cls, buf: bytes) -> "SessionResume":
@@ -625,6 +642,9 @@ class SessionResume:
                 _want(fno, wt, WT_VARINT, "SessionResume"); m.received = v
             elif fno == 3:
                 _want(fno, wt, WT_VARINT, "SessionResume"); m.limit = v
+            elif fno == 4:
+                _want(fno, wt, WT_LEN, "SessionResume")
+                m.origin_instance_id = _utf8(v, "SessionResume.origin_instance_id")
         m.open = SessionOpen.decode(open_raw)
         return m
 
@@ -892,8 +912,9 @@ class SessionGone(Exception):
 
 class Session:
     """One session, in the backend's table shared by all links (keyed by
-    (instance_id, session_id)). It lives on one link at a time; with "move"
-    it outlives that link for hello.move_timeout_ms.
+    (instance_id of the gateway instance that opened it, session_id)). It
+    lives on one link at a time; with "move" it outlives that link for
+    hello.move_timeout_ms.
 
     Its handler (``run``) takes the gateway's messages in order from
     ``inbox`` and consumes each one once its answer (the echo, or a
@@ -1132,8 +1153,9 @@ class Backend:
         self.links_total = 0
         self.violations = 0
         # The session table, shared by all links: (instance_id, session_id)
-        # -> Session (instance_id is replaced by "link N" for a gateway that
-        # sends none).
+        # -> Session, instance_id being the opening instance's (fleet: kept
+        # when the session moves to another instance; "link N" for a gateway
+        # that sends none).
         self.sessions: dict[tuple, Session] = {}
         # Sessions we closed, with our code and reason (answered again to a
         # resume), and sessions the gateway closed; the most recent 100,000.
@@ -1156,6 +1178,7 @@ class Backend:
         self.resumes_answered = 0   # resume answered with window (session moved)
         self.resumes_refused = 0    # resume answered with close
         self.frames_resent = 0
+        self.fleet_moves = 0        # resumes answered on a link not of the session's origin (fleet)
         self.sessions_kept = 0      # sessions kept when their link was lost (move)
         self.sessions_expired = 0   # ... and forgotten after move_timeout_ms
         self.links_reset = 0        # --reset-links-every
@@ -1199,6 +1222,7 @@ class Backend:
             "resumes_answered": self.resumes_answered,
             "resumes_refused": self.resumes_refused,
             "frames_resent": self.frames_resent,
+            "fleet_moves": self.fleet_moves,
             "sessions_kept": self.sessions_kept,
             "sessions_expired": self.sessions_expired,
             "links_reset": self.links_reset,
@@ -1302,6 +1326,7 @@ class Link:
         self.caps: tuple[str, ...] = ()  # the capabilities we adopted
         self.flow = False
         self.move = False
+        self.fleet = False
         self.recv_window = 0  # what we grant each session at its start (flow)
         self.poisoned = False  # a protocol violation ended (or will end) it
         self.reset_by_us = False
@@ -1485,9 +1510,13 @@ class Link:
             caps = tuple(c for c in self.b.caps if c in h.capabilities)
             if "move" in caps and "flow" not in caps:
                 self.log("adopting move without flow: the gateway must refuse this handshake")
+            if "fleet" in caps and "move" not in caps:
+                # "Adopt it only with move" (README, fleet)
+                caps = tuple(c for c in caps if c != "fleet")
             self.caps = caps
             self.flow = "flow" in caps
             self.move = self.flow and "move" in caps
+            self.fleet = self.move and "fleet" in caps
             ack.capabilities = list(caps)
             if self.flow:
                 ack.session_window = self.b.window
@@ -1513,6 +1542,10 @@ class Link:
                 # The backend could never send a maximal message.
                 raise self.violation(f"hello.session_window {h.session_window} is below "
                                      f"max_message_size + 64 ({h.max_message_size + 64})")
+        if "fleet" in offered and "move" not in offered:
+            # The README says fleet needs move but not that offering it
+            # alone is wrong: not a violation, and we do not adopt it.
+            self.log(f"hello offers fleet without move: {offered}")
         if "move" in offered:
             if h.move_timeout_ms == 0:
                 raise self.violation("hello offers move with move_timeout_ms 0")
@@ -1643,8 +1676,12 @@ class Link:
         """README, "Sessions that outlive their link": move the session here,
         answer window{limit, received} first, then resend our data from
         resume.received + 1; or answer close for a session we do not know."""
-        key = (self.instance, sid)
+        key = self.resume_key(sid, body)
         if sid in self.sessions:
+            if self.sessions[sid].key != key:
+                raise self.violation(f"resume for session {key}, while session "
+                                     f"{self.sessions[sid].key} with the same id is open "
+                                     f"on this link (frames cannot tell them apart)")
             raise self.violation(f"resume for session {sid}, which is open on this very link")
         if sid in self.closed_by_us:
             raise self.violation(f"resume for session {sid} twice on this link")
@@ -1673,6 +1710,7 @@ class Link:
         old = sess.link
         if old is not None:
             # the gateway gave that link up, even if it still looks up to us
+            # (with fleet: another instance's link, up, that handed it over)
             old.sessions.pop(sid, None)
             old.moved_away.add(sid)
         if sess.expiry:
@@ -1680,6 +1718,11 @@ class Link:
             sess.expiry = None
         sess.link = self
         self.sessions[sid] = sess
+        # A fleet session may come back to a link it left, still up: what
+        # arrives there from now on (after this resume) is its own again.
+        self.moved_away.discard(sid)
+        if key[0] != self.instance:
+            self.b.fleet_moves += 1
         self.send_window(sess)
         for _, _, data in resend:
             self.send_nowait(Frame(sid, "data", data))
@@ -1692,6 +1735,20 @@ class Link:
                      f"the gateway had {body.received} of our {sess.flow.sent_count} data, "
                      f"we have {sess.flow.recv_count} of its; resent {len(resend)}")
         sess.wake.set()
+
+    def resume_key(self, sid: int, body: SessionResume) -> tuple:
+        """The session a ``resume`` names (README, "fleet"): (its origin
+        instance if set, else this link's instance, session id)."""
+        origin = body.origin_instance_id
+        if not origin:
+            return (self.instance, sid)
+        if not self.fleet:
+            # The README says this never happens; a backend that does not
+            # know the field keys by this link's instance (and answers close).
+            self.log(f"resume for session {sid} names origin instance {origin!r} on a link "
+                     f"without fleet: ignoring the field, as a backend without fleet would")
+            return (self.instance, sid)
+        return (origin, sid)
 
     async def violate(self, sid: int, kind: str) -> None:
         """Deliberately break the protocol (the gateway must close the link);
@@ -1759,7 +1816,8 @@ def parse_caps(s: str) -> tuple[str, ...]:
     caps = tuple(c.strip() for c in s.split(",") if c.strip())
     for c in caps:
         if c not in CAPABILITIES:
-            raise argparse.ArgumentTypeError(f"unknown capability {c!r} (known: flow, move, none)")
+            raise argparse.ArgumentTypeError(
+                f"unknown capability {c!r} (known: {', '.join(CAPABILITIES)}, none)")
     return caps
 
 
@@ -1925,6 +1983,14 @@ def self_test() -> int:
         assert v == 0 and "no common version" in err, (lo, hi, v, err)
 
     self_test_v3(h)
+    # The links log as they would in service; shown only if the test fails.
+    logged = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(logged):
+            asyncio.run(self_test_fleet(h))
+    except BaseException:
+        sys.stderr.write(logged.getvalue())
+        raise
     print("self-test OK")
     return 0
 
@@ -2033,6 +2099,113 @@ def self_test_v3(h) -> None:
     assert mv.on_resume(10, 40_000) == []  # another move later: nothing left
 
 
+class _TestWriter:
+    """The self-test's stand-in for a link's StreamWriter: it keeps what is
+    written (varint framing) for ``frames`` to decode."""
+
+    def __init__(self) -> None:
+        self.out = bytearray()
+        self.transport = self
+        self.closed = False
+
+    def get_extra_info(self, name: str):
+        return None
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def write(self, raw: bytes) -> None:
+        self.out += raw
+
+    async def drain(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closed = True
+
+    def frames(self) -> list:
+        """The frames written since the last call."""
+        out, pos = [], 0
+        while pos < len(self.out):
+            n, pos = decode_varint(bytes(self.out), pos)
+            out.append(Frame.decode(bytes(self.out[pos:pos + n])))
+            pos += n
+        self.out.clear()
+        return out
+
+
+async def self_test_fleet(h) -> None:
+    """fleet: a session is keyed by the instance that opened it, whatever
+    link of whatever instance it is resumed on (README, "Sessions that move
+    between gateway instances")."""
+    # SessionResume.origin_instance_id is field 4, a string
+    f = Frame(5, "resume", SessionResume(SessionOpen(), 0, 0, "ab"))
+    assert f.encode() == h("08 05 5a 06 0a 00 22 02 61 62"), f.encode().hex(" ")
+    assert Frame.decode(f.encode()) == f
+
+    b = Backend("varint", DEFAULT_MAX_FRAME, 0, False)
+    window = 1 << 20
+
+    async def link(instance: str, offered: list) -> Link:
+        l = Link(b, next(b._link_ids), asyncio.StreamReader(), _TestWriter())
+        await l.on_first(Frame(0, "hello", Hello(
+            min_version=1, max_version=3, gateway_id="gw", instance_id=instance,
+            max_message_size=1000, capabilities=offered, session_window=window,
+            move_timeout_ms=10_000)))
+        return l
+
+    async def settle(l: Link) -> list:
+        """Let the session handlers run; the frames they wrote on ``l``."""
+        for _ in range(10):
+            await asyncio.sleep(0)
+        return l.writer.frames()
+
+    def echo(payload: bytes) -> Frame:
+        return Frame(5, "data", Data(payload))
+
+    A, B = "a" * 32, "b" * 32
+    all_caps = ["flow", "move", "fleet"]
+    a, b1 = await link(A, all_caps), await link(B, all_caps)
+    for l in (a, b1):
+        assert l.fleet and l.writer.frames()[0].body.capabilities == all_caps
+    op = SessionOpen("1.2.3.4:5", "/ws")
+    a.on_frame(Frame(5, "open", op))
+    a.on_frame(echo(b"one"))
+    assert await settle(a) == [echo(b"one")]
+
+    # Instance B takes session 5 over while A's link is still up. The key is
+    # (A, 5) although b1's instance is B; the gateway had none of our data,
+    # so the echo is resent after the window.
+    b1.on_frame(Frame(5, "resume", SessionResume(op, 0, window, A)))
+    assert b1.writer.frames() == [Frame(5, "window", Window(window, 1)), echo(b"one")]
+    sess = b.sessions[(A, 5)]
+    assert sess.link is b1 and list(b.sessions) == [(A, 5)] and b.fleet_moves == 1
+    a.on_frame(echo(b"late"))  # A sent it before handing over: ignored
+    b1.on_frame(echo(b"two"))
+    assert await settle(a) == [] and await settle(b1) == [echo(b"two")]
+    assert sess.flow.recv_count == 2
+
+    # Back to A, its link still up: resumed without origin_instance_id (it is
+    # that link's own instance); frames there belong to the session again.
+    a.on_frame(Frame(5, "resume", SessionResume(op, 2, window)))
+    assert a.writer.frames() == [Frame(5, "window", Window(window, 2))]
+    assert sess.link is a and b.fleet_moves == 1
+    b1.on_frame(echo(b"late"))
+    a.on_frame(echo(b"three"))
+    assert await settle(b1) == [] and await settle(a) == [echo(b"three")]
+
+    # Without fleet adopted (not offered, or not in --caps), a resume naming
+    # another origin is keyed by its link's instance: unknown, so close.
+    for offered, caps in ((["flow", "move"], CAPABILITIES), (all_caps, ("flow", "move"))):
+        b.caps = caps
+        c = await link(B, offered)
+        assert not c.fleet and c.writer.frames()[0].body.capabilities == ["flow", "move"]
+        c.on_frame(Frame(5, "resume", SessionResume(op, 3, window, A)))
+        [close] = c.writer.frames()
+        assert close.session_id == 5 and close.body.code == 1012, close
+    assert sess.link is a and b.violations == 0
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--listen", type=parse_hostport, default=("127.0.0.1", 0),
@@ -2047,7 +2220,8 @@ def main() -> int:
                    help="highest protocol version to choose (2: the old behaviour)")
     p.add_argument("--caps", type=parse_caps, default=CAPABILITIES,
                    help="version-3 capabilities to adopt when offered: a comma-separated "
-                        "subset of flow,move, or none (default: flow,move)")
+                        f"subset of {','.join(CAPABILITIES)}, or none (default: all of them; "
+                        "fleet is adopted only with move)")
     p.add_argument("--window", type=int, default=0,
                    help="hello_ack.session_window in bytes (0: the same as the gateway's)")
     p.add_argument("--reset-links-every", type=float, default=0, metavar="SECONDS",

@@ -64,6 +64,25 @@ fn build_kotlin() -> String {
         .to_owned()
 }
 
+/// `java -cp CLASSPATH MAIN`, killed when the test drops it.
+fn java(classpath: &str, main: &str) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new("java");
+    cmd.arg("-cp").arg(classpath).arg(main).kill_on_drop(true);
+    cmd
+}
+
+/// The output of a Java run (`what`), which must end within `limit`.
+async fn finish_within(
+    run: impl std::future::Future<Output = std::io::Result<std::process::Output>>,
+    limit: Duration,
+    what: &str,
+) -> std::process::Output {
+    tokio::time::timeout(limit, run)
+        .await
+        .unwrap_or_else(|_| panic!("{what} did not finish within {limit:?}"))
+        .unwrap()
+}
+
 fn reference_backend() -> (Proc, SocketAddr) {
     gateway_tests::reference_backend(&["--mode", "echo"])
 }
@@ -192,10 +211,7 @@ async fn kotlin_client_exactly_once_in_order_with_types_through_cuts_takeovers_a
     let proxy = CutProxy::start(&certs, gw.wss.unwrap(), &certs.ca()).await;
 
     let started = Instant::now();
-    let run = tokio::process::Command::new("java")
-        .arg("-cp")
-        .arg(&classpath)
-        .arg("wsgw.client.TortureKt")
+    let run = java(&classpath, "wsgw.client.TortureKt")
         .arg("--url")
         .arg(gw.wss_url("/ws"))
         .arg("--ca")
@@ -204,12 +220,8 @@ async fn kotlin_client_exactly_once_in_order_with_types_through_cuts_takeovers_a
         .arg(proxy.addr.port().to_string())
         .args(["--clients", &CLIENTS.to_string()])
         .args(["--messages", &MESSAGES.to_string()])
-        .kill_on_drop(true)
         .output();
-    let out = tokio::time::timeout(Duration::from_secs(170), run)
-        .await
-        .expect("the torture run did not finish within 170 s")
-        .unwrap();
+    let out = finish_within(run, Duration::from_secs(170), "the torture run").await;
     let elapsed = started.elapsed();
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -319,17 +331,13 @@ struct Scenario {
 
 impl Scenario {
     fn start(classpath: &str, url: &str, ca: &Path, backoff_ms: u64) -> Self {
-        let mut child = tokio::process::Command::new("java")
-            .arg("-cp")
-            .arg(classpath)
-            .arg("wsgw.client.scenario.ScenarioKt")
+        let mut child = java(classpath, "wsgw.client.scenario.ScenarioKt")
             .args(["--url", url])
             .arg("--ca")
             .arg(ca)
             .args(["--backoff-ms", &backoff_ms.to_string()])
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
-            .kill_on_drop(true)
             .spawn()
             .unwrap();
         let lines = BufReader::new(child.stdout.take().unwrap()).lines();
@@ -457,17 +465,24 @@ async fn kotlin_client_starts_over_after_410_and_follows_the_close_code_table() 
         .await;
     c.expect("open resumed=false").await;
     let s4 = next_open(&mut backend).await;
+    // 4000 is the gateway's own "resume now": a backend's becomes 1011,
+    // and the library starts a new session after a backoff, never resumes.
+    backend.close(s4, 4000, "done");
+    c.expect_line("lost 0 closed by the gateway: 1011 backend sent invalid close code 4000")
+        .await;
+    c.expect("open resumed=false").await;
+    let s5 = next_open(&mut backend).await;
 
     // An application code: the session ends and nothing reconnects.
-    backend.close(s4, 4000, "done");
-    c.expect_line("closed 4000 done").await;
+    backend.close(s5, 4001, "done");
+    c.expect_line("closed 4001 done").await;
     // Nothing after the end.
     c.expect_line("end").await;
     assert!(
         tokio::time::timeout(Duration::from_millis(500), backend.next_open())
             .await
             .is_err(),
-        "the library reconnected after 4000"
+        "the library reconnected after 4001"
     );
 
     // A clean close by the app: the close handshake completes. A reason
@@ -475,11 +490,30 @@ async fn kotlin_client_starts_over_after_410_and_follows_the_close_code_table() 
     // (OkHttp's close() would throw after the library had marked it closing).
     let mut c = Scenario::start(&classpath, &gw.wss_url("/ws"), &certs.ca(), 3000);
     c.expect("open resumed=false").await;
-    let s5 = next_open(&mut backend).await;
+    let s6 = next_open(&mut backend).await;
     c.command("close-long-reason").await;
     c.expect_line("close refused").await;
     c.command("close 1000").await;
-    assert_eq!(backend.wait_close(s5).await.0, 1000);
+    assert_eq!(backend.wait_close(s6).await.0, 1000);
     c.expect("closed 1000").await;
     c.expect_line("end").await;
+}
+
+/// Close code 4000 ("resume now") comes only from a fleet instance being
+/// drained, which needs Redis: `ResumeNow.kt` plays the gateway on fake
+/// connections instead and checks that the library resumes at once, with
+/// the same token, count and outbox, and does not tell the app the session
+/// was lost or closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kotlin_client_resumes_at_once_after_4000() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let classpath = build_kotlin();
+    let run = java(&classpath, "wsgw.client.resumenow.ResumeNowKt").output();
+    let out = finish_within(run, Duration::from_secs(60), "ResumeNow.kt").await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("resume-now OK"),
+        "ResumeNow.kt failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -6,6 +6,8 @@ import Foundation
 enum Policy {
     /// What a close frame from the gateway on the live connection means.
     enum AfterClose {
+        /// The session goes on: resume it at once, without backoff, as after a lost connection.
+        case resumeNow
         /// The session is over and reconnecting would not help.
         case end
         /// The session is over; start a new one at once (another instance answers).
@@ -17,9 +19,16 @@ enum Policy {
     /// The reason the gateway gives with 1008 when a newer connection took the session.
     static let takenOver = "session resumed on another connection"
 
+    /// "Resume now": the gateway's own code, never a backend's (the gateway turns a backend's 4000 into 1011).
+    static let resumeNow = 4000
+
     /// README "Close codes": every code the gateway sends, and whether to reconnect.
     static func afterClose(code: Int, reason: String) -> AfterClose {
         switch code {
+        // A fleet instance going away (a deploy) keeps the session for
+        // another instance to take over: the load balancer sends the resume
+        // there.
+        case resumeNow: return .resumeNow
         // Drain: this instance stops, another one takes new sessions.
         case 1001: return .newSessionNow
         // Slow consumer, or the backend's policy code; not after a takeover:
@@ -27,8 +36,8 @@ enum Policy {
         case 1008: return reason == takenOver ? .end : .newSessionLater
         // Backend trouble, lost link, try again later, bad gateway.
         case 1011, 1012, 1013, 1014: return .newSessionLater
-        // 1000, 1002/1007 (a client bug), 1003, 1009, 3000-4999 (the app
-        // decides), and anything the table does not list.
+        // 1000, 1002/1007 (a client bug), 1003, 1009, 3000-3999 and
+        // 4001-4999 (the app decides), and anything the table does not list.
         default: return .end
         }
     }

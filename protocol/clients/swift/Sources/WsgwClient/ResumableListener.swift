@@ -11,7 +11,9 @@ public protocol ResumableListener: AnyObject {
     func onMessage(_ ws: ResumableWebSocket, text: String)
     /// A binary message from the backend, exactly once and in order.
     func onMessage(_ ws: ResumableWebSocket, data: Data)
-    /// The connection was lost; the library resumes in `retryIn` seconds.
+    /// The connection was lost, or the gateway asked for a resume (close
+    /// 4000, "resume now": `error` nil, `retryIn` 0); the library resumes
+    /// in `retryIn` seconds.
     func onDisconnected(_ ws: ResumableWebSocket, error: Error?, retryIn: TimeInterval)
     /// The session could not be continued; a new one has started: resync.
     /// `unconfirmed` may or may not have reached the backend; not resent.

@@ -492,11 +492,21 @@ public final class ResumableWebSocket: NSObject, URLSessionWebSocketDelegate {
         open = false
         stopPingsLocked()
         if finished { return }
-        if closing {
+        let next = Policy.afterClose(code: code, reason: why)
+        // While closing, the gateway's close frame answers ours, unless
+        // it is a 4000 that crossed it (not the echo of our own 4000):
+        // the instance handed the session off before it read our close.
+        // The resume then resends the outbox and closes (didOpenWithProtocol).
+        if closing && (next != .resumeNow || code == closeCode) {
             finishLocked { l in l.onClosed(self, code: code, reason: why) }
             return
         }
-        switch Policy.afterClose(code: code, reason: why) {
+        switch next {
+        // As after a lost connection, with the same token, counts and
+        // outbox, but at once: the gateway asked for it.
+        case .resumeNow:
+            post { l in l.onDisconnected(self, error: nil, retryIn: 0) }
+            connectLocked()
         case .end:
             finishLocked { l in l.onClosed(self, code: code, reason: why) }
         case .newSessionNow:
@@ -520,7 +530,8 @@ public final class ResumableWebSocket: NSObject, URLSessionWebSocketDelegate {
         if task.closeCode != .invalid {
             // A close frame came, and the task completed before (or
             // without) `didCloseWith`: it ends the session, by the close-code
-            // table, like any close frame; resuming would only get a 410.
+            // table, like any close frame; resuming would only get a 410
+            // (except after 4000, where the table says resume).
             closedLocked(task, code: task.closeCode.rawValue, reason: task.closeReason)
             return
         }

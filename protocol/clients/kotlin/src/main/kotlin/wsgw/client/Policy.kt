@@ -10,6 +10,8 @@ import java.util.concurrent.ThreadLocalRandom
 internal object Policy {
     /** What a close frame from the gateway on the live connection means. */
     enum class AfterClose {
+        /** The session goes on: resume it at once, without backoff, as after a lost connection. */
+        RESUME_NOW,
         /** The session is over and reconnecting would not help. */
         END,
         /** The session is over; start a new one at once (another instance answers). */
@@ -21,8 +23,15 @@ internal object Policy {
     /** The reason the gateway gives with 1008 when a newer connection took the session. */
     const val TAKEN_OVER = "session resumed on another connection"
 
+    /** "Resume now": the gateway's own code, never a backend's (the gateway turns a backend's 4000 into 1011). */
+    const val RESUME_NOW = 4000
+
     /** README "Close codes": every code the gateway sends, and whether to reconnect. */
     fun afterClose(code: Int, reason: String): AfterClose = when (code) {
+        // A fleet instance going away (a deploy) keeps the session for
+        // another instance to take over: the load balancer sends the resume
+        // there.
+        RESUME_NOW -> AfterClose.RESUME_NOW
         // Drain: this instance stops, another one takes new sessions.
         1001 -> AfterClose.NEW_SESSION_NOW
         // Slow consumer, or the backend's policy code: try again later. Not
@@ -32,7 +41,7 @@ internal object Policy {
         // Backend trouble, lost link, try again later, bad gateway.
         1011, 1012, 1013, 1014 -> AfterClose.NEW_SESSION_LATER
         // 1000 (ended normally), 1002/1007 (a client bug), 1003, 1009 (do not
-        // resend that message), 3000-4999 (the app's codes: the app decides),
+        // resend that message), 3000-3999 and 4001-4999 (the app's codes: the app decides),
         // and anything the table does not list.
         else -> AfterClose.END
     }

@@ -31,7 +31,9 @@ abstract class ResumableListener {
 
     /**
      * The connection was lost (no close frame: a network change, a timeout,
-     * a cut); the library resumes the session in `retryInMillis`.
+     * a cut), or the gateway asked for a resume (close 4000, "resume now":
+     * an instance of a fleet going away, `t` null, `retryInMillis` 0); the
+     * library resumes the session in `retryInMillis`.
      * Informational: messages sent meanwhile are kept and delivered.
      */
     open fun onDisconnected(ws: ResumableWebSocket, t: Throwable?, retryInMillis: Long) {}

@@ -417,11 +417,22 @@ class ResumableWebSocket private constructor(
             current = null
             open = false
             if (finished) return
-            if (closing) {
+            val next = Policy.afterClose(code, reason)
+            // While closing, the gateway's close frame answers ours, unless
+            // it is a 4000 that crossed it (not the echo of our own 4000):
+            // the instance handed the session off before it read our close.
+            // The resume then resends the outbox and closes (onOpen).
+            if (closing && (next != Policy.AfterClose.RESUME_NOW || code == closeCode)) {
                 finishLocked(Runnable { listener.onClosed(this@ResumableWebSocket, code, reason) })
                 return
             }
-            when (Policy.afterClose(code, reason)) {
+            when (next) {
+                // As after a lost connection, with the same token, counts and
+                // outbox, but at once: the gateway asked for it.
+                Policy.AfterClose.RESUME_NOW -> {
+                    post(Runnable { listener.onDisconnected(this@ResumableWebSocket, null, 0) })
+                    connectLocked()
+                }
                 Policy.AfterClose.END ->
                     finishLocked(Runnable { listener.onClosed(this@ResumableWebSocket, code, reason) })
                 Policy.AfterClose.NEW_SESSION_NOW -> {
