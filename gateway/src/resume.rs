@@ -439,6 +439,13 @@ impl DetachedBudget {
         true
     }
 
+    /// Takes a detached slot holding `bytes` whatever the caps (a session
+    /// handed off on drain, whose memory is held already).
+    pub(crate) fn force_detach(&self, bytes: usize) {
+        self.sessions.fetch_add(1, Ordering::AcqRel);
+        self.bytes.fetch_add(bytes, Ordering::AcqRel);
+    }
+
     /// Adds `bytes` for a detached session, if the cap allows.
     pub(crate) fn try_grow(&self, bytes: usize, max_bytes: usize) -> bool {
         let before = self.bytes.fetch_add(bytes, Ordering::AcqRel);

@@ -224,24 +224,27 @@ async fn resume(
             reply: reply_tx,
         },
     };
-    let request = match session {
-        Some(session) => Some((session, request)),
-        // Not here: in a fleet, another instance may hold it.
-        None => match take_over(shared, token, position, request).await {
-            Ok(()) => None,
-            Err(why) => return lost(why),
-        },
-    };
     // The session answers at once unless it is busy writing; bound the wait.
     let wait = shared.resume.handoff_timeout;
-    let answer = async {
-        if let Some((session, request)) = request {
-            session.send(request).await.ok()?;
-        }
-        reply_rx.await.ok()
+    let request = match session {
+        Some(session) => match tokio::time::timeout(wait, session.send(request)).await {
+            Ok(Ok(())) => None,
+            // It ended meanwhile; in a fleet it may have gone to another
+            // instance.
+            Ok(Err(tokio::sync::mpsc::error::SendError(request))) => Some(request),
+            Err(_) => return lost(ResumeRefusal::SessionBusy),
+        },
+        None => Some(request),
     };
+    if let Some(request) = request {
+        // Not here: in a fleet, another instance may hold it.
+        if let Err(why) = take_over(shared, token, position, request).await {
+            return lost(why);
+        }
+    }
+    let answer = reply_rx;
     match tokio::time::timeout(wait, answer).await {
-        Ok(Some(Ok(attached))) => {
+        Ok(Ok(Ok(attached))) => {
             let (mut parts, _) = response.into_parts();
             add_resume_headers(
                 &mut parts.headers,
@@ -251,7 +254,7 @@ async fn resume(
             );
             Response::from_parts(parts, Body::default())
         }
-        Ok(Some(Err(why))) => lost(why),
+        Ok(Ok(Err(why))) => lost(why),
         _ => lost(ResumeRefusal::SessionBusy),
     }
 }
@@ -275,11 +278,13 @@ async fn take_over(
         .clone()
         .try_acquire_owned()
         .map_err(|_| ResumeRefusal::FleetUnavailable)?;
+    // No link that can take it right now (links reconnecting): the
+    // session is intact where it is; retry.
     let lease = shared
         .pool
         .lease_for_move()
         .filter(|l| l.link().caps().fleet)
-        .ok_or(ResumeRefusal::NotMovable)?;
+        .ok_or(ResumeRefusal::FleetUnavailable)?;
     let state = fleet.take(&token, position).await.inspect_err(|why| {
         shared.metrics.handover("in", why.label());
     })?;
@@ -288,11 +293,41 @@ async fn take_over(
         token,
         lease,
         permit,
-        first,
+        first: Some(first),
     };
     let task = session::run_imported(import, shared.clone());
     shared.shutdown.spawn_session(task);
     Ok(())
+}
+
+/// Fleet: a session's state that arrived after the resume that asked for
+/// it gave up (its holder let it go all the same): it is taken in,
+/// detached, under the token that resume presented, so that the client's
+/// next resume finds it here. Without room or a link for it, it is lost
+/// (logged).
+pub(crate) fn take_in_late(shared: &Arc<Shared>, state: crate::fleet::wire::State, token: &str) {
+    let permit = shared.admission.clone().try_acquire_owned().ok();
+    let lease = shared
+        .pool
+        .lease_for_move()
+        .filter(|l| l.link().caps().fleet);
+    let (Some(token), Some(permit), Some(lease)) = (Token::parse(token), permit, lease) else {
+        tracing::warn!(
+            session = state.session_id,
+            "fleet: a session handed over too late found no room or link here; it is lost"
+        );
+        shared.metrics.handover("in", "lost_late");
+        return;
+    };
+    let import = session::Import {
+        state,
+        token,
+        lease,
+        permit,
+        first: None,
+    };
+    let task = session::run_imported(import, shared.clone());
+    shared.shutdown.spawn_session(task);
 }
 
 /// The first subprotocol the client offers that the gateway accepts.

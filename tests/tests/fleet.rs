@@ -299,11 +299,13 @@ async fn rolling_deploy(backend_proc: gateway_tests::Proc, backend: SocketAddr) 
 }
 
 /// An instance killed outright (SIGKILL): its clients' resumes reach
-/// another instance, which finds the holder gone and answers 410 at once
-/// (the holder's channel has no subscriber any more), not after a wait;
-/// the other instance's sessions go on untouched.
+/// another instance, which finds nobody on the holder's channel and, once
+/// the holder's liveness key has expired (at most 3 s: until then it could
+/// be a holder between two subscriptions, and the answer is 503 with
+/// Retry-After), answers 410: an explicit answer within seconds, never a
+/// hang. The other instance's sessions go on untouched.
 #[tokio::test]
-async fn a_killed_instance_sessions_get_a_fast_410_elsewhere() {
+async fn a_killed_instance_sessions_get_a_410_within_seconds_elsewhere() {
     let redis = Redis::start();
     let (_backend, backend_addr) = reference_backend(&[]);
     let mut a = instance(backend_addr, &redis);
@@ -318,24 +320,30 @@ async fn a_killed_instance_sessions_get_a_fast_410_elsewhere() {
     a.proc.signal("KILL");
     a.proc.wait_exit(T);
     let started = std::time::Instant::now();
-    let refused = resumable(b.ws.unwrap(), Some((&token, 1))).await.err();
+    let mut answers = Vec::new();
+    let last = loop {
+        let r = resumable(b.ws.unwrap(), Some((&token, 1))).await.err();
+        answers.push((started.elapsed(), r));
+        if r != Some(503) {
+            break r;
+        }
+        // As a client does on 503: retry after Retry-After (1 s).
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    };
     let took = started.elapsed();
-    eprintln!("resume of a killed instance's session answered {refused:?} in {took:?}");
+    eprintln!("resumes of a killed instance's session: {answers:?}");
     assert_eq!(
-        refused,
+        last,
         Some(410),
-        "a session whose instance died is lost, said at once"
+        "a session whose instance died is lost, said so"
     );
-    assert!(
-        took < Duration::from_secs(3),
-        "answered without waiting for fleet.handover_timeout: {took:?}"
-    );
+    assert!(took < Duration::from_secs(6), "within seconds: {answers:?}");
     assert_eq!(
         b.metric("gateway_resumes_refused_total{reason=\"owner_lost\"")
             .await,
         1.0
     );
-    // Its directory entry is gone with it: asking again is as quick.
+    // Its directory entry is gone with it: asking again is answered at once.
     assert_eq!(
         resumable(b.ws.unwrap(), Some((&token, 1))).await.err(),
         Some(410)
@@ -470,6 +478,9 @@ async fn two_racing_resumes_on_two_instances_leave_exactly_one_holder() {
                         Some(Msg::Close(code, reason)) => {
                             assert_eq!(code, 1008, "{name}: {reason}");
                         }
+                        // Taken over while a write was in progress: the
+                        // older connection is dropped without a close.
+                        None => {}
                         other => panic!("round {round}, {name}: {other:?}"),
                     }
                 }

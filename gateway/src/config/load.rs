@@ -294,12 +294,17 @@ impl Config {
                 "must be shorter than shutdown.drain_timeout",
             ));
         }
-        if self.fleet.redis_url.is_some() {
+        if let Some(url) = &self.fleet.redis_url {
+            if let Err(e) = redis::Client::open(url.as_str()) {
+                return Err(invalid("fleet.redis_url", e.to_string()));
+            }
             let f = &self.fleet;
-            if f.handover_timeout.is_zero() || f.handover_timeout > Duration::from_secs(60) {
+            if f.handover_timeout < Duration::from_secs(1)
+                || f.handover_timeout > Duration::from_secs(60)
+            {
                 return Err(invalid(
                     "fleet.handover_timeout",
-                    "must be greater than zero and at most 60s",
+                    "must be between 1s and 60s",
                 ));
             }
             if f.directory_ttl < Duration::from_secs(3)

@@ -54,6 +54,30 @@ const DIRECTORY_BATCH: usize = 512;
 /// instances (the directory not yet updated).
 const RETRY_PAUSE: Duration = Duration::from_millis(50);
 
+/// Deletes a directory entry only if it still names the instance given.
+const DELETE_IF_OWNER: &str =
+    "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0";
+
+/// Refreshes directory entries (KEYS) for instance ARGV[1] with expiry
+/// ARGV[2] seconds, unless another instance holds one now.
+const REFRESH_MINE: &str = "for _, k in ipairs(KEYS) do \
+     local v = redis.call('GET', k) \
+     if (not v) or v == ARGV[1] then redis.call('SET', k, ARGV[1], 'EX', ARGV[2]) end \
+     end return 0";
+
+/// How long an instance's liveness key outlives its last refresh (every
+/// third of it, while it is subscribed to its channel).
+const ALIVE_TTL: Duration = Duration::from_secs(3);
+
+/// How often the channel's connection is checked with a PING, and how long
+/// the answer may take: a connection that went silent (a partition, a
+/// Redis host lost) is replaced.
+const PING_EVERY: Duration = Duration::from_secs(1);
+
+/// What the holder keeps of the asker's remaining wait for the reply's
+/// way back.
+const REPLY_MARGIN: Duration = Duration::from_millis(250);
+
 /// `[fleet]`, resolved.
 #[derive(Debug, Clone)]
 pub(crate) struct FleetSettings {
@@ -121,6 +145,8 @@ pub(crate) struct Fleet {
     /// Tokens of sessions handed over lately, and when: a request for one
     /// is answered "stale" (ask the directory again) rather than "unknown".
     moved: Mutex<HashMap<String, tokio::time::Instant>>,
+    /// Wakes the directory's refresh (after a resubscription).
+    refresh_now: tokio::sync::Notify,
 }
 
 impl Fleet {
@@ -148,6 +174,7 @@ impl Fleet {
             waiting: Mutex::default(),
             next_request: AtomicU64::new(1),
             moved: Mutex::default(),
+            refresh_now: tokio::sync::Notify::new(),
         });
         let directory = Directory {
             tx,
@@ -181,6 +208,10 @@ impl Fleet {
 
     fn token_key(&self, token: &str) -> String {
         format!("{}:t:{token}", self.settings.prefix)
+    }
+
+    fn alive_key(&self, instance: &str) -> String {
+        format!("{}:alive:{instance}", self.settings.prefix)
     }
 
     fn channel(&self, instance: &str) -> String {
@@ -223,26 +254,48 @@ impl Fleet {
                 return Err(ResumeRefusal::Unknown);
             };
             let answer = if owner == self.instance {
-                // Ours by the directory, and not here: an entry left behind
-                // (the session ended as the directory was refreshed).
-                Err(ResumeRefusal::Unknown)
+                // Ours by the directory, and not here: handed on lately
+                // (the new holder's entry not written yet), or an entry
+                // left behind by a session that ended.
+                if self.moved_lately(token.as_str()) {
+                    Err(ResumeRefusal::Stale)
+                } else {
+                    Err(ResumeRefusal::Unknown)
+                }
             } else {
-                self.ask(&owner, token, position).await
+                self.ask(&owner, token, position, deadline).await
             };
             match answer {
                 Ok(state) => return Ok(state),
                 // The session moved on meanwhile ("stale": its holder just
                 // handed it to a third instance) or is busy: ask again
-                // where it is now, while time remains.
-                Err(ResumeRefusal::Stale | ResumeRefusal::SessionBusy)
-                    if tokio::time::Instant::now() + RETRY_PAUSE < deadline =>
-                {
+                // where it is now, while time remains; out of time, it is
+                // not lost: 503.
+                Err(ResumeRefusal::Stale | ResumeRefusal::SessionBusy) => {
+                    if tokio::time::Instant::now() + RETRY_PAUSE >= deadline {
+                        return Err(ResumeRefusal::FleetUnavailable);
+                    }
                     tokio::time::sleep(RETRY_PAUSE).await;
                 }
+                // Nobody listens on the holder's channel: dead, or between
+                // two subscriptions (a Redis blip). Its liveness key tells.
                 Err(ResumeRefusal::OwnerLost) => {
-                    // Its holder is gone: so is the entry.
-                    let _: Result<(), _> =
-                        redis::cmd("DEL").arg(&key).query_async(&mut redis).await;
+                    let alive: bool = redis::cmd("EXISTS")
+                        .arg(self.alive_key(&owner))
+                        .query_async(&mut redis)
+                        .await
+                        .map_err(|_| ResumeRefusal::FleetUnavailable)?;
+                    if alive {
+                        return Err(ResumeRefusal::FleetUnavailable);
+                    }
+                    // Gone: so is its entry (unless it changed meanwhile).
+                    let _: Result<(), _> = redis::cmd("EVAL")
+                        .arg(DELETE_IF_OWNER)
+                        .arg(1)
+                        .arg(&key)
+                        .arg(&owner)
+                        .query_async(&mut redis)
+                        .await;
                     return Err(ResumeRefusal::OwnerLost);
                 }
                 Err(why) => return Err(why),
@@ -250,13 +303,15 @@ impl Fleet {
         }
     }
 
-    /// One request to `owner` and its answer.
+    /// One request to `owner` and its answer, by `deadline`.
     async fn ask(
         &self,
         owner: &str,
         token: &Token,
         position: u64,
+        deadline: tokio::time::Instant,
     ) -> Result<wire::State, ResumeRefusal> {
+        let wait = deadline.saturating_duration_since(tokio::time::Instant::now());
         let request_id = self.next_request.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         self.waiting_table().insert(request_id, tx);
@@ -267,6 +322,7 @@ impl Fleet {
                 from_instance: self.instance.clone(),
                 token: token.as_str().to_owned(),
                 position,
+                wait_ms: u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
             })),
         };
         let mut redis = self.redis.clone();
@@ -295,44 +351,47 @@ impl Fleet {
     }
 
     /// Serves this instance's channel: requests for its sessions, answers
-    /// to its own requests. Resubscribes after Redis comes back.
+    /// to its own requests. While subscribed, it keeps the instance's
+    /// liveness key and checks the connection with a PING; it resubscribes
+    /// after Redis comes back (and has the directory rewritten then).
     async fn listen(self: Arc<Self>, shared: Arc<Shared>, stop: CancellationToken) {
         let channel = self.channel(&self.instance);
         let mut backoff = Duration::from_millis(100);
         loop {
-            let session = async {
+            let subscribe = async {
                 let mut pubsub = self.client.get_async_pubsub().await?;
                 pubsub.subscribe(&channel).await?;
                 Ok::<_, redis::RedisError>(pubsub)
             };
-            match tokio::select! {
+            let limit = self.settings.handover_timeout;
+            let subscribed = tokio::select! {
                 () = stop.cancelled() => return,
-                s = session => s,
-            } {
-                Ok(mut pubsub) => {
+                s = tokio::time::timeout(limit, subscribe) => s,
+            };
+            match subscribed {
+                Ok(Ok(pubsub)) => {
                     info!(channel, "fleet: listening for handover requests");
                     self.listening.store(true, Ordering::Release);
                     shared.metrics.fleet_connected(1);
+                    self.refresh_now.notify_one();
                     backoff = Duration::from_millis(100);
-                    let mut messages = pubsub.on_message();
-                    loop {
-                        let msg = tokio::select! {
-                            () = stop.cancelled() => {
-                                shared.metrics.fleet_connected(-1);
-                                return;
-                            }
-                            m = messages.next() => m,
-                        };
-                        let Some(msg) = msg else { break };
-                        self.on_message(&shared, msg.get_payload_bytes());
-                    }
+                    let stopped = self.serve_channel(&shared, pubsub, &stop).await;
                     self.listening.store(false, Ordering::Release);
                     shared.metrics.fleet_connected(-1);
+                    if stopped {
+                        self.leave().await;
+                        return;
+                    }
                     warn!("fleet: lost the Redis channel; handovers pause until it is back");
                 }
-                Err(e) => {
+                Ok(Err(e)) => {
                     if backoff == Duration::from_millis(100) {
                         warn!(error = %e, "fleet: cannot subscribe to Redis; retrying");
+                    }
+                }
+                Err(_) => {
+                    if backoff == Duration::from_millis(100) {
+                        warn!("fleet: Redis does not answer the subscription; retrying");
                     }
                 }
             }
@@ -344,6 +403,61 @@ impl Fleet {
         }
     }
 
+    /// One subscription's life: messages, the liveness key, the PINGs.
+    /// True when the gateway is stopping, false when the connection failed.
+    async fn serve_channel(
+        self: &Arc<Self>,
+        shared: &Arc<Shared>,
+        pubsub: redis::aio::PubSub,
+        stop: &CancellationToken,
+    ) -> bool {
+        let (mut sink, mut messages) = pubsub.split();
+        let mut tick = tokio::time::interval(PING_EVERY);
+        let alive_every = ALIVE_TTL / 3;
+        let mut alive_at = tokio::time::Instant::now();
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return true,
+                m = messages.next() => match m {
+                    Some(msg) => self.on_message(shared, msg.get_payload_bytes()),
+                    None => return false,
+                },
+                _ = tick.tick() => {
+                    let pong = tokio::time::timeout(PING_EVERY, sink.ping::<redis::Value>()).await;
+                    if !matches!(pong, Ok(Ok(_))) {
+                        return false;
+                    }
+                    if tokio::time::Instant::now() >= alive_at {
+                        self.mark_alive().await;
+                        alive_at = tokio::time::Instant::now() + alive_every;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sets this instance's liveness key: requests to it that find no
+    /// subscriber mean "wait", not "gone", while it exists.
+    async fn mark_alive(&self) {
+        let mut redis = self.redis.clone();
+        let _: Result<(), _> = redis::cmd("SET")
+            .arg(self.alive_key(&self.instance))
+            .arg(1)
+            .arg("PX")
+            .arg(u64::try_from(ALIVE_TTL.as_millis()).unwrap_or(6000))
+            .query_async(&mut redis)
+            .await;
+    }
+
+    /// Stopping: this instance holds nothing any more.
+    async fn leave(&self) {
+        let mut redis = self.redis.clone();
+        let mut del = redis::cmd("DEL");
+        del.arg(self.alive_key(&self.instance));
+        let _ =
+            tokio::time::timeout(Duration::from_secs(1), del.query_async::<()>(&mut redis)).await;
+    }
+
     fn on_message(self: &Arc<Self>, shared: &Arc<Shared>, payload: &[u8]) {
         let Ok(envelope) = wire::Envelope::decode(payload) else {
             warn!("fleet: undecodable message on this instance's channel");
@@ -351,8 +465,21 @@ impl Fleet {
         };
         match envelope.kind {
             Some(wire::Kind::Reply(reply)) => {
-                if let Some(tx) = self.waiting_table().remove(&reply.request_id) {
-                    let _ = tx.send(reply);
+                let waiter = self.waiting_table().remove(&reply.request_id);
+                let late = match waiter {
+                    Some(tx) => tx.send(reply).err(),
+                    None => Some(reply),
+                };
+                // The asking resume gave up, but the holder let the
+                // session go: take it in, detached, so that the client's
+                // next resume finds it here.
+                if let Some(wire::Reply {
+                    state: Some(state),
+                    token,
+                    ..
+                }) = late
+                {
+                    crate::upgrade::take_in_late(shared, state, &token);
                 }
             }
             Some(wire::Kind::Request(req)) => {
@@ -365,9 +492,14 @@ impl Fleet {
 
     /// Another instance asks for one of this instance's sessions.
     async fn serve_request(self: Arc<Self>, shared: Arc<Shared>, req: wire::Request) {
+        // What would reach the asker after it gave up is not started.
+        let wait = Duration::from_millis(req.wait_ms)
+            .min(self.settings.handover_timeout)
+            .saturating_sub(REPLY_MARGIN);
         let answer = match Token::parse(&req.token) {
             None => Err(ResumeRefusal::Unknown),
-            Some(token) => self.hand_over(&shared, token, req.position).await,
+            Some(_) if wait.is_zero() => Err(ResumeRefusal::SessionBusy),
+            Some(token) => self.hand_over(&shared, token, req.position, wait).await,
         };
         let answer = match answer {
             Err(ResumeRefusal::Unknown) if self.moved_lately(&req.token) => {
@@ -395,15 +527,17 @@ impl Fleet {
                 request_id: req.request_id,
                 state,
                 refused,
+                token: req.token.clone(),
             })),
         };
         let mut redis = self.redis.clone();
-        let sent: Result<u64, _> = redis::cmd("PUBLISH")
+        let mut publish = redis::cmd("PUBLISH");
+        publish
             .arg(self.channel(&req.from_instance))
-            .arg(envelope.encode_to_vec())
-            .query_async(&mut redis)
-            .await;
-        if carried && !matches!(sent, Ok(n) if n > 0) {
+            .arg(envelope.encode_to_vec());
+        let limit = self.settings.handover_timeout;
+        let sent = tokio::time::timeout(limit, publish.query_async::<u64>(&mut redis)).await;
+        if carried && !matches!(sent, Ok(Ok(n)) if n > 0) {
             warn!(
                 to = req.from_instance,
                 "fleet: a session handed over did not reach the instance that asked; it is lost"
@@ -424,20 +558,25 @@ impl Fleet {
     }
 
     fn moved_now(&self, token: &str) {
-        let until = tokio::time::Instant::now() + self.settings.handover_timeout;
+        let now = tokio::time::Instant::now();
+        let until = now + self.settings.handover_timeout;
         let mut moved = self
             .moved
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Bounded by the handovers of one handover_timeout.
+        moved.retain(|_, u| *u > now);
         moved.insert(token.to_owned(), until);
     }
 
-    /// Asks the local session holding `token` for its state.
+    /// Asks the local session holding `token` for its state, within
+    /// `wait`.
     async fn hand_over(
         &self,
         shared: &Shared,
         token: Token,
         position: u64,
+        wait: Duration,
     ) -> Result<Box<wire::State>, ResumeRefusal> {
         let session = shared
             .resumable
@@ -449,7 +588,6 @@ impl Fleet {
             position,
             to: AttachTo::Elsewhere { reply },
         };
-        let wait = self.settings.handover_timeout;
         let asked = async {
             session.send(request).await.ok()?;
             answer.await.ok()
@@ -499,32 +637,29 @@ impl Fleet {
         }
     }
 
-    /// Refreshes the expiry of every token held here, every third of
-    /// `fleet.directory_ttl`.
+    /// Rewrites every token held here, every third of
+    /// `fleet.directory_ttl` and at once after (re)subscribing (Redis may
+    /// have come back empty); an entry another instance holds now is left
+    /// alone.
     async fn refresh_directory(self: Arc<Self>, shared: Arc<Shared>, stop: CancellationToken) {
         let ttl = self.settings.directory_ttl;
         loop {
             tokio::select! {
                 () = stop.cancelled() => return,
                 () = tokio::time::sleep(ttl / 3) => {}
+                () = self.refresh_now.notified() => {}
             }
             let tokens = shared.resumable.tokens();
             for chunk in tokens.chunks(DIRECTORY_BATCH) {
-                let mut pipe = redis::pipe();
+                let mut script = redis::cmd("EVAL");
+                script.arg(REFRESH_MINE).arg(chunk.len());
                 for t in chunk {
-                    // SET, not EXPIRE: an entry lost while Redis was down
-                    // comes back.
-                    pipe.cmd("SET")
-                        .arg(self.token_key(t.as_str()))
-                        .arg(&self.instance)
-                        .arg("EX")
-                        .arg(ttl.as_secs().max(1))
-                        .ignore();
+                    script.arg(self.token_key(t.as_str()));
                 }
+                script.arg(&self.instance).arg(ttl.as_secs().max(1));
                 let mut redis = self.redis.clone();
-                if let Err(e) = pipe.query_async::<()>(&mut redis).await {
+                if let Err(e) = script.query_async::<()>(&mut redis).await {
                     debug!(error = %e, "fleet: session directory refresh failed");
-                    break;
                 }
             }
         }

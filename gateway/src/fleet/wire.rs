@@ -39,6 +39,10 @@ pub(crate) struct Request {
     /// Backend messages the client says it has received.
     #[prost(uint64, tag = "4")]
     pub(crate) position: u64,
+    /// How long the asker still waits for the answer, in milliseconds: the
+    /// holder does not hand over what would arrive too late.
+    #[prost(uint64, tag = "5")]
+    pub(crate) wait_ms: u64,
 }
 
 /// The answer: the session's state, or why not.
@@ -51,6 +55,10 @@ pub(crate) struct Reply {
     /// Without `state`: the refusal's label (see `ResumeRefusal::label`).
     #[prost(string, tag = "3")]
     pub(crate) refused: String,
+    /// The credential the request presented (an answer that arrives after
+    /// the asker gave up is still taken in, under it).
+    #[prost(string, tag = "4")]
+    pub(crate) token: String,
 }
 
 /// A message with its type.

@@ -60,7 +60,11 @@ impl Session {
             .pending
             .as_ref()
             .map_or(0, protocol::prost::Message::encoded_len);
-        if !budget.try_detach(ring_bytes + pending_bytes, max_detached, max_bytes) {
+        // A session handed off on drain holds its memory already, and is
+        // waiting only to be taken over: the caps do not refuse it.
+        if *why == CloseReason::HandOff {
+            budget.force_detach(ring_bytes + pending_bytes);
+        } else if !budget.try_detach(ring_bytes + pending_bytes, max_detached, max_bytes) {
             return Err(CloseReason::ResumeLost(
                 "gateway holds too many detached sessions",
             ));

@@ -19,6 +19,7 @@ use tokio::sync::{oneshot, OwnedSemaphorePermit};
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
+use super::deliver::check_backend_message;
 use super::signals::Signals;
 use super::upstream::{NotMoved, Upstream};
 use super::{finish_unopened, End, Resumable, Session};
@@ -29,8 +30,9 @@ use crate::refusal::ResumeRefusal;
 use crate::resume::{AttachRequest, Credentials, Ring, Token};
 use crate::shared::Shared;
 
-/// How long the link's reader gets to take the session off the link.
-const LEAVE_LINK_DEADLINE: Duration = Duration::from_secs(2);
+/// How long the link's reader gets to take the session off the link (at
+/// most; a fraction of `fleet.handover_timeout`).
+const LEAVE_LINK_DEADLINE: Duration = Duration::from_secs(1);
 
 /// The answer to another instance asking for the session.
 type StateReply = oneshot::Sender<Result<Box<wire::State>, ResumeRefusal>>;
@@ -117,9 +119,14 @@ impl Session {
     /// Moves every backend message still queued into the replay ring (the
     /// next instance replays them), keeping every one from `position` on.
     fn ring_everything(&mut self, position: u64) -> Result<(), CloseReason> {
+        // A message whose write was interrupted is in the ring already;
+        // count it as taken, as its write would have.
+        self.queue.written();
+        let max_message = self.shared.session.max_message;
         while let Some(msg) = self.queue.try_recv() {
             match msg {
                 ToClient::Data { payload, text } => {
+                    check_backend_message(&payload, text, max_message)?;
                     if let Some(r) = self.resumable.as_mut() {
                         r.ring.push(&payload, text, position);
                     }
@@ -190,8 +197,10 @@ pub(crate) struct Import {
     /// A link with "fleet".
     pub(crate) lease: Lease,
     pub(crate) permit: OwnedSemaphorePermit,
-    /// The client's resume, served once the backend has the session here.
-    pub(crate) first: AttachRequest,
+    /// The client's resume, served once the backend has the session here;
+    /// `None` for a session taken in after its resume gave up (it waits,
+    /// detached, for the next).
+    pub(crate) first: Option<AttachRequest>,
 }
 
 /// Runs a session taken over from another instance: onto the link, the
@@ -217,7 +226,9 @@ pub(crate) async fn run_imported(import: Import, shared: Arc<Shared>) {
         queue, eviction, ..
     }) = link.register_imported(id, flow.clone(), state.consumed)
     else {
-        first.refuse(ResumeRefusal::NotMovable);
+        if let Some(first) = first {
+            first.refuse(ResumeRefusal::NotMovable);
+        }
         shared.metrics.handover("in", "link_lost");
         return finish_unopened(&shared, id, None, CloseReason::LinkLost);
     };
@@ -258,7 +269,9 @@ pub(crate) async fn run_imported(import: Import, shared: Arc<Shared>) {
         Err(why) => Err(why),
     };
     if let Err(why) = moved {
-        first.refuse(ResumeRefusal::NotMovable);
+        if let Some(first) = first {
+            first.refuse(ResumeRefusal::NotMovable);
+        }
         session.shared.metrics.handover("in", "backend_refused");
         let reason = match why {
             NotMoved::LinkLost => CloseReason::LinkLost,
@@ -269,8 +282,11 @@ pub(crate) async fn run_imported(import: Import, shared: Arc<Shared>) {
     }
     session.shared.metrics.handover("in", "ok");
     debug!(session = id.0, "session taken over from another instance");
-    let reason = session
-        .serve_from(End::clean(CloseReason::ClientLost).taken_over(first))
-        .await;
+    let end = End::clean(CloseReason::ClientLost);
+    let end = match first {
+        Some(first) => end.taken_over(first),
+        None => end,
+    };
+    let reason = session.serve_from(end).await;
     session.finish(reason).await;
 }
