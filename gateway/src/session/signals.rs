@@ -14,7 +14,8 @@ use crate::resume::{AttachRequest, Credentials};
 pub(super) enum Signal {
     /// The session's route on its link is gone.
     Evicted(Gone),
-    /// The gateway is draining: the session must close with 1001.
+    /// The gateway is draining: the session closes with 1001, or in a
+    /// fleet is handed off (4000), at its moment within the close spread.
     Drain,
     /// A resume request arrived. It may be stale: see [`stale`].
     Attach(AttachRequest),
