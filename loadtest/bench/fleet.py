@@ -102,6 +102,8 @@ def main() -> int:
     ap.add_argument("--first-deploy", type=int, default=20, help="seconds into the load")
     ap.add_argument("--between", type=int, default=25, help="seconds between deploys")
     ap.add_argument("--kill", type=int, default=None, help="also SIGKILL this instance (after the deploys)")
+    ap.add_argument("--stop-redis", type=int, default=None, metavar="SECONDS",
+                    help="also stop Redis for this long (after the deploys), then start it again, empty")
     ap.add_argument("--out", default=str(ROOT / "target" / "fleet"))
     args = ap.parse_args()
     out = Path(args.out)
@@ -164,6 +166,21 @@ def main() -> int:
                                "drained_s": round(drained, 2), "exit": code,
                                "back_after_s": round(time.time() - started, 2)})
                 print(f"deployed instance {i}: {events[-1]}", file=sys.stderr)
+                time.sleep(args.between)
+            if args.stop_redis is not None:
+                at = time.time()
+                redis.p.kill()
+                redis.p.wait()
+                print(f"stopped redis for {args.stop_redis} s", file=sys.stderr)
+                time.sleep(args.stop_redis)
+                procs.remove(redis)
+                redis = Bridge(
+                    ["redis-server", "--bind", "127.0.0.1", "--port", str(redis_port), "--save", "",
+                     "--appendonly", "no"],
+                    redis_port, "redis2", out)
+                procs.append(redis)
+                events.append({"event": "redis_stopped", "at_s": round(at - t0, 1),
+                               "for_s": args.stop_redis})
                 time.sleep(args.between)
             if args.kill is not None:
                 i = args.kill

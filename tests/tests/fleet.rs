@@ -61,7 +61,8 @@ async fn a_session_resumes_on_another_instance_with_nothing_lost() {
     a.wait_metric("gateway_sessions_detached", |v| v == 1.0, T)
         .await;
 
-    let (mut c, _, confirmed) = match resumable(b.ws.unwrap(), Some((&token, 20))).await {
+    let started = std::time::Instant::now();
+    let (mut c, token, confirmed) = match resumable(b.ws.unwrap(), Some((&token, 20))).await {
         Ok(v) => v,
         Err(code) => {
             let (_, m) = b.admin_get("/metrics").await;
@@ -92,6 +93,7 @@ async fn a_session_resumes_on_another_instance_with_nothing_lost() {
             "replayed by instance B, in order"
         );
     }
+    let crossing = started.elapsed();
     c.echo("after the move").await;
     let extra = tokio::time::timeout(Duration::from_millis(300), c.recv()).await;
     assert!(extra.is_err(), "nothing more (no duplicate): {extra:?}");
@@ -108,9 +110,15 @@ async fn a_session_resumes_on_another_instance_with_nothing_lost() {
             .await,
         1.0
     );
-    // A resume with the token just spent at B, on A, finds the session at B
-    // (the token stays good until B's connection proves itself): taken over.
+    // For comparison, a resume on the instance that holds the session.
     drop(c);
+    b.wait_metric("gateway_sessions_detached", |v| v == 1.0, T)
+        .await;
+    let started = std::time::Instant::now();
+    let (mut c, _, _) = resumable(b.ws.unwrap(), Some((&token, 26))).await.unwrap();
+    let local = started.elapsed();
+    c.echo("local").await;
+    eprintln!("resume taking the session over from another instance: {crossing:?}; on its own instance: {local:?}");
 }
 
 /// Three instances behind HAProxy (the deploy file, round robin, no
