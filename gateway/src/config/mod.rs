@@ -252,7 +252,7 @@ pub struct ShutdownConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct FleetConfig {
     /// The Redis (or Valkey) holding the session directory, e.g.
-    /// `redis://10.0.0.5:6379/0` (`rediss://` for TLS). Unset: no fleet.
+    /// `redis://10.0.0.5:6379/0` (plain TCP: `rediss://` is not built in). Unset: no fleet.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub redis_url: Option<String>,
     /// Prefix of every Redis key and channel, so that fleets can share a

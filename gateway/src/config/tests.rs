@@ -136,3 +136,44 @@ fn serde_json_keys(c: &Config) -> Vec<String> {
     walk("", &v, &mut out);
     out
 }
+
+#[test]
+fn fleet_settings_are_checked_at_validation() {
+    let ok = |f: &dyn Fn(&mut Config)| {
+        let mut c = Config::load(None, &base()).unwrap();
+        c.fleet.redis_url = Some("redis://127.0.0.1:6379/0".to_owned());
+        f(&mut c);
+        c.validate()
+    };
+    assert!(ok(&|_| {}).is_ok());
+    let key = |r: Result<(), ConfigError>| match r {
+        Err(ConfigError::Invalid { key, .. }) => key,
+        other => panic!("{other:?}"),
+    };
+    // TLS to Redis is not built in: refused before start-up, not at it.
+    assert_eq!(
+        key(ok(
+            &|c| c.fleet.redis_url = Some("rediss://10.0.0.5:6380/0".into())
+        )),
+        "fleet.redis_url"
+    );
+    assert_eq!(
+        key(ok(&|c| c.fleet.redis_url = Some("http://nope".into()))),
+        "fleet.redis_url"
+    );
+    assert_eq!(
+        key(ok(
+            &|c| c.fleet.handover_timeout = Duration::from_millis(500)
+        )),
+        "fleet.handover_timeout"
+    );
+    assert_eq!(
+        key(ok(&|c| c.fleet.directory_ttl = Duration::from_secs(1))),
+        "fleet.directory_ttl"
+    );
+    assert_eq!(key(ok(&|c| c.resume.enabled = false)), "fleet.redis_url");
+    assert_eq!(
+        key(ok(&|c| c.shutdown.close_spread = c.shutdown.drain_timeout)),
+        "shutdown.close_spread"
+    );
+}

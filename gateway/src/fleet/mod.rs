@@ -74,6 +74,10 @@ const ALIVE_TTL: Duration = Duration::from_secs(3);
 /// Redis host lost) is replaced.
 const PING_EVERY: Duration = Duration::from_secs(1);
 
+/// How long a request to every instance (no directory entry) waits for the
+/// holder's answer; past it, no instance holds the session (410).
+const BROADCAST_WAIT: Duration = Duration::from_millis(500);
+
 /// What the holder keeps of the asker's remaining wait for the reply's
 /// way back.
 const REPLY_MARGIN: Duration = Duration::from_millis(250);
@@ -210,6 +214,12 @@ impl Fleet {
         format!("{}:t:{token}", self.settings.prefix)
     }
 
+    /// The channel every instance listens on too (requests for a token the
+    /// directory does not know).
+    fn everyone(&self) -> String {
+        format!("{}:all", self.settings.prefix)
+    }
+
     fn alive_key(&self, instance: &str) -> String {
         format!("{}:alive:{instance}", self.settings.prefix)
     }
@@ -250,23 +260,17 @@ impl Fleet {
                 .query_async(&mut redis)
                 .await
                 .map_err(|_| ResumeRefusal::FleetUnavailable)?;
-            let Some(owner) = owner else {
-                return Err(ResumeRefusal::Unknown);
-            };
-            let answer = if owner == self.instance {
-                // Ours by the directory, and not here: handed on lately
-                // (the new holder's entry not written yet), or an entry
-                // left behind by a session that ended.
-                if self.moved_lately(token.as_str()) {
-                    Err(ResumeRefusal::Stale)
-                } else {
-                    Err(ResumeRefusal::Unknown)
+            let answer = match owner {
+                // No entry: written late (directory writes are queued), or
+                // lost with a Redis that came back empty, or the session
+                // is gone. Ask every instance; only a holder answers.
+                None => {
+                    let by = deadline.min(tokio::time::Instant::now() + BROADCAST_WAIT);
+                    self.ask(&self.everyone(), token, position, by).await
                 }
-            } else {
-                self.ask(&owner, token, position, deadline).await
+                Some(owner) => self.ask_owner(&owner, token, position, deadline).await,
             };
             match answer {
-                Ok(state) => return Ok(state),
                 // The session moved on meanwhile ("stale": its holder just
                 // handed it to a third instance) or is busy: ask again
                 // where it is now, while time remains; out of time, it is
@@ -277,11 +281,42 @@ impl Fleet {
                     }
                     tokio::time::sleep(RETRY_PAUSE).await;
                 }
+                other => return other,
+            }
+        }
+    }
+
+    /// Asks the instance the directory names; `OwnerLost` only once it is
+    /// known gone (its entry then deleted).
+    async fn ask_owner(
+        &self,
+        owner: &str,
+        token: &Token,
+        position: u64,
+        deadline: tokio::time::Instant,
+    ) -> Result<wire::State, ResumeRefusal> {
+        let key = self.token_key(token.as_str());
+        let mut redis = self.redis.clone();
+        {
+            let answer = if owner == self.instance {
+                // Ours by the directory, and not here: handed on lately
+                // (the new holder's entry not written yet), or an entry
+                // left behind by a session that ended.
+                if self.moved_lately(token.as_str()) {
+                    Err(ResumeRefusal::Stale)
+                } else {
+                    Err(ResumeRefusal::Unknown)
+                }
+            } else {
+                self.ask(&self.channel(owner), token, position, deadline)
+                    .await
+            };
+            match answer {
                 // Nobody listens on the holder's channel: dead, or between
                 // two subscriptions (a Redis blip). Its liveness key tells.
                 Err(ResumeRefusal::OwnerLost) => {
                     let alive: bool = redis::cmd("EXISTS")
-                        .arg(self.alive_key(&owner))
+                        .arg(self.alive_key(owner))
                         .query_async(&mut redis)
                         .await
                         .map_err(|_| ResumeRefusal::FleetUnavailable)?;
@@ -293,24 +328,26 @@ impl Fleet {
                         .arg(DELETE_IF_OWNER)
                         .arg(1)
                         .arg(&key)
-                        .arg(&owner)
+                        .arg(owner)
                         .query_async(&mut redis)
                         .await;
-                    return Err(ResumeRefusal::OwnerLost);
+                    Err(ResumeRefusal::OwnerLost)
                 }
-                Err(why) => return Err(why),
+                other => other,
             }
         }
     }
 
-    /// One request to `owner` and its answer, by `deadline`.
+    /// One request on `channel` and its answer, by `deadline`
+    /// (`FleetUnavailable` past it); `OwnerLost` if nobody listens there.
     async fn ask(
         &self,
-        owner: &str,
+        channel: &str,
         token: &Token,
         position: u64,
         deadline: tokio::time::Instant,
     ) -> Result<wire::State, ResumeRefusal> {
+        let broadcast = channel == self.everyone();
         let wait = deadline.saturating_duration_since(tokio::time::Instant::now());
         let request_id = self.next_request.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
@@ -323,11 +360,12 @@ impl Fleet {
                 token: token.as_str().to_owned(),
                 position,
                 wait_ms: u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
+                broadcast,
             })),
         };
         let mut redis = self.redis.clone();
         let receivers: u64 = redis::cmd("PUBLISH")
-            .arg(self.channel(owner))
+            .arg(channel)
             .arg(envelope.encode_to_vec())
             .query_async(&mut redis)
             .await
@@ -335,7 +373,12 @@ impl Fleet {
         if receivers == 0 {
             return Err(ResumeRefusal::OwnerLost);
         }
-        let reply = rx.await.map_err(|_| ResumeRefusal::FleetUnavailable)?;
+        let reply = match tokio::time::timeout_at(deadline, rx).await {
+            Ok(Ok(reply)) => reply,
+            // Asked of everyone and nobody holds it: gone.
+            Err(_) if broadcast => return Err(ResumeRefusal::Unknown),
+            _ => return Err(ResumeRefusal::FleetUnavailable),
+        };
         match reply.state {
             Some(state) => Ok(state),
             None => Err(ResumeRefusal::from_label(&reply.refused)),
@@ -361,6 +404,7 @@ impl Fleet {
             let subscribe = async {
                 let mut pubsub = self.client.get_async_pubsub().await?;
                 pubsub.subscribe(&channel).await?;
+                pubsub.subscribe(self.everyone()).await?;
                 Ok::<_, redis::RedisError>(pubsub)
             };
             let limit = self.settings.handover_timeout;
@@ -505,6 +549,8 @@ impl Fleet {
             Err(ResumeRefusal::Unknown) if self.moved_lately(&req.token) => {
                 Err(ResumeRefusal::Stale)
             }
+            // Asked of everyone, and not ours: only the holder answers.
+            Err(ResumeRefusal::Unknown) if req.broadcast => return,
             Ok(state) => {
                 self.moved_now(&req.token);
                 Ok(state)

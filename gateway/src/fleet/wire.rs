@@ -43,6 +43,10 @@ pub(crate) struct Request {
     /// holder does not hand over what would arrive too late.
     #[prost(uint64, tag = "5")]
     pub(crate) wait_ms: u64,
+    /// Sent to every instance (the directory had no entry): only the
+    /// instance holding the session answers.
+    #[prost(bool, tag = "6")]
+    pub(crate) broadcast: bool,
 }
 
 /// The answer: the session's state, or why not.
