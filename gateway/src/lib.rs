@@ -41,6 +41,8 @@ mod admin;
 mod backend;
 mod close;
 pub mod config;
+#[doc(hidden)]
+pub mod fuzzing;
 mod handshake;
 mod listener;
 mod metrics;
