@@ -81,7 +81,7 @@ pub struct CloseDecision {
 }
 
 /// How many ways a session can end ([`close_decision`]'s `kind`).
-pub const CLOSE_KINDS: u8 = 14;
+pub const CLOSE_KINDS: u8 = 13;
 
 /// The close table's decision for the way numbered `kind` (modulo
 /// [`CLOSE_KINDS`]); `code` and `reason` are the peer's, for the ways that
@@ -107,11 +107,7 @@ pub fn close_decision(kind: u8, code: u32, reason: &str) -> CloseDecision {
         9 => CloseReason::LinkLost,
         10 => CloseReason::Shutdown,
         11 => CloseReason::TakenOver,
-        12 => CloseReason::ResumeLost("the client did not come back in time"),
-        _ => CloseReason::ClientClosed {
-            code: 1005,
-            reason: String::new(),
-        },
+        _ => CloseReason::ResumeLost("the client did not come back in time"),
     };
     CloseDecision {
         to_client: why.to_client().map(|c| (c.code, c.reason)),
@@ -222,9 +218,15 @@ pub fn exercise_config(config: &Config) -> Result<(), ConfigError> {
     let mut config = config.clone();
     config.listen.wss.clear();
     let s = Settings::from_config(&config)?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .build()
+    static RUNTIME: std::sync::OnceLock<std::io::Result<tokio::runtime::Runtime>> =
+        std::sync::OnceLock::new();
+    let runtime = RUNTIME
+        .get_or_init(|| {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .build()
+        })
+        .as_ref()
         .map_err(|e| ConfigError::Invalid {
             key: "runtime",
             reason: e.to_string(),
@@ -269,10 +271,11 @@ pub fn exercise_config(config: &Config) -> Result<(), ConfigError> {
             let _ = tokio::time::Instant::now() + d + d;
             let mut sleep = std::pin::pin!(tokio::time::sleep(d));
             let _ = futures_poll_once(sleep.as_mut()).await;
-            let mut tick = tokio::time::interval(d);
-            tick.tick().await;
-            let _ = futures_poll_once(std::pin::pin!(tick.tick())).await;
         }
+        // The link writer's heartbeat.
+        let mut tick = tokio::time::interval(link.heartbeat_interval);
+        tick.tick().await;
+        let _ = futures_poll_once(std::pin::pin!(tick.tick())).await;
         for failures in [0, 1, 20, u32::MAX] {
             let _ =
                 crate::backend::backoff(failures, s.backend.reconnect_min, s.backend.reconnect_max);
