@@ -36,7 +36,7 @@ for t in "${targets[@]}"; do
   grep -vE '^#[0-9]+[[:space:]]+(NEW|REDUCE|pulse|INITED)' "$log" | tail -60 >&2
   crash=$(ls -t "artifacts/$t"/* 2>/dev/null | head -1 || true)
   if [ -n "$crash" ]; then
-    cargo +nightly fuzz tmin -O "$t" "$crash" -- -runs=2000 >"$scratch/tmin.log" 2>&1 || true
+    cargo +nightly fuzz tmin -O -r 2000 "$t" "$crash" >"$scratch/tmin.log" 2>&1 || true
     small=$(ls -t "artifacts/$t"/minimized-from-* 2>/dev/null | head -1 || true)
     small=${small:-$crash}
     echo "fuzz: minimised input ($small), reproduce with:" >&2

@@ -77,7 +77,7 @@ fuzz_target!(|data: &[u8]| {
     while !input.is_empty() {
         let b = input.u8();
         let op = match b % 8 {
-            0 | 1 | 2 => Opcode::Continuation,
+            0..=2 => Opcode::Continuation,
             3 | 4 => Opcode::Text,
             5 | 6 => Opcode::Binary,
             _ => Opcode::Control,

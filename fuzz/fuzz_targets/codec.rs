@@ -49,8 +49,8 @@ fn is_framing(o: &Outcome) -> bool {
 }
 
 /// The model's reading of a length prefix: Some((prefix bytes, length)),
-/// None if incomplete, Err(outcome) if malformed.
-fn model_prefix(framing: Framing, b: &[u8]) -> Result<Option<(usize, u64)>, Outcome> {
+/// None if incomplete, Err if malformed.
+fn model_prefix(framing: Framing, b: &[u8]) -> Result<Option<(usize, u64)>, BadPrefix> {
     match framing {
         Framing::U32Be => Ok(
             (b.len() >= 4).then(|| (4, u64::from(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))))
@@ -60,19 +60,22 @@ fn model_prefix(framing: Framing, b: &[u8]) -> Result<Option<(usize, u64)>, Outc
             for (i, &byte) in b.iter().enumerate() {
                 value |= u128::from(byte & 0x7f) << (7 * i);
                 if value > u128::from(u64::MAX) {
-                    return Err(Outcome::BadPrefix);
+                    return Err(BadPrefix);
                 }
                 if byte & 0x80 == 0 {
                     return Ok(Some((i + 1, value as u64)));
                 }
                 if i == 9 {
-                    return Err(Outcome::BadPrefix);
+                    return Err(BadPrefix);
                 }
             }
             Ok(None)
         }
     }
 }
+
+/// A malformed varint prefix.
+struct BadPrefix;
 
 #[derive(Clone, PartialEq, prost::Message)]
 struct SessionIdOnly {
@@ -157,8 +160,8 @@ fn model(codec: &FrameCodec, mut b: &[u8]) -> (Vec<Outcome>, usize) {
     let mut out = Vec::new();
     loop {
         match model_prefix(codec.framing(), b) {
-            Err(o) => {
-                out.push(o);
+            Err(BadPrefix) => {
+                out.push(Outcome::BadPrefix);
                 return (out, 0);
             }
             Ok(None) => return (out, b.len()),
@@ -323,7 +326,7 @@ fn within_limits(f: &Frame) -> bool {
         Some(Body::Resume(r)) => r
             .open
             .as_ref()
-            .map_or(true, |o| o.headers.len() <= MAX_HEADERS),
+            .is_none_or(|o| o.headers.len() <= MAX_HEADERS),
         _ => true,
     }
 }

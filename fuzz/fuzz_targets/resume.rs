@@ -75,7 +75,7 @@ fn headers(input: &mut Input) {
     let resume = input.bool().then(|| value(input));
     let received = input.bool().then(|| value(input));
     // Values hyper would not even parse never reach the gateway.
-    if !resume.as_deref().map_or(true, header_ok) || !received.as_deref().map_or(true, header_ok) {
+    if !resume.as_deref().is_none_or(header_ok) || !received.as_deref().is_none_or(header_ok) {
         return;
     }
     let mut list: Vec<(&str, &[u8])> = Vec::new();
@@ -96,7 +96,7 @@ fn ring(input: &mut Input) {
     let mut all: Vec<(Vec<u8>, bool)> = Vec::new();
     let mut oldest = 0usize;
     while !input.is_empty() {
-        if input.u8() % 4 != 0 {
+        if !input.u8().is_multiple_of(4) {
             let payload = input.short().to_vec();
             let text = input.bool();
             let keep_from = match input.u8() % 3 {
