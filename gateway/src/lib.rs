@@ -44,6 +44,8 @@ mod backend;
 mod close;
 pub mod config;
 mod fleet;
+#[doc(hidden)]
+pub mod fuzzing;
 mod handshake;
 mod listener;
 mod metrics;

@@ -147,7 +147,7 @@ fn ws_upgrade(req: &mut Request<hyper::body::Incoming>) -> Result<Upgrading, Ref
 }
 
 /// What the client asked for about resume.
-enum Ask {
+pub(crate) enum Ask {
     /// Nothing: a plain session.
     None,
     /// A new resumable session.
@@ -156,7 +156,7 @@ enum Ask {
     Resume(Token, u64),
 }
 
-fn resume_ask<B>(req: &Request<B>) -> Result<Ask, &'static str> {
+pub(crate) fn resume_ask<B>(req: &Request<B>) -> Result<Ask, &'static str> {
     let Some(v) = req.headers().get(resume::RESUME_HEADER) else {
         return Ok(Ask::None);
     };

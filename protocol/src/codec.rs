@@ -7,8 +7,11 @@
 //! - [`Framing::U32Be`]: 4 bytes, unsigned big-endian.
 //!
 //! The decoder checks the announced length against the maximum frame size
-//! before it reserves any memory, so a hostile or broken peer cannot make it
-//! allocate more than `max_frame + 10` bytes per link.
+//! before it reserves any memory, so a hostile or broken peer cannot make
+//! its read buffer hold more than `max_frame + 10` bytes per link. Before a
+//! complete body is decoded, the entries of its repeated fields are counted
+//! on the wire against [`crate::limits`], so that decoding a frame costs
+//! about its own size, not a multiple of it.
 
 use bytes::{Buf, BufMut, BytesMut};
 use prost::Message;
@@ -17,6 +20,11 @@ use crate::{Body, Frame};
 
 /// Longest valid varint for a 64-bit value.
 const MAX_VARINT_LEN: usize = 10;
+
+/// The largest `max_frame` a codec uses: a prefix and a body together must
+/// fit in a buffer, which Rust caps at `isize::MAX` bytes. A larger
+/// maximum is lowered to this one.
+pub const MAX_FRAME_LIMIT: usize = isize::MAX as usize - MAX_VARINT_LEN;
 
 /// Which length prefix a link uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,6 +96,10 @@ pub enum DecodeError {
         /// Session id found in the frame.
         session_id: u64,
     },
+    /// A repeated field holds more entries than the contract allows
+    /// ([`crate::limits`]); counted on the wire, the body was not decoded.
+    #[error("frame has more than {} entries in {}", .0.max, .0.field)]
+    TooManyEntries(crate::limits::TooMany),
 }
 
 impl DecodeError {
@@ -105,7 +117,11 @@ impl DecodeError {
             Self::MissingBody { .. }
             | Self::FrameTooLarge { .. }
             | Self::BadLengthPrefix
-            | Self::Protobuf(_) => None,
+            | Self::Protobuf(_)
+            // Only the gateway sends frames with repeated fields (and the
+            // backend its hello_ack, before any session): a peer that
+            // breaks their limits is not one bad value.
+            | Self::TooManyEntries(_) => None,
         }
     }
 }
@@ -131,6 +147,10 @@ pub enum EncodeError {
         /// Configured maximum.
         max: usize,
     },
+    /// A repeated field holds more entries than the contract allows
+    /// ([`crate::limits`]); the peer would reject the frame.
+    #[error("frame has more than {} entries in {}", .0.max, .0.field)]
+    TooManyEntries(crate::limits::TooMany),
 }
 
 /// Encoder and decoder for one link's framing.
@@ -142,12 +162,14 @@ pub struct FrameCodec {
 
 impl FrameCodec {
     /// A codec for `framing` that accepts frame bodies of at most
-    /// `max_frame` bytes (the prefix is not counted).
+    /// `max_frame` bytes (the prefix is not counted), lowered to what the
+    /// prefix can express and to [`MAX_FRAME_LIMIT`].
     pub fn new(framing: Framing, max_frame: usize) -> Self {
         let max_frame = match framing {
             Framing::U32Be => max_frame.min(u32::MAX as usize),
             Framing::Varint => max_frame,
-        };
+        }
+        .min(MAX_FRAME_LIMIT);
         Self { framing, max_frame }
     }
 
@@ -164,7 +186,7 @@ impl FrameCodec {
     /// Bytes a frame occupies on the wire, prefix included.
     pub fn wire_len(&self, frame: &Frame) -> usize {
         let len = frame.encoded_len();
-        self.prefix_len(len) + len
+        self.prefix_len(len).saturating_add(len)
     }
 
     fn prefix_len(&self, len: usize) -> usize {
@@ -183,7 +205,9 @@ impl FrameCodec {
                 max: self.max_frame,
             });
         }
-        dst.reserve(self.prefix_len(len) + len);
+        crate::limits::check_frame(frame).map_err(EncodeError::TooManyEntries)?;
+        // Cannot overflow: len <= max_frame <= MAX_FRAME_LIMIT.
+        dst.reserve(self.prefix_len(len).saturating_add(len));
         match self.framing {
             Framing::Varint => prost::encode_length_delimiter(len, dst).map_err(|_| {
                 EncodeError::FrameTooLarge {
@@ -211,13 +235,20 @@ impl FrameCodec {
         let Some((prefix, len)) = self.peek_len(src)? else {
             return Ok(None);
         };
-        let total = prefix + len;
+        // peek_len keeps len <= max_frame <= MAX_FRAME_LIMIT, so this
+        // cannot fail; checked all the same, as the codec is a public API.
+        let total = prefix.checked_add(len).ok_or(DecodeError::FrameTooLarge {
+            len: len as u64,
+            max: self.max_frame,
+        })?;
         if src.len() < total {
             src.reserve(total - src.len());
             return Ok(None);
         }
         src.advance(prefix);
         let body = src.split_to(len).freeze();
+        // Counted before decoding: decoding allocates per entry.
+        crate::limits::check(&body).map_err(DecodeError::TooManyEntries)?;
         let frame = match Frame::decode(body.clone()) {
             Ok(frame) => frame,
             Err(source) => {
@@ -487,6 +518,91 @@ mod tests {
             codec.encode(&frame, &mut buf).unwrap();
             assert_eq!(codec.decode(&mut buf).unwrap(), Some(frame.clone()));
         }
+    }
+
+    /// Regression (fuzzing): with a maximum near `usize::MAX`, as
+    /// `loadtest --max-frame` allows, `prefix + len` overflowed and the
+    /// decoder panicked (`split_to` out of bounds in release builds).
+    #[test]
+    fn a_length_near_usize_max_is_refused_not_an_overflow() {
+        for announced in [u64::MAX, u64::MAX - 1, u64::MAX - 9, 1 << 63] {
+            let codec = FrameCodec::new(Framing::Varint, usize::MAX);
+            let mut buf = BytesMut::new();
+            prost::encode_length_delimiter(announced as usize, &mut buf).unwrap();
+            buf.extend_from_slice(b"\x08\x01");
+            assert!(matches!(
+                codec.decode(&mut buf),
+                Err(DecodeError::FrameTooLarge { .. })
+            ));
+        }
+        assert_eq!(
+            FrameCodec::new(Framing::Varint, usize::MAX).max_frame(),
+            MAX_FRAME_LIMIT
+        );
+    }
+
+    /// Regression (fuzzing): a 1 MiB `open` of empty headers decoded into
+    /// about 48 MiB before the gateway rejected it. Entries are now counted
+    /// on the wire first.
+    #[test]
+    fn repeated_fields_over_their_limit_are_refused_before_decoding() {
+        use crate::limits::{MAX_CAPABILITIES, MAX_HEADERS};
+        let open = |n: usize| crate::pb::SessionOpen {
+            headers: vec![crate::pb::Header::default(); n],
+            ..Default::default()
+        };
+        let frames = |n_headers: usize, n_caps: usize| {
+            vec![
+                Frame {
+                    session_id: 3,
+                    body: Some(Body::Open(open(n_headers))),
+                },
+                Frame::resume(3, open(n_headers), 0, 0),
+                Frame::hello(crate::pb::Hello {
+                    capabilities: vec![String::new(); n_caps],
+                    ..Default::default()
+                }),
+                Frame::link(Body::HelloAck(crate::pb::HelloAck {
+                    capabilities: vec![String::new(); n_caps],
+                    ..Default::default()
+                })),
+            ]
+        };
+        let codec = FrameCodec::new(Framing::Varint, 1 << 20);
+        for frame in frames(MAX_HEADERS, MAX_CAPABILITIES) {
+            let mut buf = BytesMut::new();
+            codec.encode(&frame, &mut buf).unwrap();
+            assert_eq!(codec.decode(&mut buf).unwrap(), Some(frame));
+        }
+        for frame in frames(MAX_HEADERS + 1, MAX_CAPABILITIES + 1) {
+            let body = frame.encode_to_vec();
+            let mut buf = BytesMut::new();
+            prost::encode_length_delimiter(body.len(), &mut buf).unwrap();
+            buf.extend_from_slice(&body);
+            let err = codec.decode(&mut buf).unwrap_err();
+            assert!(matches!(err, DecodeError::TooManyEntries(_)), "{err:?}");
+            assert_eq!(err.session(), None, "the link is closed");
+            assert!(buf.is_empty(), "the frame was consumed whole");
+            assert!(matches!(
+                codec.encode(&frame, &mut BytesMut::new()),
+                Err(EncodeError::TooManyEntries(_))
+            ));
+        }
+        // Entries add up across repeated occurrences of the message.
+        let half = open(MAX_HEADERS / 2 + 1).encode_to_vec();
+        let mut body = Vec::new();
+        for _ in 0..2 {
+            prost::encoding::encode_key(4, prost::encoding::WireType::LengthDelimited, &mut body);
+            prost::encoding::encode_varint(half.len() as u64, &mut body);
+            body.extend_from_slice(&half);
+        }
+        let mut buf = BytesMut::new();
+        prost::encode_length_delimiter(body.len(), &mut buf).unwrap();
+        buf.extend_from_slice(&body);
+        assert!(matches!(
+            codec.decode(&mut buf),
+            Err(DecodeError::TooManyEntries(_))
+        ));
     }
 
     #[test]

@@ -4,12 +4,15 @@
 //! - [`pb`]: the messages generated from `proto/wsgw/v1/link.proto`;
 //! - [`codec`]: length-prefixed framing (varint or 4-byte big-endian) with a
 //!   maximum frame size enforced before any memory is reserved;
+//! - [`limits`]: caps on the entries of repeated fields, checked on the
+//!   wire before a frame is decoded;
 //! - small constructors for the frames the gateway and backends send.
 //!
 //! `protocol/README.md` is the human-readable contract for backend teams.
 #![warn(missing_docs)]
 
 pub mod codec;
+pub mod limits;
 
 /// Messages generated from `proto/wsgw/v1/link.proto`.
 #[allow(missing_docs, unreachable_pub, clippy::all)]

@@ -292,7 +292,8 @@ impl LinkHandle {
     fn cost_of(&self, frame: &Frame) -> u32 {
         let cost = (self.shared.codec.wire_len(frame) + QUEUED_FRAME_OVERHEAD)
             .min(self.shared.queue_bytes);
-        // Fits: link_queue_bytes is validated below 4 GiB.
+        // Fits, but for a frame within 170 bytes of 4 GiB: the wire length
+        // is at most max_frame_size + 10, and max_frame_size < 4 GiB.
         u32::try_from(cost).unwrap_or(u32::MAX)
     }
 

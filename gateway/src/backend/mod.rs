@@ -22,7 +22,8 @@ use std::time::Duration;
 use protocol::FrameCodec;
 
 mod driver;
-mod flow;
+pub(crate) mod flow;
+pub(crate) mod fuzzing;
 mod handshake;
 mod link;
 mod mailbox;
@@ -32,7 +33,7 @@ pub(crate) use driver::LinkDriver;
 pub(crate) use flow::Flow;
 pub(crate) use link::{LinkGone, LinkHandle, TrySend};
 pub(crate) use mailbox::{Eviction, Gone, Mailbox, MailboxLimits, Queue, ToClient};
-pub(crate) use pool::{Lease, Pool, PoolSettings};
+pub(crate) use pool::{backoff, Lease, Pool, PoolSettings};
 
 /// How long a frame that only informs the backend (a session's close after
 /// its client left, `detached`, `attached`, a client message accepted just

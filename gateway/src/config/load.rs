@@ -10,7 +10,10 @@ use figment::{Figment, Provider};
 use protocol::Framing;
 use serde::Serialize;
 
-use super::{framing_name, Config, ConfigError, FRAME_OVERHEAD};
+use super::{
+    framing_name, Config, ConfigError, FRAME_OVERHEAD, MAX_DURATION, MAX_LINKS_PER_ENDPOINT,
+    MAX_PERMITS,
+};
 
 /// Values given on the command line; each one, when present, overrides the
 /// file and the environment. The flags are declared here, once: serialized,
@@ -184,12 +187,6 @@ impl Config {
         if self.listen.max_handshakes == 0 {
             return Err(invalid("listen.max_handshakes", "must be at least 1"));
         }
-        if self.listen.max_handshakes > tokio::sync::Semaphore::MAX_PERMITS {
-            return Err(invalid(
-                "listen.max_handshakes",
-                format!("must be at most {}", tokio::sync::Semaphore::MAX_PERMITS),
-            ));
-        }
         if self.listen.max_sessions == 0 {
             return Err(invalid("listen.max_sessions", "must be at least 1"));
         }
@@ -274,6 +271,36 @@ impl Config {
                 return Err(invalid(key, "must be greater than zero"));
             }
         }
+        for (key, d) in self.durations() {
+            if d > MAX_DURATION {
+                return Err(invalid(
+                    key,
+                    format!(
+                        "must be at most {}",
+                        humantime_serde::re::humantime::format_duration(MAX_DURATION)
+                    ),
+                ));
+            }
+        }
+        for (key, n) in [
+            ("listen.max_sessions", self.listen.max_sessions),
+            ("listen.max_handshakes", self.listen.max_handshakes),
+            ("backend.link_queue_frames", self.backend.link_queue_frames),
+            (
+                "backend.link_queue_bytes",
+                self.backend.link_queue_bytes.bytes(),
+            ),
+        ] {
+            if n > MAX_PERMITS {
+                return Err(invalid(key, format!("must be at most {MAX_PERMITS}")));
+            }
+        }
+        if self.backend.links_per_endpoint > MAX_LINKS_PER_ENDPOINT {
+            return Err(invalid(
+                "backend.links_per_endpoint",
+                format!("must be at most {MAX_LINKS_PER_ENDPOINT}"),
+            ));
+        }
         if self.backend.heartbeat_timeout <= self.backend.heartbeat_interval {
             return Err(invalid(
                 "backend.heartbeat_timeout",
@@ -337,6 +364,34 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// Every duration in the configuration, by key: each is bounded by
+    /// [`MAX_DURATION`].
+    pub fn durations(&self) -> [(&'static str, Duration); 20] {
+        let (l, s, b) = (&self.listen, &self.session, &self.backend);
+        [
+            ("listen.tls_handshake_timeout", l.tls_handshake_timeout),
+            ("listen.http_header_timeout", l.http_header_timeout),
+            ("session.ping_interval", s.ping_interval),
+            ("session.ping_timeout", s.ping_timeout),
+            ("session.write_timeout", s.write_timeout),
+            ("session.close_timeout", s.close_timeout),
+            ("backend.connect_timeout", b.connect_timeout),
+            ("backend.handshake_timeout", b.handshake_timeout),
+            ("backend.heartbeat_interval", b.heartbeat_interval),
+            ("backend.heartbeat_timeout", b.heartbeat_timeout),
+            ("backend.reconnect_min", b.reconnect_min),
+            ("backend.reconnect_max", b.reconnect_max),
+            ("backend.stable_after", b.stable_after),
+            ("backend.move_timeout", b.move_timeout),
+            ("resume.grace", self.resume.grace),
+            ("resume.handoff_timeout", self.resume.handoff_timeout),
+            ("shutdown.drain_timeout", self.shutdown.drain_timeout),
+            ("shutdown.close_spread", self.shutdown.close_spread),
+            ("fleet.handover_timeout", self.fleet.handover_timeout),
+            ("fleet.directory_ttl", self.fleet.directory_ttl),
+        ]
     }
 
     /// The name sent to the backend in `Hello`.

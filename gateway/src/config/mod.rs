@@ -24,6 +24,26 @@ pub use size::ByteSize;
 /// room for a `SessionOpen` carrying forwarded headers.
 pub const FRAME_OVERHEAD: usize = 4096;
 
+/// The longest any duration in the configuration may be. Each is a
+/// timeout or a period that is useful in seconds or minutes; a day leaves
+/// every plausible value valid, and keeps each far inside what the runtime
+/// does with it: `Instant + duration` (which panics on overflow, as in
+/// hyper's header timer and the link's heartbeat deadline) and tokio's
+/// timers (which cannot wait longer than about two years).
+pub const MAX_DURATION: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// The most permits a tokio semaphore or bounded channel holds (2^61 - 1):
+/// the bound of every count and byte budget the runtime hands to one
+/// (`listen.max_sessions`, `listen.max_handshakes`,
+/// `backend.link_queue_frames`, `backend.link_queue_bytes`). Tokio panics
+/// beyond it.
+pub const MAX_PERMITS: usize = tokio::sync::Semaphore::MAX_PERMITS;
+
+/// The most links per endpoint: each is a socket and a task, and the design
+/// multiplexes thousands of sessions on each; beyond a few dozen a link
+/// pool only costs the backend connections.
+pub const MAX_LINKS_PER_ENDPOINT: usize = 1024;
+
 /// The whole configuration.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]

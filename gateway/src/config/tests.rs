@@ -177,3 +177,75 @@ fn fleet_settings_are_checked_at_validation() {
         "shutdown.close_spread"
     );
 }
+
+/// Regression (fuzzing): these values passed `validate()` (and
+/// `--check-config`) but panicked at run time: tokio's semaphore and channel
+/// limit (2^61 - 1), `Instant + Duration` overflowing (link heartbeat
+/// deadline, hyper's header timer, detach and move deadlines).
+#[test]
+fn values_that_would_panic_at_run_time_are_refused_naming_the_key() {
+    let huge = "\"500000000000years\"";
+    let too_many = (crate::config::MAX_PERMITS as u64 + 1).to_string();
+    let cases = [
+        ("listen.max_sessions", too_many.as_str()),
+        ("listen.max_handshakes", too_many.as_str()),
+        ("backend.link_queue_frames", too_many.as_str()),
+        ("backend.link_queue_bytes", too_many.as_str()),
+        ("backend.links_per_endpoint", "1000000000"),
+        ("backend.heartbeat_timeout", huge),
+        ("session.ping_timeout", huge),
+        ("session.ping_interval", huge),
+        ("listen.http_header_timeout", huge),
+        ("listen.tls_handshake_timeout", huge),
+        ("resume.grace", huge),
+        ("backend.move_timeout", huge),
+        ("backend.reconnect_max", huge),
+        ("shutdown.drain_timeout", huge),
+        // Just past the bound is refused too.
+        ("session.close_timeout", "\"1day 1s\""),
+    ];
+    for (key, value) in cases {
+        let mut o = base();
+        o.set = vec![(key.into(), value.into())];
+        let e = Config::load(None, &o)
+            .err()
+            .unwrap_or_else(|| panic!("{key} = {value} validated"))
+            .to_string();
+        assert!(e.contains(key), "{key}: {e}");
+    }
+}
+
+/// Every bound is itself a working value: the configuration at every
+/// upper bound validates and the runtime can use it.
+#[test]
+fn the_upper_bounds_themselves_work() {
+    let mut o = base();
+    for (key, _) in Config::default().durations() {
+        o.set.push((key.into(), "\"1day\"".into()));
+    }
+    // It must stay below the timeout.
+    o.set
+        .push(("backend.heartbeat_interval".into(), "\"23h\"".into()));
+    let max = crate::config::MAX_PERMITS.to_string();
+    for key in [
+        "listen.max_sessions",
+        "listen.max_handshakes",
+        "backend.link_queue_frames",
+        "backend.link_queue_bytes",
+    ] {
+        o.set.push((key.into(), max.clone()));
+    }
+    let links = crate::config::MAX_LINKS_PER_ENDPOINT.to_string();
+    o.set.push(("backend.links_per_endpoint".into(), links));
+    for key in [
+        "session.client_queue_bytes",
+        "resume.buffer_bytes",
+        "resume.max_detached_bytes",
+        "resume.max_detached",
+    ] {
+        o.set.push((key.into(), i64::MAX.to_string()));
+    }
+    let c = Config::load(None, &o).unwrap();
+    assert_eq!(c.resume.grace, crate::config::MAX_DURATION);
+    crate::fuzzing::exercise_config(&c).unwrap();
+}

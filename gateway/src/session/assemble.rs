@@ -8,7 +8,7 @@ use crate::close::CloseReason;
 /// Reassembles fragmented messages with a cap on the total size, validating
 /// UTF-8 of text messages incrementally so invalid text fails fast.
 #[derive(Default)]
-pub(super) struct Assembler {
+pub(crate) struct Assembler {
     /// Text (true) or binary (false) of the message in progress.
     text: Option<bool>,
     buf: BytesMut,
@@ -17,7 +17,7 @@ pub(super) struct Assembler {
 }
 
 impl Assembler {
-    pub(super) fn push(
+    pub(crate) fn push(
         &mut self,
         opcode: OpCode,
         fin: bool,

@@ -34,6 +34,7 @@ use crate::resume::{AttachRequest, Credentials, Ring, Token};
 use crate::shared::Shared;
 
 mod assemble;
+pub(crate) use assemble::Assembler;
 mod client;
 mod connected;
 mod connection;
