@@ -226,6 +226,9 @@ fn the_upper_bounds_themselves_work() {
     // It must stay below the timeout.
     o.set
         .push(("backend.heartbeat_interval".into(), "\"23h\"".into()));
+    // So must the close spread stay below the drain.
+    o.set
+        .push(("shutdown.close_spread".into(), "\"23h\"".into()));
     let max = crate::config::MAX_PERMITS.to_string();
     for key in [
         "listen.max_sessions",
