@@ -16,7 +16,8 @@ if [ "$#" -gt 0 ]; then
 else
   mapfile -t targets < <(cargo +nightly fuzz list)
 fi
-# -O: optimised, as the gateway ships (with debug assertions and
+# -O: optimised, as the gateway ships (without debug assertions or
+# overflow checks: cargo-fuzz adds them only with -a; with
 # AddressSanitizer, cargo-fuzz's defaults).
 cargo +nightly fuzz build -O
 scratch=$(mktemp -d)

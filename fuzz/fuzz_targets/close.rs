@@ -20,9 +20,13 @@ fn sendable(code: u16) -> bool {
     matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
 }
 
-/// Codes the contract lets a backend pass to its client.
+/// Codes the contract lets a backend pass to its client (4000 is the
+/// gateway's own "resume now": a backend's becomes 1011).
 fn backend_may_send(code: u32) -> bool {
-    matches!(code, 1000..=1003 | 1007..=1009 | 1011..=1014 | 3000..=4999)
+    matches!(
+        code,
+        1000..=1003 | 1007..=1009 | 1011..=1014 | 3000..=3999 | 4001..=4999
+    )
 }
 
 /// `reason` cut to 123 bytes at the last character boundary.
@@ -63,6 +67,7 @@ fuzz_target!(|data: &[u8]| {
                 assert_eq!(r, cut(&reason), "the backend's reason, cut");
             } else {
                 assert_eq!(c, 1011);
+                assert_eq!(r, format!("backend sent invalid close code {code}"));
             }
             assert!(d.to_backend.is_none(), "the backend closed it");
         }

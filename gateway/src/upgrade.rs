@@ -352,6 +352,12 @@ fn session_open<B>(
     let mut budget = MAX_FORWARDED_HEADER_BYTES;
     for name in &shared.session.forward_headers {
         for value in req.headers().get_all(name) {
+            // The contract's limit on entries (a frame with more is never
+            // sent): repeated header names could otherwise pass it.
+            if headers.len() >= protocol::limits::MAX_HEADERS {
+                debug!(header = %name, "forwarded headers over the entry limit; dropping the rest");
+                break;
+            }
             let value = String::from_utf8_lossy(value.as_bytes()).into_owned();
             let size = name.as_str().len() + value.len();
             if size > budget {
