@@ -296,6 +296,7 @@ fn frame(input: &mut Input) -> Frame {
             open: Some(Box::new(open(input))),
             received: input.u64(),
             limit: input.u64(),
+            origin_instance_id: string(input),
         }),
     };
     Frame {
