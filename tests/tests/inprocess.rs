@@ -231,14 +231,14 @@ async fn a_backend_close_while_a_write_to_the_client_is_stalled_reaches_the_clie
     const N: usize = 400;
     push_numbered(&backend, s, N, 32 * 1024);
     // The backend ends the session while that write is stuck.
-    backend.close(s, 4000, "done");
+    backend.close(s, 4001, "done");
     tokio::time::sleep(Duration::from_secs(1)).await;
 
     // The client reads: everything, in order, then the backend's close.
     expect_numbered(&mut client, N).await;
     assert_eq!(
         client.recv().await,
-        Some(Msg::Close(4000, "done".to_owned()))
+        Some(Msg::Close(4001, "done".to_owned()))
     );
 }
 
