@@ -288,15 +288,7 @@ async fn take_over(
     let state = fleet.take(&token, position).await.inspect_err(|why| {
         shared.metrics.handover("in", why.label());
     })?;
-    let import = session::Import {
-        state,
-        token,
-        lease,
-        permit,
-        first: Some(first),
-    };
-    let task = session::run_imported(import, shared.clone());
-    shared.shutdown.spawn_session(task);
+    start_imported(shared, state, token, lease, permit, Some(first));
     Ok(())
 }
 
@@ -319,12 +311,24 @@ pub(crate) fn take_in_late(shared: &Arc<Shared>, state: crate::fleet::wire::Stat
         shared.metrics.handover("in", "lost_late");
         return;
     };
+    start_imported(shared, state, token, lease, permit, None);
+}
+
+/// Spawns a session taken over from another instance.
+fn start_imported(
+    shared: &Arc<Shared>,
+    state: crate::fleet::wire::State,
+    token: Token,
+    lease: crate::backend::Lease,
+    permit: tokio::sync::OwnedSemaphorePermit,
+    first: Option<AttachRequest>,
+) {
     let import = session::Import {
         state,
         token,
         lease,
         permit,
-        first: None,
+        first,
     };
     let task = session::run_imported(import, shared.clone());
     shared.shutdown.spawn_session(task);

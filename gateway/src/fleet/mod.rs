@@ -297,44 +297,42 @@ impl Fleet {
     ) -> Result<wire::State, ResumeRefusal> {
         let key = self.token_key(token.as_str());
         let mut redis = self.redis.clone();
-        {
-            let answer = if owner == self.instance {
-                // Ours by the directory, and not here: handed on lately
-                // (the new holder's entry not written yet), or an entry
-                // left behind by a session that ended.
-                if self.moved_lately(token.as_str()) {
-                    Err(ResumeRefusal::Stale)
-                } else {
-                    Err(ResumeRefusal::Unknown)
-                }
+        let answer = if owner == self.instance {
+            // Ours by the directory, and not here: handed on lately
+            // (the new holder's entry not written yet), or an entry
+            // left behind by a session that ended.
+            if self.moved_lately(token.as_str()) {
+                Err(ResumeRefusal::Stale)
             } else {
-                self.ask(&self.channel(owner), token, position, deadline)
-                    .await
-            };
-            match answer {
-                // Nobody listens on the holder's channel: dead, or between
-                // two subscriptions (a Redis blip). Its liveness key tells.
-                Err(ResumeRefusal::OwnerLost) => {
-                    let alive: bool = redis::cmd("EXISTS")
-                        .arg(self.alive_key(owner))
-                        .query_async(&mut redis)
-                        .await
-                        .map_err(|_| ResumeRefusal::FleetUnavailable)?;
-                    if alive {
-                        return Err(ResumeRefusal::FleetUnavailable);
-                    }
-                    // Gone: so is its entry (unless it changed meanwhile).
-                    let _: Result<(), _> = redis::cmd("EVAL")
-                        .arg(DELETE_IF_OWNER)
-                        .arg(1)
-                        .arg(&key)
-                        .arg(owner)
-                        .query_async(&mut redis)
-                        .await;
-                    Err(ResumeRefusal::OwnerLost)
-                }
-                other => other,
+                Err(ResumeRefusal::Unknown)
             }
+        } else {
+            self.ask(&self.channel(owner), token, position, deadline)
+                .await
+        };
+        match answer {
+            // Nobody listens on the holder's channel: dead, or between
+            // two subscriptions (a Redis blip). Its liveness key tells.
+            Err(ResumeRefusal::OwnerLost) => {
+                let alive: bool = redis::cmd("EXISTS")
+                    .arg(self.alive_key(owner))
+                    .query_async(&mut redis)
+                    .await
+                    .map_err(|_| ResumeRefusal::FleetUnavailable)?;
+                if alive {
+                    return Err(ResumeRefusal::FleetUnavailable);
+                }
+                // Gone: so is its entry (unless it changed meanwhile).
+                let _: Result<(), _> = redis::cmd("EVAL")
+                    .arg(DELETE_IF_OWNER)
+                    .arg(1)
+                    .arg(&key)
+                    .arg(owner)
+                    .query_async(&mut redis)
+                    .await;
+                Err(ResumeRefusal::OwnerLost)
+            }
+            other => other,
         }
     }
 

@@ -30,8 +30,8 @@ use crate::refusal::ResumeRefusal;
 use crate::resume::{AttachRequest, Credentials, Ring, Token};
 use crate::shared::Shared;
 
-/// How long the link's reader gets to take the session off the link (at
-/// most; a fraction of `fleet.handover_timeout`).
+/// How long the link's reader gets to take the session off the link
+/// (`fleet.handover_timeout` is at least 1 s longer).
 const LEAVE_LINK_DEADLINE: Duration = Duration::from_secs(1);
 
 /// The answer to another instance asking for the session.
