@@ -144,9 +144,11 @@ async fn a_backend_flood_to_a_slow_client_is_held_back_by_its_window() {
     // The queue holds at most one window of cost (4 MiB; data past it
     // would end the session); RSS adds the allocator's slack for 1 KiB
     // payloads allocated on one thread and freed on another (measured
-    // 1.5-1.6x), and the client socket's buffers. Without flow control the
-    // same flood would have ended the session as a slow consumer.
-    assert!(grew <= 2 * 4096, "gateway RSS grew {grew} KiB");
+    // 1.5-2.0x: 6.3 to 8.0 MiB, the highest on a CI machine), and the
+    // client socket's buffers. Without flow control the same flood would
+    // have ended the session as a slow consumer; a gateway that let two
+    // windows pile up would measure about 16 MiB.
+    assert!(grew <= 5 * 4096 / 2, "gateway RSS grew {grew} KiB");
     assert!(
         took >= Duration::from_secs(90),
         "the client did not read slowly"
