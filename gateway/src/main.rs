@@ -25,7 +25,35 @@ struct Args {
     overrides: Overrides,
 }
 
+/// Blocks of 128 KiB and more come straight from the kernel and go back to
+/// it when freed: glibc's own default, kept fixed. By default glibc raises
+/// that threshold to the size of every such block freed (up to 32 MiB), so
+/// after the first large message, large messages are carved from the heap
+/// among small long-lived allocations, and their memory stays with the
+/// process when freed: 1,000 idle sessions that each once sent a 512 KiB
+/// message held about 150 KiB each instead of about 22 KiB (BENCHMARKS.md,
+/// `loadtest/bench/memory.py`). The cost: a large message's buffer is an
+/// mmap and munmap of its own. `MALLOC_MMAP_THRESHOLD_` in the environment
+/// still overrides it (glibc reads it first; this only sets the value when
+/// the variable is absent).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[allow(unsafe_code)]
+fn fixed_mmap_threshold() {
+    if std::env::var_os("MALLOC_MMAP_THRESHOLD_").is_some() {
+        return;
+    }
+    // SAFETY: mallopt only changes the allocator's parameters and is safe
+    // to call at any time; this runs first in main, before any thread.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn fixed_mmap_threshold() {}
+
 fn main() -> ExitCode {
+    fixed_mmap_threshold();
     let args = Args::parse();
     let config = match Config::load(args.config.as_deref(), &args.overrides) {
         Ok(c) => c,

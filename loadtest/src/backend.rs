@@ -175,6 +175,10 @@ struct Session {
     consumed: u64,
     /// The limit granted to the gateway.
     granted: u64,
+    /// `received` as of the last `window` sent: what the gateway knows we
+    /// have ("move"), and when the last data frame arrived.
+    acked_received: u64,
+    last_data: Option<Instant>,
     /// Received, not yet consumed (stalled, or no window for the echo).
     inbox: VecDeque<pb::Data>,
     stalled_until: Option<Instant>,
@@ -221,7 +225,16 @@ struct Link<'a> {
     /// Sessions that moved to another link, or that this link refused a
     /// resume of: frames for them still arriving here are late.
     moved_away: HashSet<u64>,
+    /// Sessions with data frames not yet acknowledged ("move"): each gets
+    /// a `window` once it has been quiet for [`QUIET_ACK`].
+    to_ack: HashSet<u64>,
 }
+
+/// protocol/README.md, "Acknowledge a quiet session": with "move", data
+/// frames not yet acknowledged are acknowledged once the session has had
+/// no data frame for this long, so that the gateway does not hold a quiet
+/// client's last messages for the rest of its session.
+const QUIET_ACK: Duration = Duration::from_millis(200);
 
 /// The outcome of taking a session from another link for a `resume`.
 type Stolen = (Key, pb::SessionResume, Option<Session>);
@@ -258,6 +271,7 @@ impl<'a> Link<'a> {
             stolen_tx,
             stolen_rx,
             moved_away: HashSet::new(),
+            to_ack: HashSet::new(),
         }
     }
 
@@ -353,6 +367,9 @@ impl<'a> Link<'a> {
         // Stalled sessions are looked at this often.
         let mut stall_tick = tokio::time::interval(Duration::from_millis(20));
         stall_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        // Quiet sessions are acknowledged within 1.5 x QUIET_ACK.
+        let mut ack_tick = tokio::time::interval(QUIET_ACK / 2);
+        ack_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         loop {
             tokio::select! {
                 r = stream.read_buf(&mut inbuf) => {
@@ -382,6 +399,7 @@ impl<'a> Link<'a> {
                         self.pump(id, &mut out)?;
                     }
                 }
+                _ = ack_tick.tick(), if !self.to_ack.is_empty() => self.ack_quiet(&mut out)?,
                 Some((id, reply)) = self.steal_rx.recv() => {
                     // The gateway resumed this session on another link: it
                     // is no longer ours, and frames for it still arriving
@@ -518,6 +536,10 @@ impl<'a> Link<'a> {
                 }
                 s.received += 1;
                 s.received_cost += window_cost(d.payload.len());
+                if self.moves {
+                    s.last_data = Some(Instant::now());
+                    self.to_ack.insert(id);
+                }
                 if s.received_cost > s.granted {
                     anyhow::bail!(
                         "session {id}: the gateway sent {} bytes of cost past the window {}",
@@ -743,9 +765,40 @@ impl<'a> Link<'a> {
         // The update rule: grant consumed + window once half is used.
         if s.granted.saturating_sub(s.consumed) <= my_window / 2 {
             s.granted = s.consumed + my_window;
+            s.acked_received = s.received;
             codec.encode(&Frame::window(id, s.granted, s.received), out)?;
         }
         Ok(())
+    }
+
+    /// Acknowledges the sessions whose data frames are not yet
+    /// acknowledged and that have had none for [`QUIET_ACK`]; the window
+    /// sent is the current limit, or consumed + window if that is higher.
+    fn ack_quiet(&mut self, out: &mut BytesMut) -> anyhow::Result<()> {
+        let now = Instant::now();
+        let (codec, my_window) = (self.codec, self.my_window);
+        let sessions = &mut self.sessions;
+        let mut result = Ok(());
+        self.to_ack.retain(|id| {
+            let Some(s) = sessions.get_mut(id) else {
+                return false;
+            };
+            if s.acked_received >= s.received {
+                return false;
+            }
+            if s.last_data
+                .is_some_and(|t| now.duration_since(t) < QUIET_ACK)
+            {
+                return true;
+            }
+            s.granted = s.granted.max(s.consumed + my_window);
+            s.acked_received = s.received;
+            if result.is_ok() {
+                result = codec.encode(&Frame::window(*id, s.granted, s.received), out);
+            }
+            false
+        });
+        Ok(result?)
     }
 
     fn push_all(&mut self, out: &mut BytesMut) -> anyhow::Result<()> {

@@ -42,6 +42,13 @@ const READ_CHUNK: usize = 64 * 1024;
 /// the writer is far behind, and a dropped answer is then harmless.
 const HEARTBEAT_ANSWERS: usize = 16;
 
+/// "move": how often the reader looks at sessions whose backend data is
+/// not yet acknowledged. One that got nothing for two looks in a row is
+/// quiet and gets its acknowledgement, 200 to 300 ms after its last data
+/// frame (protocol/README.md, "Acknowledge a quiet session").
+const QUIET_LOOK: std::time::Duration = std::time::Duration::from_millis(100);
+const QUIET_LOOKS: u8 = 2;
+
 /// A frame on its way to the backend, with the bytes it holds of the link's
 /// budget (released once written).
 #[derive(Debug)]
@@ -126,6 +133,8 @@ impl<S: LinkStream> LinkDriver<S> {
             control: queues.control,
             routes: Routes::default(),
             hb_tx,
+            grants: handle.grants(),
+            unacked: Default::default(),
             caps: handle.caps(),
             settings: &settings,
             metrics: &metrics,
@@ -265,6 +274,11 @@ struct Reader<'a, R> {
     control: mpsc::UnboundedReceiver<Control>,
     routes: Routes,
     hb_tx: mpsc::Sender<Frame>,
+    /// "move": quiet sessions' acknowledgements go to the writer here.
+    grants: mpsc::UnboundedSender<(SessionId, Arc<Flow>)>,
+    /// "move": sessions that got backend data since their last grant, with
+    /// `received` at the last look and how many looks it has not changed.
+    unacked: rustc_hash::FxHashMap<SessionId, (u64, u8)>,
     caps: Caps,
     settings: &'a LinkSettings,
     metrics: &'a Metrics,
@@ -274,6 +288,8 @@ impl<R: AsyncRead + Unpin> Reader<'_, R> {
     async fn run(mut self) -> LinkError {
         let timeout = self.settings.heartbeat_timeout;
         let mut deadline = Instant::now() + timeout;
+        let mut quiet = tokio::time::interval(QUIET_LOOK);
+        quiet.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             if let Err(e) = self.dispatch_buffered() {
                 return e;
@@ -292,8 +308,36 @@ impl<R: AsyncRead + Unpin> Reader<'_, R> {
                 _ = tokio::time::sleep_until(deadline) => {
                     return LinkError::HeartbeatTimeout(timeout);
                 }
+                _ = quiet.tick(), if !self.unacked.is_empty() => self.acknowledge_quiet(),
             }
         }
+    }
+
+    /// Sends a grant (the current limit, with `received`) to every session
+    /// whose backend data is unacknowledged and that got none for
+    /// [`QUIET_LOOKS`] looks: without it, the backend would keep a quiet
+    /// session's last messages until the client consumed half a window.
+    fn acknowledge_quiet(&mut self) {
+        let (routes, grants) = (&self.routes, &self.grants);
+        self.unacked.retain(|id, (seen, looks)| {
+            let Some(flow) = routes.get(id).and_then(|r| r.flow.as_ref()) else {
+                return false;
+            };
+            if !flow.unacknowledged() {
+                return false;
+            }
+            let received = flow.received();
+            if received != *seen {
+                (*seen, *looks) = (received, 0);
+                return true;
+            }
+            *looks += 1;
+            if *looks < QUIET_LOOKS {
+                return true;
+            }
+            super::link::queue_grant(grants, *id, flow);
+            false
+        });
     }
 
     /// Decodes and routes every complete frame in the buffer. A frame that
@@ -432,6 +476,9 @@ impl<R: AsyncRead + Unpin> Reader<'_, R> {
             }
             _ => msg,
         };
+        if self.caps.moves && matches!(msg, ToClient::Data { .. }) {
+            self.unacked.entry(id).or_insert((0, 0));
+        }
         let offered = route.offer(msg);
         if !matches!(offered, Offered::Queued) {
             // The backend closed it, or the session is over: no grant may

@@ -51,6 +51,9 @@ pub(crate) struct Flow {
     grant: AtomicU64,
     /// A grant is waiting in the link's writer queue.
     grant_queued: AtomicBool,
+    /// `received` as of the last grant written ("move": what the backend
+    /// knows the gateway has); written by the link's writer.
+    acked_to_backend: AtomicU64,
     /// The session is over (or its route gone): no more grants for it, so
     /// that none follows its `close` on the wire.
     ended: AtomicBool,
@@ -182,7 +185,15 @@ impl Flow {
         if self.ended.load(Ordering::Acquire) {
             return None;
         }
-        Some((self.grant.load(Ordering::Acquire), self.received()))
+        let received = self.received();
+        self.acked_to_backend.store(received, Ordering::Relaxed);
+        Some((self.grant.load(Ordering::Acquire), received))
+    }
+
+    /// Whether backend data frames have arrived that no grant written so
+    /// far acknowledged (see [`Flow::take_grant`]).
+    pub(crate) fn unacknowledged(&self) -> bool {
+        self.received() > self.acked_to_backend.load(Ordering::Relaxed)
     }
 
     /// No more grants for this session: it is ending (its `close` is on its

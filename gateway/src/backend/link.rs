@@ -209,10 +209,13 @@ impl LinkHandle {
     /// acknowledgement) soon, unless one is already waiting. Never waits:
     /// grants do not take room on the link.
     pub(crate) fn send_grant(&self, id: SessionId, flow: &Arc<Flow>) {
-        if flow.queue_grant() {
-            // An error means the link is gone; a resume carries the grant.
-            let _ = self.shared.grants.send((id, flow.clone()));
-        }
+        queue_grant(&self.shared.grants, id, flow);
+    }
+
+    /// The writer's grant queue, for the link's reader (quiet sessions'
+    /// acknowledgements).
+    pub(super) fn grants(&self) -> mpsc::UnboundedSender<(SessionId, Arc<Flow>)> {
+        self.shared.grants.clone()
     }
 
     /// Takes a session off the link; late backend frames for it are dropped.
@@ -305,5 +308,18 @@ impl LinkHandle {
         if queued >= BACKING_UP_DEPTH {
             frame.compact();
         }
+    }
+}
+
+/// Queues the session's current grant for the writer, unless one already
+/// waits.
+pub(super) fn queue_grant(
+    grants: &mpsc::UnboundedSender<(SessionId, Arc<Flow>)>,
+    id: SessionId,
+    flow: &Arc<Flow>,
+) {
+    if flow.queue_grant() {
+        // An error means the link is gone; a resume carries the grant.
+        let _ = grants.send((id, flow.clone()));
     }
 }

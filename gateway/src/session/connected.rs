@@ -13,7 +13,7 @@ use tokio::time::{Instant, Sleep};
 use super::client::{on_client_frame, read_error_end};
 use super::connection::{linger, read_frame, ClientFrame, Connection, ReadError, Reader};
 use super::signals::{stale, Listen, Signal};
-use super::upstream::{self, NotMoved};
+use super::upstream::{self, NotMoved, UpstreamEvent};
 use super::{End, Io, Session};
 use crate::backend::{Gone, LinkGone, ToClient, ADVISORY_SEND_DEADLINE};
 use crate::close::CloseReason;
@@ -95,8 +95,11 @@ impl Session {
                     },
                     () = &mut drain_at, if !listen.drain => Step::Break(End::clean(self.drain_reason())),
                     msg = self.queue.recv() => self.on_backend(&mut conn, msg).await,
-                    r = upstream::send_pending(&self.link, &mut self.pending, self.upstream.as_mut()),
-                        if self.pending.is_some() => self.on_link_room(r),
+                    e = upstream::send_or_trim(&self.link, &mut self.pending, self.upstream.as_mut()),
+                        if self.pending.is_some() || self.holds_unacknowledged() => match e {
+                            UpstreamEvent::Sent(r) => self.on_link_room(r),
+                            UpstreamEvent::Acknowledged => Step::Continue(()),
+                        },
                     (r, res) = &mut read, if conn.reading && self.pending.is_none() => {
                         read.set(read_frame(r));
                         self.on_client_frame(&mut conn, res).await

@@ -151,6 +151,12 @@ impl Upstream {
         self.sent_cost + cost <= limit
     }
 
+    /// Whether client messages are kept, waiting for the backend's
+    /// acknowledgement ("move").
+    pub(super) fn holds_unacknowledged(&self) -> bool {
+        self.unacked.as_ref().is_some_and(|(u, _)| !u.is_empty())
+    }
+
     /// Forgets what the backend has acknowledged.
     fn trim(&mut self) {
         let Some((unacked, _)) = self.unacked.as_mut() else {
@@ -181,6 +187,38 @@ fn cost_of(frame: &Frame) -> u64 {
     match &frame.body {
         Some(Body::Data(d)) => protocol::window_cost(d.payload.len()),
         _ => 0,
+    }
+}
+
+/// What the session's upstream side did.
+pub(super) enum UpstreamEvent {
+    /// The pending client message went (or the link is gone).
+    Sent(Result<(), LinkGone>),
+    /// A window from the backend freed the client messages it acknowledged.
+    Acknowledged,
+}
+
+/// With a message pending, [`send_pending`]. Otherwise, while the session
+/// keeps client messages the backend has not acknowledged ("move"), waits
+/// for the backend's next window and frees what it acknowledges: a backend
+/// acknowledges a quiet session within about 300 ms (protocol/README.md,
+/// "Acknowledge a quiet session"), so an idle session does not keep its
+/// last messages. Never returns when there is neither. Cancel-safe.
+pub(super) async fn send_or_trim(
+    link: &LinkHandle,
+    pending: &mut Option<Frame>,
+    upstream: Option<&mut Upstream>,
+) -> UpstreamEvent {
+    if pending.is_some() {
+        return UpstreamEvent::Sent(send_pending(link, pending, upstream).await);
+    }
+    match upstream {
+        Some(up) if up.holds_unacknowledged() => {
+            up.flow.next_window().await;
+            up.trim();
+            UpstreamEvent::Acknowledged
+        }
+        _ => std::future::pending().await,
     }
 }
 
@@ -257,6 +295,13 @@ impl Session {
     /// Whether the session moves to another link when its own is lost.
     pub(super) fn moves(&self) -> bool {
         self.upstream.as_ref().is_some_and(Upstream::moves)
+    }
+
+    /// Whether client messages wait for the backend's acknowledgement.
+    pub(super) fn holds_unacknowledged(&self) -> bool {
+        self.upstream
+            .as_ref()
+            .is_some_and(Upstream::holds_unacknowledged)
     }
 
     /// The session's link was lost. With "move" it continues on another
