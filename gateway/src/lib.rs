@@ -37,6 +37,9 @@
 //! replay ring), `fleet/` (several instances sharing resumable sessions
 //! through Redis; the session side is `session/handover.rs`),
 //! `metrics.rs` and `admin.rs`.
+// No unsafe code here: only the gateway binary has one documented exception
+// (gateway/src/main.rs), which is why the workspace lint is deny, not forbid.
+#![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 mod admin;

@@ -34,8 +34,9 @@ struct Args {
 /// message held about 150 KiB each instead of about 22 KiB (BENCHMARKS.md,
 /// `loadtest/bench/memory.py`). The cost: a large message's buffer is an
 /// mmap and munmap of its own. `MALLOC_MMAP_THRESHOLD_` in the environment
-/// still overrides it (glibc reads it first; this only sets the value when
-/// the variable is absent).
+/// still chooses another value (this leaves it alone when the variable is
+/// set); `GLIBC_TUNABLES=glibc.malloc.mmap_threshold` does not (this call
+/// overrides it).
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 #[allow(unsafe_code)]
 fn fixed_mmap_threshold() {

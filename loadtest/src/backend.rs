@@ -228,6 +228,8 @@ struct Link<'a> {
     /// Sessions with data frames not yet acknowledged ("move"): each gets
     /// a `window` once it has been quiet for [`QUIET_ACK`].
     to_ack: HashSet<u64>,
+    /// When the frames being handled were read (one clock read per read).
+    read_at: Instant,
 }
 
 /// protocol/README.md, "Acknowledge a quiet session": with "move", data
@@ -272,6 +274,7 @@ impl<'a> Link<'a> {
             stolen_rx,
             moved_away: HashSet::new(),
             to_ack: HashSet::new(),
+            read_at: Instant::now(),
         }
     }
 
@@ -376,6 +379,7 @@ impl<'a> Link<'a> {
                     if r? == 0 {
                         return Ok(());
                     }
+                    self.read_at = Instant::now();
                     while let Some(frame) = self.codec.decode(&mut inbuf)? {
                         if let After::Steal(id, resume, owner) = self.on_frame(frame, &mut out)? {
                             self.steal(id, resume, owner);
@@ -537,8 +541,11 @@ impl<'a> Link<'a> {
                 s.received += 1;
                 s.received_cost += window_cost(d.payload.len());
                 if self.moves {
-                    s.last_data = Some(Instant::now());
-                    self.to_ack.insert(id);
+                    s.last_data = Some(self.read_at);
+                    // Listed once, when it stops being all acknowledged.
+                    if s.received == s.acked_received + 1 {
+                        self.to_ack.insert(id);
+                    }
                 }
                 if s.received_cost > s.granted {
                     anyhow::bail!(
@@ -698,6 +705,7 @@ impl<'a> Link<'a> {
     ) -> anyhow::Result<()> {
         s.ack(id, r.received)?;
         s.limit = s.limit.max(r.limit);
+        s.acked_received = s.received;
         self.codec
             .encode(&Frame::window(id, s.granted, s.received), out)?;
         let mut resent = 0;

@@ -1,4 +1,7 @@
 //! `loadtest`: the gateway's reference backend and development tools.
+// No unsafe code here: only the gateway binary has one documented exception
+// (gateway/src/main.rs), which is why the workspace lint is deny, not forbid.
+#![forbid(unsafe_code)]
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -300,6 +300,9 @@ impl<R: AsyncRead + Unpin> Reader<'_, R> {
             tokio::select! {
                 biased;
                 Some(c) = self.control.recv() => self.apply(c),
+                // Ahead of the read, which a busy link would always win;
+                // it fires at most ten times a second.
+                _ = quiet.tick(), if !self.unacked.is_empty() => self.acknowledge_quiet(),
                 r = self.rd.read_buf(&mut self.buf) => match r {
                     Ok(0) => return LinkError::Eof,
                     Ok(_) => deadline = Instant::now() + timeout,
@@ -308,7 +311,6 @@ impl<R: AsyncRead + Unpin> Reader<'_, R> {
                 _ = tokio::time::sleep_until(deadline) => {
                     return LinkError::HeartbeatTimeout(timeout);
                 }
-                _ = quiet.tick(), if !self.unacked.is_empty() => self.acknowledge_quiet(),
             }
         }
     }

@@ -43,7 +43,7 @@ fn driver() -> (LinkDriver<DuplexStream>, LinkHandle, DuplexStream) {
 }
 
 /// The backend's side: reads frames until the gateway closes the link.
-async fn read_all(mut end: DuplexStream) -> Vec<(Duration, Frame)> {
+async fn read_all(mut end: impl AsyncRead + Unpin) -> Vec<(Duration, Frame)> {
     let codec = settings().codec;
     let start = Instant::now();
     let mut buf = BytesMut::new();
@@ -58,7 +58,7 @@ async fn read_all(mut end: DuplexStream) -> Vec<(Duration, Frame)> {
     }
 }
 
-async fn write(end: &mut DuplexStream, frame: Frame) {
+async fn write(end: &mut (impl AsyncWrite + Unpin), frame: Frame) {
     let mut out = BytesMut::new();
     settings().codec.encode(&frame, &mut out).unwrap();
     end.write_all(&out).await.unwrap();
@@ -234,4 +234,61 @@ async fn an_undecodable_frame_ends_only_its_session_and_the_link_lives_on() {
         Some(ToClient::Invalid { .. })
     ));
     assert!(matches!(good_queue.try_recv(), Some(ToClient::Data { .. })));
+}
+
+/// "move": the backend's data in a session that then goes quiet is
+/// acknowledged 200 to 300 ms after its last data frame, with the grant
+/// unchanged (protocol/README.md, "Acknowledge a quiet session"); data
+/// that keeps coming postpones it.
+#[tokio::test(start_paused = true)]
+async fn a_quiet_session_gets_its_acknowledgement_200_to_300_ms_after_its_last_data() {
+    let (gateway_end, backend_end) = tokio::io::duplex(256 * 1024);
+    let s = settings();
+    let window = s.session_window;
+    let caps = Caps {
+        flow: true,
+        moves: true,
+        fleet: false,
+        backend_window: window,
+    };
+    let (handle, queues) = LinkHandle::new(0, 2, caps, &s);
+    let d = LinkDriver {
+        stream: gateway_end,
+        leftover: BytesMut::new(),
+        queues,
+        settings: s,
+        metrics: Arc::new(Metrics::new().unwrap()),
+        handle: handle.clone(),
+    };
+    let _mailbox = handle.register(SessionId(7)).unwrap();
+    let (rd, mut wr) = tokio::io::split(backend_end);
+    let shutdown = CancellationToken::new();
+    let stop = shutdown.clone();
+    let backend_side = async move {
+        let start = Instant::now();
+        write(&mut wr, Frame::data(7, Bytes::from_static(b"one"), false)).await;
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        write(&mut wr, Frame::data(7, Bytes::from_static(b"two"), false)).await;
+        let last = start.elapsed();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        stop.cancel();
+        (last, wr)
+    };
+    let (end, frames, (last, _wr)) = tokio::join!(d.run(shutdown), read_all(rd), backend_side);
+    assert!(matches!(end, LinkError::Shutdown));
+    let windows: Vec<_> = frames
+        .iter()
+        .filter_map(|(at, f)| match &f.body {
+            Some(Body::Window(w)) if f.session_id == 7 => Some((*at, w.limit, w.received)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(windows.len(), 1, "{windows:?}");
+    let (at, limit, received) = windows[0];
+    assert_eq!((limit, received), (window, 2));
+    let after = at - last;
+    assert!(
+        after >= Duration::from_millis(200) && after <= Duration::from_millis(300),
+        "acknowledged {after:?} after the last data frame"
+    );
 }

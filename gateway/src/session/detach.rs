@@ -9,7 +9,7 @@ use tracing::debug;
 
 use super::deliver::check_backend_message;
 use super::signals::{stale, Listen, Signal};
-use super::upstream::{self, NotMoved};
+use super::upstream::{self, NotMoved, UpstreamEvent};
 use super::{Io, Session};
 use crate::backend::{Gone, ToClient, ADVISORY_SEND_DEADLINE, QUEUED_OVERHEAD};
 use crate::close::CloseReason;
@@ -160,11 +160,12 @@ impl Session {
                         return Err(CloseReason::ResumeLost("resume channel closed"));
                     }
                 },
-                // A client message accepted before the loss still goes out.
-                r = upstream::send_pending(&self.link, &mut self.pending, self.upstream.as_mut()),
-                    if self.pending.is_some() =>
+                // A client message accepted before the loss still goes
+                // out; what the backend acknowledges is freed.
+                e = upstream::send_or_trim(&self.link, &mut self.pending, self.upstream.as_mut()),
+                    if self.pending.is_some() || self.holds_unacknowledged() =>
                 {
-                    if r.is_err() && !self.moves() {
+                    if matches!(e, UpstreamEvent::Sent(Err(_))) && !self.moves() {
                         return Err(CloseReason::LinkLost);
                     }
                 }
