@@ -38,7 +38,7 @@
 //! through Redis; the session side is `session/handover.rs`),
 //! `metrics.rs` and `admin.rs`.
 // No unsafe code here: only the gateway binary has one documented exception
-// (gateway/src/main.rs), which is why the workspace lint is deny, not forbid.
+// (jemalloc's options in gateway/src/main.rs), so the workspace lint is deny.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 

@@ -25,36 +25,35 @@ struct Args {
     overrides: Overrides,
 }
 
-/// Blocks of 128 KiB and more come straight from the kernel and go back to
-/// it when freed: glibc's own default, kept fixed. By default glibc raises
-/// that threshold to the size of every such block freed (up to 32 MiB), so
-/// after the first large message, large messages are carved from the heap
-/// among small long-lived allocations, and their memory stays with the
-/// process when freed: 1,000 idle sessions that each once sent a 512 KiB
-/// message held about 150 KiB each instead of about 22 KiB (BENCHMARKS.md,
-/// `loadtest/bench/memory.py`). The cost: a large message's buffer is an
-/// mmap and munmap of its own. `MALLOC_MMAP_THRESHOLD_` in the environment
-/// still chooses another value (this leaves it alone when the variable is
-/// set); `GLIBC_TUNABLES=glibc.malloc.mmap_threshold` does not (this call
-/// overrides it).
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-#[allow(unsafe_code)]
-fn fixed_mmap_threshold() {
-    if std::env::var_os("MALLOC_MMAP_THRESHOLD_").is_some() {
-        return;
-    }
-    // SAFETY: mallopt only changes the allocator's parameters and is safe
-    // to call at any time; this runs first in main, before any thread.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
-    }
-}
+/// jemalloc, not glibc's malloc: an idle session must not keep the memory
+/// of a large message it once sent (issue 12). glibc raises its mmap
+/// threshold to the size of every large block freed, so after the first
+/// large message the next ones are carved from the heap among small
+/// long-lived allocations, and their memory stays with the process:
+/// 1,000 idle sessions that each once sent a 512 KiB message held about
+/// 150 KiB each. Keeping glibc's threshold fixed instead gave the memory
+/// back but made every large message an mmap of its own (2.1 times the
+/// CPU per 512 KiB message, 20 times the page faults). jemalloc with a
+/// background thread returns freed pages within about a second and reuses
+/// them meanwhile: about 22 KiB each, and large messages cost what they
+/// did. The figures are in BENCHMARKS.md (`loadtest/bench/memory.py`).
+#[cfg(feature = "jemalloc")]
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn fixed_mmap_threshold() {}
+/// jemalloc's options, read when it starts (before `main`): a background
+/// thread purges unused pages 1 s after they are freed (the default is
+/// 10 s, and without the thread purging waits for later allocations).
+/// `_RJEM_MALLOC_CONF` in the environment is applied on top.
+// The one exception to the workspace's `unsafe_code` lint: jemalloc finds
+// its options through this exported symbol (a NUL-terminated string that
+// nothing writes), which Rust counts as unsafe.
+#[cfg(feature = "jemalloc")]
+#[allow(unsafe_code)]
+#[export_name = "_rjem_malloc_conf"]
+static MALLOC_CONF: &[u8] = b"background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0\0";
 
 fn main() -> ExitCode {
-    fixed_mmap_threshold();
     let args = Args::parse();
     let config = match Config::load(args.config.as_deref(), &args.overrides) {
         Ok(c) => c,

@@ -97,7 +97,7 @@ def main() -> int:
     ap.add_argument("-n", type=int, default=1000, help="sessions")
     ap.add_argument("--sizes", default="0,65536,524288", help="message sizes in bytes, comma-separated")
     ap.add_argument("--transports", default="ws,wss")
-    ap.add_argument("--settle", type=float, default=2.0, help="seconds idle before RSS is read")
+    ap.add_argument("--settle", type=float, default=3.0, help="seconds idle before RSS is read")
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--ab", help="an old gateway binary to run interleaved with the new one")
     ap.add_argument("--backend-args", default="", help="extra arguments for `loadtest backend`")

@@ -1,7 +1,7 @@
 //! The load generator's library: the reference backend and development
 //! certificates, shared by the `loadtest` binary and the end-to-end tests.
 // No unsafe code here: only the gateway binary has one documented exception
-// (gateway/src/main.rs), which is why the workspace lint is deny, not forbid.
+// (jemalloc's options in gateway/src/main.rs), so the workspace lint is deny.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 

@@ -1,6 +1,6 @@
 //! `loadtest`: the gateway's reference backend and development tools.
 // No unsafe code here: only the gateway binary has one documented exception
-// (gateway/src/main.rs), which is why the workspace lint is deny, not forbid.
+// (jemalloc's options in gateway/src/main.rs), so the workspace lint is deny.
 #![forbid(unsafe_code)]
 
 use std::net::SocketAddr;

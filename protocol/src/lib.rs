@@ -10,7 +10,7 @@
 //!
 //! `protocol/README.md` is the human-readable contract for backend teams.
 // No unsafe code here: only the gateway binary has one documented exception
-// (gateway/src/main.rs), which is why the workspace lint is deny, not forbid.
+// (jemalloc's options in gateway/src/main.rs), so the workspace lint is deny.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 

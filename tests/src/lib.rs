@@ -6,7 +6,7 @@
 //! Tests learn ports from the processes themselves (they bind port 0 and
 //! print `listening ...`), never from fixed ports or sleeps.
 // No unsafe code here: only the gateway binary has one documented exception
-// (gateway/src/main.rs), which is why the workspace lint is deny, not forbid.
+// (jemalloc's options in gateway/src/main.rs), so the workspace lint is deny.
 #![forbid(unsafe_code)]
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 

@@ -544,8 +544,10 @@ async fn a_stuck_link_holds_no_more_than_link_queue_bytes() {
         "only {last} messages ({held_mib} MiB) were accepted before the pause"
     );
     // The queue; per client a 64 KiB read and the message being read; and
-    // 6 MiB of allocator slack (measured: 1.10-1.17 x the queue in all).
-    let bound = QUEUE_MIB * 1024 + CLIENTS as u64 * 128 + 6 * 1024;
+    // 10 MiB of allocator slack (measured: 1.10-1.17 x the queue in all
+    // with glibc's malloc, 1.29 with jemalloc, whose size classes round a
+    // block just over 16 KiB up to 20 KiB).
+    let bound = QUEUE_MIB * 1024 + CLIENTS as u64 * 128 + 10 * 1024;
     let grew = gw.proc.peak_rss_kib().saturating_sub(rss_before);
     println!("paused after {last} messages; peak RSS grew by {grew} KiB (bound {bound} KiB)");
     assert!(

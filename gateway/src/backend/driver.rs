@@ -229,6 +229,10 @@ impl<W: AsyncWrite + Unpin> Writer<'_, W> {
                     return LinkError::Io(e);
                 }
                 buf.clear();
+                if buf.capacity() > 2 * MAX_WRITE {
+                    // Grown for a large frame: the link does not keep it.
+                    buf = BytesMut::with_capacity(READ_CHUNK);
+                }
                 self.handle.release(std::mem::take(&mut released));
                 if frames.peek().is_none() {
                     break;
@@ -293,6 +297,10 @@ impl<R: AsyncRead + Unpin> Reader<'_, R> {
         loop {
             if let Err(e) = self.dispatch_buffered() {
                 return e;
+            }
+            if self.buf.is_empty() && self.buf.capacity() > 4 * READ_CHUNK {
+                // Grown for a large frame: the link does not keep it.
+                self.buf = BytesMut::with_capacity(READ_CHUNK);
             }
             if self.buf.capacity() - self.buf.len() < READ_CHUNK / 4 {
                 self.buf.reserve(READ_CHUNK);
