@@ -1697,6 +1697,19 @@ class Link:
             self.b.events.append(("resume_refused", sid, code))
             self.send_nowait(Frame(sid, "close", SessionClose(code, reason)))
             return
+        if sess.link is not None and sess.link is not self and sess.link.poisoned:
+            # Its link broke the protocol on purpose (cmd:violate), and the
+            # gateway resumed the session here before that link's end was
+            # handled: it ends with that link all the same, as
+            # `link_lost` would have recorded (close 1012).
+            self.b.link_lost(sess.link, False)
+            self.log(f"resume for session {sid}, whose link broke the protocol: close 1012")
+            self.closed_by_us.add(sid)
+            self.b.resumes_refused += 1
+            self.b.events.append(("resume_refused", sid, 1012))
+            self.send_nowait(Frame(sid, "close", SessionClose(
+                1012, "its link ended with a protocol violation")))
+            return
         if not sess.move:
             raise self.violation(f"resume for session {sid}, opened on a link without move")
         if body.open != sess.open:
