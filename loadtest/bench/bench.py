@@ -68,6 +68,12 @@ class Proc:
         f = Path(f"/proc/{self.p.pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(f[11]) + int(f[12])) / TICK
 
+    def cpu_with_children_s(self) -> float:
+        """Its CPU and that of its children that have ended and been
+        waited for (websockify forks a process per connection)."""
+        f = Path(f"/proc/{self.p.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return sum(int(x) for x in f[11:15]) / TICK
+
     def rss_kib(self) -> int:
         for line in Path(f"/proc/{self.p.pid}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
@@ -196,6 +202,14 @@ def main() -> int:
         procs.append(websockify)
         time.sleep(1)
 
+        # The server side of each target: every process that relays or
+        # answers a message (the bridge and what stands behind it).
+        servers = {
+            "gateway wss": [gw, backend],
+            "gateway ws": [gw, backend],
+            "websocat ws": [websocat, echo],
+            "websockify ws": [websockify, echo],
+        }
         targets = {
             "gateway wss": ["--url", f"wss://localhost:{gw_wss.split(':')[1]}/ws", *ca],
             "gateway ws": ["--url", f"ws://{gw_ws}/ws"],
@@ -207,7 +221,11 @@ def main() -> int:
         for rnd in range(a.rounds):
             for name, t in targets.items():
                 m0, c0 = (metrics(gw_admin), gw.cpu_s()) if name.startswith("gateway") else (None, None)
+                s0 = sum(p.cpu_with_children_s() for p in servers[name])
                 r = loadtest([*t, *common])
+                if "messages" in r:
+                    s1 = sum(p.cpu_with_children_s() for p in servers[name])
+                    r["server_cpu_us_per_rt"] = (s1 - s0) * 1e6 / max(r["messages"], 1)
                 if m0 is not None and "messages" in r:
                     m1, c1 = metrics(gw_admin), gw.cpu_s()
                     relayed = m1.get("gateway_messages_total", 0) - m0.get("gateway_messages_total", 0)
@@ -393,15 +411,23 @@ def render(r: dict) -> str:
     tp = r["throughput"]
     med_rate = {k: med([x.get("msgs_per_s") for x in v]) for k, v in tp.items()}
     lines += [f"### Throughput: {s['connections']} connections, 64-byte binary, one in flight, {s['duration']} each",
-              "", "| target | round trips/s | p50 µs | p99 µs | errors | vs websocat | vs websockify |",
-              "|---|---:|---:|---:|---|---:|---:|"]
+              "", "| target | round trips/s | server CPU µs per round trip | p50 µs | p99 µs | errors | vs websocat | vs websockify |",
+              "|---|---:|---:|---:|---:|---|---:|---:|"]
     for k, v in tp.items():
         errs = med([sum(x.get("errors", {}).values()) if "errors" in x else None for x in v])
         rate = med_rate[k]
         vs = lambda peer: fmt(rate / med_rate[peer], 2) + "x" if rate and med_rate.get(peer) else "–"
-        lines.append(f"| {k} | {fmt(rate)} | {fmt(med([x.get('p50_us') for x in v]))} | "
+        lines.append(f"| {k} | {fmt(rate)} | {fmt(med([x.get('server_cpu_us_per_rt') for x in v]), 2)} | "
+                     f"{fmt(med([x.get('p50_us') for x in v]))} | "
                      f"{fmt(med([x.get('p99_us') for x in v]))} | {fmt(errs)} | {vs('websocat ws')} | {vs('websockify ws')} |")
     g = tp["gateway wss"]
+    cpu = {k: med([x.get("server_cpu_us_per_rt") for x in v]) for k, v in tp.items()}
+    if cpu.get("websocat ws"):
+        lines += ["", "Server CPU per round trip: every server-side process of the target (the gateway and the "
+                  "reference backend; websocat or websockify and the TCP echo), user + system, over the round "
+                  "trips completed. Against websocat: " + ", ".join(
+                      f"{k} {fmt(cpu[k] / cpu['websocat ws'], 2)}x" for k in cpu
+                      if cpu.get(k) and k != "websocat ws") + "."]
     lines += ["", f"Gateway CPU per relayed round trip (wss): {fmt(med([x.get('gateway_cpu_us_per_rt') for x in g]), 2)} µs; "
               f"(ws): {fmt(med([x.get('gateway_cpu_us_per_rt') for x in tp['gateway ws']]), 2)} µs. "
               f"Frames per backend write (wss run): {fmt(med([x.get('frames_per_link_write') for x in g]), 1)}.", ""]
