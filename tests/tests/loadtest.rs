@@ -249,9 +249,13 @@ async fn loadtest_agrees_with_an_independent_client() {
         (a - b).abs() / b < 0.1,
         "loadtest {a} msg/s vs independent client {b} msg/s"
     );
-    // Both see an unloaded gateway answer within milliseconds at the median.
-    assert!(ours["p50_us"].as_u64().unwrap() < 5_000, "{ours}");
-    assert!(theirs["p50_us"].as_u64().unwrap() < 5_000, "{theirs}");
+    // Neither sees a per-message stall at the median. Nagle's algorithm
+    // meeting a delayed ACK would hold each echo for 40 ms or more; anything
+    // below that is other tests sharing the machine's two cores (CI measured
+    // a 6 ms median while this binary's other tests ran). Latency targets
+    // live in BENCHMARKS.md, not here.
+    assert!(ours["p50_us"].as_u64().unwrap() < 40_000, "{ours}");
+    assert!(theirs["p50_us"].as_u64().unwrap() < 40_000, "{theirs}");
 }
 
 /// Churn: clients vanish (RST) and resume; loadtest reports continuity.
