@@ -109,25 +109,28 @@ fn open_session(
     // path, so at the default info level it is disabled, and the few
     // session logs above debug carry the id themselves.
     let span = tracing::debug_span!("session", id = id.0, peer = %peer);
-    let start = SessionStart {
+    // Boxed, like the connection below: see `session::run`.
+    let start = Box::new(SessionStart {
         id,
         lease,
         open,
         permit,
         resume,
-    };
+    });
     let task_shared = shared.clone();
     let fut = async move {
-        match upgrade.await {
-            Ok(ws) => session::run(ws, start, task_shared).await,
+        let ws = match upgrade.await {
+            Ok(ws) => Box::new(ws),
             Err(e) => {
                 // The session never started: its credential must not stay.
                 if let Some((token, _)) = &start.resume {
                     task_shared.resumable.remove(token);
                 }
                 debug!(error = %e, "upgrade did not complete");
+                return;
             }
-        }
+        };
+        session::run(ws, start, task_shared).await;
     }
     .instrument(span);
     shared.shutdown.spawn_session(fut);

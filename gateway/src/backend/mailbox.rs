@@ -21,10 +21,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 use protocol::SessionId;
 
+use super::chan;
 use super::flow::Flow;
 use super::{LinkHandle, BACKING_UP_DEPTH, QUEUED_OVERHEAD};
 
@@ -143,7 +144,7 @@ impl Fill {
 
 /// Backend messages for one session, in order, bounded by bytes.
 pub(crate) struct Queue {
-    rx: mpsc::Receiver<ToClient>,
+    rx: chan::Receiver<ToClient>,
     /// Shared with the route.
     fill: Arc<Fill>,
     /// Bytes of the message the session took last and has not yet written:
@@ -170,7 +171,7 @@ struct QueueFlow {
     /// A sender kept for the session's next route when it moves to another
     /// link ("move"); `None` otherwise, so that the queue ends with its
     /// route.
-    spare: Option<mpsc::Sender<ToClient>>,
+    spare: Option<chan::Sender<ToClient>>,
 }
 
 /// Watches for the route going away. Unlike a bare oneshot receiver it can
@@ -183,7 +184,7 @@ pub(crate) struct Eviction {
 
 /// The reader's entry for one session.
 pub(super) struct Route {
-    tx: mpsc::Sender<ToClient>,
+    tx: chan::Sender<ToClient>,
     fill: Arc<Fill>,
     evict: oneshot::Sender<Evict>,
     /// On a link with flow control, the session's state.
@@ -211,10 +212,8 @@ impl Mailbox {
         flow: Option<(LinkHandle, Arc<Flow>)>,
         moves: bool,
     ) -> (Self, Route) {
-        // The byte bound is reached before this many messages are queued
-        // (one more: the close); the channel's own bound only tells
-        // `lagging` the depth.
-        let (tx, rx) = mpsc::channel(limits.bytes / QUEUED_OVERHEAD + 2);
+        // Bounded by bytes (see `Route::offer`), not by the channel.
+        let (tx, rx) = chan::channel();
         let (evict_tx, evict_rx) = oneshot::channel();
         let fill = Arc::new(Fill {
             bytes: AtomicUsize::new(0),
@@ -267,7 +266,7 @@ impl Queue {
 
     /// The next message if one is queued.
     pub(crate) fn try_recv(&mut self) -> Option<ToClient> {
-        let msg = self.rx.try_recv().ok()?;
+        let msg = self.rx.try_recv()?;
         self.taken(&msg);
         Some(msg)
     }
@@ -388,7 +387,7 @@ impl Route {
                 return Offered::Dropped;
             }
         }
-        match self.tx.try_send(msg) {
+        match self.tx.send(msg) {
             Ok(()) if is_close => Offered::Closed,
             Ok(()) => Offered::Queued,
             Err(_) => Offered::Dropped,
@@ -408,7 +407,7 @@ impl Route {
     }
 
     fn lagging(&self) -> bool {
-        self.tx.max_capacity() - self.tx.capacity() >= BACKING_UP_DEPTH
+        self.tx.depth() >= BACKING_UP_DEPTH
     }
 }
 

@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use protocol::FrameCodec;
 
+mod chan;
 mod driver;
 pub(crate) mod flow;
 pub(crate) mod fuzzing;

@@ -134,17 +134,27 @@ impl End {
 
 /// Runs one session to its end, across client connections when it is
 /// resumable.
-pub(crate) async fn run(ws: WebSocket<Io>, start: SessionStart, shared: Arc<Shared>) {
+///
+/// The connection and the start come boxed, and are unpacked here: an async
+/// function keeps its arguments for all its life besides the locals they
+/// move to, and this one lives as long as the session (issue 12).
+pub(crate) async fn run(ws: Box<WebSocket<Io>>, start: Box<SessionStart>, shared: Arc<Shared>) {
+    let SessionStart {
+        id,
+        lease,
+        open,
+        permit,
+        resume,
+    } = *start;
     shared.metrics.session_opened();
-    let id = start.id;
-    let link = start.lease.link().clone();
+    let link = lease.link().clone();
     debug!(link = link.index(), "session open");
-    let kept_open = link.caps().moves.then(|| start.open.clone());
+    let kept_open = link.caps().moves.then(|| open.clone());
     let open = Frame {
         session_id: id.0,
-        body: Some(Body::Open(start.open)),
+        body: Some(Body::Open(open)),
     };
-    let (token, attach) = match start.resume {
+    let (token, attach) = match resume {
         Some((t, rx)) => (Some(t), Some(rx)),
         None => (None, None),
     };
@@ -156,7 +166,9 @@ pub(crate) async fn run(ws: WebSocket<Io>, start: SessionStart, shared: Arc<Shar
     else {
         return finish_unopened(&shared, id, token.as_ref(), CloseReason::LinkLost);
     };
-    if link.send_pending(&mut Some(open)).await.is_err() {
+    // Boxed here and below: a future awaited once, at the start or the end,
+    // would otherwise take room in the session's task for all its life.
+    if Box::pin(link.send_pending(&mut Some(open))).await.is_err() {
         link.unregister(id);
         return finish_unopened(&shared, id, token.as_ref(), CloseReason::LinkLost);
     }
@@ -176,12 +188,12 @@ pub(crate) async fn run(ws: WebSocket<Io>, start: SessionStart, shared: Arc<Shar
         pending: None,
         received: 0,
         resumable,
-        _lease: start.lease,
-        _permit: start.permit,
+        _lease: lease,
+        _permit: permit,
         shared,
     };
-    let reason = session.serve(ws).await;
-    session.finish(reason).await;
+    let reason = session.serve(*ws).await;
+    Box::pin(session.finish(reason)).await;
 }
 
 impl Session {

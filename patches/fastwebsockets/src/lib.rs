@@ -572,13 +572,45 @@ impl<'f, S> WebSocket<S> {
 }
 
 const MAX_HEADER_SIZE: usize = 14;
-/// The read buffer's size when a connection starts, and what it returns to
-/// after a larger frame (wsgw patch).
-const INITIAL_CAPACITY: usize = 8192;
+/// The most one read takes while no frame is in progress (wsgw patch).
+const SCRATCH_SIZE: usize = 16384;
+
+thread_local! {
+  /// Where a read lands while no frame is in progress: one per thread, not
+  /// one per connection (wsgw patch).
+  static SCRATCH: std::cell::RefCell<Box<[u8]>> =
+    std::cell::RefCell::new(vec![0; SCRATCH_SIZE].into_boxed_slice());
+}
+
+/// Reads what the stream has into `buffer`, which holds nothing yet, by way
+/// of this thread's scratch buffer (wsgw patch): a connection waiting for
+/// its next frame holds no buffer of its own. The scratch is borrowed only
+/// inside one poll, never across a wait. Returns how many bytes were read.
+async fn read_fresh<S>(stream: &mut S, buffer: &mut BytesMut) -> std::io::Result<usize>
+where
+  S: AsyncRead + Unpin,
+{
+  std::future::poll_fn(|cx| {
+    SCRATCH.with(|scratch| {
+      let mut scratch = scratch.borrow_mut();
+      let mut read = tokio::io::ReadBuf::new(&mut scratch[..]);
+      match std::pin::Pin::new(&mut *stream).poll_read(cx, &mut read) {
+        std::task::Poll::Ready(Ok(())) => {
+          buffer.extend_from_slice(read.filled());
+          std::task::Poll::Ready(Ok(read.filled().len()))
+        }
+        std::task::Poll::Ready(Err(e)) => std::task::Poll::Ready(Err(e)),
+        std::task::Poll::Pending => std::task::Poll::Pending,
+      }
+    })
+  })
+  .await
+}
 
 impl ReadHalf {
   pub fn after_handshake(role: Role) -> Self {
-    let buffer = BytesMut::with_capacity(INITIAL_CAPACITY);
+    // wsgw patch: no buffer until a frame is in progress (see `read_fresh`).
+    let buffer = BytesMut::new();
 
     Self {
       role,
@@ -675,6 +707,12 @@ impl ReadHalf {
     }
 
     // Read the first two bytes
+    // wsgw patch: with nothing buffered, read by way of the thread's
+    // scratch buffer; the buffer is allocated for what arrived.
+    if self.buffer.is_empty() {
+      self.buffer = BytesMut::new();
+      eof!(read_fresh(stream, &mut self.buffer).await?);
+    }
     while self.buffer.remaining() < 2 {
       eof!(stream.read_buf(&mut self.buffer).await?);
     }
@@ -747,16 +785,19 @@ impl ReadHalf {
 
     // if we read too much it will stay in the buffer, for the next call to this method
     let payload = self.buffer.split_to(payload_len);
-    // wsgw patch: give back a buffer grown for a large frame. What is left
-    // of it shares the payload's allocation, and once the payload is gone
-    // `reserve` would take the whole allocation back for this connection:
-    // an idle connection would keep the memory of the largest frame it
-    // ever read. The bytes read past the frame (a few, since the reserve
-    // above was for this frame; at most what was already buffered before
-    // it) move to a buffer of the initial size.
-    if payload_len > INITIAL_CAPACITY {
+    // wsgw patch: what is left of the buffer shares the payload's
+    // allocation. Once the payload is gone, `reserve` would take the whole
+    // allocation back for this connection: an idle connection would keep
+    // the memory of the largest frame it ever read. So the buffer lets go:
+    // when it is empty, at once (the next read comes by way of the scratch
+    // buffer); after a frame larger than the scratch buffer, the bytes read
+    // past it (at most what was already buffered before it, since the
+    // reserve above was for this frame) move to a buffer of their own.
+    if self.buffer.is_empty() {
+      self.buffer = BytesMut::new();
+    } else if payload_len > SCRATCH_SIZE {
       let rest = std::mem::take(&mut self.buffer);
-      self.buffer = BytesMut::with_capacity(INITIAL_CAPACITY.max(rest.len()));
+      self.buffer = BytesMut::with_capacity(SCRATCH_SIZE.max(rest.len()));
       self.buffer.extend_from_slice(&rest);
     }
     let frame = Frame::new(fin, opcode, mask, Payload::Bytes(payload));
