@@ -3,15 +3,14 @@
 //!
 //! Why not tokio's `mpsc`: it allocates a block of 32 slots when it is
 //! made, 1.3 KiB for every session whether or not the backend ever sends it
-//! anything, and keeps it. This one holds nothing while it is empty and
-//! gives back what a burst made it grow (issue 12: an idle session costs
-//! only what it must). It has no bound of its own: the mailbox bounds its
+//! anything, and keeps it. This one allocates nothing until a message
+//! comes, keeps room for a few once it has, and gives back what a burst
+//! made it grow (issue 12: an idle session costs only what it must). It has no bound of its own: the mailbox bounds its
 //! bytes (see `mailbox.rs`).
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-
-use tokio::sync::Notify;
+use std::task::{ready, Context, Poll, Waker};
 
 /// A queue that has emptied keeps room for this many messages; a larger
 /// one (grown by a burst) is given back.
@@ -19,14 +18,26 @@ const KEPT_ROOM: usize = 8;
 
 struct Chan<T> {
     state: Mutex<State<T>>,
-    /// Wakes the receiver: after a push, and when the last sender goes.
-    notify: Notify,
 }
 
 struct State<T> {
     queue: VecDeque<T>,
     senders: usize,
     receiver: bool,
+    /// The receiver waiting; woken after a push, and when the last sender
+    /// goes.
+    waiting: Option<Waker>,
+}
+
+impl<T> State<T> {
+    /// The next message; gives back the room of a queue a burst grew.
+    fn pop(&mut self) -> Option<T> {
+        let msg = self.queue.pop_front();
+        if self.queue.is_empty() && self.queue.capacity() > KEPT_ROOM {
+            self.queue = VecDeque::new();
+        }
+        msg
+    }
 }
 
 impl<T> Chan<T> {
@@ -51,8 +62,8 @@ pub(super) fn channel<T>() -> (Sender<T>, Receiver<T>) {
             queue: VecDeque::new(),
             senders: 1,
             receiver: true,
+            waiting: None,
         }),
-        notify: Notify::new(),
     });
     (Sender(chan.clone()), Receiver(chan))
 }
@@ -60,14 +71,17 @@ pub(super) fn channel<T>() -> (Sender<T>, Receiver<T>) {
 impl<T> Sender<T> {
     /// Queues `msg` without waiting; gives it back if the receiver is gone.
     pub(super) fn send(&self, msg: T) -> Result<(), T> {
-        {
+        let waiting = {
             let mut s = self.0.state();
             if !s.receiver {
                 return Err(msg);
             }
             s.queue.push_back(msg);
+            s.waiting.take()
+        };
+        if let Some(w) = waiting {
+            w.wake();
         }
-        self.0.notify.notify_one();
         Ok(())
     }
 
@@ -91,13 +105,17 @@ impl<T> Clone for Sender<T> {
 
 impl<T> Drop for Sender<T> {
     fn drop(&mut self) {
-        let last = {
+        let waiting = {
             let mut s = self.0.state();
             s.senders -= 1;
-            s.senders == 0
+            if s.senders == 0 {
+                s.waiting.take()
+            } else {
+                None
+            }
         };
-        if last {
-            self.0.notify.notify_one();
+        if let Some(w) = waiting {
+            w.wake();
         }
     }
 }
@@ -105,30 +123,36 @@ impl<T> Drop for Sender<T> {
 impl<T> Receiver<T> {
     /// The next message if one is queued.
     pub(super) fn try_recv(&mut self) -> Option<T> {
-        let mut s = self.0.state();
-        let msg = s.queue.pop_front();
-        if s.queue.is_empty() && s.queue.capacity() > KEPT_ROOM {
-            s.queue = VecDeque::new();
-        }
-        msg
+        self.0.state().pop()
     }
 
     /// The next message, in order; `None` once every sender is gone and
     /// the queue is empty. Cancel-safe: a message is taken only when this
     /// returns it.
     pub(super) async fn recv(&mut self) -> Option<T> {
-        loop {
-            if let Some(msg) = self.try_recv() {
-                return Some(msg);
-            }
-            if self.0.state().senders == 0 {
-                return None;
-            }
-            // A push (or the last sender's drop) between the look above
-            // and this wait is not missed: `notify_one` leaves a permit
-            // when nobody waits.
-            self.0.notify.notified().await;
+        std::future::poll_fn(|cx| self.poll_recv(cx)).await
+    }
+
+    fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<T>> {
+        // Like tokio's own channels, take part in the task's budget: a
+        // session loop whose every other branch is out of budget must not
+        // spin on a channel that keeps answering.
+        let coop = ready!(tokio::task::coop::poll_proceed(cx));
+        let mut s = self.0.state();
+        if let Some(msg) = s.pop() {
+            coop.made_progress();
+            return Poll::Ready(Some(msg));
         }
+        if s.senders == 0 {
+            coop.made_progress();
+            return Poll::Ready(None);
+        }
+        // Looked at and registered under one lock: no push is missed.
+        match &s.waiting {
+            Some(w) if w.will_wake(cx.waker()) => {}
+            _ => s.waiting = Some(cx.waker().clone()),
+        }
+        Poll::Pending
     }
 }
 
@@ -195,6 +219,26 @@ mod tests {
             .is_err());
         tx.send(1).unwrap();
         assert_eq!(rx.recv().await, Some(1));
+    }
+
+    #[tokio::test]
+    async fn an_ended_channel_still_lets_the_task_yield() {
+        // A session loop that keeps hearing "ended" must still run out of
+        // budget, or its other branches (timers, sockets) would never run.
+        let (tx, mut rx) = channel::<u8>();
+        drop(tx);
+        let mut yielded = false;
+        for _ in 0..1000 {
+            let poll = std::future::poll_fn(|cx| Poll::Ready(rx.poll_recv(cx))).await;
+            match poll {
+                Poll::Ready(v) => assert_eq!(v, None),
+                Poll::Pending => {
+                    yielded = true;
+                    break;
+                }
+            }
+        }
+        assert!(yielded, "the task's budget never ran out");
     }
 
     #[test]

@@ -590,18 +590,28 @@ async fn read_fresh<S>(stream: &mut S, buffer: &mut BytesMut) -> std::io::Result
 where
   S: AsyncRead + Unpin,
 {
-  std::future::poll_fn(|cx| {
-    SCRATCH.with(|scratch| {
-      let mut scratch = scratch.borrow_mut();
-      let mut read = tokio::io::ReadBuf::new(&mut scratch[..]);
-      match std::pin::Pin::new(&mut *stream).poll_read(cx, &mut read) {
-        std::task::Poll::Ready(Ok(())) => {
-          buffer.extend_from_slice(read.filled());
-          std::task::Poll::Ready(Ok(read.filled().len()))
-        }
-        std::task::Poll::Ready(Err(e)) => std::task::Poll::Ready(Err(e)),
-        std::task::Poll::Pending => std::task::Poll::Pending,
+  fn poll_into<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    cx: &mut std::task::Context<'_>,
+    scratch: &mut [u8],
+    buffer: &mut BytesMut,
+  ) -> std::task::Poll<std::io::Result<usize>> {
+    let mut read = tokio::io::ReadBuf::new(scratch);
+    match std::pin::Pin::new(stream).poll_read(cx, &mut read) {
+      std::task::Poll::Ready(Ok(())) => {
+        buffer.extend_from_slice(read.filled());
+        std::task::Poll::Ready(Ok(read.filled().len()))
       }
+      std::task::Poll::Ready(Err(e)) => std::task::Poll::Ready(Err(e)),
+      std::task::Poll::Pending => std::task::Poll::Pending,
+    }
+  }
+  std::future::poll_fn(|cx| {
+    SCRATCH.with(|scratch| match scratch.try_borrow_mut() {
+      Ok(mut scratch) => poll_into(stream, cx, &mut scratch[..], buffer),
+      // Only if a stream's own read came back here on the same thread
+      // (none does): a scratch buffer of its own for this poll.
+      Err(_) => poll_into(stream, cx, &mut vec![0; SCRATCH_SIZE], buffer),
     })
   })
   .await
@@ -778,7 +788,14 @@ impl ReadHalf {
     }
 
     // Reserve a bit more to try to get next frame header and avoid a syscall to read it next time
-    self.buffer.reserve(payload_len + MAX_HEADER_SIZE);
+    // wsgw patch: only what is missing (upstream reserved the whole payload
+    // again on top of what was buffered, which its 8 KiB buffer absorbed for
+    // small frames; a buffer allocated for what arrived would grow to twice
+    // the frame for every frame).
+    let have = self.buffer.remaining();
+    if payload_len > have {
+      self.buffer.reserve(payload_len - have + MAX_HEADER_SIZE);
+    }
     while payload_len > self.buffer.remaining() {
       eof!(stream.read_buf(&mut self.buffer).await?);
     }
@@ -791,14 +808,11 @@ impl ReadHalf {
     // the memory of the largest frame it ever read. So the buffer lets go:
     // when it is empty, at once (the next read comes by way of the scratch
     // buffer); after a frame larger than the scratch buffer, the bytes read
-    // past it (at most what was already buffered before it, since the
-    // reserve above was for this frame) move to a buffer of their own.
+    // past its end move to a buffer of their own.
     if self.buffer.is_empty() {
       self.buffer = BytesMut::new();
     } else if payload_len > SCRATCH_SIZE {
-      let rest = std::mem::take(&mut self.buffer);
-      self.buffer = BytesMut::with_capacity(SCRATCH_SIZE.max(rest.len()));
-      self.buffer.extend_from_slice(&rest);
+      self.buffer = BytesMut::from(&self.buffer[..]);
     }
     let frame = Frame::new(fin, opcode, mask, Payload::Bytes(payload));
     Ok(frame)
