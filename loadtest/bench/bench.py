@@ -200,6 +200,10 @@ def main() -> int:
         websockify = Bridge([str(TOOLS / "venv" / "bin" / "websockify"), f"127.0.0.1:{wsf_port}", echo.addrs[0]],
                             wsf_port, "websockify", out)
         procs.append(websockify)
+        # The floor: the same wss, upgrade and WebSocket crates as the
+        # gateway, echoing on the connection and doing nothing else.
+        bare = Proc([str(BIN / "loadtest"), "bare-echo", "--listen", "127.0.0.1:0", *tls], 1, "bare-echo", out)
+        procs.append(bare)
         time.sleep(1)
 
         # The server side of each target: every process that relays or
@@ -209,12 +213,14 @@ def main() -> int:
             "gateway ws": [gw, backend],
             "websocat ws": [websocat, echo],
             "websockify ws": [websockify, echo],
+            "bare echo wss": [bare],
         }
         targets = {
             "gateway wss": ["--url", f"wss://localhost:{gw_wss.split(':')[1]}/ws", *ca],
             "gateway ws": ["--url", f"ws://{gw_ws}/ws"],
             "websocat ws": ["--url", f"ws://127.0.0.1:{ws_port}/"],
             "websockify ws": ["--url", f"ws://127.0.0.1:{wsf_port}/"],
+            "bare echo wss": ["--url", f"wss://localhost:{bare.addrs[0].split(':')[1]}/ws", *ca],
         }
         common = ["-c", str(a.connections), "--size", "64", "-d", a.duration, "--in-flight", "1"]
         runs: dict[str, list] = {k: [] for k in targets}
@@ -424,10 +430,13 @@ def render(r: dict) -> str:
     cpu = {k: med([x.get("server_cpu_us_per_rt") for x in v]) for k, v in tp.items()}
     if cpu.get("websocat ws"):
         lines += ["", "Server CPU per round trip: every server-side process of the target (the gateway and the "
-                  "reference backend; websocat or websockify and the TCP echo), user + system, over the round "
-                  "trips completed. Against websocat: " + ", ".join(
+                  "reference backend; websocat or websockify and the TCP echo; the bare echo alone), user + "
+                  "system, over the round trips completed. Against websocat: " + ", ".join(
                       f"{k} {fmt(cpu[k] / cpu['websocat ws'], 2)}x" for k in cpu
                       if cpu.get(k) and k != "websocat ws") + "."]
+    if cpu.get("bare echo wss") and cpu.get("gateway wss"):
+        lines += ["", "Against the bare wss echo (the floor: same TLS, upgrade and WebSocket crates, no backend): "
+                  f"gateway wss {fmt(cpu['gateway wss'] / cpu['bare echo wss'], 2)}x."]
     lines += ["", f"Gateway CPU per relayed round trip (wss): {fmt(med([x.get('gateway_cpu_us_per_rt') for x in g]), 2)} µs; "
               f"(ws): {fmt(med([x.get('gateway_cpu_us_per_rt') for x in tp['gateway ws']]), 2)} µs. "
               f"Frames per backend write (wss run): {fmt(med([x.get('frames_per_link_write') for x in g]), 1)}.", ""]

@@ -6,6 +6,7 @@
 #![warn(missing_docs)]
 
 pub mod backend;
+pub mod bare_echo;
 pub mod devcert;
 pub mod run;
 pub mod storm;

@@ -66,6 +66,20 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:9100")]
         listen: SocketAddr,
     },
+    /// A bare WebSocket echo server (wss with --tls-cert and --tls-key):
+    /// the same TLS, upgrade and WebSocket crates as the gateway and
+    /// nothing else, the floor the gateway's CPU is compared with.
+    BareEcho {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:9200")]
+        listen: SocketAddr,
+        /// PEM certificate chain (wss).
+        #[arg(long, requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// PEM private key (wss).
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
+    },
     /// Write a development CA and a localhost certificate signed by it
     /// (ca.pem, cert.pem, key.pem).
     Devcert {
@@ -81,6 +95,17 @@ fn main() -> anyhow::Result<()> {
         Command::Run(run) => loadtest::run::main(run),
         Command::Storm(storm) => loadtest::storm::main(storm),
         Command::TcpEcho { listen } => serve_on(listen, loadtest::tcp_echo::serve),
+        Command::BareEcho {
+            listen,
+            tls_cert,
+            tls_key,
+        } => {
+            let tls = match (tls_cert, tls_key) {
+                (Some(c), Some(k)) => Some(loadtest::bare_echo::acceptor(&c, &k)?),
+                _ => None,
+            };
+            serve_on(listen, move |l| loadtest::bare_echo::serve(l, tls))
+        }
         Command::Devcert { out } => {
             loadtest::devcert::generate(&["localhost", "127.0.0.1", "::1"])?.write_to(&out)?;
             println!(

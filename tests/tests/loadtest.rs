@@ -507,3 +507,48 @@ async fn loadtest_sources_spread_connections_over_addresses() {
         ["127.0.0.1".to_owned(), "127.0.0.2".to_owned()].into();
     assert_eq!(sources, want);
 }
+
+/// The benchmark's floor, `loadtest bare-echo`, echoes over wss (and ws)
+/// what loadtest sends, intact and in order: the CPU it is measured at is
+/// the CPU of a working echo.
+#[tokio::test(flavor = "multi_thread")]
+async fn bare_echo_answers_over_wss_and_ws() {
+    let certs = Certs::new();
+    let mut cmd = Command::new(bin("loadtest"));
+    cmd.args(["bare-echo", "--listen", "127.0.0.1:0", "--tls-cert"])
+        .arg(certs.cert())
+        .arg("--tls-key")
+        .arg(certs.key());
+    let (_wss, wss) = Proc::spawn_server(cmd);
+    let ca = certs.ca();
+    let url = format!("wss://localhost:{}/ws", wss.port());
+    let s = loadtest(&[
+        "--url",
+        &url,
+        "--ca",
+        ca.to_str().unwrap(),
+        "-c",
+        "10",
+        "-d",
+        "1s",
+        "--in-flight",
+        "2",
+    ]);
+    assert_summary_keys_and_no_errors(&s);
+    assert!(s["messages"].as_u64().unwrap() > 100, "{s}");
+
+    let mut cmd = Command::new(bin("loadtest"));
+    cmd.args(["bare-echo", "--listen", "127.0.0.1:0"]);
+    let (_ws, ws) = Proc::spawn_server(cmd);
+    let s = loadtest(&[
+        "--url",
+        &format!("ws://{ws}/ws"),
+        "-c",
+        "10",
+        "-d",
+        "1s",
+        "--text",
+    ]);
+    assert_summary_keys_and_no_errors(&s);
+    assert!(s["messages"].as_u64().unwrap() > 100, "{s}");
+}
