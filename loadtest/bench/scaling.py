@@ -112,7 +112,9 @@ def main() -> int:
     ap.add_argument("--steps", default="1000,5000,10000,18000", help="session counts, increasing")
     ap.add_argument("--transport", default="wss", choices=["ws", "wss"])
     ap.add_argument("--settle", type=float, default=3.0, help="seconds idle before RSS and slab are read")
-    ap.add_argument("--idle", type=float, default=30.0, help="seconds over which idle CPU is measured")
+    ap.add_argument("--idle", type=float, default=60.0,
+                    help="seconds over which idle CPU is measured (a multiple of the gateway's 20 s ping interval, "
+                         "so every session is pinged the same number of times)")
     ap.add_argument("--gateway", default=str(BIN / "gateway"))
     ap.add_argument("--out", default="target/bench/scaling")
     a = ap.parse_args()

@@ -158,13 +158,14 @@ impl<T> Receiver<T> {
 
 impl<T> Drop for Receiver<T> {
     fn drop(&mut self) {
-        // What was queued goes now, not with the last sender.
-        let queue = {
+        // What was queued goes now, not with the last sender; so does the
+        // waker, which holds the session's task.
+        let (queue, waker) = {
             let mut s = self.0.state();
             s.receiver = false;
-            std::mem::take(&mut s.queue)
+            (std::mem::take(&mut s.queue), s.waiting.take())
         };
-        drop(queue);
+        drop((queue, waker));
     }
 }
 

@@ -607,12 +607,17 @@ where
     }
   }
   std::future::poll_fn(|cx| {
-    SCRATCH.with(|scratch| match scratch.try_borrow_mut() {
-      Ok(mut scratch) => poll_into(stream, cx, &mut scratch[..], buffer),
-      // Only if a stream's own read came back here on the same thread
-      // (none does): a scratch buffer of its own for this poll.
-      Err(_) => poll_into(stream, cx, &mut vec![0; SCRATCH_SIZE], buffer),
-    })
+    let polled = SCRATCH.try_with(|scratch| match scratch.try_borrow_mut() {
+      Ok(mut scratch) => Some(poll_into(stream, cx, &mut scratch[..], buffer)),
+      Err(_) => None,
+    });
+    match polled {
+      Ok(Some(poll)) => poll,
+      // Only if a stream's own read came back here on the same thread (none
+      // does), or while the thread is being torn down: a scratch buffer of
+      // its own for this poll.
+      _ => poll_into(stream, cx, &mut vec![0; SCRATCH_SIZE], buffer),
+    }
   })
   .await
 }
