@@ -36,7 +36,8 @@
 //! `shared.rs` (what the stages share), `resume.rs` (credentials and the
 //! replay ring), `fleet/` (several instances sharing resumable sessions
 //! through Redis; the session side is `session/handover.rs`),
-//! `metrics.rs` and `admin.rs`.
+//! `metrics.rs` (the instruments), `telemetry.rs` (their export, and each
+//! session's trace span) and `admin.rs`.
 // No unsafe code here: only the gateway binary has one documented exception
 // (jemalloc's options in gateway/src/main.rs), so the workspace lint is deny.
 #![forbid(unsafe_code)]
@@ -58,6 +59,7 @@ mod session;
 mod settings;
 mod shared;
 mod shutdown;
+pub mod telemetry;
 mod tls;
 mod upgrade;
 
@@ -74,6 +76,10 @@ pub use config::{Config, ConfigError};
 pub use tls::TlsError;
 
 use settings::Settings;
+
+/// How long a stopping gateway waits for its last metrics and spans to be
+/// exported.
+const TELEMETRY_FLUSH: Duration = Duration::from_secs(5);
 use shared::Shared;
 use shutdown::Shutdown;
 
@@ -104,9 +110,9 @@ pub enum StartError {
         /// The OS error.
         source: std::io::Error,
     },
-    /// The metrics exporter.
-    #[error("metrics: {0}")]
-    Metrics(String),
+    /// Telemetry could not start (a bad OTLP endpoint or header).
+    #[error("telemetry: {0}")]
+    Telemetry(#[from] telemetry::TelemetryError),
 }
 
 /// A running gateway.
@@ -121,8 +127,9 @@ impl Gateway {
     /// listeners accept connections (links come up in the background).
     pub async fn start(config: Config) -> Result<Self, StartError> {
         let settings = Settings::from_config(&config)?;
-        let metrics =
-            Arc::new(metrics::Metrics::new().map_err(|e| StartError::Metrics(e.to_string()))?);
+        let telemetry =
+            telemetry::Telemetry::start(&config.telemetry, &settings.backend.hello.instance_id)?;
+        let metrics = Arc::new(metrics::Metrics::new(&telemetry));
         let shutdown = Shutdown::new();
         // Backend logs name the gateway by these two (its `Hello`).
         tracing::info!(
@@ -159,6 +166,7 @@ impl Gateway {
             session: settings.session,
             resume: settings.resume,
             metrics,
+            telemetry,
             pool,
             shutdown,
             resumable: resume::Registry::new(directory),
@@ -214,7 +222,8 @@ impl Gateway {
     #[doc(hidden)]
     pub fn connect_in_memory(&self, peer: SocketAddr, buffer: usize) -> tokio::io::DuplexStream {
         let (client, server) = tokio::io::duplex(buffer);
-        let task = listener::serve_http(server, peer, self.shared.clone());
+        let arrival = listener::Arrival::at(tokio::time::Instant::now());
+        let task = listener::serve_http(server, peer, self.shared.clone(), arrival);
         self.shared.shutdown.spawn_session(task);
         client
     }
@@ -231,6 +240,8 @@ impl Gateway {
     /// Drains and stops now; see [`Gateway::run_until`].
     pub async fn shutdown(self) {
         self.shared.shutdown.run(self.drain_timeout).await;
+        // The last metrics and the sessions' spans go out before the exit.
+        self.shared.telemetry.shutdown(TELEMETRY_FLUSH).await;
     }
 }
 

@@ -25,7 +25,7 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{debug, warn};
 
 use crate::handshake::{MAX_REQUEST_HEADERS, MAX_REQUEST_HEAD_BYTES};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, Phase};
 use crate::refusal::Refusal;
 use crate::shared::Shared;
 use crate::upgrade;
@@ -66,10 +66,11 @@ async fn connection(
     tls: Option<TlsAcceptor>,
     shared: Arc<Shared>,
 ) {
+    let accepted = Instant::now();
     // Small WebSocket frames must not wait for Nagle.
     let _ = tcp.set_nodelay(true);
     match tls {
-        None => serve_http(tcp, peer, shared.clone()).await,
+        None => serve_http(tcp, peer, shared.clone(), Arrival::at(accepted)).await,
         Some(acceptor) => {
             // A connection still in its handshake (or waiting for a slot)
             // when the gateway drains never reaches a session: it must not
@@ -79,13 +80,45 @@ async fn connection(
                 () = shared.shutdown.draining() => return,
             };
             match handshake {
-                Ok(stream) => serve_http(stream, peer, shared.clone()).await,
+                Ok(stream) => {
+                    let secured = Instant::now();
+                    shared
+                        .metrics
+                        .handshake_phase(Phase::Tls, secured - accepted);
+                    let arrival = Arrival { accepted, secured };
+                    serve_http(stream, peer, shared.clone(), arrival).await;
+                }
                 Err((refusal, e)) => {
                     shared.metrics.session_refused(&refusal);
                     debug!(%peer, reason = refusal.label(), error = ?e, "TLS handshake refused");
                 }
             }
         }
+    }
+}
+
+/// When a client connection was accepted, and when its TLS handshake was
+/// done (the same instant for ws), for the handshake duration histogram.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Arrival {
+    pub(crate) accepted: Instant,
+    pub(crate) secured: Instant,
+}
+
+impl Arrival {
+    /// A connection without TLS, accepted at `accepted`.
+    pub(crate) fn at(accepted: Instant) -> Self {
+        Self {
+            accepted,
+            secured: accepted,
+        }
+    }
+
+    /// The 101 went out: the upgrade and total phases.
+    pub(crate) fn upgraded(self, metrics: &Metrics) {
+        let now = Instant::now();
+        metrics.handshake_phase(Phase::Upgrade, now - self.secured);
+        metrics.handshake_phase(Phase::Total, now - self.accepted);
     }
 }
 
@@ -162,8 +195,12 @@ impl Drop for Gauge<'_> {
 /// drains, a connection waiting for its request is closed at once; one whose
 /// request is being answered finishes that answer (a 503, or the 101 of a
 /// session that then closes with 1001).
-pub(crate) async fn serve_http<S>(stream: S, peer: SocketAddr, shared: Arc<Shared>)
-where
+pub(crate) async fn serve_http<S>(
+    stream: S,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    arrival: Arrival,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let timeout = shared.listen.http_header_timeout;
@@ -177,7 +214,7 @@ where
         let answering = svc_answering.clone();
         async move {
             answering.store(true, Ordering::Relaxed);
-            let resp = upgrade::handle(req, peer, &shared).await;
+            let resp = upgrade::handle(req, peer, &shared, arrival).await;
             answering.store(false, Ordering::Relaxed);
             Ok::<_, std::convert::Infallible>(resp)
         }

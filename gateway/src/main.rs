@@ -13,7 +13,7 @@ use gateway::{Config, Gateway};
 /// Configuration comes from built-in defaults, then the TOML file, then
 /// GATEWAY_<SECTION>__<KEY> environment variables, then these flags.
 #[derive(Parser, Debug)]
-#[command(version, about)]
+#[command(version = VERSION, long_version = LONG_VERSION, about)]
 struct Args {
     /// TOML configuration file (see deploy/gateway.example.toml).
     #[arg(long, short = 'c', env = "GATEWAY_CONFIG")]
@@ -24,6 +24,44 @@ struct Args {
     #[command(flatten)]
     overrides: Overrides,
 }
+
+/// The global allocator's name, as a literal for `concat!`.
+#[cfg(feature = "jemalloc")]
+macro_rules! allocator {
+    () => {
+        "jemalloc"
+    };
+}
+#[cfg(not(feature = "jemalloc"))]
+macro_rules! allocator {
+    () => {
+        "system"
+    };
+}
+
+/// `-V`: the version and the commit.
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (",
+    env!("WSGW_BUILD_COMMIT"),
+    ")"
+);
+
+/// `--version`: what the binary was built from (the same as the
+/// `gateway.build.info` metric's attributes).
+const LONG_VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    "\ncommit: ",
+    env!("WSGW_BUILD_COMMIT"),
+    "\nrustc: ",
+    env!("WSGW_BUILD_RUSTC"),
+    "\ntarget: ",
+    env!("WSGW_BUILD_TARGET"),
+    "\nprofile: ",
+    env!("WSGW_BUILD_PROFILE"),
+    "\nallocator: ",
+    allocator!(),
+);
 
 /// jemalloc, not glibc's malloc: an idle session must not keep the memory
 /// of a large message it once sent (issue 12). glibc raises its mmap

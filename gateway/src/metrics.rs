@@ -1,13 +1,18 @@
 //! Instruments, created through the OpenTelemetry metrics API and exported
-//! in Prometheus text format on the admin listener.
+//! in Prometheus text format on the admin listener (and over OTLP when
+//! configured; see `telemetry.rs`).
 //!
 //! Per-message counts are added once per link read or write batch, not per
-//! message, to keep the data path cheap.
+//! message, to keep the data path cheap. The relay-time histogram takes
+//! one observation per message, with one of two fixed attribute sets.
 
-use opentelemetry::metrics::{Counter, MeterProvider, UpDownCounter};
+use std::time::Duration;
+
+use opentelemetry::metrics::{Counter, Gauge, Histogram, MeterProvider, UpDownCounter};
 use opentelemetry::KeyValue;
-use opentelemetry_sdk::metrics::SdkMeterProvider;
 use prometheus::{Encoder, TextEncoder};
+
+use crate::telemetry::{build, Telemetry};
 
 use crate::close::CloseReason;
 use crate::refusal::{Refusal, ResumeRefusal};
@@ -15,7 +20,12 @@ use crate::refusal::{Refusal, ResumeRefusal};
 /// The gateway's instruments and the registry they are exported through.
 pub(crate) struct Metrics {
     registry: prometheus::Registry,
-    _provider: SdkMeterProvider,
+    relay_duration: Histogram<f64>,
+    handshake_duration: Histogram<f64>,
+    session_duration: Histogram<f64>,
+    heartbeat_rtt: Histogram<f64>,
+    queue_depth: Histogram<u64>,
+    _build_info: Gauge<u64>,
     sessions_open: UpDownCounter<i64>,
     sessions_closed: Counter<u64>,
     sessions_refused: Counter<u64>,
@@ -42,18 +52,134 @@ pub(crate) struct Metrics {
     tls_handshakes_waiting: UpDownCounter<i64>,
     to_backend: [KeyValue; 1],
     to_client: [KeyValue; 1],
+    phases: [[KeyValue; 1]; 3],
+    toward_client: [KeyValue; 1],
+    toward_link: [KeyValue; 1],
+}
+
+/// An instant in eight bytes (nanoseconds since the first one taken), for
+/// timestamps that travel with every queued message: a `tokio` `Instant`
+/// takes sixteen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) struct Stamp(std::num::NonZeroU64);
+
+static EPOCH: std::sync::LazyLock<std::time::Instant> =
+    std::sync::LazyLock::new(std::time::Instant::now);
+
+impl Stamp {
+    /// Now.
+    pub(crate) fn now() -> Self {
+        Self::of(tokio::time::Instant::now())
+    }
+
+    /// The stamp of `at`.
+    pub(crate) fn of(at: tokio::time::Instant) -> Self {
+        // One more than the nanoseconds, so that `Option<Stamp>` is eight
+        // bytes too.
+        let nanos = at.into_std().saturating_duration_since(*EPOCH).as_nanos();
+        let n = u64::try_from(nanos)
+            .unwrap_or(u64::MAX - 1)
+            .saturating_add(1);
+        Self(std::num::NonZeroU64::new(n).unwrap_or(std::num::NonZeroU64::MAX))
+    }
+
+    /// Time from this stamp to `later`.
+    pub(crate) fn until(self, later: Self) -> Duration {
+        Duration::from_nanos(later.0.get().saturating_sub(self.0.get()))
+    }
+}
+
+/// Bucket bounds, in seconds, of the relay and handshake histograms: 50 µs
+/// to 10 s.
+const FAST_BUCKETS: [f64; 16] = [
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 10.0,
+];
+
+/// Bucket bounds, in seconds, of the session duration: 1 s to a day.
+const SESSION_BUCKETS: [f64; 11] = [
+    1.0, 10.0, 30.0, 60.0, 300.0, 900.0, 1_800.0, 3_600.0, 14_400.0, 43_200.0, 86_400.0,
+];
+
+/// Bucket bounds of the queue depths, in messages.
+const DEPTH_BUCKETS: [f64; 11] = [
+    0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 1_024.0,
+];
+
+/// A handshake phase: accept to TLS done, TLS done (or accept, for ws) to
+/// the 101, and accept to the 101.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Phase {
+    Tls = 0,
+    Upgrade = 1,
+    Total = 2,
 }
 
 impl Metrics {
-    /// Creates the instruments and their Prometheus exporter.
-    pub(crate) fn new() -> Result<Self, opentelemetry_sdk::error::OTelSdkError> {
-        let registry = prometheus::Registry::new();
-        let exporter = opentelemetry_prometheus::exporter()
-            .with_registry(registry.clone())
-            .build()?;
-        let provider = SdkMeterProvider::builder().with_reader(exporter).build();
-        let meter = provider.meter("gateway");
-        Ok(Self {
+    /// Creates the instruments on the telemetry's meter provider.
+    pub(crate) fn new(telemetry: &Telemetry) -> Self {
+        let meter = telemetry.meters.meter("gateway");
+        let build_info = meter
+            .u64_gauge("gateway.build.info")
+            .with_description("Always 1; the attributes say what the running binary was built from")
+            .build();
+        build_info.record(
+            1,
+            &[
+                KeyValue::new("version", build::VERSION),
+                KeyValue::new("commit", build::COMMIT),
+                KeyValue::new("rustc", build::RUSTC),
+                KeyValue::new("target", build::TARGET),
+                KeyValue::new("profile", build::PROFILE),
+            ],
+        );
+        Self {
+            relay_duration: meter
+                .f64_histogram("gateway.relay.duration")
+                .with_unit("s")
+                .with_description(
+                    "Time a message spends in the gateway, by direction: client_to_backend \
+                     from the client's frame read to its write on the backend link; \
+                     backend_to_client from the link read to the flush to the client",
+                )
+                .with_boundaries(FAST_BUCKETS.to_vec())
+                .build(),
+            handshake_duration: meter
+                .f64_histogram("gateway.handshake.duration")
+                .with_unit("s")
+                .with_description(
+                    "Client handshakes that reached a session, by phase: tls (accept to TLS \
+                     done), upgrade (TLS done, or accept for ws, to the 101), total (accept \
+                     to the 101)",
+                )
+                .with_boundaries(FAST_BUCKETS.to_vec())
+                .build(),
+            session_duration: meter
+                .f64_histogram("gateway.session.duration")
+                .with_unit("s")
+                .with_description(
+                    "Sessions ended on this instance, from their start (on this instance) \
+                     to their end, detached time included",
+                )
+                .with_boundaries(SESSION_BUCKETS.to_vec())
+                .build(),
+            heartbeat_rtt: meter
+                .f64_histogram("gateway.link.heartbeat.rtt")
+                .with_unit("s")
+                .with_description("Backend link heartbeat round trips, by endpoint")
+                .with_boundaries(FAST_BUCKETS.to_vec())
+                .build(),
+            queue_depth: meter
+                .u64_histogram("gateway.queue.depth")
+                .with_unit("{message}")
+                .with_description(
+                    "Messages queued, by toward: client (a session's backend messages \
+                     waiting, seen at each write to its client), link (frames waiting on a \
+                     backend link, seen at each write to it)",
+                )
+                .with_boundaries(DEPTH_BUCKETS.to_vec())
+                .build(),
+            _build_info: build_info,
             sessions_open: meter
                 .i64_up_down_counter("gateway.sessions.open")
                 .with_description("Sessions currently open")
@@ -170,9 +296,61 @@ impl Metrics {
                 .build(),
             to_backend: [KeyValue::new("direction", "client_to_backend")],
             to_client: [KeyValue::new("direction", "backend_to_client")],
-            registry,
-            _provider: provider,
-        })
+            phases: [
+                [KeyValue::new("phase", "tls")],
+                [KeyValue::new("phase", "upgrade")],
+                [KeyValue::new("phase", "total")],
+            ],
+            toward_client: [KeyValue::new("toward", "client")],
+            toward_link: [KeyValue::new("toward", "link")],
+            registry: telemetry.registry.clone(),
+        }
+    }
+
+    /// Instruments on a provider of their own with the default
+    /// configuration (no export), for tests and fuzz targets.
+    pub(crate) fn standalone() -> Result<Self, crate::telemetry::TelemetryError> {
+        let t = Telemetry::start(&crate::config::TelemetryConfig::default(), "test")?;
+        Ok(Self::new(&t))
+    }
+
+    /// One message's time through the gateway.
+    pub(crate) fn relayed(&self, to_backend: bool, took: Duration) {
+        let dir = if to_backend {
+            &self.to_backend
+        } else {
+            &self.to_client
+        };
+        self.relay_duration.record(took.as_secs_f64(), dir);
+    }
+
+    /// One phase of a client handshake.
+    pub(crate) fn handshake_phase(&self, phase: Phase, took: Duration) {
+        self.handshake_duration
+            .record(took.as_secs_f64(), &self.phases[phase as usize]);
+    }
+
+    /// A session ended after `lived`.
+    pub(crate) fn session_lived(&self, lived: Duration) {
+        self.session_duration.record(lived.as_secs_f64(), &[]);
+    }
+
+    /// A heartbeat answered on a link to `endpoint`.
+    pub(crate) fn heartbeat_rtt(&self, endpoint: &str, rtt: Duration) {
+        self.heartbeat_rtt.record(
+            rtt.as_secs_f64(),
+            &[KeyValue::new("endpoint", endpoint.to_owned())],
+        );
+    }
+
+    /// Messages queued toward a client (`to_client`) or a link.
+    pub(crate) fn queue_depth(&self, to_client: bool, depth: usize) {
+        let toward = if to_client {
+            &self.toward_client
+        } else {
+            &self.toward_link
+        };
+        self.queue_depth.record(depth as u64, toward);
     }
 
     /// The current values in Prometheus text format.

@@ -23,6 +23,8 @@ pub(crate) struct Shared {
     pub(crate) session: SessionSettings,
     pub(crate) resume: ResumeSettings,
     pub(crate) metrics: Arc<Metrics>,
+    /// The providers behind the metrics, and the session tracer.
+    pub(crate) telemetry: crate::telemetry::Telemetry,
     pub(crate) pool: Arc<Pool>,
     /// One permit per session, up to `listen.max_sessions`.
     pub(crate) admission: Arc<Semaphore>,

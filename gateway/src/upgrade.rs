@@ -19,6 +19,7 @@ use protocol::pb;
 use tracing::{debug, Instrument};
 
 use crate::handshake;
+use crate::listener::Arrival;
 use crate::refusal::{Body, Refusal, ResumeRefusal};
 use crate::resume::{self, AttachRequest, AttachTo, Token};
 use crate::session::{self, SessionStart};
@@ -38,13 +39,14 @@ pub(crate) async fn handle(
     req: Request<hyper::body::Incoming>,
     peer: SocketAddr,
     shared: &Arc<Shared>,
+    arrival: Arrival,
 ) -> Response<Body> {
     let answer = match check(&req, shared) {
         Ok(Ask::Resume(token, position)) => {
             return resume(req, peer, shared, token, position).await
         }
-        Ok(Ask::New) => open_session(req, peer, shared, shared.resume.enabled),
-        Ok(Ask::None) => open_session(req, peer, shared, false),
+        Ok(Ask::New) => open_session(req, peer, shared, shared.resume.enabled, arrival),
+        Ok(Ask::None) => open_session(req, peer, shared, false, arrival),
         Err(refusal) => Err(refusal),
     };
     answer.unwrap_or_else(|refusal| refuse(shared, &refusal))
@@ -82,6 +84,7 @@ fn open_session(
     peer: SocketAddr,
     shared: &Arc<Shared>,
     resumable: bool,
+    arrival: Arrival,
 ) -> Result<Response<Body>, Refusal> {
     let listen = &shared.listen;
     let subprotocol = match choose_subprotocol(&req, &listen.subprotocols) {
@@ -101,6 +104,9 @@ fn open_session(
     }
 
     let id = shared.pool.next_session_id();
+    let (trace_span, traceparent) = shared.telemetry.session_span(req.headers(), id.0);
+    let mut open = open;
+    open.traceparent = traceparent;
     let resume = resumable.then(|| shared.resumable.register(id));
     if let Some((token, _)) = &resume {
         add_resume_headers(&mut parts.headers, token, 0, shared);
@@ -116,11 +122,15 @@ fn open_session(
         open,
         permit,
         resume,
+        span: trace_span,
     });
     let task_shared = shared.clone();
     let fut = async move {
         let ws = match upgrade.await {
-            Ok(ws) => Box::new(ws),
+            Ok(ws) => {
+                arrival.upgraded(&task_shared.metrics);
+                Box::new(ws)
+            }
             Err(e) => {
                 // The session never started: its credential must not stay.
                 if let Some((token, _)) = &start.resume {
@@ -387,6 +397,7 @@ fn session_open<B>(
         subprotocol: subprotocol.unwrap_or_default().to_owned(),
         headers,
         identity: String::new(),
+        traceparent: String::new(),
     }
 }
 

@@ -121,6 +121,11 @@ impl<T> Drop for Sender<T> {
 }
 
 impl<T> Receiver<T> {
+    /// How many messages wait to be taken.
+    pub(super) fn depth(&self) -> usize {
+        self.0.state().queue.len()
+    }
+
     /// The next message if one is queued.
     pub(super) fn try_recv(&mut self) -> Option<T> {
         self.0.state().pop()

@@ -10,7 +10,7 @@
 //! When either future ends, the link is over: the session map is dropped,
 //! which wakes every session on the link with a lost link.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use bytes::BytesMut;
 use protocol::{Body, Frame, FrameCodec, SessionId};
@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use super::flow::{Arrival, Caps, Flow};
 use super::mailbox::{Offered, Route, ToClient};
 use super::{LinkError, LinkHandle, LinkSettings};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, Stamp};
 
 /// Frames the writer encodes into one write at most. At 64-byte messages
 /// this is ~60 KiB per write: large enough to amortise the syscall, small
@@ -55,6 +55,8 @@ const QUIET_LOOKS: u8 = 2;
 pub(super) struct Outbound {
     pub(super) frame: Frame,
     pub(super) cost: u32,
+    /// When the client message it carries was read (client data only).
+    pub(super) read_at: Option<Stamp>,
 }
 
 /// A session joining or leaving the reader's map.
@@ -110,6 +112,8 @@ pub(crate) struct LinkDriver<S> {
     pub(super) settings: LinkSettings,
     pub(super) metrics: Arc<Metrics>,
     pub(super) handle: LinkHandle,
+    /// The endpoint, for the heartbeat round-trip histogram.
+    pub(super) endpoint: String,
 }
 
 impl<S: LinkStream> LinkDriver<S> {
@@ -124,9 +128,11 @@ impl<S: LinkStream> LinkDriver<S> {
             settings,
             metrics,
             handle,
+            endpoint,
         } = self;
         let (rd, wr) = stream.split();
         let (hb_tx, hb_rx) = mpsc::channel(HEARTBEAT_ANSWERS);
+        let heartbeat = Mutex::new(None);
         let reader = Reader {
             rd,
             buf: leftover,
@@ -138,6 +144,9 @@ impl<S: LinkStream> LinkDriver<S> {
             caps: handle.caps(),
             settings: &settings,
             metrics: &metrics,
+            read_at: Stamp::now(),
+            heartbeat: &heartbeat,
+            endpoint: &endpoint,
         };
         let writer = Writer {
             wr,
@@ -147,6 +156,7 @@ impl<S: LinkStream> LinkDriver<S> {
             settings: &settings,
             metrics: &metrics,
             handle: &handle,
+            heartbeat: &heartbeat,
         };
         let end = tokio::select! {
             e = reader.run() => e,
@@ -166,13 +176,19 @@ struct Writer<'a, W> {
     settings: &'a LinkSettings,
     metrics: &'a Metrics,
     handle: &'a LinkHandle,
+    heartbeat: &'a Heartbeat,
 }
+
+/// The gateway's latest heartbeat: its nonce and when it was written.
+type Heartbeat = Mutex<Option<(u64, Instant)>>;
 
 impl<W: AsyncWrite + Unpin> Writer<'_, W> {
     async fn run(mut self, shutdown: CancellationToken) -> LinkError {
         let codec = self.settings.codec;
         let mut buf = BytesMut::with_capacity(READ_CHUNK);
         let mut batch = Vec::with_capacity(MAX_BATCH);
+        // When the client messages in the write being built were read.
+        let mut read_at = Vec::with_capacity(MAX_BATCH);
         let mut tick = tokio::time::interval(self.settings.heartbeat_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut nonce: u64 = 0;
@@ -202,6 +218,9 @@ impl<W: AsyncWrite + Unpin> Writer<'_, W> {
                 _ = tick.tick() => {
                     nonce = nonce.wrapping_add(1);
                     encode(&codec, &Frame::heartbeat(nonce, false), &mut buf);
+                    if let Ok(mut hb) = self.heartbeat.lock() {
+                        *hb = Some((nonce, Instant::now()));
+                    }
                 }
                 n = self.rx.recv_many(&mut batch, MAX_BATCH) => {
                     if n == 0 {
@@ -211,6 +230,9 @@ impl<W: AsyncWrite + Unpin> Writer<'_, W> {
                 }
             }
             let (mut messages, mut bytes, mut released) = (0u64, 0u64, 0usize);
+            if !batch.is_empty() {
+                self.metrics.queue_depth(false, batch.len() + self.rx.len());
+            }
             let mut frames = batch.drain(..).peekable();
             loop {
                 let o = frames.next();
@@ -220,6 +242,9 @@ impl<W: AsyncWrite + Unpin> Writer<'_, W> {
                         messages += 1;
                         bytes += d.payload.len() as u64;
                     }
+                    if let Some(t) = o.read_at {
+                        read_at.push(t);
+                    }
                     encode(&codec, &o.frame, &mut buf);
                 }
                 if buf.len() < MAX_WRITE && o.is_some() {
@@ -227,6 +252,12 @@ impl<W: AsyncWrite + Unpin> Writer<'_, W> {
                 }
                 if let Err(e) = self.wr.write_all(&buf).await {
                     return LinkError::Io(e);
+                }
+                if !read_at.is_empty() {
+                    let now = Stamp::now();
+                    for t in read_at.drain(..) {
+                        self.metrics.relayed(true, t.until(now));
+                    }
                 }
                 buf.clear();
                 if buf.capacity() > 2 * MAX_WRITE {
@@ -286,6 +317,11 @@ struct Reader<'a, R> {
     caps: Caps,
     settings: &'a LinkSettings,
     metrics: &'a Metrics,
+    /// When the latest bytes were read: the read time of the frames
+    /// dispatched from them.
+    read_at: Stamp,
+    heartbeat: &'a Heartbeat,
+    endpoint: &'a str,
 }
 
 impl<R: AsyncRead + Unpin> Reader<'_, R> {
@@ -313,7 +349,11 @@ impl<R: AsyncRead + Unpin> Reader<'_, R> {
                 _ = quiet.tick(), if !self.unacked.is_empty() => self.acknowledge_quiet(),
                 r = self.rd.read_buf(&mut self.buf) => match r {
                     Ok(0) => return LinkError::Eof,
-                    Ok(_) => deadline = Instant::now() + timeout,
+                    Ok(_) => {
+                        let now = Instant::now();
+                        self.read_at = Stamp::of(now);
+                        deadline = now + timeout;
+                    }
                     Err(e) => return LinkError::Io(e),
                 },
                 _ = tokio::time::sleep_until(deadline) => {
@@ -393,6 +433,18 @@ impl<R: AsyncRead + Unpin> Reader<'_, R> {
         }
     }
 
+    /// The backend answered a heartbeat: its round trip, if it is the
+    /// latest one sent.
+    fn heartbeat_answered(&self, nonce: u64) {
+        let sent = self.heartbeat.lock().ok().and_then(|mut hb| match *hb {
+            Some((n, at)) if n == nonce => hb.take().map(|_| at),
+            _ => None,
+        });
+        if let Some(at) = sent {
+            self.metrics.heartbeat_rtt(self.endpoint, at.elapsed());
+        }
+    }
+
     /// Routes one backend frame: link frames are answered here, session
     /// frames go to their session's mailbox.
     fn dispatch(&mut self, frame: Frame) -> Result<(), LinkError> {
@@ -406,7 +458,10 @@ impl<R: AsyncRead + Unpin> Reader<'_, R> {
                     let _ = self.hb_tx.try_send(Frame::heartbeat(hb.nonce, true));
                     Ok(())
                 }
-                Body::Heartbeat(_) => Ok(()),
+                Body::Heartbeat(hb) => {
+                    self.heartbeat_answered(hb.nonce);
+                    Ok(())
+                }
                 other => Err(LinkError::Protocol(format!(
                     "{} frame with session id 0",
                     other.kind()
@@ -421,6 +476,7 @@ impl<R: AsyncRead + Unpin> Reader<'_, R> {
             Body::Data(d) => ToClient::Data {
                 payload: d.payload,
                 text: d.text,
+                read_at: self.read_at,
             },
             Body::Close(c) => ToClient::Close {
                 code: c.code,

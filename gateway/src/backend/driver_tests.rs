@@ -30,7 +30,7 @@ fn driver() -> (LinkDriver<DuplexStream>, LinkHandle, DuplexStream) {
     let (gateway_end, backend_end) = tokio::io::duplex(256 * 1024);
     let s = settings();
     let (handle, queues) = LinkHandle::new(0, 2, Caps::default(), &s);
-    let metrics = Arc::new(Metrics::new().unwrap());
+    let metrics = Arc::new(Metrics::standalone().unwrap());
     let d = LinkDriver {
         stream: gateway_end,
         leftover: BytesMut::new(),
@@ -38,6 +38,7 @@ fn driver() -> (LinkDriver<DuplexStream>, LinkHandle, DuplexStream) {
         settings: s,
         metrics,
         handle: handle.clone(),
+        endpoint: "test".to_owned(),
     };
     (d, handle, backend_end)
 }
@@ -165,7 +166,7 @@ async fn a_protocol_violation_ends_the_link_and_its_sessions_learn_it_was_lost()
     assert_eq!(mailbox.eviction.wait().await, Gone::LinkLost);
     // Senders learn at once that the link is gone.
     assert!(matches!(
-        handle.try_send(Frame::data(1, Bytes::new(), false)),
+        handle.try_send(Frame::data(1, Bytes::new(), false), None),
         TrySend::Gone(_)
     ));
 }
@@ -174,7 +175,7 @@ async fn a_protocol_violation_ends_the_link_and_its_sessions_learn_it_was_lost()
 async fn shutdown_writes_what_is_queued_then_closes_the_link() {
     let (d, handle, backend) = driver();
     for i in 0..3u8 {
-        let sent = handle.try_send(Frame::data(1, Bytes::from(vec![i]), false));
+        let sent = handle.try_send(Frame::data(1, Bytes::from(vec![i]), false), None);
         assert!(matches!(sent, TrySend::Sent));
     }
     let shutdown = CancellationToken::new();
@@ -257,8 +258,9 @@ async fn a_quiet_session_gets_its_acknowledgement_200_to_300_ms_after_its_last_d
         leftover: BytesMut::new(),
         queues,
         settings: s,
-        metrics: Arc::new(Metrics::new().unwrap()),
+        metrics: Arc::new(Metrics::standalone().unwrap()),
         handle: handle.clone(),
+        endpoint: "test".to_owned(),
     };
     let _mailbox = handle.register(SessionId(7)).unwrap();
     let (rd, mut wr) = tokio::io::split(backend_end);

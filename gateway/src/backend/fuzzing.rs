@@ -63,7 +63,7 @@ pub enum Delivered {
 fn metrics() -> Arc<Metrics> {
     static METRICS: OnceLock<Arc<Metrics>> = OnceLock::new();
     METRICS
-        .get_or_init(|| match Metrics::new() {
+        .get_or_init(|| match Metrics::standalone() {
             Ok(m) => Arc::new(m),
             Err(e) => panic!("metrics: {e}"),
         })
@@ -114,6 +114,7 @@ pub async fn run_link(
         settings,
         metrics: metrics(),
         handle,
+        endpoint: "fuzz".to_owned(),
     };
     let backend = async move {
         for chunk in chunks {
@@ -153,7 +154,7 @@ pub async fn run_link(
         let mut delivered = Vec::new();
         while let Some(msg) = m.queue.try_recv() {
             delivered.push(match msg {
-                ToClient::Data { payload, text } => Delivered::Data(payload.to_vec(), text),
+                ToClient::Data { payload, text, .. } => Delivered::Data(payload.to_vec(), text),
                 ToClient::Close { code, reason } => Delivered::Close(code, reason),
                 ToClient::Invalid { .. } => Delivered::Invalid,
             });

@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::metrics::Stamp;
 use protocol::{Frame, FrameCodec, SessionId};
 use tokio::sync::{mpsc, Semaphore};
 
@@ -225,7 +226,9 @@ impl LinkHandle {
     }
 
     /// Queues `frame` if there is room now; gives it back if not.
-    pub(crate) fn try_send(&self, mut frame: Frame) -> TrySend {
+    /// `read_at`: when the client message in it was read, for the relay
+    /// time histogram (None for the gateway's own frames).
+    pub(crate) fn try_send(&self, mut frame: Frame, read_at: Option<Stamp>) -> TrySend {
         self.compact_if_backing_up(&mut frame);
         let cost = self.cost_of(&frame);
         let Ok(budget) = self.shared.budget.try_acquire_many(cost) else {
@@ -238,7 +241,11 @@ impl LinkHandle {
         match self.shared.tx.try_reserve() {
             Ok(slot) => {
                 budget.forget();
-                slot.send(Outbound { frame, cost });
+                slot.send(Outbound {
+                    frame,
+                    cost,
+                    read_at,
+                });
                 TrySend::Sent
             }
             Err(mpsc::error::TrySendError::Full(())) => TrySend::Full(Box::new(frame)),
@@ -250,7 +257,12 @@ impl LinkHandle {
     /// until the instant it is queued the frame stays in `pending`, and
     /// dropping the future gives back whatever room it had taken. Returns at
     /// once when `pending` is empty.
-    pub(crate) async fn send_pending(&self, pending: &mut Option<Frame>) -> Result<(), LinkGone> {
+    /// `read_at` as for [`LinkHandle::try_send`].
+    pub(crate) async fn send_pending(
+        &self,
+        pending: &mut Option<Frame>,
+        read_at: Option<Stamp>,
+    ) -> Result<(), LinkGone> {
         let Some(cost) = pending.as_ref().map(|f| self.cost_of(f)) else {
             return Ok(());
         };
@@ -264,7 +276,11 @@ impl LinkHandle {
         if let Some(mut frame) = pending.take() {
             self.compact_if_backing_up(&mut frame);
             budget.forget();
-            slot.send(Outbound { frame, cost });
+            slot.send(Outbound {
+                frame,
+                cost,
+                read_at,
+            });
         }
         Ok(())
     }
@@ -274,7 +290,7 @@ impl LinkHandle {
     pub(crate) async fn send_within(&self, frame: Frame, deadline: Duration) -> bool {
         let mut pending = Some(frame);
         matches!(
-            tokio::time::timeout(deadline, self.send_pending(&mut pending)).await,
+            tokio::time::timeout(deadline, self.send_pending(&mut pending, None)).await,
             Ok(Ok(()))
         )
     }

@@ -38,6 +38,8 @@ pub(crate) enum ToClient {
         payload: Bytes,
         /// Text (true) or binary.
         text: bool,
+        /// When the link read it (for the relay time histogram).
+        read_at: crate::metrics::Stamp,
     },
     /// The backend closed the session.
     Close {
@@ -264,6 +266,11 @@ impl Queue {
         Some(msg)
     }
 
+    /// How many messages wait to be taken.
+    pub(crate) fn depth(&self) -> usize {
+        self.rx.depth()
+    }
+
     /// The next message if one is queued.
     pub(crate) fn try_recv(&mut self) -> Option<ToClient> {
         let msg = self.rx.try_recv()?;
@@ -372,9 +379,14 @@ impl Route {
     pub(super) fn offer(&self, msg: ToClient) -> Offered {
         let is_close = matches!(msg, ToClient::Close { .. } | ToClient::Invalid { .. });
         let msg = match msg {
-            ToClient::Data { payload, text } if self.lagging() => ToClient::Data {
+            ToClient::Data {
+                payload,
+                text,
+                read_at,
+            } if self.lagging() => ToClient::Data {
                 payload: Bytes::copy_from_slice(&payload),
                 text,
+                read_at,
             },
             other => other,
         };
@@ -420,6 +432,7 @@ mod tests {
         ToClient::Data {
             payload: Bytes::from(vec![b'x'; n]),
             text: false,
+            read_at: crate::metrics::Stamp::now(),
         }
     }
 

@@ -51,7 +51,7 @@ pub(crate) const QUEUED_OVERHEAD: usize = 64;
 
 /// The same for a frame queued towards a link: its slot (a `Frame` and its
 /// cost) and its payload's allocator header (checked by a test).
-pub(crate) const QUEUED_FRAME_OVERHEAD: usize = 160;
+pub(crate) const QUEUED_FRAME_OVERHEAD: usize = 192;
 
 /// A queue that already holds this many entries is backing up: what joins
 /// it now will wait, so its payload is copied out of the shared read buffer

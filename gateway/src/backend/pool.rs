@@ -229,6 +229,7 @@ async fn supervise(
                     settings: s.link.clone(),
                     metrics: metrics.clone(),
                     handle,
+                    endpoint: slot.endpoint.to_string(),
                 };
                 let up = tokio::time::Instant::now();
                 let moves = hs.caps.moves;

@@ -352,6 +352,7 @@ impl Config {
                 ));
             }
         }
+        self.validate_telemetry()?;
         if let Some(h) = self
             .session
             .forward_headers
@@ -392,6 +393,55 @@ impl Config {
             ("fleet.handover_timeout", self.fleet.handover_timeout),
             ("fleet.directory_ttl", self.fleet.directory_ttl),
         ]
+    }
+
+    fn validate_telemetry(&self) -> Result<(), ConfigError> {
+        fn bad(key: &'static str, reason: impl Into<String>) -> ConfigError {
+            ConfigError::Invalid {
+                key,
+                reason: reason.into(),
+            }
+        }
+        let t = &self.telemetry;
+        if t.service_name.trim().is_empty() {
+            return Err(bad("telemetry.service_name", "must not be empty"));
+        }
+        if !(0.0..=1.0).contains(&t.traces_sample_ratio) {
+            return Err(bad(
+                "telemetry.traces_sample_ratio",
+                "must be between 0.0 and 1.0",
+            ));
+        }
+        if t.metrics_interval < Duration::from_millis(100) {
+            return Err(bad("telemetry.metrics_interval", "must be at least 100ms"));
+        }
+        if t.otlp_timeout.is_zero() {
+            return Err(bad("telemetry.otlp_timeout", "must be more than 0"));
+        }
+        if let Some(url) = &t.otlp_endpoint {
+            let ok = url
+                .parse::<hyper::Uri>()
+                .ok()
+                .filter(|u| matches!(u.scheme_str(), Some("http" | "https")))
+                .is_some_and(|u| u.host().is_some());
+            if !ok {
+                return Err(bad(
+                    "telemetry.otlp_endpoint",
+                    "must be an http:// or https:// URL with a host",
+                ));
+            }
+        }
+        for (name, value) in &t.otlp_headers {
+            let name_ok = hyper::header::HeaderName::from_bytes(name.as_bytes()).is_ok()
+                && name.bytes().all(|b| !b.is_ascii_uppercase());
+            if !name_ok || hyper::header::HeaderValue::from_str(value).is_err() {
+                return Err(bad(
+                    "telemetry.otlp_headers",
+                    format!("{name:?}: not a valid lower-case header name and value"),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// The name sent to the backend in `Hello`.

@@ -64,6 +64,8 @@ pub struct Config {
     pub shutdown: ShutdownConfig,
     /// Several instances sharing resumable sessions through Redis.
     pub fleet: FleetConfig,
+    /// Telemetry export (OTLP metrics and traces).
+    pub telemetry: TelemetryConfig,
     /// Logging.
     pub log: LogConfig,
 }
@@ -297,6 +299,69 @@ impl Default for FleetConfig {
             directory_ttl: Duration::from_secs(120),
         }
     }
+}
+
+/// Telemetry export. The Prometheus page on the admin listener is always
+/// there; OTLP export of metrics and of session traces is off unless
+/// `otlp_endpoint` is set.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// `service.name` of the resource every metric and span carries.
+    pub service_name: String,
+    /// Base URL of an OTLP receiver (an OpenTelemetry Collector, or
+    /// Prometheus' own OTLP receiver for metrics), e.g.
+    /// `http://127.0.0.1:4317` for gRPC or `http://127.0.0.1:4318` for
+    /// HTTP (where `/v1/metrics` and `/v1/traces` are appended). `https://`
+    /// uses TLS with the system's trust roots. Unset: no OTLP export.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub otlp_endpoint: Option<String>,
+    /// `grpc` or `http/protobuf`.
+    pub otlp_protocol: OtlpProtocol,
+    /// Headers sent with every export (gRPC metadata), e.g. an
+    /// `authorization` token.
+    pub otlp_headers: std::collections::BTreeMap<String, String>,
+    /// How long one export may take.
+    #[serde(with = "humantime_serde")]
+    pub otlp_timeout: Duration,
+    /// How often metrics are exported.
+    #[serde(with = "humantime_serde")]
+    pub metrics_interval: Duration,
+    /// Whether metrics are exported over OTLP (with `otlp_endpoint`).
+    pub otlp_metrics: bool,
+    /// The share of sessions traced, 0.0 to 1.0 (with `otlp_endpoint`).
+    /// 0 exports no traces.
+    pub traces_sample_ratio: f64,
+    /// Whether a client's `traceparent` decides instead, when it has one:
+    /// its sampled flag is followed (the W3C parent-based rule).
+    pub traces_follow_client: bool,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        Self {
+            service_name: "wsgw".to_owned(),
+            otlp_endpoint: None,
+            otlp_protocol: OtlpProtocol::Grpc,
+            otlp_headers: std::collections::BTreeMap::new(),
+            otlp_timeout: Duration::from_secs(10),
+            metrics_interval: Duration::from_secs(60),
+            otlp_metrics: true,
+            traces_sample_ratio: 0.01,
+            traces_follow_client: true,
+        }
+    }
+}
+
+/// The OTLP transport.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OtlpProtocol {
+    /// OTLP over gRPC (port 4317 by convention).
+    #[serde(rename = "grpc")]
+    Grpc,
+    /// OTLP over HTTP with protobuf bodies (port 4318 by convention).
+    #[serde(rename = "http/protobuf")]
+    HttpProtobuf,
 }
 
 /// Logging.

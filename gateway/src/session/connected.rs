@@ -95,7 +95,7 @@ impl Session {
                     },
                     () = &mut drain_at, if !listen.drain => Step::Break(End::clean(self.drain_reason())),
                     msg = self.queue.recv() => self.on_backend(&mut conn, msg).await,
-                    e = upstream::send_or_trim(&self.link, &mut self.pending, self.upstream.as_mut()),
+                    e = upstream::send_or_trim(&self.link, &mut self.pending, self.upstream.as_mut(), self.read_at),
                         if self.pending.is_some() || self.holds_unacknowledged() => match e {
                             UpstreamEvent::Sent(r) => self.on_link_room(r),
                             UpstreamEvent::Acknowledged => Step::Continue(()),
@@ -229,6 +229,7 @@ impl Session {
             Ok(None) => Step::Continue(()),
             Ok(Some(out)) => {
                 self.received += 1;
+                self.read_at = conn.last_heard;
                 match self.send_client(out) {
                     Ok(()) => Step::Continue(()),
                     Err(LinkGone) => Step::Break(End::clean(CloseReason::LinkLost)),

@@ -13,6 +13,7 @@ use super::signals::{stale, Listen, Signal, Signals};
 use super::{End, Session};
 use crate::backend::{Gone, Queue, ToClient};
 use crate::close::CloseReason;
+use crate::metrics::{Metrics, Stamp};
 use crate::resume::{Credentials, Ring};
 
 /// Backend messages written to the client before one flush.
@@ -54,6 +55,7 @@ impl Session {
                 ring,
                 max_message,
                 &delivered,
+                &self.shared.metrics,
             ));
             let watch = Watch {
                 signals: &mut self.signals,
@@ -261,6 +263,7 @@ impl Progress {
 /// Writes `first` and up to a batch of what is queued behind it, then
 /// flushes. `delivered` follows the messages written so far: a client cannot
 /// have a message whose write has not finished.
+#[allow(clippy::too_many_arguments)]
 async fn write_batch(
     writer: &mut Writer,
     first: ToClient,
@@ -268,10 +271,23 @@ async fn write_batch(
     mut ring: Option<&mut Ring>,
     max_message: usize,
     delivered: &Progress,
+    metrics: &Metrics,
 ) -> Result<(), End> {
+    metrics.queue_depth(true, 1 + queue.depth());
+    // When the link read each message written, for the relay time once
+    // they are flushed (allocated only for a batch of more than one).
+    let mut first_read = None;
+    let mut more_read = Vec::new();
     let mut msg = Some(first);
     let mut written = 0;
     while let Some(m) = msg.take() {
+        if let ToClient::Data { read_at, .. } = &m {
+            if first_read.is_none() {
+                first_read = Some(*read_at);
+            } else {
+                more_read.push(*read_at);
+            }
+        }
         write_one(writer, m, ring.as_deref_mut(), max_message).await?;
         delivered.taken(ring.as_deref().map(Ring::next_seq));
         queue.written();
@@ -283,7 +299,12 @@ async fn write_batch(
     writer
         .flush()
         .await
-        .map_err(|_| End::broken(CloseReason::ClientLost))
+        .map_err(|_| End::broken(CloseReason::ClientLost))?;
+    let now = Stamp::now();
+    for t in first_read.into_iter().chain(more_read) {
+        metrics.relayed(false, t.until(now));
+    }
+    Ok(())
 }
 
 /// Writes one backend message to the client (no flush). A resumable
@@ -296,7 +317,7 @@ async fn write_one(
     max_message: usize,
 ) -> Result<(), End> {
     match msg {
-        ToClient::Data { payload, text } => {
+        ToClient::Data { payload, text, .. } => {
             check_backend_message(&payload, text, max_message).map_err(End::clean)?;
             if let Some(ring) = ring {
                 ring.push(&payload, text, u64::MAX);

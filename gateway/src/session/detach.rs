@@ -4,6 +4,7 @@
 use std::pin::pin;
 
 use fastwebsockets::WebSocket;
+use opentelemetry::KeyValue;
 use protocol::Frame;
 use tracing::debug;
 
@@ -70,6 +71,8 @@ impl Session {
             ));
         }
         self.shared.metrics.detached(1);
+        self.span
+            .event("detach", vec![KeyValue::new("wsgw.reason", why.label())]);
         let mut grace = pin!(tokio::time::sleep(grace));
         // A token a resume presented, not yet proven spent, stays good for
         // as long as the session waits.
@@ -162,7 +165,7 @@ impl Session {
                 },
                 // A client message accepted before the loss still goes
                 // out; what the backend acknowledges is freed.
-                e = upstream::send_or_trim(&self.link, &mut self.pending, self.upstream.as_mut()),
+                e = upstream::send_or_trim(&self.link, &mut self.pending, self.upstream.as_mut(), self.read_at),
                     if self.pending.is_some() || self.holds_unacknowledged() =>
                 {
                     if matches!(e, UpstreamEvent::Sent(Err(_))) && !self.moves() {
@@ -207,7 +210,7 @@ impl Session {
         held: &mut usize,
     ) -> Result<(), CloseReason> {
         let (payload, text) = match msg {
-            ToClient::Data { payload, text } => (payload, text),
+            ToClient::Data { payload, text, .. } => (payload, text),
             ToClient::Close { code, reason } => {
                 return Err(CloseReason::BackendClosed { code, reason })
             }
@@ -307,6 +310,13 @@ impl Session {
         };
         let replayed = missed.len() as u64;
         self.shared.metrics.resume_succeeded(replayed);
+        self.span.event(
+            "resume",
+            vec![KeyValue::new(
+                "wsgw.replayed",
+                i64::try_from(replayed).unwrap_or(i64::MAX),
+            )],
+        );
         if self.link.version() >= 2 {
             let frame = Frame::attached(self.id.0, peer.to_string(), replayed);
             self.link.send_within(frame, ADVISORY_SEND_DEADLINE).await;

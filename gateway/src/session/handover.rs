@@ -125,7 +125,7 @@ impl Session {
         let max_message = self.shared.session.max_message;
         while let Some(msg) = self.queue.try_recv() {
             match msg {
-                ToClient::Data { payload, text } => {
+                ToClient::Data { payload, text, .. } => {
                     check_backend_message(&payload, text, max_message)?;
                     if let Some(r) = self.resumable.as_mut() {
                         r.ring.push(&payload, text, position);
@@ -214,6 +214,11 @@ pub(crate) async fn run_imported(import: Import, shared: Arc<Shared>) {
         first,
     } = import;
     let id = SessionId(state.session_id);
+    let started = Instant::now();
+    let span = shared.telemetry.continued_span(
+        state.open.as_ref().map_or("", |o| o.traceparent.as_str()),
+        id.0,
+    );
     let link = lease.link().clone();
     let flow = Arc::new(Flow::imported(
         state.delivered,
@@ -230,7 +235,7 @@ pub(crate) async fn run_imported(import: Import, shared: Arc<Shared>) {
             first.refuse(ResumeRefusal::NotMovable);
         }
         shared.metrics.handover("in", "link_lost");
-        return finish_unopened(&shared, id, None, CloseReason::LinkLost);
+        return finish_unopened(&shared, id, None, CloseReason::LinkLost, span);
     };
     shared.metrics.session_opened();
     let attach = shared.resumable.register_with(token.clone(), id);
@@ -257,6 +262,9 @@ pub(crate) async fn run_imported(import: Import, shared: Arc<Shared>) {
         pending,
         received: state.client_received,
         resumable: Some(resumable),
+        span,
+        started,
+        read_at: started,
         _lease: lease,
         _permit: permit,
         shared,

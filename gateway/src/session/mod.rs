@@ -26,12 +26,14 @@ use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use protocol::{pb, Body, Frame, SessionId};
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
+use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use crate::backend::{Lease, LinkHandle, Mailbox, Queue, ADVISORY_SEND_DEADLINE};
 use crate::close::CloseReason;
 use crate::resume::{AttachRequest, Credentials, Ring, Token};
 use crate::shared::Shared;
+use crate::telemetry::SessionSpan;
 
 mod assemble;
 pub(crate) use assemble::Assembler;
@@ -60,6 +62,8 @@ pub(crate) struct SessionStart {
     pub(crate) permit: OwnedSemaphorePermit,
     /// For a resumable session: its credential and its resume requests.
     pub(crate) resume: Option<(Token, mpsc::Receiver<AttachRequest>)>,
+    /// The session's trace span (empty unless sampled).
+    pub(crate) span: SessionSpan,
 }
 
 /// One session, across client connections when it is resumable.
@@ -81,6 +85,13 @@ struct Session {
     received: u64,
     /// Present for resumable sessions.
     resumable: Option<Resumable>,
+    /// The session's trace span (empty unless sampled).
+    span: SessionSpan,
+    /// When the session started on this instance.
+    started: Instant,
+    /// When the latest client data message was read. The client is not
+    /// read while a message is `pending`, so this is also that message's.
+    read_at: Instant,
     /// Held for the session's life: its place on the link and under the
     /// session cap.
     _lease: Lease,
@@ -145,7 +156,9 @@ pub(crate) async fn run(ws: Box<WebSocket<Io>>, start: Box<SessionStart>, shared
         open,
         permit,
         resume,
+        span,
     } = *start;
+    let started = Instant::now();
     shared.metrics.session_opened();
     let link = lease.link().clone();
     debug!(link = link.index(), "session open");
@@ -164,13 +177,16 @@ pub(crate) async fn run(ws: Box<WebSocket<Io>>, start: Box<SessionStart>, shared
         flow,
     }) = link.register(id)
     else {
-        return finish_unopened(&shared, id, token.as_ref(), CloseReason::LinkLost);
+        return finish_unopened(&shared, id, token.as_ref(), CloseReason::LinkLost, span);
     };
     // Boxed here and below: a future awaited once, at the start or the end,
     // would otherwise take room in the session's task for all its life.
-    if Box::pin(link.send_pending(&mut Some(open))).await.is_err() {
+    if Box::pin(link.send_pending(&mut Some(open), None))
+        .await
+        .is_err()
+    {
         link.unregister(id);
-        return finish_unopened(&shared, id, token.as_ref(), CloseReason::LinkLost);
+        return finish_unopened(&shared, id, token.as_ref(), CloseReason::LinkLost, span);
     }
     let rc = &shared.resume;
     let resumable = token.map(|token| Resumable {
@@ -188,6 +204,9 @@ pub(crate) async fn run(ws: Box<WebSocket<Io>>, start: Box<SessionStart>, shared
         pending: None,
         received: 0,
         resumable,
+        span,
+        started,
+        read_at: started,
         _lease: lease,
         _permit: permit,
         shared,
@@ -248,7 +267,7 @@ impl Session {
 
     /// Tells the backend (when it should hear it), leaves the link, and
     /// records the end.
-    async fn finish(self, reason: CloseReason) {
+    async fn finish(mut self, reason: CloseReason) {
         // A resume arriving from now on finds no session (410); one handed
         // over is found at the instance that took it.
         if let Some(r) = &self.resumable {
@@ -269,22 +288,38 @@ impl Session {
             self.link.send_within(close, ADVISORY_SEND_DEADLINE).await;
         }
         self.link.unregister(self.id);
-        record_end(&self.shared, self.id, &reason);
+        self.shared.metrics.session_lived(self.started.elapsed());
+        record_end(&self.shared, self.id, &reason, &mut self.span);
     }
 }
 
 /// Ends a session that never got onto its link.
-fn finish_unopened(shared: &Shared, id: SessionId, token: Option<&Token>, reason: CloseReason) {
+fn finish_unopened(
+    shared: &Shared,
+    id: SessionId,
+    token: Option<&Token>,
+    reason: CloseReason,
+    mut span: SessionSpan,
+) {
     if let Some(t) = token {
         shared.resumable.remove(t);
     }
-    record_end(shared, id, &reason);
+    record_end(shared, id, &reason, &mut span);
 }
 
-fn record_end(shared: &Shared, id: SessionId, reason: &CloseReason) {
+/// Counts the end, ends the trace span and logs it.
+fn record_end(shared: &Shared, id: SessionId, reason: &CloseReason, span: &mut SessionSpan) {
     let label = reason.label();
     let side = reason.side();
     shared.metrics.session_closed(reason);
+    // The code the client got, or sent; 1006 (no close frame) when its
+    // connection was lost or handed to another instance.
+    let code = match (reason.to_client(), reason) {
+        (Some(c), _) => c.code,
+        (None, CloseReason::ClientClosed { code, .. }) => *code,
+        (None, _) => 1006,
+    };
+    span.close(code, label);
     if reason.is_notable() {
         warn!(session = id.0, reason = label, ?side, detail = ?reason, "session closed");
     } else {

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use opentelemetry::KeyValue;
 use protocol::{pb, Body, Frame};
 use tokio::time::Instant;
 use tracing::debug;
@@ -15,6 +16,7 @@ use tracing::debug;
 use super::Session;
 use crate::backend::{Flow, Gone, LinkGone, LinkHandle, TrySend, ADVISORY_SEND_DEADLINE};
 use crate::fleet::wire;
+use crate::metrics::Stamp;
 
 /// Why a session whose link was lost did not move.
 #[derive(Debug)]
@@ -208,9 +210,10 @@ pub(super) async fn send_or_trim(
     link: &LinkHandle,
     pending: &mut Option<Frame>,
     upstream: Option<&mut Upstream>,
+    read_at: Instant,
 ) -> UpstreamEvent {
     if pending.is_some() {
-        return UpstreamEvent::Sent(send_pending(link, pending, upstream).await);
+        return UpstreamEvent::Sent(send_pending(link, pending, upstream, read_at).await);
     }
     match upstream {
         Some(up) if up.holds_unacknowledged() => {
@@ -229,19 +232,20 @@ pub(super) async fn send_pending(
     link: &LinkHandle,
     pending: &mut Option<Frame>,
     upstream: Option<&mut Upstream>,
+    read_at: Instant,
 ) -> Result<(), LinkGone> {
     let Some(frame) = pending.as_ref() else {
         return Ok(());
     };
     let Some(up) = upstream else {
-        return link.send_pending(pending).await;
+        return link.send_pending(pending, Some(Stamp::of(read_at))).await;
     };
     let cost = cost_of(frame);
     while !up.fits(cost) {
         up.flow.next_window().await;
     }
     let kept = up.moves().then(|| Kept::of(frame)).flatten();
-    link.send_pending(pending).await?;
+    link.send_pending(pending, Some(Stamp::of(read_at))).await?;
     up.sent(cost, kept);
     Ok(())
 }
@@ -264,7 +268,7 @@ impl Session {
             .as_ref()
             .filter(|u| u.moves())
             .and_then(|_| Kept::of(&frame));
-        match self.link.try_send(frame) {
+        match self.link.try_send(frame, Some(Stamp::of(self.read_at))) {
             TrySend::Sent => {
                 if let Some(up) = self.upstream.as_mut() {
                     up.sent(cost, kept);
@@ -288,7 +292,12 @@ impl Session {
     /// room); false if it could not go. For messages accepted as a session
     /// ends.
     pub(super) async fn send_pending_within(&mut self, deadline: Duration) -> bool {
-        let send = send_pending(&self.link, &mut self.pending, self.upstream.as_mut());
+        let send = send_pending(
+            &self.link,
+            &mut self.pending,
+            self.upstream.as_mut(),
+            self.read_at,
+        );
         matches!(tokio::time::timeout(deadline, send).await, Ok(Ok(())))
     }
 
@@ -320,6 +329,13 @@ impl Session {
             match self.try_relink(deadline).await {
                 Ok(Some(resent)) => {
                     self.shared.metrics.session_moved(true, resent);
+                    self.span.event(
+                        "moved",
+                        vec![
+                            KeyValue::new("wsgw.link", i64::from(self.link.index())),
+                            KeyValue::new("wsgw.resent", i64::try_from(resent).unwrap_or(i64::MAX)),
+                        ],
+                    );
                     debug!(
                         session = self.id.0,
                         link = self.link.index(),
@@ -390,7 +406,12 @@ impl Session {
         if let (Some(origin), Some(Body::Resume(r))) = (&up.origin, resume.body.as_mut()) {
             r.origin_instance_id.clone_from(origin);
         }
-        if self.link.send_pending(&mut Some(resume)).await.is_err() {
+        if self
+            .link
+            .send_pending(&mut Some(resume), None)
+            .await
+            .is_err()
+        {
             return Ok(None);
         }
         // The answer: a window saying what the backend has. Once the resume
@@ -433,7 +454,12 @@ impl Session {
             .unwrap_or_default();
         let resent = resend.len() as u64;
         for frame in resend {
-            if self.link.send_pending(&mut Some(frame)).await.is_err() {
+            if self
+                .link
+                .send_pending(&mut Some(frame), None)
+                .await
+                .is_err()
+            {
                 return Ok(None);
             }
         }
