@@ -7,8 +7,8 @@
 #   3. Autobahn|TestSuite conformance through the whole relay path
 # Works from a fresh clone. Needs: Linux (the tests read /proc), cargo,
 # python3 >= 3.11 with venv (the pinned websockets needs it), Debian's
-# kotlin, libokhttp-java, libokio-java and a JDK, redis-server and haproxy
-# (.ci/run installs them), and an
+# kotlin, libokhttp-java, libokio-java and a JDK, redis-server, haproxy,
+# prometheus and systemd-analyze (.ci/run installs them), and an
 # open-file limit of at least 16384 (the 10,000-session test holds that many
 # sockets); this script raises the soft limit to the hard limit itself.
 #
@@ -47,6 +47,19 @@ fi
 if ! command -v redis-server >/dev/null || ! command -v haproxy >/dev/null; then
   echo "tests/run.sh: the fleet's tests need redis-server and haproxy:" >&2
   echo "  apt-get install -y redis-server haproxy" >&2
+  exit 2
+fi
+# The metrics tests run Debian's prometheus as a child process (its own
+# configuration, storage and port; the package's service is not used).
+if ! command -v prometheus >/dev/null; then
+  echo "tests/run.sh: the metrics tests need Debian's prometheus:" >&2
+  echo "  apt-get install -y --no-install-recommends prometheus" >&2
+  exit 2
+fi
+# tests/tests/packaging.rs checks the systemd unit with systemd-analyze.
+if ! command -v systemd-analyze >/dev/null; then
+  echo "tests/run.sh: the packaging tests need systemd-analyze:" >&2
+  echo "  apt-get install -y systemd" >&2
   exit 2
 fi
 protocol/clients/kotlin/build.sh "${CARGO_TARGET_DIR:-target}/kotlin" >/dev/null

@@ -105,6 +105,24 @@ pub fn repo_root() -> PathBuf {
         .to_path_buf()
 }
 
+/// The gateway's bound on flushing the links after the drain
+/// (`LINK_FLUSH_DEADLINE`, private to the gateway), read from its source
+/// so that the deployment files' checks follow a change of it.
+pub fn link_flush_deadline() -> Duration {
+    let src = std::fs::read_to_string(repo_root().join("gateway/src/shutdown.rs")).unwrap();
+    let line = src
+        .lines()
+        .find(|l| l.contains("const LINK_FLUSH_DEADLINE"))
+        .expect("LINK_FLUSH_DEADLINE in gateway/src/shutdown.rs");
+    let secs = line
+        .split("from_secs(")
+        .nth(1)
+        .and_then(|rest| rest.split(')').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("LINK_FLUSH_DEADLINE is not Duration::from_secs(N): {line}"));
+    Duration::from_secs(secs)
+}
+
 /// The Python interpreter of the test virtualenv made by `tests/run.sh`.
 pub fn python() -> PathBuf {
     let p = repo_root().join(".venv/bin/python");

@@ -12,7 +12,7 @@ use std::process::Command;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use gateway_tests::{bin, python, repo_root, Certs};
+use gateway_tests::{bin, link_flush_deadline, python, repo_root, Certs};
 use serde_json::Value;
 
 /// Kubernetes versions whose schemas the manifests must pass: the oldest
@@ -169,24 +169,6 @@ fn mounted<'a>(pod: &'a Value, container: &Value, path: &Path) -> (&'a Value, St
 fn selects(selector: &Value, labels: &Value) -> bool {
     let selector = selector.as_object().unwrap();
     !selector.is_empty() && selector.iter().all(|(k, v)| labels[k] == *v)
-}
-
-/// The gateway's bound on flushing the links after the drain
-/// (`LINK_FLUSH_DEADLINE`, private to the gateway), read from its source
-/// so that this test follows a change of it.
-fn link_flush_deadline() -> Duration {
-    let src = std::fs::read_to_string(repo_root().join("gateway/src/shutdown.rs")).unwrap();
-    let line = src
-        .lines()
-        .find(|l| l.contains("const LINK_FLUSH_DEADLINE"))
-        .expect("LINK_FLUSH_DEADLINE in gateway/src/shutdown.rs");
-    let secs = line
-        .split("from_secs(")
-        .nth(1)
-        .and_then(|rest| rest.split(')').next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("LINK_FLUSH_DEADLINE is not Duration::from_secs(N): {line}"));
-    Duration::from_secs(secs)
 }
 
 /// Every manifest passes the Kubernetes API's schemas (strict: no field the
