@@ -7,7 +7,9 @@
 //!    and spawns its task; nothing else.
 //! 2. **TLS** (`listener.rs`, `tls.rs`): the handshake runs in that task
 //!    under `listen.tls_handshake_timeout`, holding one of
-//!    `listen.max_handshakes` slots.
+//!    `listen.max_handshakes` slots; `certs.rs` picks the certificate by
+//!    SNI and reloads the certificates when their files change or on
+//!    SIGHUP.
 //! 3. **upgrade** (`upgrade.rs`): hyper reads the HTTP/1.1 request under
 //!    `listen.http_header_timeout` and the size caps of `handshake.rs`;
 //!    the gateway checks path, method, the RFC 6455 handshake
@@ -45,6 +47,7 @@
 
 mod admin;
 mod backend;
+mod certs;
 mod close;
 pub mod config;
 mod fleet;
@@ -72,6 +75,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 
+pub use certs::ReloadHandle;
 pub use config::{Config, ConfigError};
 pub use tls::TlsError;
 
@@ -120,6 +124,7 @@ pub struct Gateway {
     shared: Arc<Shared>,
     addrs: BoundAddrs,
     drain_timeout: Duration,
+    tls_reload: Option<ReloadHandle>,
 }
 
 impl Gateway {
@@ -176,6 +181,13 @@ impl Gateway {
         if let (Some(f), Some(writes)) = (&shared.fleet, directory_writes) {
             f.spawn(&shared, writes);
         }
+        let (tls, tls_reload) = match settings.tls {
+            Some(t) => {
+                let (config, handle) = t.start(shared.metrics.clone(), &shared.shutdown);
+                (Some(config), Some(handle))
+            }
+            None => (None, None),
+        };
         let mut addrs = BoundAddrs::default();
         if let Some((l, addr)) = admin {
             addrs.admin = Some(addr);
@@ -184,7 +196,7 @@ impl Gateway {
             shared.shutdown.spawn_admin(task);
         }
         for (l, addr, is_tls) in listeners {
-            let acceptor = match (is_tls, &settings.tls) {
+            let acceptor = match (is_tls, &tls) {
                 (true, Some(tls)) => {
                     addrs.wss.push(addr);
                     Some(TlsAcceptor::from(tls.clone()))
@@ -201,7 +213,14 @@ impl Gateway {
             shared,
             addrs,
             drain_timeout: settings.drain_timeout,
+            tls_reload,
         })
+    }
+
+    /// What reloads the wss certificates (SIGHUP in the binary); `None`
+    /// without wss listeners.
+    pub fn tls_reload(&self) -> Option<ReloadHandle> {
+        self.tls_reload.clone()
     }
 
     /// The bound addresses.

@@ -1,5 +1,6 @@
 //! The `gateway` binary: parse flags, load and validate configuration,
-//! start logging and the runtime, run until SIGTERM/SIGINT.
+//! start logging and the runtime, run until SIGTERM/SIGINT (SIGHUP
+//! reloads the certificates).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -157,15 +158,18 @@ fn main() -> ExitCode {
         if let Some(addr) = a.admin {
             println!("listening admin {addr}");
         }
-        gw.run_until(signals.recv()).await;
+        let reload = gw.tls_reload();
+        gw.run_until(signals.recv(reload)).await;
         ExitCode::SUCCESS
     })
 }
 
-/// SIGTERM and SIGINT, registered before the gateway starts.
+/// SIGTERM and SIGINT (shutdown) and SIGHUP (reload), registered before
+/// the gateway starts: SIGHUP's default action would kill the process.
 struct ShutdownSignals {
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
 }
 
 impl ShutdownSignals {
@@ -174,14 +178,25 @@ impl ShutdownSignals {
         Ok(Self {
             term: signal(SignalKind::terminate())?,
             int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
         })
     }
 
-    /// Resolves at the first SIGTERM or SIGINT.
-    async fn recv(mut self) {
-        tokio::select! {
-            _ = self.term.recv() => {}
-            _ = self.int.recv() => {}
+    /// Resolves at the first SIGTERM or SIGINT; every SIGHUP before it
+    /// asks for a certificate reload.
+    async fn recv(mut self, reload: Option<gateway::ReloadHandle>) {
+        loop {
+            tokio::select! {
+                _ = self.term.recv() => return,
+                _ = self.int.recv() => return,
+                _ = self.hup.recv() => match &reload {
+                    Some(r) => {
+                        tracing::info!("SIGHUP: reloading the tls certificates");
+                        r.reload();
+                    }
+                    None => tracing::info!("SIGHUP: no wss listener, nothing to reload"),
+                },
+            }
         }
     }
 }

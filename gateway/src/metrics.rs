@@ -50,6 +50,7 @@ pub(crate) struct Metrics {
     tls_handshakes: Counter<u64>,
     tls_handshakes_active: UpDownCounter<i64>,
     tls_handshakes_waiting: UpDownCounter<i64>,
+    tls_reloads: Counter<u64>,
     to_backend: [KeyValue; 1],
     to_client: [KeyValue; 1],
     phases: [[KeyValue; 1]; 3],
@@ -294,6 +295,10 @@ impl Metrics {
                 .i64_up_down_counter("gateway.tls.handshakes.waiting")
                 .with_description("Connections waiting for a TLS handshake slot")
                 .build(),
+            tls_reloads: meter
+                .u64_counter("gateway.tls.reloads")
+                .with_description("Certificate reloads, by result (ok, failed: old ones kept)")
+                .build(),
             to_backend: [KeyValue::new("direction", "client_to_backend")],
             to_client: [KeyValue::new("direction", "backend_to_client")],
             phases: [
@@ -492,5 +497,11 @@ impl Metrics {
 
     pub(crate) fn tls_handshakes_waiting(&self, delta: i64) {
         self.tls_handshakes_waiting.add(delta, &[]);
+    }
+
+    /// A certificate reload succeeded, or failed and kept the old ones.
+    pub(crate) fn tls_reload(&self, ok: bool) {
+        let result = if ok { "ok" } else { "failed" };
+        self.tls_reloads.add(1, &[KeyValue::new("result", result)]);
     }
 }

@@ -5,22 +5,23 @@
 //! re-derives a fact from the raw configuration.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::header::HeaderName;
 use protocol::{pb, FrameCodec};
 
 use crate::backend::{LinkSettings, MailboxLimits, PoolSettings};
+use crate::certs::TlsSettings;
 use crate::config::{Config, ConfigError};
-use crate::tls;
+use crate::tls::PairFiles;
 
 /// Everything the gateway needs to run.
 #[derive(Debug)]
 pub(crate) struct Settings {
     pub(crate) listen: ListenSettings,
-    /// The wss listeners' TLS configuration; `None` without wss listeners.
-    pub(crate) tls: Option<Arc<rustls::ServerConfig>>,
+    /// The wss listeners' certificates, loaded; `None` without wss
+    /// listeners.
+    pub(crate) tls: Option<TlsSettings>,
     pub(crate) session: SessionSettings,
     pub(crate) resume: ResumeSettings,
     pub(crate) backend: PoolSettings,
@@ -82,15 +83,15 @@ pub(crate) struct ResumeSettings {
 
 impl Config {
     /// Checks what [`Config::validate`] cannot: that the settings can be
-    /// made, loading the TLS certificate and key.
+    /// made, loading every TLS certificate and key.
     pub fn check_files(&self) -> Result<(), ConfigError> {
         Settings::from_config(self).map(drop)
     }
 }
 
 impl Settings {
-    /// Turns a configuration into settings; loads the TLS certificate and
-    /// key. `config` must have passed [`Config::validate`].
+    /// Turns a configuration into settings; loads the TLS certificates and
+    /// keys. `config` must have passed [`Config::validate`].
     pub(crate) fn from_config(config: &Config) -> Result<Self, ConfigError> {
         let tls = if config.listen.wss.is_empty() {
             None
@@ -101,7 +102,23 @@ impl Settings {
                     reason: "tls.cert and tls.key are required by listen.wss".into(),
                 });
             };
-            Some(tls::server_config(cert, key)?)
+            let default = PairFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                name: "tls".to_owned(),
+            };
+            let others = config
+                .tls
+                .certificates
+                .iter()
+                .enumerate()
+                .map(|(i, p)| PairFiles {
+                    cert: p.cert.clone(),
+                    key: p.key.clone(),
+                    name: format!("tls.certificates[{i}]"),
+                });
+            let files = std::iter::once(default).chain(others).collect();
+            Some(TlsSettings::load(files, config.tls.reload_interval)?)
         };
         let l = &config.listen;
         let s = &config.session;

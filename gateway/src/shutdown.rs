@@ -104,7 +104,8 @@ impl Shutdown {
         self.links.tasks.spawn(task);
     }
 
-    /// Spawns an admin listener task.
+    /// Spawns an admin listener task, or another operator-facing task
+    /// that runs until the very end (the certificate reloader).
     pub(crate) fn spawn_admin<F>(&self, task: F)
     where
         F: Future<Output = ()> + Send + 'static,

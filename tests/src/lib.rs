@@ -11,6 +11,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 pub mod backend;
+pub mod certs;
 pub mod client;
 pub mod faults;
 pub mod fleet;
@@ -195,6 +196,16 @@ impl Certs {
             .unwrap()
             .write_to(dir.path())
             .unwrap();
+        Self { dir }
+    }
+    /// A `localhost` certificate issued by `ca` (which can issue the
+    /// certificates that replace it); `ca.pem` is `ca`'s certificate.
+    pub fn from_ca(ca: &certs::TestCa) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let issued = ca.issue(&["localhost", "127.0.0.1"]);
+        std::fs::write(dir.path().join("ca.pem"), &ca.pem).unwrap();
+        std::fs::write(dir.path().join("cert.pem"), &issued.cert_pem).unwrap();
+        std::fs::write(dir.path().join("key.pem"), &issued.key_pem).unwrap();
         Self { dir }
     }
     pub fn ca(&self) -> PathBuf {

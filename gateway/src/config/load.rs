@@ -171,6 +171,11 @@ impl Config {
             if self.tls.key.is_none() {
                 return Err(invalid("tls.key", "required by listen.wss (or --tls-key)"));
             }
+        } else if !self.tls.certificates.is_empty() {
+            return Err(invalid(
+                "tls.certificates",
+                "set without listen.wss: no listener would serve them",
+            ));
         }
         if self.listen.paths.is_empty() {
             return Err(invalid("listen.paths", "at least one path is required"));
@@ -369,10 +374,11 @@ impl Config {
 
     /// Every duration in the configuration, by key: each is bounded by
     /// [`MAX_DURATION`].
-    pub fn durations(&self) -> [(&'static str, Duration); 20] {
+    pub fn durations(&self) -> [(&'static str, Duration); 21] {
         let (l, s, b) = (&self.listen, &self.session, &self.backend);
         [
             ("listen.tls_handshake_timeout", l.tls_handshake_timeout),
+            ("tls.reload_interval", self.tls.reload_interval),
             ("listen.http_header_timeout", l.http_header_timeout),
             ("session.ping_interval", s.ping_interval),
             ("session.ping_timeout", s.ping_timeout),

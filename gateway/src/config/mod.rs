@@ -50,7 +50,7 @@ pub const MAX_LINKS_PER_ENDPOINT: usize = 1024;
 pub struct Config {
     /// Public listeners and the WebSocket upgrade.
     pub listen: ListenConfig,
-    /// Certificate and key for the wss listeners.
+    /// Certificates and keys for the wss listeners.
     pub tls: TlsConfig,
     /// Per-session limits and timers.
     pub session: SessionConfig,
@@ -149,14 +149,51 @@ pub struct ListenConfig {
     pub max_handshakes: usize,
 }
 
-/// Certificate and key for the wss listeners.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+/// Certificates and keys for the wss listeners.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TlsConfig {
-    /// PEM file: the certificate chain, leaf first.
+    /// PEM file: the certificate chain, leaf first. The default
+    /// certificate: served when the client sends no SNI or one that no
+    /// certificate is valid for.
     pub cert: Option<PathBuf>,
     /// PEM file: the private key (PKCS#8, PKCS#1 or SEC1).
     pub key: Option<PathBuf>,
+    /// How often the certificate and key files are checked for a change
+    /// (metadata only: modification time, length, inode, following
+    /// symlinks); a change reloads them. 0 turns the check off (SIGHUP
+    /// still reloads); below 200ms counts as 200ms.
+    #[serde(with = "humantime_serde")]
+    pub reload_interval: Duration,
+    /// Further certificates, chosen by the client's SNI: the first
+    /// certificate (`tls.cert`, then these in order) valid for the name.
+    // Last: serialized, an array of tables must follow the plain keys.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub certificates: Vec<CertKeyPair>,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        Self {
+            cert: None,
+            key: None,
+            certificates: Vec::new(),
+            // A few metadata calls per file each time: 5 s costs nothing
+            // and is well inside the days of overlap a renewed certificate
+            // has with the one it replaces.
+            reload_interval: Duration::from_secs(5),
+        }
+    }
+}
+
+/// One additional certificate chain and its key (`[[tls.certificates]]`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertKeyPair {
+    /// PEM file: the certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// PEM file: the private key.
+    pub key: PathBuf,
 }
 
 /// Per-session limits and timers.
