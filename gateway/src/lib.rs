@@ -55,6 +55,7 @@ mod fleet;
 pub mod fuzzing;
 mod handshake;
 mod listener;
+mod logs;
 mod metrics;
 mod refusal;
 mod resume;
@@ -188,6 +189,9 @@ impl Gateway {
             }
             None => (None, None),
         };
+        shared
+            .shutdown
+            .spawn_admin(logs::summarise_until(shared.shutdown.admin_stop()));
         let mut addrs = BoundAddrs::default();
         if let Some((l, addr)) = admin {
             addrs.admin = Some(addr);

@@ -22,9 +22,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::time::{timeout_at, Instant};
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
-use tracing::{debug, warn};
 
 use crate::handshake::{MAX_REQUEST_HEADERS, MAX_REQUEST_HEAD_BYTES};
+use crate::logs::limited;
 use crate::metrics::{Metrics, Phase};
 use crate::refusal::Refusal;
 use crate::shared::Shared;
@@ -53,7 +53,7 @@ pub(crate) async fn accept_loop(
             Err(e) => {
                 // Usually EMFILE: out of file descriptors. Back off briefly
                 // instead of spinning; existing sessions keep running.
-                warn!(error = %e, "accept failed");
+                limited!(warn, error = %e, "accept failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
@@ -90,7 +90,7 @@ async fn connection(
                 }
                 Err((refusal, e)) => {
                     shared.metrics.session_refused(&refusal);
-                    debug!(%peer, reason = refusal.label(), error = ?e, "TLS handshake refused");
+                    limited!(debug, %peer, reason = refusal.label(), error = ?e, "TLS handshake refused");
                 }
             }
         }
@@ -256,9 +256,9 @@ pub(crate) async fn serve_http<S>(
         // hyper has answered 431.
         Some(Err(e)) if e.is_parse_too_large() => {
             shared.metrics.session_refused(&Refusal::HeadersTooLarge);
-            debug!(%peer, "request head too large");
+            limited!(debug, %peer, "request head too large");
         }
-        Some(Err(e)) => debug!(%peer, error = %e, "HTTP connection error"),
+        Some(Err(e)) => limited!(debug, %peer, error = %e, "HTTP connection error"),
         None => refused_slow(&shared, peer),
     }
 }
@@ -266,5 +266,5 @@ pub(crate) async fn serve_http<S>(
 /// A client too slow to send its request within `http_header_timeout`.
 fn refused_slow(shared: &Shared, peer: SocketAddr) {
     shared.metrics.session_refused(&Refusal::HttpTimeout);
-    debug!(%peer, "HTTP request timed out");
+    limited!(debug, %peer, "HTTP request timed out");
 }

@@ -317,7 +317,8 @@ pub(crate) fn take_in_late(shared: &Arc<Shared>, state: crate::fleet::wire::Stat
         .lease_for_move()
         .filter(|l| l.link().caps().fleet);
     let (Some(token), Some(permit), Some(lease)) = (Token::parse(token), permit, lease) else {
-        tracing::warn!(
+        crate::logs::limited!(
+            warn,
             session = state.session_id,
             "fleet: a session handed over too late found no room or link here; it is lost"
         );

@@ -16,6 +16,7 @@ pub mod client;
 pub mod faults;
 pub mod fleet;
 pub mod raw;
+pub mod telemetry;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -425,6 +426,9 @@ pub struct GatewayOpts<'a> {
     pub certs: Option<&'a Certs>,
     pub admin: bool,
     pub framing: &'a str,
+    /// The gateway's log filter (`RUST_LOG`); `info` unless set here or
+    /// by `WSGW_TEST_LOG`.
+    pub log: Option<&'a str>,
     /// Ports of the ws and admin listeners (0: any free one). Fixed ports
     /// let a restarted instance come back where a load balancer expects it.
     pub ws_port: u16,
@@ -443,6 +447,7 @@ impl<'a> GatewayOpts<'a> {
             certs: None,
             admin: true,
             framing: "varint",
+            log: None,
             ws_port: 0,
             admin_port: 0,
             config: gateway::Config::default(),
@@ -458,6 +463,11 @@ impl<'a> GatewayOpts<'a> {
         self
     }
     /// Links per backend endpoint (`--links`).
+    pub fn log(mut self, filter: &'a str) -> Self {
+        self.log = Some(filter);
+        self
+    }
+
     pub fn links(mut self, n: usize) -> Self {
         self.links = n;
         self
@@ -525,10 +535,11 @@ impl Gateway {
         std::fs::write(&file, toml::to_string(&o.config).unwrap()).unwrap();
         cmd.arg("--config").arg(&file);
         // WSGW_TEST_LOG overrides the gateways' log filter when debugging.
-        cmd.env(
-            "RUST_LOG",
-            std::env::var("WSGW_TEST_LOG").unwrap_or_else(|_| "info".into()),
-        );
+        let filter = match o.log {
+            Some(f) => f.to_owned(),
+            None => std::env::var("WSGW_TEST_LOG").unwrap_or_else(|_| "info".into()),
+        };
+        cmd.env("RUST_LOG", filter);
         let (proc, lines) = Proc::spawn(cmd, expect);
         drop(dir);
         let find = |kind: &str| {

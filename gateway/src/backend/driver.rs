@@ -405,7 +405,7 @@ impl<R: AsyncRead + Unpin> Reader<'_, R> {
                         // backend get a fixed reason.
                         let reason = "backend sent an undecodable frame".to_owned();
                         if self.route(SessionId(id), ToClient::Invalid { reason }) {
-                            tracing::warn!(session = id, error = %e, "undecodable frame from the backend; closing its session");
+                            crate::logs::limited!(warn, session = id, error = %e, "undecodable frame from the backend; closing its session");
                         }
                         continue;
                     }

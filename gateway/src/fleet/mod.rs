@@ -582,7 +582,8 @@ impl Fleet {
         let limit = self.settings.handover_timeout;
         let sent = tokio::time::timeout(limit, publish.query_async::<u64>(&mut redis)).await;
         if carried && !matches!(sent, Ok(Ok(n)) if n > 0) {
-            warn!(
+            crate::logs::limited!(
+                warn,
                 to = req.from_instance,
                 "fleet: a session handed over did not reach the instance that asked; it is lost"
             );

@@ -17,7 +17,7 @@ use std::time::Duration;
 use protocol::{Body, Frame, SessionId};
 use tokio::sync::{oneshot, OwnedSemaphorePermit};
 use tokio::time::Instant;
-use tracing::{debug, warn};
+use tracing::debug;
 
 use super::deliver::check_backend_message;
 use super::signals::Signals;
@@ -150,7 +150,8 @@ impl Session {
         let up = self.upstream.as_mut()?;
         let delivered = r.ring.next_seq();
         if up.flow.received() != delivered {
-            warn!(
+            crate::logs::limited!(
+                warn,
                 session = self.id.0,
                 received = up.flow.received(),
                 delivered,

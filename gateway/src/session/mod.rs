@@ -27,10 +27,11 @@ use hyper_util::rt::TokioIo;
 use protocol::{pb, Body, Frame, SessionId};
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
 use tokio::time::Instant;
-use tracing::{debug, warn};
+use tracing::debug;
 
 use crate::backend::{Lease, LinkHandle, Mailbox, Queue, ADVISORY_SEND_DEADLINE};
 use crate::close::CloseReason;
+use crate::logs::limited;
 use crate::resume::{AttachRequest, Credentials, Ring, Token};
 use crate::shared::Shared;
 use crate::telemetry::SessionSpan;
@@ -321,7 +322,8 @@ fn record_end(shared: &Shared, id: SessionId, reason: &CloseReason, span: &mut S
     };
     span.close(code, label);
     if reason.is_notable() {
-        warn!(session = id.0, reason = label, ?side, detail = ?reason, "session closed");
+        // A lost link closes every session on it at once: limited.
+        limited!(warn, session = id.0, reason = label, ?side, detail = ?reason, "session closed");
     } else {
         debug!(reason = label, ?side, detail = ?reason, "session closed");
     }
