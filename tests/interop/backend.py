@@ -161,6 +161,7 @@ import contextlib
 import io
 import itertools
 import json
+import re
 import signal
 import socket
 import struct
@@ -462,6 +463,9 @@ class Header:
         return m
 
 
+TRACEPARENT = re.compile(r"00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
+
+
 @dataclass
 class SessionOpen:
     remote_addr: str = ""
@@ -469,12 +473,14 @@ class SessionOpen:
     subprotocol: str = ""
     headers: list[Header] = field(default_factory=list)
     identity: str = ""
+    # W3C traceparent for the backend's spans of this session (may be "").
+    traceparent: str = ""
 
     def encode(self) -> bytes:
         out = enc_str(1, self.remote_addr) + enc_str(2, self.path) + enc_str(3, self.subprotocol)
         for h in self.headers:
             out += enc_bytes(4, h.encode(), always=True)
-        return out + enc_str(5, self.identity)
+        return out + enc_str(5, self.identity) + enc_str(6, self.traceparent)
 
     @classmethod
     def decode(cls, buf: bytes) -> "SessionOpen":
@@ -490,6 +496,8 @@ class SessionOpen:
                 _want(fno, wt, WT_LEN, "SessionOpen"); m.headers.append(Header.decode(v))
             elif fno == 5:
                 _want(fno, wt, WT_LEN, "SessionOpen"); m.identity = _utf8(v, "SessionOpen.identity")
+            elif fno == 6:
+                _want(fno, wt, WT_LEN, "SessionOpen"); m.traceparent = _utf8(v, "SessionOpen.traceparent")
         return m
 
 
@@ -1668,6 +1676,9 @@ class Link:
             "subprotocol": body.subprotocol,
             "headers": [[h.name, h.value] for h in body.headers],
             "identity": body.identity,
+            "traceparent": body.traceparent,
+            # The contract: a 55-character version-00 value, or empty.
+            "traceparent_valid": body.traceparent == "" or bool(TRACEPARENT.fullmatch(body.traceparent)),
         })
         if self.b.verbose:
             self.log(f"open session {sid} path={body.path!r} from {body.remote_addr}")

@@ -184,3 +184,59 @@ async fn hello_carries_the_configured_values_and_a_fresh_instance_id_per_process
     assert_eq!(all[2]["instance_id"], all[3]["instance_id"]);
     backend.stop_cleanly(T);
 }
+
+/// `SessionOpen.traceparent` reaches a backend written from
+/// protocol/README.md alone, as the contract says: the client's header
+/// passed on when the gateway does not trace; the gateway's own session
+/// span (same trace, a new span id, sampled) when it does.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_python_backend_gets_the_traceparent_the_contract_describes() {
+    let client_tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let opens_for = |stats: &serde_json::Value, path: &str| -> Vec<serde_json::Value> {
+        stats["opens"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|o| o["path"] == path)
+            .cloned()
+            .collect()
+    };
+    for traced in [false, true] {
+        let (_backend, addr) = python_backend("varint");
+        let gw = Gateway::start(GatewayOpts::new(addr).config(|c| {
+            if traced {
+                // Nothing listens there: spans are made and sampled, and
+                // their export fails quietly, which is what is tested.
+                c.telemetry.otlp_endpoint = Some("http://127.0.0.1:9".into());
+                c.telemetry.otlp_metrics = false;
+                c.telemetry.traces_sample_ratio = 1.0;
+            }
+        }));
+        gw.wait_ready(T).await;
+        let mut opts = Connect::default();
+        opts.headers.push(("traceparent", client_tp.into()));
+        let mut c = Client::connect(gw.ws.unwrap(), "/ws?tp=1", &opts).await;
+        c.echo("hi").await;
+        let mut bad = Connect::default();
+        bad.headers.push(("traceparent", "00-nothex-00f067aa0ba902b7-01".into()));
+        let mut c2 = Client::connect(gw.ws.unwrap(), "/ws?tp=bad", &bad).await;
+        c2.echo("hi").await;
+        let stats = gateway_tests::python_backend_stats(&gw).await;
+        let open = &opens_for(&stats, "/ws?tp=1")[0];
+        assert_eq!(open["traceparent_valid"], true, "{open}");
+        let tp = open["traceparent"].as_str().unwrap();
+        if traced {
+            let parts: Vec<&str> = tp.split('-').collect();
+            assert_eq!(parts[1], "4bf92f3577b34da6a3ce929d0e0e4736", "same trace: {tp}");
+            assert_ne!(parts[2], "00f067aa0ba902b7", "the gateway's span: {tp}");
+            assert_eq!(parts[3], "01", "sampled: {tp}");
+        } else {
+            assert_eq!(tp, client_tp);
+        }
+        let bad_open = &opens_for(&stats, "/ws?tp=bad")[0];
+        assert_eq!(bad_open["traceparent_valid"], true, "{bad_open}");
+        if !traced {
+            assert_eq!(bad_open["traceparent"], "", "a malformed header is not passed on");
+        }
+    }
+}
