@@ -218,7 +218,8 @@ async fn the_python_backend_gets_the_traceparent_the_contract_describes() {
         let mut c = Client::connect(gw.ws.unwrap(), "/ws?tp=1", &opts).await;
         c.echo("hi").await;
         let mut bad = Connect::default();
-        bad.headers.push(("traceparent", "00-nothex-00f067aa0ba902b7-01".into()));
+        bad.headers
+            .push(("traceparent", "00-nothex-00f067aa0ba902b7-01".into()));
         let mut c2 = Client::connect(gw.ws.unwrap(), "/ws?tp=bad", &bad).await;
         c2.echo("hi").await;
         let stats = gateway_tests::python_backend_stats(&gw).await;
@@ -227,7 +228,10 @@ async fn the_python_backend_gets_the_traceparent_the_contract_describes() {
         let tp = open["traceparent"].as_str().unwrap();
         if traced {
             let parts: Vec<&str> = tp.split('-').collect();
-            assert_eq!(parts[1], "4bf92f3577b34da6a3ce929d0e0e4736", "same trace: {tp}");
+            assert_eq!(
+                parts[1], "4bf92f3577b34da6a3ce929d0e0e4736",
+                "same trace: {tp}"
+            );
             assert_ne!(parts[2], "00f067aa0ba902b7", "the gateway's span: {tp}");
             assert_eq!(parts[3], "01", "sampled: {tp}");
         } else {
@@ -236,7 +240,10 @@ async fn the_python_backend_gets_the_traceparent_the_contract_describes() {
         let bad_open = &opens_for(&stats, "/ws?tp=bad")[0];
         assert_eq!(bad_open["traceparent_valid"], true, "{bad_open}");
         if !traced {
-            assert_eq!(bad_open["traceparent"], "", "a malformed header is not passed on");
+            assert_eq!(
+                bad_open["traceparent"], "",
+                "a malformed header is not passed on"
+            );
         }
     }
 }
