@@ -8,7 +8,10 @@
 //! that stops is still summarised.
 //!
 //! The metrics count every event regardless; the logs say what kind of
-//! thing happened and how often.
+//! thing happened and how often. Summary lines are logged under the
+//! target `gateway::logs` (with the call site in `site`): a filter that
+//! enables a module at debug should enable `gateway::logs` at debug too.
+//! A summary comes at most two windows after the burst began.
 
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -124,10 +127,12 @@ impl Limit {
         admit
     }
 
-    /// The summary of a window that is over, if it suppressed anything.
-    fn due(&self, now: Instant) -> Option<u64> {
+    /// The summary of a window that is over (or of any window, with
+    /// `now_anyway`), if it suppressed anything.
+    fn due(&self, now: Instant, now_anyway: bool) -> Option<u64> {
         let mut s = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        if s.since.is_some_and(|t| now.duration_since(t) >= WINDOW) && s.suppressed > 0 {
+        let over = now_anyway || s.since.is_some_and(|t| now.duration_since(t) >= WINDOW);
+        if over && s.suppressed > 0 {
             let n = s.suppressed;
             s.suppressed = 0;
             s.logged = 0;
@@ -166,12 +171,13 @@ impl State {
     }
 }
 
-/// Logs the summary of every window that is over and suppressed lines.
-pub(crate) fn summarise() {
+/// Logs the summary of every window that is over and suppressed lines
+/// (of every window, with `now_anyway`: at exit).
+pub(crate) fn summarise(now_anyway: bool) {
     let now = Instant::now();
     let sites: Vec<&'static Limit> = SITES.lock().unwrap_or_else(PoisonError::into_inner).clone();
     for site in sites {
-        if let Some(n) = site.due(now) {
+        if let Some(n) = site.due(now, now_anyway) {
             site.log_summary(n);
         }
     }
@@ -183,9 +189,11 @@ pub(crate) async fn summarise_until(stop: tokio_util::sync::CancellationToken) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            _ = tick.tick() => summarise(),
+            _ = tick.tick() => summarise(false),
+            // The last lines before the exit (a drain, a lost link) are
+            // counted too.
             () = stop.cancelled() => {
-                summarise();
+                summarise(true);
                 return;
             }
         }

@@ -119,6 +119,7 @@ fn main() -> ExitCode {
     for w in &warnings {
         tracing::warn!("{w}");
     }
+    raise_open_file_limit(config.listen.max_sessions);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -198,6 +199,24 @@ impl ShutdownSignals {
                 },
             }
         }
+    }
+}
+
+/// Each session is one descriptor: raise the soft open-file limit to the
+/// hard one (containers often start at 1,024), and say so if even that is
+/// below `listen.max_sessions` and a margin.
+fn raise_open_file_limit(max_sessions: usize) {
+    const MARGIN: u64 = 256;
+    let want = max_sessions as u64 + MARGIN;
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(n) if n < want => tracing::warn!(
+            limit = n,
+            max_sessions,
+            "the open-file limit is below listen.max_sessions + {MARGIN}: sessions past it \
+             will be refused (raise LimitNOFILE, or docker run --ulimit nofile=...)"
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot read or raise the open-file limit"),
     }
 }
 

@@ -149,9 +149,9 @@ impl Metrics {
                 .f64_histogram("gateway.handshake.duration")
                 .with_unit("s")
                 .with_description(
-                    "Client handshakes that reached a session, by phase: tls (accept to TLS \
-                     done), upgrade (TLS done, or accept for ws, to the 101), total (accept \
-                     to the 101)",
+                    "Client handshakes, by phase: tls (accept to TLS done, every completed \
+                     TLS handshake), upgrade (TLS done, or accept for ws, to the 101) and total \
+                     (accept to the 101), both for new sessions",
                 )
                 .with_boundaries(FAST_BUCKETS.to_vec())
                 .build(),

@@ -57,6 +57,10 @@ pub enum TelemetryError {
 }
 
 /// The providers, and the tracer when traces are exported.
+///
+/// Dropped without [`Telemetry::shutdown`] (a start-up that failed after
+/// it was made), the providers are shut down on a thread of their own: the
+/// SDK's shutdown blocks, and must not block the runtime.
 pub(crate) struct Telemetry {
     pub(crate) meters: SdkMeterProvider,
     pub(crate) registry: prometheus::Registry,
@@ -190,6 +194,22 @@ impl Telemetry {
     }
 }
 
+impl Drop for Telemetry {
+    fn drop(&mut self) {
+        let meters = self.meters.clone();
+        let tracers = self.tracers.take();
+        self.tracer = None;
+        let _ = std::thread::Builder::new()
+            .name("telemetry-drop".into())
+            .spawn(move || {
+                if let Some(t) = tracers {
+                    let _ = t.shutdown();
+                }
+                let _ = meters.shutdown();
+            });
+    }
+}
+
 /// The W3C `traceparent` of a span context, empty if it is not valid.
 fn traceparent(sc: &SpanContext) -> String {
     if !sc.is_valid() {
@@ -209,7 +229,7 @@ fn traceparent(sc: &SpanContext) -> String {
 pub(crate) struct SessionSpan(Option<Box<opentelemetry_sdk::trace::Span>>);
 
 impl SessionSpan {
-    /// Adds a named event ("detach", "resume", "moved", "handed_over").
+    /// Adds a named event ("detach", "resume", "moved").
     pub(crate) fn event(&mut self, name: &'static str, attributes: Vec<KeyValue>) {
         if let Some(s) = self.0.as_mut() {
             s.add_event(name, attributes);
@@ -255,12 +275,18 @@ fn metric_exporter(
 ) -> Result<opentelemetry_otlp::MetricExporter, opentelemetry_otlp::ExporterBuildError> {
     let b = opentelemetry_otlp::MetricExporter::builder();
     match config.otlp_protocol {
-        OtlpProtocol::Grpc => b
-            .with_tonic()
-            .with_endpoint(endpoint)
-            .with_timeout(config.otlp_timeout)
-            .with_metadata(metadata(config))
-            .build(),
+        OtlpProtocol::Grpc => {
+            let b = b
+                .with_tonic()
+                .with_endpoint(endpoint)
+                .with_timeout(config.otlp_timeout)
+                .with_metadata(metadata(config));
+            if endpoint.starts_with("https://") {
+                b.with_tls_config(tls()).build()
+            } else {
+                b.build()
+            }
+        }
         OtlpProtocol::HttpProtobuf => b
             .with_http()
             .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
@@ -277,12 +303,18 @@ fn span_exporter(
 ) -> Result<opentelemetry_otlp::SpanExporter, opentelemetry_otlp::ExporterBuildError> {
     let b = opentelemetry_otlp::SpanExporter::builder();
     match config.otlp_protocol {
-        OtlpProtocol::Grpc => b
-            .with_tonic()
-            .with_endpoint(endpoint)
-            .with_timeout(config.otlp_timeout)
-            .with_metadata(metadata(config))
-            .build(),
+        OtlpProtocol::Grpc => {
+            let b = b
+                .with_tonic()
+                .with_endpoint(endpoint)
+                .with_timeout(config.otlp_timeout)
+                .with_metadata(metadata(config));
+            if endpoint.starts_with("https://") {
+                b.with_tls_config(tls()).build()
+            } else {
+                b.build()
+            }
+        }
         OtlpProtocol::HttpProtobuf => b
             .with_http()
             .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
@@ -291,6 +323,12 @@ fn span_exporter(
             .with_headers(headers(config))
             .build(),
     }
+}
+
+/// TLS for an `https://` gRPC endpoint: the system's trust roots (tonic's
+/// default has none).
+fn tls() -> tonic::transport::ClientTlsConfig {
+    tonic::transport::ClientTlsConfig::new().with_native_roots()
 }
 
 /// OTLP/HTTP's per-signal URL under a base endpoint, as the OTLP

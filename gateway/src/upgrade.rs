@@ -132,7 +132,10 @@ fn open_session(
                 Box::new(ws)
             }
             Err(e) => {
-                // The session never started: its credential must not stay.
+                // The session never started: its credential must not stay,
+                // and its span ends here.
+                let mut start = start;
+                start.span.close(1006, "upgrade_failed");
                 if let Some((token, _)) = &start.resume {
                     task_shared.resumable.remove(token);
                 }

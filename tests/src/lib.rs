@@ -111,17 +111,28 @@ pub fn repo_root() -> PathBuf {
 /// (`LINK_FLUSH_DEADLINE`, private to the gateway), read from its source
 /// so that the deployment files' checks follow a change of it.
 pub fn link_flush_deadline() -> Duration {
-    let src = std::fs::read_to_string(repo_root().join("gateway/src/shutdown.rs")).unwrap();
+    source_secs("gateway/src/shutdown.rs", "LINK_FLUSH_DEADLINE")
+}
+
+/// The gateway's bound on exporting its last metrics and spans after that
+/// (`TELEMETRY_FLUSH` in gateway/src/lib.rs), read from its source.
+pub fn telemetry_flush() -> Duration {
+    source_secs("gateway/src/lib.rs", "TELEMETRY_FLUSH")
+}
+
+/// A `const NAME: Duration = Duration::from_secs(N)` in a source file.
+fn source_secs(file: &str, name: &str) -> Duration {
+    let src = std::fs::read_to_string(repo_root().join(file)).unwrap();
     let line = src
         .lines()
-        .find(|l| l.contains("const LINK_FLUSH_DEADLINE"))
-        .expect("LINK_FLUSH_DEADLINE in gateway/src/shutdown.rs");
+        .find(|l| l.contains(&format!("const {name}")))
+        .unwrap_or_else(|| panic!("{name} in {file}"));
     let secs = line
         .split("from_secs(")
         .nth(1)
         .and_then(|rest| rest.split(')').next())
         .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("LINK_FLUSH_DEADLINE is not Duration::from_secs(N): {line}"));
+        .unwrap_or_else(|| panic!("{name} is not Duration::from_secs(N): {line}"));
     Duration::from_secs(secs)
 }
 

@@ -12,7 +12,7 @@ use std::process::Command;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use gateway_tests::{bin, link_flush_deadline, python, repo_root, Certs};
+use gateway_tests::{bin, link_flush_deadline, python, repo_root, telemetry_flush, Certs};
 use serde_json::Value;
 
 /// Kubernetes versions whose schemas the manifests must pass: the oldest
@@ -286,13 +286,14 @@ fn a_pod_drains_within_its_grace_period() {
             .as_u64()
             .expect("terminationGracePeriodSeconds"),
     );
-    let needed = pre_stop + s.drain_timeout + link_flush_deadline();
+    let needed = pre_stop + s.drain_timeout + link_flush_deadline() + telemetry_flush();
     assert!(
         grace > needed,
         "terminationGracePeriodSeconds {grace:?} must exceed preStop {pre_stop:?} + \
-         drain_timeout {:?} + link flush {:?} = {needed:?}",
+         drain_timeout {:?} + link flush {:?} + telemetry flush {:?} = {needed:?}",
         s.drain_timeout,
-        link_flush_deadline()
+        link_flush_deadline(),
+        telemetry_flush()
     );
     // Sessions are handed off over close_spread, and the last of them
     // still have time to resume elsewhere before drain_timeout.

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use gateway_tests::{bin, link_flush_deadline, python, repo_root, Certs};
+use gateway_tests::{bin, link_flush_deadline, python, repo_root, telemetry_flush, Certs};
 
 /// The most the unit's exposure score may be, whatever its header says:
 /// the low end of systemd's "OK" band (1.0 to 4.9), where only what the
@@ -243,10 +243,11 @@ fn the_units_limits_fit_the_gateway() {
     let c = example_config();
     assert_eq!(unit_value(&unit, "KillSignal"), "SIGTERM");
     let stop = seconds(unit_value(&unit, "TimeoutStopSec"));
-    let needed = c.shutdown.drain_timeout + link_flush_deadline();
+    let needed = c.shutdown.drain_timeout + link_flush_deadline() + telemetry_flush();
     assert!(
         stop > needed,
-        "TimeoutStopSec {stop:?} must exceed drain_timeout + link flush = {needed:?}"
+        "TimeoutStopSec {stop:?} must exceed drain_timeout + link flush + telemetry flush = \
+         {needed:?}"
     );
     let nofile: u64 = unit_value(&unit, "LimitNOFILE").parse().unwrap();
     let sessions = c.listen.max_sessions as u64;

@@ -132,7 +132,7 @@ impl<S: LinkStream> LinkDriver<S> {
         } = self;
         let (rd, wr) = stream.split();
         let (hb_tx, hb_rx) = mpsc::channel(HEARTBEAT_ANSWERS);
-        let heartbeat = Mutex::new(None);
+        let heartbeat = Mutex::new(std::collections::VecDeque::with_capacity(HEARTBEATS_KEPT));
         let reader = Reader {
             rd,
             buf: leftover,
@@ -179,8 +179,12 @@ struct Writer<'a, W> {
     heartbeat: &'a Heartbeat,
 }
 
-/// The gateway's latest heartbeat: its nonce and when it was written.
-type Heartbeat = Mutex<Option<(u64, Instant)>>;
+/// The gateway's recent heartbeats (nonce, when written), newest last: an
+/// answer slower than the heartbeat interval still finds its own.
+type Heartbeat = Mutex<std::collections::VecDeque<(u64, Instant)>>;
+
+/// Heartbeats remembered for their round trip.
+const HEARTBEATS_KEPT: usize = 8;
 
 impl<W: AsyncWrite + Unpin> Writer<'_, W> {
     async fn run(mut self, shutdown: CancellationToken) -> LinkError {
@@ -219,7 +223,10 @@ impl<W: AsyncWrite + Unpin> Writer<'_, W> {
                     nonce = nonce.wrapping_add(1);
                     encode(&codec, &Frame::heartbeat(nonce, false), &mut buf);
                     if let Ok(mut hb) = self.heartbeat.lock() {
-                        *hb = Some((nonce, Instant::now()));
+                        if hb.len() == HEARTBEATS_KEPT {
+                            hb.pop_front();
+                        }
+                        hb.push_back((nonce, Instant::now()));
                     }
                 }
                 n = self.rx.recv_many(&mut batch, MAX_BATCH) => {
@@ -433,12 +440,12 @@ impl<R: AsyncRead + Unpin> Reader<'_, R> {
         }
     }
 
-    /// The backend answered a heartbeat: its round trip, if it is the
-    /// latest one sent.
+    /// The backend answered a heartbeat: its round trip, if it is one of
+    /// the recent ones (each counts once).
     fn heartbeat_answered(&self, nonce: u64) {
-        let sent = self.heartbeat.lock().ok().and_then(|mut hb| match *hb {
-            Some((n, at)) if n == nonce => hb.take().map(|_| at),
-            _ => None,
+        let sent = self.heartbeat.lock().ok().and_then(|mut hb| {
+            let i = hb.iter().position(|(n, _)| *n == nonce)?;
+            hb.remove(i).map(|(_, at)| at)
         });
         if let Some(at) = sent {
             self.metrics.heartbeat_rtt(self.endpoint, at.elapsed());

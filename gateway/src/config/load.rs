@@ -11,8 +11,8 @@ use protocol::Framing;
 use serde::Serialize;
 
 use super::{
-    framing_name, Config, ConfigError, FRAME_OVERHEAD, MAX_DURATION, MAX_LINKS_PER_ENDPOINT,
-    MAX_PERMITS,
+    framing_name, Config, ConfigError, OtlpProtocol, FRAME_OVERHEAD, MAX_DURATION,
+    MAX_LINKS_PER_ENDPOINT, MAX_PERMITS,
 };
 
 /// Values given on the command line; each one, when present, overrides the
@@ -374,7 +374,7 @@ impl Config {
 
     /// Every duration in the configuration, by key: each is bounded by
     /// [`MAX_DURATION`].
-    pub fn durations(&self) -> [(&'static str, Duration); 21] {
+    pub fn durations(&self) -> [(&'static str, Duration); 23] {
         let (l, s, b) = (&self.listen, &self.session, &self.backend);
         [
             ("listen.tls_handshake_timeout", l.tls_handshake_timeout),
@@ -393,6 +393,11 @@ impl Config {
             ("backend.stable_after", b.stable_after),
             ("backend.move_timeout", b.move_timeout),
             ("resume.grace", self.resume.grace),
+            ("telemetry.otlp_timeout", self.telemetry.otlp_timeout),
+            (
+                "telemetry.metrics_interval",
+                self.telemetry.metrics_interval,
+            ),
             ("resume.handoff_timeout", self.resume.handoff_timeout),
             ("shutdown.drain_timeout", self.shutdown.drain_timeout),
             ("shutdown.close_spread", self.shutdown.close_spread),
@@ -434,6 +439,13 @@ impl Config {
                 return Err(bad(
                     "telemetry.otlp_endpoint",
                     "must be an http:// or https:// URL with a host",
+                ));
+            }
+            if url.starts_with("https://") && t.otlp_protocol == OtlpProtocol::HttpProtobuf {
+                return Err(bad(
+                    "telemetry.otlp_endpoint",
+                    "https:// needs otlp_protocol = \"grpc\" (the HTTP exporter is built \
+                     without TLS); or send to a local collector over http://",
                 ));
             }
         }
