@@ -8,15 +8,13 @@
 //! that stops is still summarised.
 //!
 //! The metrics count every event regardless; the logs say what kind of
-//! thing happened and how often. Summary lines are logged under the
-//! target `gateway::logs` (with the call site in `site`): a filter that
-//! enables a module at debug should enable `gateway::logs` at debug too.
-//! A summary comes at most two windows after the burst began.
+//! thing happened and how often. A summary line has the call site's level
+//! and module (its target), so it passes the same filters as the lines it
+//! counts; `site` names the file and line. It comes at most two windows
+//! after the burst began.
 
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
-
-use tracing::Level;
 
 /// Lines let through per call site per window.
 pub(crate) const BURST: u32 = 10;
@@ -28,10 +26,17 @@ pub(crate) const WINDOW: Duration = Duration::from_secs(10);
 /// lines per [`WINDOW`] from this call site; see the module's text.
 macro_rules! limited {
     ($level:ident, $($arg:tt)+) => {{
-        static LIMIT: $crate::logs::Limit = $crate::logs::Limit::new(
-            concat!(file!(), ":", line!()),
-            $crate::logs::level!($level),
-        );
+        // The summary is logged from here, so that it has the call site's
+        // module as its target and passes the same filters as the lines.
+        fn summary(suppressed: u64) {
+            tracing::$level!(
+                site = concat!(file!(), ":", line!()),
+                suppressed,
+                window_s = $crate::logs::WINDOW.as_secs(),
+                "similar log lines suppressed (the metrics count every event)"
+            );
+        }
+        static LIMIT: $crate::logs::Limit = $crate::logs::Limit::new(summary);
         if tracing::enabled!($crate::logs::level!($level)) && LIMIT.admit() {
             tracing::$level!($($arg)+);
         }
@@ -61,8 +66,8 @@ pub(crate) use level;
 
 /// One call site's budget.
 pub(crate) struct Limit {
-    site: &'static str,
-    level: Level,
+    /// Logs the summary line, at the call site's level and target.
+    summary: fn(u64),
     state: Mutex<State>,
 }
 
@@ -83,10 +88,9 @@ static SITES: Mutex<Vec<&'static Limit>> = Mutex::new(Vec::new());
 
 impl Limit {
     /// A call site's budget (made by [`limited!`]).
-    pub(crate) const fn new(site: &'static str, level: Level) -> Self {
+    pub(crate) const fn new(summary: fn(u64)) -> Self {
         Self {
-            site,
-            level,
+            summary,
             state: Mutex::new(State {
                 since: None,
                 logged: 0,
@@ -122,7 +126,7 @@ impl Limit {
                 .push(self);
         }
         if let Some(n) = summary {
-            self.log_summary(n);
+            (self.summary)(n);
         }
         admit
     }
@@ -140,18 +144,6 @@ impl Limit {
             return Some(n);
         }
         None
-    }
-
-    fn log_summary(&self, suppressed: u64) {
-        let (site, secs) = (self.site, WINDOW.as_secs());
-        let msg = "similar log lines suppressed (the metrics count every event)";
-        match self.level {
-            Level::ERROR => tracing::error!(site, suppressed, window_s = secs, "{msg}"),
-            Level::WARN => tracing::warn!(site, suppressed, window_s = secs, "{msg}"),
-            Level::INFO => tracing::info!(site, suppressed, window_s = secs, "{msg}"),
-            Level::DEBUG => tracing::debug!(site, suppressed, window_s = secs, "{msg}"),
-            _ => tracing::trace!(site, suppressed, window_s = secs, "{msg}"),
-        }
     }
 }
 
@@ -178,7 +170,7 @@ pub(crate) fn summarise(now_anyway: bool) {
     let sites: Vec<&'static Limit> = SITES.lock().unwrap_or_else(PoisonError::into_inner).clone();
     for site in sites {
         if let Some(n) = site.due(now, now_anyway) {
-            site.log_summary(n);
+            (site.summary)(n);
         }
     }
 }

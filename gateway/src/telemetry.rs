@@ -66,6 +66,9 @@ pub(crate) struct Telemetry {
     pub(crate) registry: prometheus::Registry,
     tracers: Option<SdkTracerProvider>,
     tracer: Option<SdkTracer>,
+    /// Whether anything is exported over OTLP (else there is nothing to
+    /// flush at the end: the Prometheus page is pulled).
+    exports: bool,
 }
 
 impl Telemetry {
@@ -122,6 +125,7 @@ impl Telemetry {
             registry,
             tracers,
             tracer,
+            exports: config.otlp_endpoint.is_some(),
         })
     }
 
@@ -172,8 +176,12 @@ impl Telemetry {
         (SessionSpan(Some(Box::new(span))), header)
     }
 
-    /// Flushes and stops the exporters, waiting at most `limit`.
+    /// Flushes and stops the exporters, waiting at most `limit`; returns
+    /// at once when nothing is exported over OTLP.
     pub(crate) async fn shutdown(&self, limit: Duration) {
+        if !self.exports {
+            return;
+        }
         let meters = self.meters.clone();
         let tracers = self.tracers.clone();
         let (tx, rx) = tokio::sync::oneshot::channel();

@@ -322,8 +322,20 @@ fn record_end(shared: &Shared, id: SessionId, reason: &CloseReason, span: &mut S
     };
     span.close(code, label);
     if reason.is_notable() {
-        // A lost link closes every session on it at once: limited.
-        limited!(warn, session = id.0, reason = label, ?side, detail = ?reason, "session closed");
+        // A lost link closes every session on it at once: limited, with a
+        // budget of its own so that such a burst does not hide other
+        // notable ends (slow consumers, invalid backend data).
+        match reason {
+            CloseReason::LinkLost => {
+                limited!(warn, session = id.0, reason = label, ?side, detail = ?reason, "session closed");
+            }
+            CloseReason::SlowConsumer => {
+                limited!(warn, session = id.0, reason = label, ?side, detail = ?reason, "session closed");
+            }
+            _ => {
+                limited!(warn, session = id.0, reason = label, ?side, detail = ?reason, "session closed");
+            }
+        }
     } else {
         debug!(reason = label, ?side, detail = ?reason, "session closed");
     }
