@@ -204,6 +204,10 @@ impl Telemetry {
 
 impl Drop for Telemetry {
     fn drop(&mut self) {
+        // Without OTLP only the Prometheus reader is there: nothing blocks.
+        if !self.exports {
+            return;
+        }
         let meters = self.meters.clone();
         let tracers = self.tracers.take();
         self.tracer = None;
@@ -277,60 +281,53 @@ impl Extractor for Headers<'_> {
     }
 }
 
+/// Builds one signal's OTLP exporter (`MetricExporter` or `SpanExporter`:
+/// the same builder calls on different types) for the configured protocol.
+macro_rules! otlp_exporter {
+    ($exporter:ty, $config:expr, $endpoint:expr, $signal:literal) => {{
+        let (config, endpoint): (&TelemetryConfig, &str) = ($config, $endpoint);
+        let b = <$exporter>::builder();
+        match config.otlp_protocol {
+            OtlpProtocol::Grpc => {
+                let b = b
+                    .with_tonic()
+                    .with_endpoint(endpoint)
+                    .with_timeout(config.otlp_timeout)
+                    .with_metadata(metadata(config));
+                if endpoint.starts_with("https://") {
+                    b.with_tls_config(tls()).build()
+                } else {
+                    b.build()
+                }
+            }
+            OtlpProtocol::HttpProtobuf => b
+                .with_http()
+                .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+                .with_endpoint(signal_url(endpoint, $signal))
+                .with_timeout(config.otlp_timeout)
+                .with_headers(headers(config))
+                .build(),
+        }
+    }};
+}
+
 fn metric_exporter(
     config: &TelemetryConfig,
     endpoint: &str,
 ) -> Result<opentelemetry_otlp::MetricExporter, opentelemetry_otlp::ExporterBuildError> {
-    let b = opentelemetry_otlp::MetricExporter::builder();
-    match config.otlp_protocol {
-        OtlpProtocol::Grpc => {
-            let b = b
-                .with_tonic()
-                .with_endpoint(endpoint)
-                .with_timeout(config.otlp_timeout)
-                .with_metadata(metadata(config));
-            if endpoint.starts_with("https://") {
-                b.with_tls_config(tls()).build()
-            } else {
-                b.build()
-            }
-        }
-        OtlpProtocol::HttpProtobuf => b
-            .with_http()
-            .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
-            .with_endpoint(signal_url(endpoint, "metrics"))
-            .with_timeout(config.otlp_timeout)
-            .with_headers(headers(config))
-            .build(),
-    }
+    otlp_exporter!(
+        opentelemetry_otlp::MetricExporter,
+        config,
+        endpoint,
+        "metrics"
+    )
 }
 
 fn span_exporter(
     config: &TelemetryConfig,
     endpoint: &str,
 ) -> Result<opentelemetry_otlp::SpanExporter, opentelemetry_otlp::ExporterBuildError> {
-    let b = opentelemetry_otlp::SpanExporter::builder();
-    match config.otlp_protocol {
-        OtlpProtocol::Grpc => {
-            let b = b
-                .with_tonic()
-                .with_endpoint(endpoint)
-                .with_timeout(config.otlp_timeout)
-                .with_metadata(metadata(config));
-            if endpoint.starts_with("https://") {
-                b.with_tls_config(tls()).build()
-            } else {
-                b.build()
-            }
-        }
-        OtlpProtocol::HttpProtobuf => b
-            .with_http()
-            .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
-            .with_endpoint(signal_url(endpoint, "traces"))
-            .with_timeout(config.otlp_timeout)
-            .with_headers(headers(config))
-            .build(),
-    }
+    otlp_exporter!(opentelemetry_otlp::SpanExporter, config, endpoint, "traces")
 }
 
 /// TLS for an `https://` gRPC endpoint: the system's trust roots (tonic's
