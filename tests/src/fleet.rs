@@ -9,13 +9,46 @@ use std::time::{Duration, Instant};
 
 use crate::Proc;
 
-/// A free loopback port (bound and released: a small race, fine for tests).
+/// A free loopback port for a process that must keep it across restarts
+/// (Redis, HAProxy, a redeployed instance).
+///
+/// Binding to port 0 and releasing it is racy where it matters most: the
+/// kernel hands out ports from the ephemeral range, the same range every
+/// outgoing connection's source port comes from, and these tests open
+/// thousands of them (churn through HAProxy). So the port is taken from
+/// below the ephemeral range (`net.ipv4.ip_local_port_range`), is never
+/// handed out twice by one test process, and must be bindable now.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::collections::HashSet;
+    use std::sync::Mutex;
+    static GIVEN: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
+
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let (low, high) = (10_000u16, ephemeral_low.max(10_100));
+    let span = u32::from(high - low);
+    // A different starting point per process and per call, so that test
+    // binaries run one after another do not retry the same ports.
+    let seed = std::process::id()
+        ^ std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    let given = given.get_or_insert_with(HashSet::new);
+    for i in 0..span {
+        let port = low + ((seed.wrapping_add(i.wrapping_mul(7919))) % span) as u16;
+        if given.contains(&port) {
+            continue;
+        }
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            given.insert(port);
+            return port;
+        }
+    }
+    panic!("no free loopback port in {low}..{high}");
 }
 
 /// A `redis-server` without persistence, killed when dropped.
