@@ -41,5 +41,32 @@ git -C "$db" init --quiet
 git -C "$db" add -A
 git -C "$db" -c user.name=audit -c user.email=audit@localhost commit --quiet -m snapshot
 
+# The patched copies in patches/ are path dependencies, which cargo audit
+# does not match against advisories. Audit a copy of Cargo.lock that names
+# them as the crates.io releases they were copied from, so that an advisory
+# against one of those releases fails the audit too.
+lock=target/audit-Cargo.lock
+python3 - Cargo.lock "$lock" patches/*/ <<'PY'
+import os, sys
+patched = {os.path.basename(d.rstrip("/")) for d in sys.argv[3:]}
+source = 'source = "registry+https://github.com/rust-lang/crates.io-index"'
+out, block = [], []
+def flush():
+    if block and not any(l.startswith("source = ") for l in block):
+        name = next((l for l in block if l.startswith("name = ")), "")
+        if name[8:-1] in patched:
+            print(f"audit: the patched copy {name[7:]} is audited as its crates.io release")
+            at = next(i for i, l in enumerate(block) if l.startswith("version = "))
+            block.insert(at + 1, source)
+    out.extend(block)
+for line in open(sys.argv[1]).read().splitlines():
+    if line == "[[package]]":
+        flush()
+        block = []
+    (block if block or line == "[[package]]" else out).append(line)
+flush()
+open(sys.argv[2], "w").write("\n".join(out) + "\n")
+PY
+
 echo "audit: advisory database of $(head -1 tests/audit/SNAPSHOT)"
-cargo audit --db "$db" --no-fetch --stale --file Cargo.lock
+cargo audit --db "$db" --no-fetch --stale --file "$lock"

@@ -120,6 +120,10 @@ impl Credentials {
     }
 }
 
+/// Where a session's resume requests are sent (boxed: a channel allocates
+/// room for 32 of them when it is made, and a session holds it for life).
+type AttachSender = mpsc::Sender<Box<AttachRequest>>;
+
 /// A resume attempt, handed from the upgrade handler (or, in a fleet, from
 /// another instance asking for the session) to the session.
 pub(crate) struct AttachRequest {
@@ -192,7 +196,7 @@ pub(crate) struct Attached {
 /// resume request looks up its token; never per message.
 #[derive(Default)]
 pub(crate) struct Registry {
-    sessions: Mutex<HashMap<Token, (SessionId, mpsc::Sender<AttachRequest>)>>,
+    sessions: Mutex<HashMap<Token, (SessionId, AttachSender)>>,
     directory: Option<crate::fleet::Directory>,
 }
 
@@ -207,7 +211,7 @@ impl Registry {
 
     /// Registers a new resumable session; returns its token and the
     /// receiver of its resume requests.
-    pub(crate) fn register(&self, id: SessionId) -> (Token, mpsc::Receiver<AttachRequest>) {
+    pub(crate) fn register(&self, id: SessionId) -> (Token, mpsc::Receiver<Box<AttachRequest>>) {
         let token = Token::generate();
         let rx = self.register_with(token.clone(), id);
         (token, rx)
@@ -219,7 +223,7 @@ impl Registry {
         &self,
         token: Token,
         id: SessionId,
-    ) -> mpsc::Receiver<AttachRequest> {
+    ) -> mpsc::Receiver<Box<AttachRequest>> {
         // One request at a time is enough: a second waits or is refused.
         let (tx, rx) = mpsc::channel(1);
         if let Some(d) = &self.directory {
@@ -240,7 +244,7 @@ impl Registry {
     }
 
     /// The resume channel of the session holding `token`.
-    pub(crate) fn lookup(&self, token: &Token) -> Option<mpsc::Sender<AttachRequest>> {
+    pub(crate) fn lookup(&self, token: &Token) -> Option<AttachSender> {
         self.sessions
             .lock()
             .ok()?
@@ -297,11 +301,7 @@ impl Registry {
         }
     }
 
-    fn forget(
-        &self,
-        m: &mut HashMap<Token, (SessionId, mpsc::Sender<AttachRequest>)>,
-        token: &Token,
-    ) {
+    fn forget(&self, m: &mut HashMap<Token, (SessionId, AttachSender)>, token: &Token) {
         if m.remove(token).is_some() {
             if let Some(d) = &self.directory {
                 d.forget(token);

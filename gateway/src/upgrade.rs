@@ -231,7 +231,7 @@ async fn resume(
         Err(refusal) => return refuse(shared, &refusal),
     };
     let (reply_tx, reply_rx) = tokio::sync::oneshot::channel();
-    let request = AttachRequest {
+    let request = Box::new(AttachRequest {
         token: token.clone(),
         position,
         to: AttachTo::Here {
@@ -239,7 +239,7 @@ async fn resume(
             peer,
             reply: reply_tx,
         },
-    };
+    });
     // The session answers at once unless it is busy writing; bound the wait.
     let wait = shared.resume.handoff_timeout;
     let request = match session {
@@ -284,7 +284,7 @@ async fn take_over(
     shared: &Arc<Shared>,
     token: Token,
     position: u64,
-    first: AttachRequest,
+    first: Box<AttachRequest>,
 ) -> Result<(), ResumeRefusal> {
     let Some(fleet) = &shared.fleet else {
         return Err(ResumeRefusal::Unknown);
@@ -338,7 +338,7 @@ fn start_imported(
     token: Token,
     lease: crate::backend::Lease,
     permit: tokio::sync::OwnedSemaphorePermit,
-    first: Option<AttachRequest>,
+    first: Option<Box<AttachRequest>>,
 ) {
     let import = session::Import {
         state,

@@ -11,6 +11,7 @@ of one idle session. Measured `--settle` after the last session's echo.
 
   .venv/bin/python loadtest/bench/memory.py                     # 1,000 sessions, 0 / 64 KiB / 512 KiB, ws and wss
   .venv/bin/python loadtest/bench/memory.py --ab OLD_GATEWAY    # the same with an old binary, interleaved
+  .venv/bin/python loadtest/bench/memory.py --resume --sizes 0  # resumable sessions (`X-Wsgw-Resume: new`)
 
 Needs `cargo build --release --bins` first and the tests' venv
 (`tests/requirements.txt`).
@@ -35,7 +36,7 @@ import websockets  # noqa: E402
 from websockets.asyncio.client import connect  # noqa: E402
 
 
-async def hold(url: str, n: int, size: int, ca: str | None, settle: float, rss) -> dict:
+async def hold(url: str, n: int, size: int, ca: str | None, settle: float, rss, resume: bool) -> dict:
     ctx = None
     if ca:
         ctx = ssl.create_default_context(cafile=ca)
@@ -44,8 +45,11 @@ async def hold(url: str, n: int, size: int, ca: str | None, settle: float, rss) 
     t0 = time.time()
     try:
         for _ in range(n):
+            headers = {"X-Wsgw-Resume": "new"} if resume else None
             ws = await connect(url, ssl=ctx, max_size=None, ping_interval=None, compression=None,
-                               open_timeout=30)
+                               open_timeout=30, additional_headers=headers)
+            if resume and not ws.response.headers.get("X-Wsgw-Resume"):
+                raise SystemExit("asked for a resumable session and got no token")
             await ws.send(payload)
             echo = await asyncio.wait_for(ws.recv(), 30)
             if echo != payload:
@@ -67,7 +71,7 @@ async def hold(url: str, n: int, size: int, ca: str | None, settle: float, rss) 
 
 
 def one(gateway: Path, transport: str, n: int, size: int, settle: float, out: Path, certs: Path,
-        backend_args: list[str]) -> dict:
+        backend_args: list[str], resume: bool) -> dict:
     procs = []
     try:
         backend = Proc([str(BIN / "loadtest"), "backend", "--listen", "127.0.0.1:0", *backend_args], 1,
@@ -83,7 +87,7 @@ def one(gateway: Path, transport: str, n: int, size: int, settle: float, out: Pa
         port = gw.addrs[0].split(":")[1]
         url = f"{transport}://localhost:{port}/ws"
         ca = str(certs / "ca.pem") if transport == "wss" else None
-        r = asyncio.run(hold(url, n, size, ca, settle, gw.rss_kib))
+        r = asyncio.run(hold(url, n, size, ca, settle, gw.rss_kib, resume))
         r["rss_before_kib"] = rss0
         r["kib_per_session"] = round((r["rss_after_kib"] - rss0) / n, 1)
         return r
@@ -101,6 +105,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--ab", help="an old gateway binary to run interleaved with the new one")
     ap.add_argument("--backend-args", default="", help="extra arguments for `loadtest backend`")
+    ap.add_argument("--resume", action="store_true", help="clients ask for resumable sessions")
     ap.add_argument("--out", default="target/bench/memory")
     a = ap.parse_args()
     out = Path(a.out)
@@ -116,12 +121,13 @@ def main() -> int:
         for t in a.transports.split(","):
             for size in sizes:
                 for name, gateway in bins.items():
-                    r = one(gateway, t, a.n, size, a.settle, out, certs, a.backend_args.split())
+                    r = one(gateway, t, a.n, size, a.settle, out, certs, a.backend_args.split(), a.resume)
                     results.setdefault(f"{name} {t} {size}", []).append(r)
                     print(f"{name} {t} {size:>7} B: {r['kib_per_session']:.1f} KiB per idle session "
                           f"(RSS {r['rss_before_kib']} -> {r['rss_after_kib']} KiB)", file=sys.stderr)
     (out / "memory.json").write_text(json.dumps(results, indent=2))
-    print(f"\n{a.n:,} sessions, each sent one message then idled {a.settle:g} s; "
+    kind = "resumable sessions" if a.resume else "sessions"
+    print(f"\n{a.n:,} {kind}, each sent one message then idled {a.settle:g} s; "
           f"gateway RSS growth per session, median of {a.rounds}:\n")
     cols = list(bins)
     print("| transport | message | " + " | ".join(f"{c} KiB/session" for c in cols) +

@@ -628,11 +628,11 @@ impl Fleet {
             .lookup(&token)
             .ok_or(ResumeRefusal::Unknown)?;
         let (reply, answer) = oneshot::channel();
-        let request = AttachRequest {
+        let request = Box::new(AttachRequest {
             token,
             position,
             to: AttachTo::Elsewhere { reply },
-        };
+        });
         let asked = async {
             session.send(request).await.ok()?;
             answer.await.ok()

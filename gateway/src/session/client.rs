@@ -30,14 +30,9 @@ pub(super) async fn on_client_frame(
         )));
     }
     match frame.opcode {
-        OpCode::Ping => {
-            let pong = WsFrame::pong(Payload::Borrowed(&frame.payload));
-            match conn.write_flush(pong, write_timeout).await {
-                Ok(()) => Ok(None),
-                Err(Some(_)) => Err(End::broken(CloseReason::ClientLost)),
-                Err(None) => Err(End::broken(CloseReason::ClientTimeout)),
-            }
-        }
+        // Boxed, as the close below: a data message, the common case,
+        // waits for nothing, and this future is part of the session's loop.
+        OpCode::Ping => Box::pin(on_client_ping(&frame.payload, conn, write_timeout)).await,
         OpCode::Pong => Ok(None),
         OpCode::Close => Err(Box::pin(on_client_close(&frame.payload, conn)).await),
         OpCode::Text | OpCode::Binary | OpCode::Continuation => {
@@ -47,6 +42,20 @@ pub(super) async fn on_client_frame(
                 .map_err(End::clean)?;
             Ok(message.map(|(payload, text)| Frame::data(id.0, payload, text)))
         }
+    }
+}
+
+/// Answers a ping with its pong.
+async fn on_client_ping(
+    payload: &[u8],
+    conn: &mut Connection,
+    write_timeout: Duration,
+) -> Result<Option<Frame>, End> {
+    let pong = WsFrame::pong(Payload::Borrowed(payload));
+    match conn.write_flush(pong, write_timeout).await {
+        Ok(()) => Ok(None),
+        Err(Some(_)) => Err(End::broken(CloseReason::ClientLost)),
+        Err(None) => Err(End::broken(CloseReason::ClientTimeout)),
     }
 }
 

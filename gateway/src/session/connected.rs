@@ -7,7 +7,6 @@ use std::future::Future;
 use std::ops::ControlFlow;
 use std::pin::{pin, Pin};
 use std::time::Duration;
-use tokio::io::{ReadHalf, WriteHalf};
 use tokio::time::{Instant, Sleep};
 
 use super::client::{on_client_frame, read_error_end};
@@ -21,108 +20,185 @@ use crate::close::CloseReason;
 /// What the event loop does after an event.
 type Step = ControlFlow<End>;
 
+/// What woke the event loop.
+enum Event {
+    /// A signal (see `signals.rs`).
+    Signal(Signal),
+    /// The session's moment to close on a drain came.
+    DrainDue,
+    /// A backend message, or `None` when the route is gone.
+    Backend(Option<ToClient>),
+    /// The pending client message went, or the backend acknowledged some.
+    Upstream(UpstreamEvent),
+    /// A frame from the client, or the end of its stream.
+    Client(Result<ClientFrame, ReadError>),
+    /// The ping timer fired.
+    PingDue,
+}
+
 impl Session {
     /// Serves one client connection of the session, including its close.
-    pub(super) async fn connected(&mut self, ws: WebSocket<Io>) -> End {
-        let close_timeout = self.shared.session.close_timeout;
+    ///
+    /// Its phases are futures of their own: the replay, the event loop, the
+    /// close (and the lingering after it). What only one phase needs then
+    /// takes no room in this future while another runs: this future is
+    /// part of every connected session (issue 12).
+    pub(super) async fn connected(&mut self, ws: Box<WebSocket<Io>>) -> End {
         // The read half stays ours (fastwebsockets only borrows it), so that
-        // after an error close the connection can be drained.
-        let (mut raw_read, raw_write) = tokio::io::split(ws.into_inner());
-        let (end, lingering) = self.serve_frames(&mut raw_read, raw_write).await;
+        // after an error close the connection can be drained. The box is
+        // freed here, not when this function returns.
+        let (mut raw_read, raw_write) = {
+            let ws = ws;
+            tokio::io::split((*ws).into_inner())
+        };
+        // The frames, in a block: the frame reader borrows the read half
+        // until the block ends.
+        let (end, lingering) = {
+            let cfg = &self.shared.session;
+            let ping_interval = cfg.ping_interval;
+            let (reader, mut conn) = Connection::new(&mut raw_read, raw_write, cfg.max_message);
+            let mut read = pin!(read_frame(reader));
+            // Created once and re-armed when it fires, not per message.
+            let mut ping = pin!(tokio::time::sleep(ping_interval));
+            // A resumed connection whose client has not shown yet that the
+            // 101 reached it is pinged at once: the pong proves it within a
+            // round trip (and spends the token the resume presented), and a
+            // 101 lost on the way is found within `ping_timeout`.
+            if self
+                .resumable
+                .as_ref()
+                .is_some_and(|r| r.creds.has_unproven())
+            {
+                if let Some(earlier) = conn.last_heard.checked_sub(ping_interval) {
+                    conn.last_heard = earlier;
+                }
+                ping.as_mut().reset(Instant::now());
+            }
+            // `notify_waiters` only reaches waiters that existed when it was
+            // called; a session that starts during shutdown sees the token.
+            // (A resumed connection still gets its replay first.)
+            let draining = self.shared.shutdown.is_draining();
+            // (`if let`, not `match`: a match would keep the replay's
+            // result in this future for as long as the loop runs.)
+            let end = 'served: {
+                if let Err(end) = Box::pin(self.replay(&mut conn)).await {
+                    break 'served end;
+                }
+                if draining {
+                    break 'served End::clean(self.drain_reason());
+                }
+                self.event_loop(&mut conn, read.as_mut(), read_frame, ping)
+                    .await
+            };
+            Box::pin(self.close(conn, read, read_frame, end)).await
+        };
         if lingering {
             // The frame stream is unusable (say, a frame over the size limit
             // whose payload was never read), but the client must still get
             // to read our close: closing a socket with unread input sends a
             // reset, which can destroy the close frame in the client's
             // buffers. Linger instead.
+            let close_timeout = self.shared.session.close_timeout;
             Box::pin(linger(&mut raw_read, close_timeout)).await;
         }
         // Dropping the halves closes the connection.
         end
     }
 
-    /// The event loop and the close; returns the end, and whether the raw
-    /// connection must be drained before it is dropped.
-    async fn serve_frames(
+    /// Serves the connection until it ends: waits for the next event, and
+    /// hands it to its method.
+    async fn event_loop<'r, F>(
         &mut self,
-        raw_read: &mut ReadHalf<Io>,
-        raw_write: WriteHalf<Io>,
-    ) -> (End, bool) {
-        let cfg = &self.shared.session;
-        let (ping_interval, close_timeout) = (cfg.ping_interval, cfg.close_timeout);
-        let (reader, mut conn) = Connection::new(raw_read, raw_write, cfg.max_message);
-        let mut read = pin!(read_frame(reader));
-        // Created once and re-armed when it fires, not per message.
-        let mut ping = pin!(tokio::time::sleep(ping_interval));
-        // A resumed connection whose client has not shown yet that the 101
-        // reached it is pinged at once: the pong proves it within a round
-        // trip (and spends the token the resume presented), and a 101 lost
-        // on the way is found within `ping_timeout`.
-        if self
-            .resumable
-            .as_ref()
-            .is_some_and(|r| r.creds.has_unproven())
-        {
-            if let Some(earlier) = conn.last_heard.checked_sub(ping_interval) {
-                conn.last_heard = earlier;
-            }
-            ping.as_mut().reset(Instant::now());
-        }
-        // `notify_waiters` only reaches waiters that existed when it was
-        // called; a session that starts during shutdown sees the token. (A
-        // resumed connection still gets its replay first.)
-        let draining = self.shared.shutdown.is_draining();
-        let start = match Box::pin(self.replay(&mut conn)).await {
-            Ok(()) if draining => Err(End::clean(self.drain_reason())),
-            other => other,
-        };
+        conn: &mut Connection,
+        mut read: Pin<&mut F>,
+        next: impl Fn(Reader<'r>) -> F,
+        mut ping: Pin<&mut Sleep>,
+    ) -> End
+    where
+        F: Future<Output = (Reader<'r>, Result<ClientFrame, ReadError>)>,
+    {
         // On drain, the session closes (or hands off) at its own moment
         // within `shutdown.close_spread`, serving its client until then.
         let mut listen = Listen::ALL;
-        let mut drain_at = pin!(tokio::time::sleep(Duration::ZERO));
-        let end = match start {
-            Err(end) => end,
-            Ok(()) => loop {
-                let step = tokio::select! {
-                    biased;
-                    s = self.signals.next(listen) => match s {
-                        Signal::Drain => {
-                            listen.drain = false;
-                            drain_at.as_mut().reset(self.drain_moment());
-                            Step::Continue(())
-                        }
-                        s => self.on_signal(&mut conn, s).await,
-                    },
-                    () = &mut drain_at, if !listen.drain => Step::Break(End::clean(self.drain_reason())),
-                    msg = self.queue.recv() => self.on_backend(&mut conn, msg).await,
-                    e = upstream::send_or_trim(&self.link, &mut self.pending, self.upstream.as_mut(), self.read_at),
-                        if self.pending.is_some() || self.holds_unacknowledged() => match e {
-                            UpstreamEvent::Sent(r) => self.on_link_room(r),
-                            UpstreamEvent::Acknowledged => Step::Continue(()),
-                        },
-                    (r, res) = &mut read, if conn.reading && self.pending.is_none() => {
-                        read.set(read_frame(r));
-                        self.on_client_frame(&mut conn, res).await
-                    }
-                    _ = &mut ping => self.on_ping_tick(&mut conn, ping.as_mut()).await,
-                };
-                if let ControlFlow::Break(end) = step {
-                    break end;
+        // Made only once the drain began (a timer is 112 bytes).
+        let mut drain_at: Option<Pin<Box<Sleep>>> = None;
+        loop {
+            let event = tokio::select! {
+                biased;
+                s = self.signals.next(listen) => Event::Signal(s),
+                () = until(&mut drain_at), if drain_at.is_some() => Event::DrainDue,
+                msg = self.queue.recv() => Event::Backend(msg),
+                e = upstream::send_or_trim(&self.link, &mut self.pending, self.upstream.as_mut(), self.read_at),
+                    if self.pending.is_some() || self.holds_unacknowledged() => Event::Upstream(e),
+                (r, res) = &mut read, if conn.reading && self.pending.is_none() => {
+                    read.set(next(r));
+                    Event::Client(res)
                 }
-            },
-        };
-        let accepted_sent = Box::pin(self.send_accepted(&end)).await;
+                () = &mut ping => Event::PingDue,
+            };
+            let step = match event {
+                Event::Signal(Signal::Drain) => {
+                    listen.drain = false;
+                    drain_at = Some(Box::pin(tokio::time::sleep_until(self.drain_moment())));
+                    Step::Continue(())
+                }
+                Event::DrainDue => Step::Break(End::clean(self.drain_reason())),
+                Event::Upstream(UpstreamEvent::Sent(r)) => self.on_link_room(r),
+                Event::Upstream(UpstreamEvent::Acknowledged) => Step::Continue(()),
+                // Moved whole into one call: the events that are awaited
+                // keep no copy in this future.
+                awaited => self.on_event(conn, ping.as_mut(), awaited).await,
+            };
+            if let ControlFlow::Break(end) = step {
+                return end;
+            }
+        }
+    }
+
+    /// The events whose handling waits (a write to the client, a send to
+    /// the link), each to its method.
+    async fn on_event(
+        &mut self,
+        conn: &mut Connection,
+        ping: Pin<&mut Sleep>,
+        event: Event,
+    ) -> Step {
+        match event {
+            Event::Signal(s) => self.on_signal(conn, s).await,
+            Event::Backend(msg) => self.on_backend(conn, msg).await,
+            Event::Client(res) => self.on_client_frame(conn, res).await,
+            Event::PingDue => self.on_ping_tick(conn, ping).await,
+            // Handled by the loop itself.
+            Event::DrainDue | Event::Upstream(_) => Step::Continue(()),
+        }
+    }
+
+    /// Closes the connection after `end`: a client message accepted but not
+    /// yet sent, the close frame, and the client's close reply. Returns
+    /// the end, and whether the raw connection must be drained.
+    async fn close<'r, F>(
+        &mut self,
+        mut conn: Connection,
+        read: Pin<&mut F>,
+        next: impl Fn(Reader<'r>) -> F,
+        end: End,
+    ) -> (End, bool)
+    where
+        F: Future<Output = (Reader<'r>, Result<ClientFrame, ReadError>)>,
+    {
+        let close_timeout = self.shared.session.close_timeout;
+        let accepted_sent = self.send_accepted(&end).await;
         if end.takeover.is_some() {
             // The new connection waits for its 101: the old one (silent
             // after a network change, or stuck) gets its close only if it
             // can be written at once, and is dropped without waiting for a
             // reply.
             if end.can_write {
-                Box::pin(self.close_frame(&mut conn, &end, Duration::ZERO)).await;
+                self.close_frame(&mut conn, &end, Duration::ZERO).await;
             }
             return (end, false);
         }
-        if !end.can_write || !Box::pin(self.close_frame(&mut conn, &end, close_timeout)).await {
+        if !end.can_write || !self.close_frame(&mut conn, &end, close_timeout).await {
             return (end, false);
         }
         if !conn.reading {
@@ -130,8 +206,8 @@ impl Session {
         }
         // Not past a message that could not be sent (no gap).
         let forward = accepted_sent && end.reason == CloseReason::Shutdown;
-        let reply = self.close_reply(&mut conn, read, read_frame, forward);
-        let _ = Box::pin(tokio::time::timeout(close_timeout, reply)).await;
+        let reply = self.close_reply(&mut conn, read, next, forward);
+        let _ = tokio::time::timeout(close_timeout, reply).await;
         (end, false)
     }
 
@@ -382,5 +458,13 @@ impl Session {
             }
             Err(NotMoved::Shutdown) => Step::Break(End::clean(CloseReason::Shutdown)),
         }
+    }
+}
+
+/// Waits for `timer`; never, without one.
+async fn until(timer: &mut Option<Pin<Box<Sleep>>>) {
+    match timer {
+        Some(t) => t.as_mut().await,
+        None => std::future::pending().await,
     }
 }

@@ -6,6 +6,7 @@
 //! the next read only after one completed); it is never dropped midway
 //! except when the connection is torn down.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -92,29 +93,36 @@ pub(super) struct Connection {
     pub(super) ping_sent: bool,
 }
 
-pub(super) async fn read_frame(
+/// Reads the next frame; gives the reader back with it. (A function
+/// returning an `async move` block, not an `async fn`: an async function
+/// would keep the reader twice, as its argument and as the local it moves
+/// to, in a future that is part of every session's loop.)
+#[allow(clippy::manual_async_fn)]
+pub(super) fn read_frame(
     mut reader: Reader<'_>,
-) -> (Reader<'_>, Result<ClientFrame, ReadError>) {
-    // With auto-close and auto-pong off, fastwebsockets never asks us to
-    // send anything from inside `read_frame`.
-    let res = reader
-        .read_frame(&mut |_| async { Ok::<(), WebSocketError>(()) })
-        .await
-        .map_err(ReadError::Ws)
-        .and_then(|mut f| {
-            if !is_masked(&mut f) {
-                return Err(ReadError::Unmasked);
-            }
-            Ok(ClientFrame {
-                fin: f.fin,
-                opcode: f.opcode,
-                payload: match f.payload {
-                    Payload::Bytes(b) => b,
-                    other => BytesMut::from(&other[..]),
-                },
-            })
-        });
-    (reader, res)
+) -> impl Future<Output = (Reader<'_>, Result<ClientFrame, ReadError>)> {
+    async move {
+        // With auto-close and auto-pong off, fastwebsockets never asks us to
+        // send anything from inside `read_frame`.
+        let res = reader
+            .read_frame(&mut |_| async { Ok::<(), WebSocketError>(()) })
+            .await
+            .map_err(ReadError::Ws)
+            .and_then(|mut f| {
+                if !is_masked(&mut f) {
+                    return Err(ReadError::Unmasked);
+                }
+                Ok(ClientFrame {
+                    fin: f.fin,
+                    opcode: f.opcode,
+                    payload: match f.payload {
+                        Payload::Bytes(b) => b,
+                        other => BytesMut::from(&other[..]),
+                    },
+                })
+            });
+        (reader, res)
+    }
 }
 
 /// Whether the client masked the frame. fastwebsockets keeps the masking

@@ -49,7 +49,7 @@ impl Session {
         &mut self,
         why: &CloseReason,
         tell: bool,
-    ) -> Result<AttachRequest, CloseReason> {
+    ) -> Result<Box<AttachRequest>, CloseReason> {
         let rc = &self.shared.resume;
         let (grace, max_detached, max_bytes) = (rc.grace, rc.max_detached, rc.max_detached_bytes);
         let Some(ring_bytes) = self.resumable.as_ref().map(|r| r.ring.bytes()) else {
@@ -108,7 +108,7 @@ impl Session {
     async fn detached_loop(
         &mut self,
         mut grace: std::pin::Pin<&mut tokio::time::Sleep>,
-    ) -> Result<AttachRequest, CloseReason> {
+    ) -> Result<Box<AttachRequest>, CloseReason> {
         let detached_from = self.resumable.as_ref().map_or(0, |r| r.ring.next_seq());
         // What arrived while detached, as the client queue counts it.
         let mut held = 0;
@@ -250,7 +250,7 @@ impl Session {
     /// the 101 went out); `Err(Err(..))`: the session is over.
     pub(super) async fn attach(
         &mut self,
-        req: AttachRequest,
+        req: Box<AttachRequest>,
     ) -> Result<WebSocket<Io>, Result<CloseReason, CloseReason>> {
         self.shared.metrics.resume_attempt();
         // Positions above what was delivered were refused (400) before

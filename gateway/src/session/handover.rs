@@ -201,12 +201,25 @@ pub(crate) struct Import {
     /// The client's resume, served once the backend has the session here;
     /// `None` for a session taken in after its resume gave up (it waits,
     /// detached, for the next).
-    pub(crate) first: Option<AttachRequest>,
+    pub(crate) first: Option<Box<AttachRequest>>,
 }
 
 /// Runs a session taken over from another instance: onto the link, the
-/// announcement, then the client's resume and the session as usual.
+/// announcement, then the client's resume and the session as usual. The
+/// taking in is a boxed future, as `run`'s opening is: its state does not
+/// stay in the session's task.
 pub(crate) async fn run_imported(import: Import, shared: Arc<Shared>) {
+    let Some((mut session, end)) = Box::pin(take_in(import, shared)).await else {
+        return;
+    };
+    let reason = Box::pin(session.serve_from(end)).await;
+    Box::pin(session.finish(reason)).await;
+}
+
+/// Puts a session taken over onto a link and announces it to the backend;
+/// the session, and the end to continue from (the client's resume as a
+/// takeover), or `None` when it could not be taken in (recorded as ended).
+async fn take_in(import: Import, shared: Arc<Shared>) -> Option<(Session, End)> {
     let Import {
         mut state,
         token,
@@ -236,7 +249,8 @@ pub(crate) async fn run_imported(import: Import, shared: Arc<Shared>) {
             first.refuse(ResumeRefusal::NotMovable);
         }
         shared.metrics.handover("in", "link_lost");
-        return finish_unopened(&shared, id, None, CloseReason::LinkLost, span);
+        finish_unopened(&shared, id, None, CloseReason::LinkLost, span);
+        return None;
     };
     shared.metrics.session_opened();
     let attach = shared.resumable.register_with(token.clone(), id);
@@ -262,7 +276,7 @@ pub(crate) async fn run_imported(import: Import, shared: Arc<Shared>) {
         queue,
         pending,
         received: state.client_received,
-        resumable: Some(resumable),
+        resumable: Some(Box::new(resumable)),
         span,
         started,
         read_at: started,
@@ -287,7 +301,8 @@ pub(crate) async fn run_imported(import: Import, shared: Arc<Shared>) {
             NotMoved::Closed(gone) => session.after_gone(gone),
             NotMoved::Shutdown => CloseReason::Shutdown,
         };
-        return session.finish(reason).await;
+        session.finish(reason).await;
+        return None;
     }
     session.shared.metrics.handover("in", "ok");
     debug!(session = id.0, "session taken over from another instance");
@@ -296,6 +311,5 @@ pub(crate) async fn run_imported(import: Import, shared: Arc<Shared>) {
         Some(first) => end.taken_over(first),
         None => end,
     };
-    let reason = session.serve_from(end).await;
-    session.finish(reason).await;
+    Some((session, end))
 }

@@ -62,7 +62,7 @@ pub(crate) struct SessionStart {
     /// Admission permit, held for the session's whole life.
     pub(crate) permit: OwnedSemaphorePermit,
     /// For a resumable session: its credential and its resume requests.
-    pub(crate) resume: Option<(Token, mpsc::Receiver<AttachRequest>)>,
+    pub(crate) resume: Option<(Token, mpsc::Receiver<Box<AttachRequest>>)>,
     /// The session's trace span (empty unless sampled).
     pub(crate) span: SessionSpan,
 }
@@ -84,8 +84,9 @@ struct Session {
     upstream: Option<Upstream>,
     /// Client messages accepted in the session (told to a resuming client).
     received: u64,
-    /// Present for resumable sessions.
-    resumable: Option<Resumable>,
+    /// Present for resumable sessions (boxed: a session that is not
+    /// resumable keeps one word for it).
+    resumable: Option<Box<Resumable>>,
     /// The session's trace span (empty unless sampled).
     span: SessionSpan,
     /// When the session started on this instance.
@@ -117,7 +118,7 @@ struct End {
     /// the client already received its close.
     can_write: bool,
     /// A resume on a new connection is taking the session over.
-    takeover: Option<AttachRequest>,
+    takeover: Option<Box<AttachRequest>>,
 }
 
 impl End {
@@ -138,7 +139,7 @@ impl End {
     }
 
     /// This connection is being replaced by the one in `req`.
-    fn taken_over(mut self, req: AttachRequest) -> Self {
+    fn taken_over(mut self, req: Box<AttachRequest>) -> Self {
         self.takeover = Some(req);
         self
     }
@@ -147,10 +148,22 @@ impl End {
 /// Runs one session to its end, across client connections when it is
 /// resumable.
 ///
-/// The connection and the start come boxed, and are unpacked here: an async
-/// function keeps its arguments for all its life besides the locals they
-/// move to, and this one lives as long as the session (issue 12).
+/// The connection and the start come boxed, and the opening is a boxed
+/// future of its own: an async function keeps its arguments and every
+/// local that lives across an `.await` for all its life, and this one lives
+/// as long as the session (issue 12: an idle session costs only what it
+/// must).
 pub(crate) async fn run(ws: Box<WebSocket<Io>>, start: Box<SessionStart>, shared: Arc<Shared>) {
+    let Some(mut session) = Box::pin(open(start, shared)).await else {
+        return;
+    };
+    let reason = session.serve(ws).await;
+    Box::pin(session.finish(reason)).await;
+}
+
+/// Puts a new session on its link and tells the backend; `None` (the
+/// session recorded as ended) when the link is gone.
+async fn open(start: Box<SessionStart>, shared: Arc<Shared>) -> Option<Session> {
     let SessionStart {
         id,
         lease,
@@ -178,25 +191,24 @@ pub(crate) async fn run(ws: Box<WebSocket<Io>>, start: Box<SessionStart>, shared
         flow,
     }) = link.register(id)
     else {
-        return finish_unopened(&shared, id, token.as_ref(), CloseReason::LinkLost, span);
+        finish_unopened(&shared, id, token.as_ref(), CloseReason::LinkLost, span);
+        return None;
     };
-    // Boxed here and below: a future awaited once, at the start or the end,
-    // would otherwise take room in the session's task for all its life.
-    if Box::pin(link.send_pending(&mut Some(open), None))
-        .await
-        .is_err()
-    {
+    if link.send_pending(&mut Some(open), None).await.is_err() {
         link.unregister(id);
-        return finish_unopened(&shared, id, token.as_ref(), CloseReason::LinkLost, span);
+        finish_unopened(&shared, id, token.as_ref(), CloseReason::LinkLost, span);
+        return None;
     }
     let rc = &shared.resume;
-    let resumable = token.map(|token| Resumable {
-        creds: Credentials::new(token),
-        ring: Ring::new(rc.buffer_bytes),
-        replay: Vec::new(),
+    let resumable = token.map(|token| {
+        Box::new(Resumable {
+            creds: Credentials::new(token),
+            ring: Ring::new(rc.buffer_bytes),
+            replay: Vec::new(),
+        })
     });
     let upstream = flow.map(|f| Upstream::new(f, &link, kept_open));
-    let mut session = Session {
+    Some(Session {
         id,
         upstream,
         signals: Signals::new(eviction, attach, shared.shutdown.drain_signal()),
@@ -211,23 +223,23 @@ pub(crate) async fn run(ws: Box<WebSocket<Io>>, start: Box<SessionStart>, shared
         _lease: lease,
         _permit: permit,
         shared,
-    };
-    let reason = session.serve(*ws).await;
-    Box::pin(session.finish(reason)).await;
+    })
 }
 
 impl Session {
     /// Serves client connections until the session ends; returns why.
-    async fn serve(&mut self, ws: WebSocket<Io>) -> CloseReason {
+    /// Each connection, and what follows the first, is a boxed future:
+    /// only what the session is doing now takes room.
+    async fn serve(&mut self, ws: Box<WebSocket<Io>>) -> CloseReason {
         let end = Box::pin(self.connected(ws)).await;
-        self.serve_from(end).await
+        Box::pin(self.serve_from(end)).await
     }
 
     /// Serves the connections that follow `end` until the session ends.
     async fn serve_from(&mut self, mut end: End) -> CloseReason {
         loop {
             match Box::pin(self.next_connection(end)).await {
-                Ok(ws) => end = Box::pin(self.connected(ws)).await,
+                Ok(ws) => end = Box::pin(self.connected(Box::new(ws))).await,
                 Err(reason) => return reason,
             }
         }

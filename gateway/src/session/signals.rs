@@ -18,7 +18,7 @@ pub(super) enum Signal {
     /// fleet is handed off (4000), at its moment within the close spread.
     Drain,
     /// A resume request arrived. It may be stale: see [`stale`].
-    Attach(AttachRequest),
+    Attach(Box<AttachRequest>),
     /// The resume channel closed; no resume can arrive any more.
     AttachClosed,
 }
@@ -44,7 +44,7 @@ impl Listen {
 pub(super) struct Signals {
     pub(super) eviction: Eviction,
     /// Resume requests, for resumable sessions.
-    attach: Option<mpsc::Receiver<AttachRequest>>,
+    attach: Option<mpsc::Receiver<Box<AttachRequest>>>,
     /// Created once, so that every `notify_waiters` after the session began
     /// reaches it (re-creating it per event would also cost a waiter
     /// registration per message).
@@ -54,7 +54,7 @@ pub(super) struct Signals {
 impl Signals {
     pub(super) fn new(
         eviction: Eviction,
-        attach: Option<mpsc::Receiver<AttachRequest>>,
+        attach: Option<mpsc::Receiver<Box<AttachRequest>>>,
         drain: Arc<Notify>,
     ) -> Self {
         Self {
@@ -84,7 +84,7 @@ impl Signals {
     }
 }
 
-async fn recv(rx: &mut Option<mpsc::Receiver<AttachRequest>>) -> Option<AttachRequest> {
+async fn recv(rx: &mut Option<mpsc::Receiver<Box<AttachRequest>>>) -> Option<Box<AttachRequest>> {
     match rx {
         Some(rx) => rx.recv().await,
         None => std::future::pending().await,
@@ -97,10 +97,10 @@ async fn recv(rx: &mut Option<mpsc::Receiver<AttachRequest>>) -> Option<AttachRe
 /// `delivered` is `None` where the count is not known yet). It is refused
 /// and dropped.
 pub(super) fn stale(
-    req: AttachRequest,
+    req: Box<AttachRequest>,
     token: Option<&Credentials>,
     delivered: Option<u64>,
-) -> Option<AttachRequest> {
+) -> Option<Box<AttachRequest>> {
     use crate::refusal::ResumeRefusal;
     let refusal = if req.abandoned() || !token.is_some_and(|c| c.accepts(&req.token)) {
         ResumeRefusal::Stale

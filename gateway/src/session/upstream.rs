@@ -206,6 +206,9 @@ pub(super) enum UpstreamEvent {
 /// acknowledges a quiet session within about 300 ms (protocol/README.md,
 /// "Acknowledge a quiet session"), so an idle session does not keep its
 /// last messages. Never returns when there is neither. Cancel-safe.
+///
+/// `send_pending` is boxed: this future is part of every session's event
+/// loop, while a message waits for room only under backpressure (issue 12).
 pub(super) async fn send_or_trim(
     link: &LinkHandle,
     pending: &mut Option<Frame>,
@@ -213,7 +216,7 @@ pub(super) async fn send_or_trim(
     read_at: Instant,
 ) -> UpstreamEvent {
     if pending.is_some() {
-        return UpstreamEvent::Sent(send_pending(link, pending, upstream, read_at).await);
+        return UpstreamEvent::Sent(Box::pin(send_pending(link, pending, upstream, read_at)).await);
     }
     match upstream {
         Some(up) if up.holds_unacknowledged() => {
