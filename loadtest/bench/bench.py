@@ -159,6 +159,8 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="short runs, for a smoke test")
     ap.add_argument("--ab", metavar="OLD_GATEWAY", help="compare this gateway binary with target/release/gateway "
                     "(throughput, CPU per round trip, latency, idle memory) instead of the full report")
+    ap.add_argument("--ab-only", default="wss,ws,latency,handshake", metavar="LIST",
+                    help="with --ab: which measures to take, e.g. \"latency\" for more rounds of that alone")
     ap.add_argument("--ab-backend", default="", metavar="ARGS",
                     help="with --ab: arguments for both reference backends, e.g. \"--max-version 2\"")
     ap.add_argument("--ab-protocol", action="store_true",
@@ -336,7 +338,7 @@ def ab(a, targets: dict, out: Path, ca: list, tls: list) -> int:
     B A, ...) so that the machine's drift hits both alike."""
     bins = {k: b for k, (b, _) in targets.items()}
     procs: list = []
-    runs: dict = {f"{k} {proto}": [] for k in bins for proto in ("wss", "ws", "latency")}
+    runs: dict = {f"{k} {proto}": [] for k in bins for proto in ("wss", "ws", "latency", "handshake")}
     try:
         gws = {}
         for k, (b, backend_args) in targets.items():
@@ -353,15 +355,28 @@ def ab(a, targets: dict, out: Path, ca: list, tls: list) -> int:
                 gw = gws[k]
                 ws, wss, _ = gw.addrs
                 url = {"wss": ["--url", f"wss://localhost:{wss.split(':')[1]}/ws", *ca], "ws": ["--url", f"ws://{ws}/ws"]}
-                for proto in ("wss", "ws"):
+                only = a.ab_only.split(",")
+                for proto in [p for p in ("wss", "ws") if p in only]:
                     c0 = gw.cpu_s()
                     r = loadtest([*url[proto], *common, "--in-flight", "1"])
                     r["gateway_cpu_us_per_rt"] = (gw.cpu_s() - c0) * 1e6 / max(r.get("messages", 0), 1)
                     runs[f"{k} {proto}"].append(r)
                     print(f"round {rnd + 1} {k} {proto}: {r.get('msgs_per_s', r.get('error'))}", file=sys.stderr)
-                r = loadtest([*url["wss"], *common, "--rate", "10000"])
-                runs[f"{k} latency"].append(r)
-                print(f"round {rnd + 1} {k} latency p99: {r.get('p99_us')}", file=sys.stderr)
+                if "latency" in only:
+                    r = loadtest([*url["wss"], *common, "--rate", "10000"])
+                    runs[f"{k} latency"].append(r)
+                    print(f"round {rnd + 1} {k} latency p99: {r.get('p99_us')}", file=sys.stderr)
+                if "handshake" not in only:
+                    continue
+                # New wss sessions (TLS 1.3 handshake, upgrade, one round
+                # trip, close), 32 at a time, and the gateway's CPU for each.
+                c0 = gw.cpu_s()
+                r = loadtest([*url["wss"], "--scenario", "handshake", "-c", "32", "-d", a.duration])
+                secs = float(a.duration.rstrip("s"))
+                r["sessions_per_s"] = r.get("connections_ok", 0) / secs
+                r["gateway_cpu_us_per_session"] = (gw.cpu_s() - c0) * 1e6 / max(r.get("connections_ok", 0), 1)
+                runs[f"{k} handshake"].append(r)
+                print(f"round {rnd + 1} {k} handshakes: {r.get('connections_ok', r.get('error'))}", file=sys.stderr)
     finally:
         for p in procs:
             p.stop()
@@ -379,7 +394,9 @@ def ab(a, targets: dict, out: Path, ca: list, tls: list) -> int:
     rows = [row("wss round trips/s", "msgs_per_s"), row("ws round trips/s", "msgs_per_s"),
             row("wss CPU µs per round trip", "gateway_cpu_us_per_rt", 2),
             row("ws CPU µs per round trip", "gateway_cpu_us_per_rt", 2),
-            row("latency p50 µs", "p50_us"), row("latency p99 µs", "p99_us")]
+            row("latency p50 µs", "p50_us"), row("latency p99 µs", "p99_us"),
+            row("handshake wss sessions/s", "sessions_per_s"),
+            row("handshake CPU µs per new wss session", "gateway_cpu_us_per_session")]
     if idle:
         rows.append((f"idle wss KiB per session ({a.idle:,})", idle["old"]["rss_per_session_kib"],
                      idle["new"]["rss_per_session_kib"], 1))
@@ -389,6 +406,8 @@ def ab(a, targets: dict, out: Path, ca: list, tls: list) -> int:
              f"{a.connections} connections, {a.duration} each; latency: open loop at 10,000 msg/s over wss.", "",
              "| measure | old | new | new / old |", "|---|---:|---:|---:|"]
     for name, o, n, d in rows:
+        if o is None and n is None:
+            continue  # not measured (--ab-only)
         ratio = fmt(n / o, 2) if o and n else "–"
         lines.append(f"| {name} | {fmt(o, d)} | {fmt(n, d)} | {ratio} |")
     errs = {k: sum(sum(x.get("errors", {}).values()) for x in v) for k, v in runs.items()}

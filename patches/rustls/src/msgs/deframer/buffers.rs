@@ -152,6 +152,14 @@ impl BufferProgress {
 #[cfg(feature = "std")]
 const READ_SIZE: usize = 4096;
 
+#[cfg(feature = "std")]
+std::thread_local! {
+    /// Where a read lands while nothing is buffered: one per thread, zeroed
+    /// once (wsgw patch).
+    static SCRATCH: core::cell::RefCell<[u8; READ_SIZE]> =
+        core::cell::RefCell::new([0; READ_SIZE]);
+}
+
 #[derive(Default, Debug)]
 pub(crate) struct DeframerVecBuffer {
     /// Buffer of data read from the socket, in the process of being parsed into messages.
@@ -203,15 +211,30 @@ impl DeframerVecBuffer {
     /// Read some bytes from `rd`, and add them to the buffer.
     pub(crate) fn read(&mut self, rd: &mut dyn io::Read, in_handshake: bool) -> io::Result<usize> {
         // wsgw patch (patches/README.md): with nothing buffered, read into
-        // the stack and keep no buffer unless bytes came. An idle
-        // connection's reads find nothing, and it then holds no buffer at
-        // all (upstream keeps `READ_SIZE` allocated between reads).
+        // the thread's scratch buffer and keep no buffer unless bytes came.
+        // An idle connection's reads find nothing, and it then holds no
+        // buffer at all (upstream keeps `READ_SIZE` allocated between
+        // reads).
         if self.used == 0 {
-            let mut scratch = [0u8; READ_SIZE];
             self.buf = Vec::new();
-            let new_bytes = rd.read(&mut scratch)?;
-            self.extend(&scratch[..new_bytes]);
-            return Ok(new_bytes);
+            let mut read_into = |scratch: &mut [u8]| -> io::Result<usize> {
+                let n = rd.read(scratch)?;
+                self.extend(&scratch[..n]);
+                Ok(n)
+            };
+            let read = SCRATCH.try_with(|scratch| {
+                scratch
+                    .try_borrow_mut()
+                    .ok()
+                    .map(|mut scratch| read_into(&mut scratch[..]))
+            });
+            return match read {
+                Ok(Some(read)) => read,
+                // Only while the thread is torn down, or if a read came
+                // back here on the same thread (none does): a buffer of
+                // its own for this read.
+                _ => read_into(&mut [0u8; READ_SIZE]),
+            };
         }
         if let Err(err) = self.prepare_read(in_handshake) {
             return Err(io::Error::new(io::ErrorKind::InvalidData, err));
