@@ -128,6 +128,22 @@ pub fn id_hex(v: &Value) -> String {
     out
 }
 
+/// Whether Prometheus at `addr` answers `/-/ready` with 200.
+fn ready(addr: SocketAddr) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    if s.write_all(b"GET /-/ready HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .is_err()
+    {
+        return false;
+    }
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).is_ok() && head.starts_with(b"HTTP/1.") && &head[9..12] == b"200"
+}
+
 /// A real Prometheus server (the `prometheus` binary) scraping `targets`'
 /// `/metrics` every second under the job `job`.
 pub struct Prometheus {
@@ -193,6 +209,25 @@ impl Prometheus {
             );
             std::thread::sleep(Duration::from_millis(50));
         };
+        // It listens before its storage is open, and answers queries 503
+        // until then: wait for `/-/ready`.
+        loop {
+            if ready(addr) {
+                break;
+            }
+            if let Some(status) = proc.child.try_wait().unwrap() {
+                panic!(
+                    "prometheus exited ({status}) before it was ready:\n{}",
+                    proc.stderr()
+                );
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "prometheus was not ready within 30 s:\n{}",
+                proc.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
         Self {
             proc,
             addr,
