@@ -136,40 +136,39 @@ impl Session {
                 }
                 () = &mut ping => Event::PingDue,
             };
-            let step = match event {
-                Event::Signal(Signal::Drain) => {
-                    listen.drain = false;
-                    drain_at = Some(Box::pin(tokio::time::sleep_until(self.drain_moment())));
-                    Step::Continue(())
-                }
-                Event::DrainDue => Step::Break(End::clean(self.drain_reason())),
-                Event::Upstream(UpstreamEvent::Sent(r)) => self.on_link_room(r),
-                Event::Upstream(UpstreamEvent::Acknowledged) => Step::Continue(()),
-                // Moved whole into one call: the events that are awaited
-                // keep no copy in this future.
-                awaited => self.on_event(conn, ping.as_mut(), awaited).await,
-            };
+            // The event moves whole into one call: this future keeps no
+            // copy of it while its handling waits.
+            let step = self
+                .on_event(conn, ping.as_mut(), &mut listen, &mut drain_at, event)
+                .await;
             if let ControlFlow::Break(end) = step {
                 return end;
             }
         }
     }
 
-    /// The events whose handling waits (a write to the client, a send to
-    /// the link), each to its method.
+    /// One event, to its method.
     async fn on_event(
         &mut self,
         conn: &mut Connection,
         ping: Pin<&mut Sleep>,
+        listen: &mut Listen,
+        drain_at: &mut Option<Pin<Box<Sleep>>>,
         event: Event,
     ) -> Step {
         match event {
+            Event::Signal(Signal::Drain) => {
+                listen.drain = false;
+                *drain_at = Some(Box::pin(tokio::time::sleep_until(self.drain_moment())));
+                Step::Continue(())
+            }
             Event::Signal(s) => self.on_signal(conn, s).await,
+            Event::DrainDue => Step::Break(End::clean(self.drain_reason())),
             Event::Backend(msg) => self.on_backend(conn, msg).await,
+            Event::Upstream(UpstreamEvent::Sent(r)) => self.on_link_room(r),
+            Event::Upstream(UpstreamEvent::Acknowledged) => Step::Continue(()),
             Event::Client(res) => self.on_client_frame(conn, res).await,
             Event::PingDue => self.on_ping_tick(conn, ping).await,
-            // Handled by the loop itself.
-            Event::DrainDue | Event::Upstream(_) => Step::Continue(()),
         }
     }
 

@@ -285,9 +285,9 @@ async fn take_in(import: Import, shared: Arc<Shared>) -> Option<(Session, End)> 
         shared,
     };
     let deadline = Instant::now() + session.shared.pool.move_timeout();
-    let moved = match Box::pin(session.announce(deadline)).await {
+    let moved = match session.announce(deadline).await {
         // The link was lost meanwhile: as after any lost link.
-        Ok(None) => Box::pin(session.relink()).await,
+        Ok(None) => session.relink().await,
         Ok(Some(_)) => Ok(()),
         Err(why) => Err(why),
     };
