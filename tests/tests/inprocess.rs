@@ -275,8 +275,11 @@ async fn a_resumable_client_that_falls_silent_detaches_at_the_ping_timeout() {
 
     tokio::time::sleep(Duration::from_millis(39_900)).await;
     assert!(!detached_seen(&mut backend, s), "detached too early");
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // By 40.5 s (pings go out on a grid: see the silent client's test).
+    tokio::time::sleep(Duration::from_millis(600 + 200)).await;
+    let at = Instant::now();
     assert_eq!(detached(&mut backend, s).await, "client ping timeout");
+    assert_eq!(at.elapsed(), Duration::ZERO, "not detached by 40.7 s");
     assert_eq!(close_seen(&mut backend, s), None, "detached, not closed");
 }
 

@@ -487,8 +487,10 @@ pub(super) fn on_ping_grid(deadline: Instant, ping_interval: Duration) -> Instan
     };
     let step_ns = step.as_nanos();
     let steps = since.as_nanos().div_ceil(step_ns);
-    let rounded = u64::try_from(steps * step_ns).unwrap_or(u64::MAX);
-    anchor + Duration::from_nanos(rounded)
+    u64::try_from(steps * step_ns)
+        .ok()
+        .and_then(|ns| anchor.checked_add(Duration::from_nanos(ns)))
+        .unwrap_or(deadline)
 }
 
 /// The coarsest step of [`on_ping_grid`].
@@ -516,20 +518,34 @@ mod tests {
         // Never early, at most one step late.
         assert!(a >= now + interval);
         assert!(a - (now + interval) <= step);
-        // Every deadline up to the grid point maps to it; the next one to
-        // the next point.
-        for ms in [1, 50, 100, 249] {
-            let d = a - Duration::from_millis(ms);
-            if d >= now + interval - step {
-                let g = on_ping_grid(d, interval);
-                assert!(g >= d && g <= a, "{ms} ms before a grid point");
-            }
+        // Every deadline within the step before a grid point maps to it;
+        // one just past it, to the next point.
+        for ms in [0, 1, 50, 100, 249] {
+            let d = a + step - Duration::from_millis(ms);
+            assert_eq!(on_ping_grid(d, interval), a + step, "{ms} ms before");
         }
         assert_eq!(on_ping_grid(a, interval), a);
         assert_eq!(
             on_ping_grid(a + Duration::from_millis(1), interval),
             a + step
         );
+    }
+
+    #[test]
+    fn a_deadline_before_the_grid_began_is_kept() {
+        let interval = Duration::from_secs(20);
+        // The grid's anchor is taken at the first call, at the latest now.
+        let _ = on_ping_grid(Instant::now(), interval);
+        let early = Instant::now() - Duration::from_secs(1);
+        assert_eq!(on_ping_grid(early, interval), early);
+    }
+
+    #[test]
+    fn the_step_is_at_least_a_millisecond() {
+        let interval = Duration::from_millis(5);
+        let d = Instant::now() + Duration::from_secs(1);
+        let g = on_ping_grid(d, interval);
+        assert!(g >= d && g - d <= Duration::from_millis(1));
     }
 
     #[test]

@@ -240,7 +240,7 @@ public final class ResumableWebSocket: NSObject, URLSessionWebSocketDelegate {
         timer = nil
         // No resume is skipped by our own clock against X-Wsgw-Grace-Ms: the
         // gateway's grace starts when it notices the loss, which can be
-        // ping_interval + ping_timeout after we did, so only its 410 says
+        // ping_interval + ping_timeout (and half a second) after we did, so only its 410 says
         // the session is gone.
         var req = request
         req.timeoutInterval = opts.handshakeTimeout
