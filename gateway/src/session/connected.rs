@@ -476,7 +476,7 @@ impl Session {
 /// 12: at 500 pings a second, about 200 µs of CPU per ping spread over
 /// the second, 6 µs when they come in bunches); a ping goes out at most
 /// one step late.
-pub(super) fn on_ping_grid(deadline: Instant, ping_interval: Duration) -> Instant {
+fn on_ping_grid(deadline: Instant, ping_interval: Duration) -> Instant {
     static ANCHOR: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
     let anchor = *ANCHOR.get_or_init(Instant::now);
     let step = (ping_interval / 16).clamp(Duration::from_millis(1), PING_GRID_MAX);
@@ -494,7 +494,7 @@ pub(super) fn on_ping_grid(deadline: Instant, ping_interval: Duration) -> Instan
 }
 
 /// The coarsest step of [`on_ping_grid`].
-pub(super) const PING_GRID_MAX: Duration = Duration::from_millis(250);
+const PING_GRID_MAX: Duration = Duration::from_millis(250);
 
 /// Waits for `timer`; never, without one.
 async fn until(timer: &mut Option<Pin<Box<Sleep>>>) {
