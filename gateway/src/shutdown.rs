@@ -17,6 +17,7 @@
 //! 4. **Stop the admin listener.**
 
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -61,6 +62,18 @@ impl Phase {
     }
 }
 
+/// What sessions wait on to close on a drain: the wake-up, and a flag set
+/// before it. Polling a `Notify`'s waiter takes that `Notify`'s lock, which
+/// every session shares; a session polled for another reason (a message)
+/// reads the flag instead (see `session/signals.rs`, issue 12).
+#[derive(Clone)]
+pub(crate) struct DrainSignal {
+    /// Woken once, when the drain begins.
+    pub(crate) notify: Arc<Notify>,
+    /// Set just before `notify` wakes its waiters.
+    pub(crate) begun: Arc<AtomicBool>,
+}
+
 /// The cancellation, the task trackers and the phase order.
 ///
 /// # Concurrency
@@ -71,7 +84,7 @@ pub(crate) struct Shutdown {
     sessions: Phase,
     /// Wakes every session at once (sessions wait on this rather than on a
     /// cancellation token, whose every poll takes a lock).
-    drain: Arc<Notify>,
+    drain: DrainSignal,
     /// Link supervisors and drivers.
     links: Phase,
     /// The admin listener and its connections.
@@ -82,7 +95,10 @@ impl Shutdown {
     pub(crate) fn new() -> Self {
         Self {
             sessions: Phase::new(),
-            drain: Arc::new(Notify::new()),
+            drain: DrainSignal {
+                notify: Arc::new(Notify::new()),
+                begun: Arc::new(AtomicBool::new(false)),
+            },
             links: Phase::new(),
             admin: Phase::new(),
         }
@@ -124,7 +140,7 @@ impl Shutdown {
     }
 
     /// What sessions wait on to close with 1001.
-    pub(crate) fn drain_signal(&self) -> Arc<Notify> {
+    pub(crate) fn drain_signal(&self) -> DrainSignal {
         self.drain.clone()
     }
 
@@ -144,7 +160,8 @@ impl Shutdown {
         // The token first, so that a session starting now sees it; then the
         // wake-up for every session already waiting.
         self.sessions.begin();
-        self.drain.notify_waiters();
+        self.drain.begun.store(true, Ordering::Release);
+        self.drain.notify.notify_waiters();
         let remaining = self.sessions.wait(drain_timeout).await;
         if remaining > 0 {
             warn!(

@@ -206,6 +206,15 @@ def main() -> int:
         # gateway, echoing on the connection and doing nothing else.
         bare = Proc([str(BIN / "loadtest"), "bare-echo", "--listen", "127.0.0.1:0", *tls], 1, "bare-echo", out)
         procs.append(bare)
+        # The smallest relays: the floor, plus each message to the byte echo
+        # and back, over a TCP connection per session (websocat's shape) or
+        # over two shared by all (the gateway's shape), without sessions.
+        relay = Proc([str(BIN / "loadtest"), "bare-echo", "--listen", "127.0.0.1:0", *tls,
+                      "--relay", echo.addrs[0], "--shape", "own"], 1, "bare-relay-own", out)
+        procs.append(relay)
+        shared = Proc([str(BIN / "loadtest"), "bare-echo", "--listen", "127.0.0.1:0", *tls,
+                       "--relay", echo.addrs[0], "--shape", "shared"], 1, "bare-relay-shared", out)
+        procs.append(shared)
         time.sleep(1)
 
         # The server side of each target: every process that relays or
@@ -216,6 +225,8 @@ def main() -> int:
             "websocat ws": [websocat, echo],
             "websockify ws": [websockify, echo],
             "bare echo wss": [bare],
+            "bare relay wss, own links": [relay, echo],
+            "bare relay wss, shared links": [shared, echo],
         }
         targets = {
             "gateway wss": ["--url", f"wss://localhost:{gw_wss.split(':')[1]}/ws", *ca],
@@ -223,6 +234,8 @@ def main() -> int:
             "websocat ws": ["--url", f"ws://127.0.0.1:{ws_port}/"],
             "websockify ws": ["--url", f"ws://127.0.0.1:{wsf_port}/"],
             "bare echo wss": ["--url", f"wss://localhost:{bare.addrs[0].split(':')[1]}/ws", *ca],
+            "bare relay wss, own links": ["--url", f"wss://localhost:{relay.addrs[0].split(':')[1]}/ws", *ca],
+            "bare relay wss, shared links": ["--url", f"wss://localhost:{shared.addrs[0].split(':')[1]}/ws", *ca],
         }
         common = ["-c", str(a.connections), "--size", "64", "-d", a.duration, "--in-flight", "1"]
         runs: dict[str, list] = {k: [] for k in targets}
@@ -230,10 +243,14 @@ def main() -> int:
             for name, t in targets.items():
                 m0, c0 = (metrics(gw_admin), gw.cpu_s()) if name.startswith("gateway") else (None, None)
                 s0 = sum(p.cpu_with_children_s() for p in servers[name])
+                f0 = servers[name][0].cpu_with_children_s()
                 r = loadtest([*t, *common])
                 if "messages" in r:
                     s1 = sum(p.cpu_with_children_s() for p in servers[name])
                     r["server_cpu_us_per_rt"] = (s1 - s0) * 1e6 / max(r["messages"], 1)
+                    # The bridge alone, without what stands behind it.
+                    f1 = servers[name][0].cpu_with_children_s()
+                    r["front_cpu_us_per_rt"] = (f1 - f0) * 1e6 / max(r["messages"], 1)
                 if m0 is not None and "messages" in r:
                     m1, c1 = metrics(gw_admin), gw.cpu_s()
                     relayed = m1.get("gateway_messages_total", 0) - m0.get("gateway_messages_total", 0)
@@ -447,6 +464,7 @@ def render(r: dict) -> str:
                      f"{fmt(med([x.get('p99_us') for x in v]))} | {fmt(errs)} | {vs('websocat ws')} | {vs('websockify ws')} |")
     g = tp["gateway wss"]
     cpu = {k: med([x.get("server_cpu_us_per_rt") for x in v]) for k, v in tp.items()}
+    front = {k: med([x.get("front_cpu_us_per_rt") for x in v]) for k, v in tp.items()}
     if cpu.get("websocat ws"):
         lines += ["", "Server CPU per round trip: every server-side process of the target (the gateway and the "
                   "reference backend; websocat or websockify and the TCP echo; the bare echo alone), user + "
@@ -455,7 +473,16 @@ def render(r: dict) -> str:
                       if cpu.get(k) and k != "websocat ws") + "."]
     if cpu.get("bare echo wss") and cpu.get("gateway wss"):
         lines += ["", "Against the bare wss echo (the floor: same TLS, upgrade and WebSocket crates, no backend): "
-                  f"gateway wss {fmt(cpu['gateway wss'] / cpu['bare echo wss'], 2)}x."]
+                  + ", ".join(f"{k} {fmt(cpu[k] / cpu['bare echo wss'], 2)}x"
+                              for k in ("gateway wss", "bare relay wss, own links", "bare relay wss, shared links")
+                              if cpu.get(k)) + ". "
+                  "The bare relays are the floor plus each message to the TCP echo and back, over a connection "
+                  "per session (websocat's shape) or over two shared by all (the gateway's shape): what "
+                  "relaying costs without the gateway's sessions.",
+                  "", "The front process alone (without the backend or echo behind it): " + ", ".join(
+                      f"{k} {fmt(front[k], 2)} µs ({fmt(front[k] / front['bare echo wss'], 2)}x the floor)"
+                      for k in front if front.get(k) and k in ("gateway wss", "bare relay wss, own links",
+                                                               "bare relay wss, shared links", "bare echo wss")) + "."]
     lines += ["", f"Gateway CPU per relayed round trip (wss): {fmt(med([x.get('gateway_cpu_us_per_rt') for x in g]), 2)} µs; "
               f"(ws): {fmt(med([x.get('gateway_cpu_us_per_rt') for x in tp['gateway ws']]), 2)} µs. "
               f"Frames per backend write (wss run): {fmt(med([x.get('frames_per_link_write') for x in g]), 1)}.", ""]

@@ -79,6 +79,17 @@ enum Command {
         /// PEM private key (wss).
         #[arg(long, requires = "tls_cert")]
         tls_key: Option<PathBuf>,
+        /// Relay instead of echoing: each message goes to the byte echo
+        /// (a `tcp-echo`) at this address and back first. The smallest
+        /// relay: what relaying costs over the floor, without the
+        /// gateway's sessions.
+        #[arg(long)]
+        relay: Option<SocketAddr>,
+        /// With --relay: a TCP connection per WebSocket connection (`own`,
+        /// websocat's shape), or two shared by all (`shared`, the
+        /// gateway's shape: a writer and a reader task per link).
+        #[arg(long, value_enum, default_value = "own", requires = "relay")]
+        shape: loadtest::bare_echo::Shape,
     },
     /// Write a development CA and a localhost certificate signed by it
     /// (ca.pem, cert.pem, key.pem).
@@ -99,12 +110,16 @@ fn main() -> anyhow::Result<()> {
             listen,
             tls_cert,
             tls_key,
+            relay,
+            shape,
         } => {
             let tls = match (tls_cert, tls_key) {
                 (Some(c), Some(k)) => Some(loadtest::bare_echo::acceptor(&c, &k)?),
                 _ => None,
             };
-            serve_on(listen, move |l| loadtest::bare_echo::serve(l, tls))
+            serve_on(listen, move |l| {
+                loadtest::bare_echo::serve(l, tls, relay.map(|a| (a, shape)))
+            })
         }
         Command::Devcert { out } => {
             loadtest::devcert::generate(&["localhost", "127.0.0.1", "::1"])?.write_to(&out)?;

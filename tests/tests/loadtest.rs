@@ -508,32 +508,44 @@ async fn loadtest_sources_spread_connections_over_addresses() {
     assert_eq!(sources, want);
 }
 
-/// The benchmark's floor, `loadtest bare-echo`, echoes over wss (and ws)
-/// what loadtest sends, intact and in order: the CPU it is measured at is
-/// the CPU of a working echo.
-#[tokio::test(flavor = "multi_thread")]
-async fn bare_echo_answers_over_wss_and_ws() {
-    let certs = Certs::new();
+/// `loadtest bare-echo` over wss, with `extra` arguments: the process and
+/// its URL.
+fn bare_echo_wss(certs: &Certs, extra: &[&str]) -> (Proc, String) {
     let mut cmd = Command::new(bin("loadtest"));
     cmd.args(["bare-echo", "--listen", "127.0.0.1:0", "--tls-cert"])
         .arg(certs.cert())
         .arg("--tls-key")
-        .arg(certs.key());
-    let (_wss, wss) = Proc::spawn_server(cmd);
-    let ca = certs.ca();
-    let url = format!("wss://localhost:{}/ws", wss.port());
-    let s = loadtest(&[
+        .arg(certs.key())
+        .args(extra);
+    let (p, addr) = Proc::spawn_server(cmd);
+    (p, format!("wss://localhost:{}/ws", addr.port()))
+}
+
+/// A short closed-loop run over wss: 10 connections, 1 s, 2 in flight.
+fn short_run<'a>(url: &'a str, ca: &'a str) -> [&'a str; 10] {
+    [
         "--url",
-        &url,
+        url,
         "--ca",
-        ca.to_str().unwrap(),
+        ca,
         "-c",
         "10",
         "-d",
         "1s",
         "--in-flight",
         "2",
-    ]);
+    ]
+}
+
+/// The benchmark's floor, `loadtest bare-echo`, echoes over wss (and ws)
+/// what loadtest sends, intact and in order: the CPU it is measured at is
+/// the CPU of a working echo.
+#[tokio::test(flavor = "multi_thread")]
+async fn bare_echo_answers_over_wss_and_ws() {
+    let certs = Certs::new();
+    let (_wss, url) = bare_echo_wss(&certs, &[]);
+    let ca = certs.ca();
+    let s = loadtest(&short_run(&url, ca.to_str().unwrap()));
     assert_summary_keys_and_no_errors(&s);
     assert!(s["messages"].as_u64().unwrap() > 100, "{s}");
 
@@ -551,4 +563,34 @@ async fn bare_echo_answers_over_wss_and_ws() {
     ]);
     assert_summary_keys_and_no_errors(&s);
     assert!(s["messages"].as_u64().unwrap() > 100, "{s}");
+}
+
+/// The benchmark's two smallest relays, `loadtest bare-echo --relay` with a
+/// TCP connection per WebSocket connection (`own`) and with two shared by
+/// all (`shared`), answer every message intact and in order through the
+/// TCP echo, and answer none once it is gone: what they are measured at is
+/// the CPU of relays that relay.
+#[tokio::test(flavor = "multi_thread")]
+async fn bare_relays_answer_through_the_tcp_echo_and_not_without_it() {
+    let certs = Certs::new();
+    let ca = certs.ca();
+    for shape in ["own", "shared"] {
+        let mut cmd = Command::new(bin("loadtest"));
+        cmd.args(["tcp-echo", "--listen", "127.0.0.1:0"]);
+        let (echo, echo_addr) = Proc::spawn_server(cmd);
+        let echo_addr = echo_addr.to_string();
+        let (_relay, url) = bare_echo_wss(&certs, &["--relay", &echo_addr, "--shape", shape]);
+        let args = short_run(&url, ca.to_str().unwrap());
+        let s = loadtest(&args);
+        assert_summary_keys_and_no_errors(&s);
+        assert!(s["messages"].as_u64().unwrap() > 100, "{shape}: {s}");
+
+        drop(echo);
+        let out = loadtest_output(&args);
+        let answered = serde_json::from_slice::<serde_json::Value>(&out.stdout)
+            .ok()
+            .and_then(|s| s["messages"].as_u64())
+            .unwrap_or(0);
+        assert_eq!(answered, 0, "{shape}: answers without the echo");
+    }
 }

@@ -16,8 +16,9 @@
 //!   the backend grants more. Other sessions on the link are not affected.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::task::Poll;
 
-use tokio::sync::Notify;
+use futures_util::task::AtomicWaker;
 
 /// What a link's backend adopted in the handshake.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -62,8 +63,14 @@ pub(crate) struct Flow {
     acked: AtomicU64,
     /// Windows received from the backend (a resume's answer is the next).
     windows_seen: AtomicU64,
-    /// Woken by every window from the backend.
-    room: Notify,
+    /// The session waiting for a window, woken by every window from the
+    /// backend. Only the session's task waits, so one waker is enough, and
+    /// registering it takes no lock (issue 12: the session waits for a
+    /// window in every turn of its loop while the backend holds messages
+    /// unacknowledged).
+    room: AtomicWaker,
+    /// `windows_seen` when the session's last wait for a window ended.
+    windows_waited: AtomicU64,
 }
 
 /// The reader's counters, alone on their cache line.
@@ -144,7 +151,7 @@ impl Flow {
         self.limit.fetch_max(limit, Ordering::Relaxed);
         self.acked.fetch_max(received, Ordering::Relaxed);
         self.windows_seen.fetch_add(1, Ordering::Release);
-        self.room.notify_one();
+        self.room.wake();
     }
 
     /// Backend data frames received so far.
@@ -224,9 +231,23 @@ impl Flow {
     }
 
     /// Waits for the next window from the backend (or one that came since
-    /// the last wait). Cancel-safe.
+    /// the last wait ended). Only the session's task may wait. Cancel-safe.
     pub(crate) async fn next_window(&self) {
-        self.room.notified().await;
+        std::future::poll_fn(|cx| {
+            let waited = self.windows_waited.load(Ordering::Relaxed);
+            let mut seen = self.windows_seen();
+            if seen == waited {
+                self.room.register(cx.waker());
+                // A window that came while the waker was being registered.
+                seen = self.windows_seen();
+                if seen == waited {
+                    return Poll::Pending;
+                }
+            }
+            self.windows_waited.store(seen, Ordering::Relaxed);
+            Poll::Ready(())
+        })
+        .await;
     }
 }
 
@@ -260,5 +281,33 @@ mod tests {
         f.window(900, 2);
         assert_eq!((f.limit(), f.acked()), (900, 3));
         assert_eq!(f.windows_seen(), 2);
+    }
+
+    #[test]
+    fn a_wait_for_a_window_ends_with_one_that_came_since_the_last_wait() {
+        use futures_util::FutureExt;
+        let f = Flow::new(1000, 1000);
+        assert!(f.next_window().now_or_never().is_none(), "no window yet");
+        f.window(2000, 1);
+        f.window(3000, 2);
+        assert!(f.next_window().now_or_never().is_some(), "windows came");
+        assert!(
+            f.next_window().now_or_never().is_none(),
+            "both were seen by the last wait"
+        );
+        f.window(4000, 3);
+        assert!(f.next_window().now_or_never().is_some());
+    }
+
+    #[tokio::test]
+    async fn a_window_wakes_the_waiting_session() {
+        let f = Flow::new(1000, 1000);
+        let wait = tokio::time::timeout(std::time::Duration::from_secs(5), f.next_window());
+        let send = async {
+            tokio::task::yield_now().await;
+            f.window(2000, 1);
+        };
+        let (woken, ()) = tokio::join!(wait, send);
+        assert!(woken.is_ok(), "the window woke the wait");
     }
 }

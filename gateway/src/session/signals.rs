@@ -1,14 +1,18 @@
 //! What can interrupt a session in any state: the link reader taking it off
 //! the link, a resume request from a new connection, the gateway draining.
 
+use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
 
 use tokio::sync::futures::OwnedNotified;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::mpsc;
 
 use crate::backend::{Eviction, Gone};
 use crate::resume::{AttachRequest, Credentials};
+use crate::shutdown::DrainSignal;
 
 /// One interruption.
 pub(super) enum Signal {
@@ -45,22 +49,53 @@ pub(super) struct Signals {
     pub(super) eviction: Eviction,
     /// Resume requests, for resumable sessions.
     attach: Option<mpsc::Receiver<Box<AttachRequest>>>,
-    /// Created once, so that every `notify_waiters` after the session began
-    /// reaches it (re-creating it per event would also cost a waiter
-    /// registration per message).
-    drain: Pin<Box<OwnedNotified>>,
+    drain: DrainWatch,
+}
+
+/// The gateway's drain, as one session watches it.
+///
+/// The waiter is created once, so that every `notify_waiters` after the
+/// session began reaches it (re-creating it per event would also cost a
+/// waiter registration per message). Once it holds this task's waker it
+/// is not polled again until the drain has begun: polling it takes the
+/// `Notify`'s lock, which every session shares, and the session is polled
+/// twice per message it relays (issue 12).
+struct DrainWatch {
+    notified: Pin<Box<OwnedNotified>>,
+    /// Set before the waiter is woken.
+    begun: Arc<AtomicBool>,
+    /// The waker the waiter holds, once polled.
+    waker: Option<Waker>,
+}
+
+impl DrainWatch {
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let registered = self.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker()));
+        if registered && !self.begun.load(Ordering::Acquire) {
+            return Poll::Pending;
+        }
+        let polled = self.notified.as_mut().poll(cx);
+        if polled.is_pending() && !registered {
+            self.waker = Some(cx.waker().clone());
+        }
+        polled
+    }
 }
 
 impl Signals {
     pub(super) fn new(
         eviction: Eviction,
         attach: Option<mpsc::Receiver<Box<AttachRequest>>>,
-        drain: Arc<Notify>,
+        drain: DrainSignal,
     ) -> Self {
         Self {
             eviction,
             attach,
-            drain: Box::pin(drain.notified_owned()),
+            drain: DrainWatch {
+                notified: Box::pin(drain.notify.notified_owned()),
+                begun: drain.begun,
+                waker: None,
+            },
         }
     }
 
@@ -71,7 +106,7 @@ impl Signals {
         tokio::select! {
             biased;
             gone = self.eviction.wait(), if listen.eviction => Signal::Evicted(gone),
-            _ = self.drain.as_mut(), if listen.drain => Signal::Drain,
+            () = std::future::poll_fn(|cx| self.drain.poll(cx)), if listen.drain => Signal::Drain,
             req = recv(&mut self.attach), if attach => match req {
                 Some(req) => Signal::Attach(req),
                 None => {
