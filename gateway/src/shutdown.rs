@@ -66,7 +66,7 @@ impl Phase {
 /// before it. Polling a `Notify`'s waiter takes that `Notify`'s lock, which
 /// every session shares; a session polled for another reason (a message)
 /// reads the flag instead (see `session/signals.rs`, issue 12).
-#[derive(Clone)]
+#[derive(Clone, Default)]
 pub(crate) struct DrainSignal {
     /// Woken once, when the drain begins.
     pub(crate) notify: Arc<Notify>,
@@ -74,11 +74,20 @@ pub(crate) struct DrainSignal {
     pub(crate) begun: Arc<AtomicBool>,
 }
 
+impl DrainSignal {
+    /// Begins the drain: the flag first, then the wake-up.
+    pub(crate) fn fire(&self) {
+        self.begun.store(true, Ordering::Release);
+        self.notify.notify_waiters();
+    }
+}
+
 /// The cancellation, the task trackers and the phase order.
 ///
 /// # Concurrency
 /// Shared by every task through `Arc<Shared>`; its parts are synchronised
-/// themselves (cancellation tokens, task trackers, a `Notify`).
+/// themselves (cancellation tokens, task trackers, the drain's `Notify`
+/// and flag).
 pub(crate) struct Shutdown {
     /// Listeners, connections before their upgrade, and sessions.
     sessions: Phase,
@@ -95,10 +104,7 @@ impl Shutdown {
     pub(crate) fn new() -> Self {
         Self {
             sessions: Phase::new(),
-            drain: DrainSignal {
-                notify: Arc::new(Notify::new()),
-                begun: Arc::new(AtomicBool::new(false)),
-            },
+            drain: DrainSignal::default(),
             links: Phase::new(),
             admin: Phase::new(),
         }
@@ -160,8 +166,7 @@ impl Shutdown {
         // The token first, so that a session starting now sees it; then the
         // wake-up for every session already waiting.
         self.sessions.begin();
-        self.drain.begun.store(true, Ordering::Release);
-        self.drain.notify.notify_waiters();
+        self.drain.fire();
         let remaining = self.sessions.wait(drain_timeout).await;
         if remaining > 0 {
             warn!(

@@ -148,6 +148,10 @@ def fmt(x, digits=0):
     return f"{x:,.{digits}f}"
 
 
+class Done(Exception):
+    """The measurements asked for are taken."""
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=str(ROOT / "target" / "bench"))
@@ -167,6 +171,10 @@ def main() -> int:
                     help="compare link protocol version 2 with version 3 (flow and move) on the same gateway: "
                          "the reference backend with --max-version 2 against the default (throughput, CPU per "
                          "round trip, latency) instead of the full report")
+    ap.add_argument("--cpu-only", metavar="LIST",
+                    help="only the throughput rounds (CPU per round trip) for these targets, comma-separated, "
+                         "named as in the report (e.g. \"gateway wss,bare echo wss,bare relay direct wss\"); "
+                         "skips latency, handshakes, large messages and idle sessions")
     a = ap.parse_args()
     if a.quick:
         a.rounds, a.duration, a.connections, a.idle, a.idle_hold = 1, "3s", 200, 500, "3s"
@@ -215,6 +223,11 @@ def main() -> int:
         shared = Proc([str(BIN / "loadtest"), "bare-echo", "--listen", "127.0.0.1:0", *tls,
                        "--relay", echo.addrs[0], "--shape", "shared"], 1, "bare-relay-shared", out)
         procs.append(shared)
+        # The same, with the links' readers writing the answers to the
+        # clients themselves: a connection's task is woken by its client only.
+        direct = Proc([str(BIN / "loadtest"), "bare-echo", "--listen", "127.0.0.1:0", *tls,
+                       "--relay", echo.addrs[0], "--shape", "direct"], 1, "bare-relay-direct", out)
+        procs.append(direct)
         time.sleep(1)
 
         # The server side of each target: every process that relays or
@@ -225,8 +238,9 @@ def main() -> int:
             "websocat ws": [websocat, echo],
             "websockify ws": [websockify, echo],
             "bare echo wss": [bare],
-            "bare relay wss, own links": [relay, echo],
-            "bare relay wss, shared links": [shared, echo],
+            "bare relay own wss": [relay, echo],
+            "bare relay shared wss": [shared, echo],
+            "bare relay direct wss": [direct, echo],
         }
         targets = {
             "gateway wss": ["--url", f"wss://localhost:{gw_wss.split(':')[1]}/ws", *ca],
@@ -234,9 +248,16 @@ def main() -> int:
             "websocat ws": ["--url", f"ws://127.0.0.1:{ws_port}/"],
             "websockify ws": ["--url", f"ws://127.0.0.1:{wsf_port}/"],
             "bare echo wss": ["--url", f"wss://localhost:{bare.addrs[0].split(':')[1]}/ws", *ca],
-            "bare relay wss, own links": ["--url", f"wss://localhost:{relay.addrs[0].split(':')[1]}/ws", *ca],
-            "bare relay wss, shared links": ["--url", f"wss://localhost:{shared.addrs[0].split(':')[1]}/ws", *ca],
+            "bare relay own wss": ["--url", f"wss://localhost:{relay.addrs[0].split(':')[1]}/ws", *ca],
+            "bare relay shared wss": ["--url", f"wss://localhost:{shared.addrs[0].split(':')[1]}/ws", *ca],
+            "bare relay direct wss": ["--url", f"wss://localhost:{direct.addrs[0].split(':')[1]}/ws", *ca],
         }
+        if a.cpu_only:
+            wanted = [k.strip() for k in a.cpu_only.split(",")]
+            unknown = [k for k in wanted if k not in targets]
+            if unknown:
+                raise SystemExit(f"unknown targets {unknown}; known: {list(targets)}")
+            targets = {k: v for k, v in targets.items() if k in wanted}
         common = ["-c", str(a.connections), "--size", "64", "-d", a.duration, "--in-flight", "1"]
         runs: dict[str, list] = {k: [] for k in targets}
         for rnd in range(a.rounds):
@@ -262,6 +283,9 @@ def main() -> int:
                 runs[name].append(r)
                 print(f"round {rnd + 1} {name}: {r.get('msgs_per_s', r.get('error'))}", file=sys.stderr)
         results["throughput"] = runs
+        if a.cpu_only:
+            a.idle = 0
+            raise Done
 
         lat: list = []
         for rnd in range(a.rounds):
@@ -301,6 +325,8 @@ def main() -> int:
             results["idle"] = idle_capacity(BIN / "gateway", a.idle, a.idle_hold, out, ca, tls, "idle")
             print(f"idle: {results['idle'].get('connections_ok')} sessions, "
                   f"{results['idle']['rss_per_session_kib']:.1f} KiB each", file=sys.stderr)
+    except Done:
+        pass
     finally:
         for p in procs:
             p.stop()
@@ -462,7 +488,7 @@ def render(r: dict) -> str:
         lines.append(f"| {k} | {fmt(rate)} | {fmt(med([x.get('server_cpu_us_per_rt') for x in v]), 2)} | "
                      f"{fmt(med([x.get('p50_us') for x in v]))} | "
                      f"{fmt(med([x.get('p99_us') for x in v]))} | {fmt(errs)} | {vs('websocat ws')} | {vs('websockify ws')} |")
-    g = tp["gateway wss"]
+    g = tp.get("gateway wss", [])
     cpu = {k: med([x.get("server_cpu_us_per_rt") for x in v]) for k, v in tp.items()}
     front = {k: med([x.get("front_cpu_us_per_rt") for x in v]) for k, v in tp.items()}
     if cpu.get("websocat ws"):
@@ -474,18 +500,22 @@ def render(r: dict) -> str:
     if cpu.get("bare echo wss") and cpu.get("gateway wss"):
         lines += ["", "Against the bare wss echo (the floor: same TLS, upgrade and WebSocket crates, no backend): "
                   + ", ".join(f"{k} {fmt(cpu[k] / cpu['bare echo wss'], 2)}x"
-                              for k in ("gateway wss", "bare relay wss, own links", "bare relay wss, shared links")
+                              for k in ("gateway wss", "bare relay own wss", "bare relay shared wss",
+                                        "bare relay direct wss")
                               if cpu.get(k)) + ". "
                   "The bare relays are the floor plus each message to the TCP echo and back, over a connection "
-                  "per session (websocat's shape) or over two shared by all (the gateway's shape): what "
-                  "relaying costs without the gateway's sessions.",
+                  "per session (websocat's shape) or over two shared by all (the gateway's shape; \"direct\": "
+                  "the links' readers write the answers to the clients): what relaying costs without the "
+                  "gateway's sessions.",
                   "", "The front process alone (without the backend or echo behind it): " + ", ".join(
                       f"{k} {fmt(front[k], 2)} µs ({fmt(front[k] / front['bare echo wss'], 2)}x the floor)"
-                      for k in front if front.get(k) and k in ("gateway wss", "bare relay wss, own links",
-                                                               "bare relay wss, shared links", "bare echo wss")) + "."]
+                      for k in front if front.get(k) and (k.startswith("bare") or k == "gateway wss")) + "."]
     lines += ["", f"Gateway CPU per relayed round trip (wss): {fmt(med([x.get('gateway_cpu_us_per_rt') for x in g]), 2)} µs; "
-              f"(ws): {fmt(med([x.get('gateway_cpu_us_per_rt') for x in tp['gateway ws']]), 2)} µs. "
+              f"(ws): {fmt(med([x.get('gateway_cpu_us_per_rt') for x in tp.get('gateway ws', [])]), 2)} µs. "
               f"Frames per backend write (wss run): {fmt(med([x.get('frames_per_link_write') for x in g]), 1)}.", ""]
+    if "latency" not in r:
+        lines += ["Command (as run):", "", "```", " ".join(["python3", *sys.argv]), "```", ""]
+        return "\n".join(lines)
     lat = r["latency"]
     lines += ["### Latency: open loop, 10,000 msg/s over 1,000 wss sessions", "",
               "| p50 µs | p90 µs | p99 µs | p99.9 µs | max µs | msg/s | errors |", "|---:|---:|---:|---:|---:|---:|---:|",

@@ -5,7 +5,7 @@
 # repository), then runs loadtest/bench/bench.py, which prints the report
 # (also written to target/bench/results.md).
 #
-#   loadtest/bench/run.sh            # full run, about 8 minutes
+#   loadtest/bench/run.sh            # full run, about 10 minutes
 #   loadtest/bench/run.sh --quick    # smoke test, under a minute
 set -euo pipefail
 cd "$(dirname "$0")/../.."

@@ -14,7 +14,13 @@
 //!   the gateway's links do: a writer task per link batches what the
 //!   connections queued into one write, a reader task per link hands each
 //!   answer to its connection. The gateway's shape, without its sessions'
-//!   guarantees (no flow control, resume, bounds, metrics or logs).
+//!   guarantees (no flow control, resume, bounds, metrics or logs);
+//! - `direct`: as `shared`, but the link's reader writes each answer to its
+//!   WebSocket connection itself (the write half behind a lock), so that a
+//!   connection's task is woken only by its client, as the floor's is.
+//!   Answers to a client that does not read hold up the whole link, and
+//!   pings and closes are not answered: a measuring point, not a design
+//!   the gateway could ship as it is.
 //!
 //! Beside the floor they show what relaying itself costs on this machine.
 
@@ -31,6 +37,7 @@ use http_body_util::Empty;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
+use hyper::upgrade::Upgraded;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::pem::PemObject;
@@ -64,6 +71,8 @@ pub enum Shape {
     Own,
     /// Two TCP connections shared by every WebSocket connection.
     Shared,
+    /// Shared, and the links' readers write the answers to the clients.
+    Direct,
 }
 
 /// Where a connection's messages go before they are echoed.
@@ -71,7 +80,11 @@ pub enum Shape {
 enum Relay {
     Own(SocketAddr),
     Shared(Arc<[SharedLink]>),
+    Direct(Arc<[SharedLink]>),
 }
+
+/// A WebSocket connection's write half, for the `direct` shape's readers.
+type ClientWriter = fastwebsockets::WebSocketWrite<tokio::io::WriteHalf<TokioIo<Upgraded>>>;
 
 /// Links shared by the `shared` shape.
 const SHARED_LINKS: usize = 2;
@@ -81,9 +94,11 @@ const SHARED_LINKS: usize = 2;
 struct SharedLink {
     tx: mpsc::UnboundedSender<Vec<u8>>,
     routes: Mutex<HashMap<u32, mpsc::UnboundedSender<Bytes>>>,
+    /// `direct`: the connections' write halves.
+    clients: Mutex<HashMap<u32, Arc<tokio::sync::Mutex<ClientWriter>>>>,
 }
 
-async fn shared_links(addr: SocketAddr) -> anyhow::Result<Arc<[SharedLink]>> {
+async fn shared_links(addr: SocketAddr, direct: bool) -> anyhow::Result<Arc<[SharedLink]>> {
     let (mut links, mut readers) = (Vec::new(), Vec::new());
     for _ in 0..SHARED_LINKS {
         let tcp = TcpStream::connect(addr).await?;
@@ -106,21 +121,33 @@ async fn shared_links(addr: SocketAddr) -> anyhow::Result<Arc<[SharedLink]>> {
         links.push(SharedLink {
             tx,
             routes: Mutex::new(HashMap::new()),
+            clients: Mutex::new(HashMap::new()),
         });
     }
     let links: Arc<[SharedLink]> = links.into();
     for (i, rd) in readers.into_iter().enumerate() {
-        tokio::spawn(read_shared(rd, links.clone(), i));
+        tokio::spawn(read_shared(rd, links.clone(), i, direct));
     }
     Ok(links)
 }
 
-/// The reader of shared link `i`: hands each answer to its connection.
-async fn read_shared(mut rd: tokio::net::tcp::OwnedReadHalf, links: Arc<[SharedLink]>, i: usize) {
+/// The reader of shared link `i`: hands each answer to its connection,
+/// or with `direct` writes it to the connection's client.
+async fn read_shared(
+    mut rd: tokio::net::tcp::OwnedReadHalf,
+    links: Arc<[SharedLink]>,
+    i: usize,
+    direct: bool,
+) {
     let mut buf = BytesMut::with_capacity(64 * 1024);
     loop {
         match rd.read_buf(&mut buf).await {
-            Ok(0) | Err(_) => return,
+            Ok(0) | Err(_) => {
+                // The link is gone: its connections end (no reconnect).
+                lock(&links[i].routes).clear();
+                lock(&links[i].clients).clear();
+                return;
+            }
             Ok(_) => {}
         }
         while buf.len() >= 8 {
@@ -131,7 +158,16 @@ async fn read_shared(mut rd: tokio::net::tcp::OwnedReadHalf, links: Arc<[SharedL
             }
             let mut frame = buf.split_to(8 + len);
             let payload = frame.split_off(8).freeze();
-            if let Some(tx) = lock(&links[i].routes).get(&id) {
+            if direct {
+                let client = lock(&links[i].clients).get(&id).cloned();
+                if let Some(client) = client {
+                    let mut w = client.lock().await;
+                    let frame = Frame::new(true, OpCode::Binary, None, Payload::Borrowed(&payload));
+                    if w.write_frame(frame).await.is_err() || w.flush().await.is_err() {
+                        lock(&links[i].clients).remove(&id);
+                    }
+                }
+            } else if let Some(tx) = lock(&links[i].routes).get(&id) {
                 let _ = tx.send(payload);
             }
         }
@@ -150,7 +186,8 @@ pub async fn serve(
     let relay = match relay {
         None => None,
         Some((addr, Shape::Own)) => Some(Relay::Own(addr)),
-        Some((addr, Shape::Shared)) => Some(Relay::Shared(shared_links(addr).await?)),
+        Some((addr, Shape::Shared)) => Some(Relay::Shared(shared_links(addr, false).await?)),
+        Some((addr, Shape::Direct)) => Some(Relay::Direct(shared_links(addr, true).await?)),
     };
     loop {
         let (tcp, _) = listener.accept().await?;
@@ -209,12 +246,41 @@ async fn upgrade(
                 let _ = echo_shared(ws, &links[i], id, rx).await;
                 lock(&links[i].routes).remove(&id);
             }
+            Some(Relay::Direct(links)) => {
+                let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+                let i = id as usize % links.len();
+                let (mut rd, wr) = ws.split(tokio::io::split);
+                lock(&links[i].clients).insert(id, Arc::new(tokio::sync::Mutex::new(wr)));
+                // Pongs and close replies are not sent (see the module).
+                let mut no_reply = |_| std::future::ready(Ok::<(), std::io::Error>(()));
+                while let Ok(frame) = rd.read_frame(&mut no_reply).await {
+                    let relayed = match frame.opcode {
+                        OpCode::Binary => links[i].tx.send(encode(id, &frame.payload)).is_ok(),
+                        OpCode::Close => false,
+                        _ => true,
+                    };
+                    if !relayed {
+                        break;
+                    }
+                }
+                lock(&links[i].clients).remove(&id);
+            }
         }
     });
     Ok(response)
 }
 
 static NEXT_ID: AtomicU32 = AtomicU32::new(1);
+
+/// A message on a shared link: the connection's id, the length, the payload.
+fn encode(id: u32, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(8 + payload.len());
+    out.extend_from_slice(&id.to_be_bytes());
+    // Messages are loadtest's, far below 4 GiB.
+    out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    out.extend_from_slice(payload);
+    out
+}
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -236,12 +302,8 @@ where
         match frame.opcode {
             OpCode::Close => return Ok(()),
             OpCode::Text | OpCode::Binary => {
-                let mut out = Vec::with_capacity(8 + frame.payload.len());
-                out.extend_from_slice(&id.to_be_bytes());
-                out.extend_from_slice(&u32::try_from(frame.payload.len())?.to_be_bytes());
-                out.extend_from_slice(&frame.payload);
                 let opcode = frame.opcode;
-                link.tx.send(out)?;
+                link.tx.send(encode(id, &frame.payload))?;
                 let answer = answers.recv().await.context("link gone")?;
                 ws.write_frame(Frame::new(true, opcode, None, Payload::Borrowed(&answer)))
                     .await?;

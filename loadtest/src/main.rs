@@ -87,7 +87,9 @@ enum Command {
         relay: Option<SocketAddr>,
         /// With --relay: a TCP connection per WebSocket connection (`own`,
         /// websocat's shape), or two shared by all (`shared`, the
-        /// gateway's shape: a writer and a reader task per link).
+        /// gateway's shape: a writer and a reader task per link), or
+        /// shared with the readers writing the answers to the clients
+        /// (`direct`; binary messages only, pings not answered).
         #[arg(long, value_enum, default_value = "own", requires = "relay")]
         shape: loadtest::bare_echo::Shape,
     },

@@ -565,16 +565,17 @@ async fn bare_echo_answers_over_wss_and_ws() {
     assert!(s["messages"].as_u64().unwrap() > 100, "{s}");
 }
 
-/// The benchmark's two smallest relays, `loadtest bare-echo --relay` with a
-/// TCP connection per WebSocket connection (`own`) and with two shared by
-/// all (`shared`), answer every message intact and in order through the
-/// TCP echo, and answer none once it is gone: what they are measured at is
-/// the CPU of relays that relay.
+/// The benchmark's smallest relays, `loadtest bare-echo --relay` with a
+/// TCP connection per WebSocket connection (`own`), with two shared by all
+/// (`shared`), and with those two writing answers to the clients
+/// (`direct`), answer every message intact and in order through the TCP
+/// echo, and answer none once it is gone: what they are measured at is the
+/// CPU of relays that relay.
 #[tokio::test(flavor = "multi_thread")]
 async fn bare_relays_answer_through_the_tcp_echo_and_not_without_it() {
     let certs = Certs::new();
     let ca = certs.ca();
-    for shape in ["own", "shared"] {
+    for shape in ["own", "shared", "direct"] {
         let mut cmd = Command::new(bin("loadtest"));
         cmd.args(["tcp-echo", "--listen", "127.0.0.1:0"]);
         let (echo, echo_addr) = Proc::spawn_server(cmd);

@@ -39,7 +39,9 @@ pub(crate) struct Caps {
 ///
 /// # Concurrency
 /// Each counter has one writer: the reader writes `arrivals`, `limit`,
-/// `acked` and `windows_seen`; the session writes `grant`. Readers of a
+/// `acked` and `windows_seen` (and wakes `room`); the session writes
+/// `grant` and `windows_waited` (and registers its waker in `room`).
+/// Readers of a
 /// stale value only send a smaller grant or wait one more wake-up; limits
 /// only grow (`fetch_max`). What the reader writes for every message
 /// (`arrivals`) has a cache line of its own, so that the session, which
@@ -307,7 +309,9 @@ mod tests {
             tokio::task::yield_now().await;
             f.window(2000, 1);
         };
-        let (woken, ()) = tokio::join!(wait, send);
+        // The wait first: it must be woken, not find the window on a poll
+        // of its own.
+        let (woken, ()) = tokio::join!(biased; wait, send);
         assert!(woken.is_ok(), "the window woke the wait");
     }
 }

@@ -147,3 +147,46 @@ pub(super) fn stale(
     req.refuse(refusal);
     None
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+    use std::task::Wake;
+
+    /// A waker that counts its wake-ups.
+    struct Count(AtomicUsize);
+
+    impl Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn waker() -> (Arc<Count>, Waker) {
+        let count = Arc::new(Count(AtomicUsize::new(0)));
+        (count.clone(), Waker::from(count))
+    }
+
+    #[test]
+    fn a_drain_wakes_the_task_that_polled_the_watch_last_and_then_resolves() {
+        let drain = DrainSignal::default();
+        let mut watch = DrainWatch {
+            notified: Box::pin(drain.notify.clone().notified_owned()),
+            begun: drain.begun.clone(),
+            waker: None,
+        };
+        let ((a, wa), (b, wb)) = (waker(), waker());
+        assert!(watch.poll(&mut Context::from_waker(&wa)).is_pending());
+        // Polled again by the same task: the flag alone is read.
+        assert!(watch.poll(&mut Context::from_waker(&wa)).is_pending());
+        // Polled by another task: that one must be woken now.
+        assert!(watch.poll(&mut Context::from_waker(&wb)).is_pending());
+        drain.fire();
+        assert_eq!(a.0.load(Ordering::SeqCst), 0, "the old waker is not used");
+        assert_eq!(b.0.load(Ordering::SeqCst), 1, "the current waker is woken");
+        assert!(watch.poll(&mut Context::from_waker(&wb)).is_ready());
+        // Later states may listen again: the drain stays begun.
+        assert!(watch.poll(&mut Context::from_waker(&wa)).is_ready());
+    }
+}
