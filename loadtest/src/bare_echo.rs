@@ -4,7 +4,7 @@
 //! else: no backend, no sessions, no queues; each message goes straight
 //! back on its connection.
 //!
-//! With `--relay` it is the smallest relay instead, in one of two shapes,
+//! With `--relay` it is the smallest relay instead, in one of three shapes,
 //! each message going to a byte echo and back before it is echoed:
 //! - `own`: each connection has a TCP connection of its own to the echo,
 //!   and sends and reads in its own task (a 4-byte length, then the
