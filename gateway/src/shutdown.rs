@@ -135,9 +135,10 @@ impl Shutdown {
         self.admin.tasks.spawn(task);
     }
 
-    /// Whether phase 1 has begun: no new sessions.
+    /// Whether phase 1 has begun: no new sessions. (The drain's flag, which
+    /// is set with the token and, unlike it, read without a lock.)
     pub(crate) fn is_draining(&self) -> bool {
-        self.sessions.stop.is_cancelled()
+        self.drain.begun.load(Ordering::Acquire)
     }
 
     /// Resolves when phase 1 begins (for accept loops).
@@ -163,8 +164,8 @@ impl Shutdown {
     /// Runs the phases in order; see the module documentation.
     pub(crate) async fn run(&self, drain_timeout: Duration) {
         info!(?drain_timeout, "shutting down: closing sessions");
-        // The token first, so that a session starting now sees it; then the
-        // wake-up for every session already waiting.
+        // The token and the flag first, so that a session starting now sees
+        // them; then the wake-up for every session already waiting.
         self.sessions.begin();
         self.drain.fire();
         let remaining = self.sessions.wait(drain_timeout).await;

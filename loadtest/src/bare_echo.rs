@@ -239,31 +239,15 @@ async fn upgrade(
                 let _ = echo(ws, Some(tcp)).await;
             }
             Some(Relay::Shared(links)) => {
-                let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
-                let i = id as usize % links.len();
+                let (id, link) = place(&links);
                 let (tx, rx) = mpsc::unbounded_channel();
-                lock(&links[i].routes).insert(id, tx);
-                let _ = echo_shared(ws, &links[i], id, rx).await;
-                lock(&links[i].routes).remove(&id);
+                lock(&link.routes).insert(id, tx);
+                let _ = echo_shared(ws, link, id, rx).await;
+                lock(&link.routes).remove(&id);
             }
             Some(Relay::Direct(links)) => {
-                let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
-                let i = id as usize % links.len();
-                let (mut rd, wr) = ws.split(tokio::io::split);
-                lock(&links[i].clients).insert(id, Arc::new(tokio::sync::Mutex::new(wr)));
-                // Pongs and close replies are not sent (see the module).
-                let mut no_reply = |_| std::future::ready(Ok::<(), std::io::Error>(()));
-                while let Ok(frame) = rd.read_frame(&mut no_reply).await {
-                    let relayed = match frame.opcode {
-                        OpCode::Binary => links[i].tx.send(encode(id, &frame.payload)).is_ok(),
-                        OpCode::Close => false,
-                        _ => true,
-                    };
-                    if !relayed {
-                        break;
-                    }
-                }
-                lock(&links[i].clients).remove(&id);
+                let (id, link) = place(&links);
+                echo_direct(ws, link, id).await;
             }
         }
     });
@@ -271,6 +255,12 @@ async fn upgrade(
 }
 
 static NEXT_ID: AtomicU32 = AtomicU32::new(1);
+
+/// A new connection's id, and the shared link it goes on.
+fn place(links: &[SharedLink]) -> (u32, &SharedLink) {
+    let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+    (id, &links[id as usize % links.len()])
+}
 
 /// A message on a shared link: the connection's id, the length, the payload.
 fn encode(id: u32, payload: &[u8]) -> Vec<u8> {
@@ -312,6 +302,26 @@ where
             _ => {}
         }
     }
+}
+
+/// The `direct` shape: each message goes to the link's writer, and the
+/// link's reader writes its answer to the client.
+async fn echo_direct(ws: fastwebsockets::WebSocket<TokioIo<Upgraded>>, link: &SharedLink, id: u32) {
+    let (mut rd, wr) = ws.split(tokio::io::split);
+    lock(&link.clients).insert(id, Arc::new(tokio::sync::Mutex::new(wr)));
+    // Pongs and close replies are not sent (see the module).
+    let mut no_reply = |_| std::future::ready(Ok::<(), std::io::Error>(()));
+    while let Ok(frame) = rd.read_frame(&mut no_reply).await {
+        let relayed = match frame.opcode {
+            OpCode::Binary => link.tx.send(encode(id, &frame.payload)).is_ok(),
+            OpCode::Close => false,
+            _ => true,
+        };
+        if !relayed {
+            break;
+        }
+    }
+    lock(&link.clients).remove(&id);
 }
 
 async fn echo<S>(
